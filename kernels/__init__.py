@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA tensors (installed as `aniso_fast.kernels`)."""
