@@ -1,0 +1,22 @@
+// Python bindings of the subspace ops (module aniso_fast._C). Only aniso_fast/ops.py calls these, after it has
+// validated and prepared the arguments (preconditions in subspace.h).
+#include <torch/extension.h>
+
+#include "subspace.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "aniso_fast native subspace ops (see csrc/subspace.h for the preconditions)";
+  m.def("separable_combine_cpu", &separable_combine_cpu);
+  m.def("separable_dot_cpu", &separable_dot_cpu);
+  m.def("lowrank_combine_cpu", &lowrank_combine_cpu);
+  m.def("lowrank_dot_cpu", &lowrank_dot_cpu);
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("separable_combine_cuda", &separable_combine_cuda);
+  m.def("separable_dot_cuda", &separable_dot_cuda);
+  m.def("lowrank_combine_cuda", &lowrank_combine_cuda);
+  m.def("lowrank_dot_cuda", &lowrank_dot_cuda);
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
