@@ -59,6 +59,10 @@ class GaussianMixture(nn.Module):
         self.register_buffer("comp", comp)  # [num_classes or 1, m] component indices per class
         self.register_buffer("log_weights", logw)  # [num_classes or 1, m] within-class log weights
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.means.shape[1:])
+
     # ---- helpers ----
     def _candidates(self, labels: Tensor | None, B: int) -> tuple[Tensor, Tensor]:
         if self.num_classes is None:

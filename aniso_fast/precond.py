@@ -44,6 +44,18 @@ class AnisoPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.label_dim = int(getattr(net, "label_dim", 0) or 0)
 
+    @property
+    def num_classes(self) -> int | None:
+        return self.label_dim or None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        cfg = self.net.config() if hasattr(self.net, "config") else {}
+        if "in_channels" not in cfg or "img_resolution" not in cfg:
+            raise AttributeError("image_shape: the network does not report in_channels/img_resolution; "
+                                 "pass image_shape to the sampler")
+        return (cfg["in_channels"], cfg["img_resolution"], cfg["img_resolution"])
+
     def _check(self, x: Tensor, g: Tensor, labels: Tensor | None) -> None:
         if g.dim() != 2 or g.shape != (x.shape[0], self.basis.num_subspaces):
             raise ValueError(f"g: expected per-subspace variances [{x.shape[0]}, {self.basis.num_subspaces}], "

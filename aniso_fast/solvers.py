@@ -1,0 +1,227 @@
+"""Anisotropic ODE solvers (METHOD §6).
+
+A *grid* is data: the per-subspace variances g along the path, `[G, N+1, K]` (G = 1, or one grid per sample
+for class-conditional schedules), descending to the end point, plus optional secondary variances `[G, N, K]`
+for the midpoint Heun step. Small named functions build grids; the solvers are loops over them and accept any
+`model` with `.basis` and `.flow(x, g, labels)` (an `AnisoPrecond`-wrapped network, or the exact
+`GaussianMixture`). The flow ODE run in reverse is `dx = -dS F` with `S = M^{1/2}` (§6.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .schedules import MatrixSchedule, karras_sigmas
+
+__all__ = [
+    "Grid", "uniform_t", "edm_sigma_t", "schedule_grid", "karras_grid", "euler", "heun", "seeded_noise",
+    "seeded_labels", "steps_for_nfe", "sample", "SOLVERS", "GRIDS",
+]
+
+SOLVERS = ("euler", "heun")
+GRIDS = ("uniform_t", "edm_sigma", "karras")
+
+
+@dataclass
+class Grid:
+    g: Tensor  # [G, N+1, K] float64: variances at the grid points, first = start (t = T), last = end
+    g_sec: Tensor | None = None  # [G, N, K] secondary variances of the midpoint Heun step (None: end point)
+    t: Tensor | None = None  # [G, N+1] the times, for information
+
+    @property
+    def num_steps(self) -> int:
+        return self.g.shape[1] - 1
+
+
+# ---- grids ----
+
+def uniform_t(num_steps: int, T: float = 6400.0) -> Tensor:
+    """The paper's grid: N+1 times uniform in t from T down to 0 (METHOD §6.4)."""
+    return torch.linspace(T, 0.0, num_steps + 1, dtype=torch.float64)
+
+
+def edm_sigma_t(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean noise level follows EDM's sigma grid, then t = 0 (METHOD §6.3).
+
+    One grid per sample ([B, N+1]) for class-conditional schedules (the reference used class 0's, §10.7).
+    """
+    sig = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
+    return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
+
+
+def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = None,
+                  secondary: str = "end") -> Grid:
+    """Evaluate a matrix schedule on times t ([N+1] or [B, N+1]); secondary 'mid' adds g at (t_a + t_b)/2."""
+    if secondary not in ("end", "mid"):
+        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
+    t = t.to(torch.float64)
+    tt = t if t.dim() == 2 else t[None]
+
+    per_class = schedule.num_classes is not None
+    if per_class:
+        if labels is None:
+            raise ValueError("labels: the schedule is class-conditional; pass labels")
+        tt = tt.expand(labels.shape[0], -1)  # one grid per sample, with its own class's schedule
+
+    def at(times: Tensor) -> Tensor:  # [G, n] -> [G, n, K]
+        G, n = times.shape
+        g, _ = schedule(times.reshape(-1), labels.repeat_interleave(n) if per_class else None)
+        return g.reshape(G, n, -1)
+
+    g = at(tt)
+    g_sec = at((tt[:, :-1] + tt[:, 1:]) / 2) if secondary == "mid" else None
+    return Grid(g=g, g_sec=g_sec, t=tt)
+
+
+def karras_grid(num_steps: int, num_subspaces: int = 1, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                rho: float = 7.0) -> Grid:
+    """The isotropic EDM baseline: g = sigma^2 in every subspace on EDM's rho grid, then sigma = 0 (§6.1)."""
+    sig = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    return Grid(g=(sig ** 2)[None, :, None].expand(1, -1, num_subspaces).contiguous())
+
+
+# ---- solvers ----
+
+def _at(g: Tensor, i: int, B: int) -> Tensor:
+    return g[:, i].expand(B, -1)
+
+
+def _progress(n: int, disable: bool):
+    return tqdm(range(n), disable=disable, desc="sampling", leave=False)
+
+
+def euler(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, progress: bool = False,
+          callback: Callable[[dict], None] | None = None) -> Tensor:
+    """Euler: x_b = x_a - (S_b - S_a) F(x_a). One network call per step."""
+    basis, ids, B = model.basis, model.basis.group_ids(labels), x.shape[0]
+    for i in _progress(grid.num_steps, not progress):
+        g_a, g_b = _at(grid.g, i, B), _at(grid.g, i + 1, B)
+        F_a = model.flow(x, g_a, labels)
+        x = basis.combine(F_a, -(g_b.sqrt() - g_a.sqrt()), base=x, ids=ids)
+        if callback is not None:
+            callback({"i": i, "x": x, "g": g_b, "flow": F_a})
+    return x
+
+
+def heun(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, final_euler: bool = True,
+         progress: bool = False, callback: Callable[[dict], None] | None = None) -> Tensor:
+    """Matrix Heun (METHOD §6.2): secondary point s = the end point, or the midpoint when grid.g_sec is set.
+
+    With `final_euler` the last step is Euler (EDM's convention: 2N-1 network calls for N steps, and no call
+    at the end point, where sigma may be 0).
+    """
+    basis, ids, B = model.basis, model.basis.group_ids(labels), x.shape[0]
+    N = grid.num_steps
+    for i in _progress(N, not progress):
+        g_a, g_b = _at(grid.g, i, B), _at(grid.g, i + 1, B)
+        g_s = g_b if grid.g_sec is None else _at(grid.g_sec, i, B)
+        S_a, S_b, S_s = g_a.sqrt(), g_b.sqrt(), g_s.sqrt()
+        F_a = model.flow(x, g_a, labels)
+        if final_euler and i == N - 1:
+            x = basis.combine(F_a, -(S_b - S_a), base=x, ids=ids)  # Euler step
+        else:
+            x_s = basis.combine(F_a, -(S_s - S_a), base=x, ids=ids)  # Euler predictor to s
+            F_s = model.flow(x_s, g_s, labels)
+            dS, R = S_b - S_a, (S_b - S_a) / (S_s - S_a)  # R = 1 at the end point
+            x = basis.combine(F_a, -dS * (1 - R / 2), F_s, -dS * R / 2, base=x, ids=ids)  # x_a - dS[F_a + R/2 (F_s - F_a)]
+        if callback is not None:
+            callback({"i": i, "x": x, "g": g_b, "flow": F_a})
+    return x
+
+
+# ---- per-seed randomness (the same seed gives the same sample whatever else is in the batch) ----
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype=torch.float32,
+                 device: torch.device | str = "cpu") -> Tensor:
+    out = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+           for s in seeds]
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def seeded_labels(seeds: Sequence[int], num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """A class per seed, drawn from that seed's own generator (independent of the image noise stream)."""
+    out = [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + 2 ** 40)))
+           for s in seeds]
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def steps_for_nfe(nfe: int, solver: str, secondary: str = "end") -> tuple[int, bool]:
+    """(number of steps, final_euler) that spend exactly `nfe` network calls (no wasted call, METHOD §10.6)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if not isinstance(nfe, int) or isinstance(nfe, bool):
+        raise ValueError(f"nfe: expected an int, got {nfe!r}")
+    if solver == "euler":
+        if nfe < 1:
+            raise ValueError(f"nfe: Euler needs at least 1 network call, got {nfe}")
+        return nfe, False
+    if secondary == "end":
+        if nfe < 3 or nfe % 2 == 0:
+            raise ValueError(f"nfe: end-point Heun uses 2N-1 calls (N steps, the last one Euler): expected an odd "
+                             f"number >= 3, got {nfe}")
+        return (nfe + 1) // 2, True
+    if nfe < 2:
+        raise ValueError(f"nfe: midpoint Heun needs at least 2 network calls, got {nfe}")
+    return (nfe + 1) // 2, nfe % 2 == 1
+
+
+def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solver: str = "heun",
+           grid: str = "uniform_t", secondary: str | None = None, seeds: Sequence[int] = (0,),
+           labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
+           device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """Generate one sample per seed: build the grid, draw x_T = M(T)^{1/2} z, run the solver.
+
+    grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
+    geometric mean, end-point Heun), 'karras' (the isotropic EDM baseline; the schedule is not used).
+    Returns (x [B, C, H, W], labels, info with the NFE actually spent).
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"grid: expected one of {GRIDS}, got {grid!r}")
+    if secondary is None:
+        secondary = "mid" if grid == "uniform_t" else "end"
+    if secondary not in ("end", "mid"):
+        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
+    if grid == "karras" and secondary != "end":
+        raise ValueError("secondary: the Karras grid is defined for end-point Heun only")
+    num_steps, final_euler = steps_for_nfe(nfe, solver, secondary)
+    if grid != "karras" and schedule is None:
+        raise ValueError(f"schedule: grid {grid!r} needs a schedule")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes:
+        if labels is None:
+            labels = seeded_labels(seeds, num_classes, device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if labels.shape != (len(seeds),):
+            raise ValueError(f"labels: expected one label per seed ({len(seeds)}), got shape {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"labels: expected classes in [0, {num_classes}), got {labels.tolist()}")
+    elif labels is not None:
+        raise ValueError("labels: this model is unconditional")
+    if grid == "karras":
+        g = karras_grid(num_steps, model.basis.num_subspaces)
+    else:
+        t = uniform_t(num_steps, schedule.T) if grid == "uniform_t" else edm_sigma_t(schedule, num_steps, labels)
+        g = schedule_grid(schedule, t, labels, secondary if solver == "heun" else "end")
+    g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
+    shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
+    z = seeded_noise(seeds, shape, dtype=dtype, device=device)
+    ids = model.basis.group_ids(labels)
+    x = model.basis.scale(z, _at(g.g, 0, len(seeds)).sqrt(), ids=ids)
+    with torch.no_grad():
+        if solver == "euler":
+            x = euler(model, x, g, labels, progress=progress)
+        else:
+            x = heun(model, x, g, labels, final_euler=final_euler, progress=progress)
+    nfe_spent = num_steps if solver == "euler" else 2 * num_steps - int(final_euler)
+    return x, labels, {"nfe": nfe_spent, "steps": num_steps, "solver": solver, "grid": grid,
+                       "secondary": secondary if solver == "heun" else None}
