@@ -1,0 +1,241 @@
+"""Training CLI: options, validation before training, optimisation rules, outputs, the init chain.
+
+Everything runs on 8x8 one-channel images with a SongUNet of 8 base channels for a handful of steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aniso_fast import checkpoint as ckpt
+from aniso_fast import train
+from aniso_fast.ema import ema_beta
+
+torch.set_num_threads(1)  # the test machine's cores are shared: one thread per process is much faster there
+NET = ["--model-channels", "8", "--channel-mult", "1,2", "--attn-resolutions", "4"]
+
+
+# ---- tiny data ----
+
+def make_npz(path: Path, n: int = 24, classes: int = 3, size: int = 8, labels: bool = True, seed: int = 0,
+             label_values=None) -> Path:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes if label_values is None else np.resize(np.asarray(label_values), n)
+    base = np.linspace(0, 255, size * size).reshape(size, size)
+    x = np.stack([np.roll(base, int(k) * 2, axis=1) for k in y]) + rng.normal(0, 20, (n, size, size))
+    arrays = {"images": np.clip(x, 0, 255).astype(np.uint8)}
+    if labels:
+        arrays["labels"] = y.astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def npz(tmp_path) -> Path:
+    return make_npz(tmp_path / "tiny.npz")
+
+
+def argv(data, out, stage="aniso", steps=2, *extra):
+    return ["--stage", stage, "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch", "4",
+            "--no-progress", "--sample-every", "0", "--snapshot-every", "0", "--rampup-kimg", "0", "--lr", "1e-3",
+            *NET, *map(str, extra)]
+
+
+def make_trainer(args_list) -> train.Trainer:
+    return train.Trainer(train.parse_args(args_list))
+
+
+# ---- pure pieces ----
+
+def test_lr_factor_warms_up_completely_then_holds_then_halves():
+    f = lambda kimg: train.lr_factor(int(kimg * 1000), rampup_kimg=10, decay_start_kimg=600, decay_halflife_kimg=150)
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == 1.0 and f(300) == 1.0 and f(600) == 1.0  # the warm-up finishes (unlike METHOD §10.3)
+    assert f(750) == pytest.approx(0.5) and f(900) == pytest.approx(0.25)
+    assert train.lr_factor(1, 0, math.inf, 1) == 1.0
+
+
+def test_ema_beta_half_life_in_images_and_rampup():
+    # after halflife / batch steps the initial weights keep half their weight
+    beta = ema_beta(batch=100, nimg=10 ** 9, halflife_kimg=1.0)
+    assert beta ** 10 == pytest.approx(0.5)
+    # EDM's ramp-up: half-life limited to ratio x images seen
+    assert ema_beta(100, nimg=1000, halflife_kimg=500, rampup_ratio=0.05) == pytest.approx(0.5 ** (100 / 50))
+
+
+def test_class_masked_adam_is_adam_per_class_and_freezes_absent_classes():
+    torch.manual_seed(0)
+    psi = torch.nn.Parameter(torch.randn(3, 2, 5, dtype=torch.float64))
+    ref = [torch.nn.Parameter(psi.detach()[s].clone()) for s in range(3)]
+    opt = train.ClassMaskedAdam([psi], lr=1e-2)
+    refs = [torch.optim.Adam([p], lr=1e-2) for p in ref]
+    plan = [[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]]
+    for present in plan:
+        grad = torch.randn_like(psi)
+        psi.grad = grad.clone()
+        before = {k: v.clone() for k, v in opt.state[psi].items()} if opt.state[psi] else None
+        psi_before = psi.detach().clone()
+        opt.step(torch.tensor(present, dtype=torch.bool))
+        for s, on in enumerate(present):
+            if on:  # one torch Adam per class, stepped only when the class is present (METHOD §8)
+                ref[s].grad = grad[s].clone()
+                refs[s].step()
+                torch.testing.assert_close(psi.detach()[s], ref[s].detach(), rtol=1e-13, atol=1e-15)
+            else:
+                assert torch.equal(psi.detach()[s], psi_before[s])
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    assert torch.equal(opt.state[psi][key][s], before[key][s])
+    assert opt.state[psi]["step"].tolist() == [3, 2, 4]
+
+
+def test_help_documents_every_option():
+    parser = train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+            assert action.option_strings[0] in text
+    for opt in ("--stage", "--basis", "--dct-bands", "--pca-rank", "--pca-per", "--pca-clusters", "--class-schedules",
+                "--init-from", "--edm-pickle", "--lr", "--glr", "--rampup-kimg", "--ema-halflife-kimg",
+                "--ema-rampup-ratio", "--grad-accum", "--resume", "--sample-every"):
+        assert opt in text
+
+
+# ---- clear errors before any training step ----
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("malformed", "not a readable npz"),
+    ("bands", "--dct-bands 9 does not fit 8x8"),
+    ("nolabels", "--class-schedules needs class labels"),
+    ("batch", "divisible by --grad-accum"),
+    ("pca_nolabels", "--pca-per class needs class labels"),
+])
+def test_errors_before_training(tmp_path, npz, case, match):
+    data, extra = npz, []
+    if case == "missing":
+        data = tmp_path / "nope.npz"
+    elif case == "malformed":
+        data = tmp_path / "bad.npz"
+        data.write_bytes(b"not a zip file")
+    elif case == "bands":
+        extra = ["--dct-bands", "9"]
+    elif case == "nolabels":
+        data = make_npz(tmp_path / "unlabeled.npz", labels=False)
+        extra = ["--class-schedules"]
+    elif case == "batch":
+        extra = ["--grad-accum", "3"]
+    elif case == "pca_nolabels":
+        data = make_npz(tmp_path / "unlabeled.npz", labels=False)
+        extra = ["--basis", "pca", "--pca-rank", "4", "--pca-per", "class"]
+    with pytest.raises(ValueError, match=match):
+        make_trainer(argv(data, tmp_path / "run", "aniso", 1, *extra))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_errors_and_exit_code(tmp_path, capsys):
+    assert train.main(argv(tmp_path / "nope.npz", tmp_path / "run")) == 2
+    assert "error: --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "edm", "--data", "x.npz", "--out", str(tmp_path), "--class-schedules"])
+
+
+# ---- training ----
+
+def test_aniso_class_schedules_writes_log_samples_plot_checkpoint(tmp_path, npz):
+    out = tmp_path / "run"
+    trainer = train.run(train.parse_args(argv(npz, out, "aniso", 2, "--class-schedules", "--sample-every", "2",
+                                              "--sample-n", "3", "--sample-nfe", "3", "--grad-accum", "2")))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("kimg", "loss", "lr", "glr", "grad_norm_net", "grad_norm_schedule", "nonfinite_net",
+                "nonfinite_schedule", "sec_per_step", "classes_present"):
+        assert key in records[-1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["kimg"] == pytest.approx(0.008)
+    from PIL import Image
+
+    assert Image.open(out / "samples-00000002.png").size == (3 * 8, 8)
+    assert (out / "schedule-00000002.png").stat().st_size > 0
+    tensors, meta = ckpt.load_checkpoint(out / "checkpoint-00000002.safetensors")
+    assert meta["step"] == 2 and meta["schedule_config"]["num_classes"] == 3
+    assert torch.equal(tensors["schedule.psi"], trainer.schedule.psi.detach())
+
+
+def test_absent_class_keeps_schedule_and_adam_state_bit_identical(tmp_path, npz):
+    trainer = make_trainer(argv(npz, tmp_path / "run", "aniso", 2, "--class-schedules"))
+    labels = trainer.data.labels
+    trainer.train_step(torch.tensor([0, 1, 2, 3]))  # classes 0, 1, 2, 0: every class moves
+    state = trainer.opt_sched.state[trainer.schedule.psi]
+    psi0 = trainer.schedule.psi.detach().clone()
+    before = {k: v.clone() for k, v in state.items()}
+    batch = torch.nonzero(labels != 2).flatten()[:4]
+    record = trainer.train_step(batch)  # class 2 absent
+    assert record["classes_present"] == 2
+    psi1 = trainer.schedule.psi.detach()
+    assert torch.equal(psi1[2], psi0[2])
+    assert not torch.equal(psi1[0], psi0[0]) and not torch.equal(psi1[1], psi0[1])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(state[key][2], before[key][2]), key
+    assert state["step"].tolist() == [2, 2, 1]
+
+
+def test_nonfinite_gradients_are_sanitised_and_counted(tmp_path, npz, monkeypatch):
+    base = train.loss_function("iso")
+    poison = torch.tensor([float("nan"), float("inf"), -float("inf")])
+
+    def poisoned(model, schedule, x0, labels, **kw):
+        loss, stats = base(model, schedule, x0, labels, **kw)
+        p = next(model.parameters())
+        return loss + (p.flatten()[:3] * poison).sum(), stats
+
+    monkeypatch.setattr(train, "loss_function", lambda stage: poisoned)
+    trainer = make_trainer(argv(npz, tmp_path / "run", "iso", 1))
+    record = trainer.train_step()
+    assert record["nonfinite_net"] == 3 and record["nonfinite_schedule"] == 0
+    assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
+    assert math.isfinite(record["grad_norm_net"]) and record["grad_norm_net"] >= 1e5
+
+
+def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
+    """METHOD §2.2: edm -> iso (tied) -> aniso per class: a tied schedule to every subspace, global to every class."""
+    train.run(train.parse_args(argv(npz, tmp_path / "edm", "edm", 1)))
+    iso = train.run(train.parse_args(argv(npz, tmp_path / "iso", "iso", 2, "--init-from",
+                                          tmp_path / "edm" / "checkpoint-00000001.safetensors")))
+    iso_ckpt = tmp_path / "iso" / "checkpoint-00000002.safetensors"
+    ani = make_trainer(argv(npz, tmp_path / "ani", "aniso", 1, "--class-schedules", "--dct-bands", "2,4",
+                            "--init-from", iso_ckpt))
+    psi = iso.schedule.psi.detach()  # [1, 1, 31]
+    assert psi.shape == (1, 1, 31) and ani.schedule.psi.shape == (3, 3, 31)
+    assert torch.equal(ani.schedule.psi.detach(), psi.expand(3, 3, -1))
+    for a, b in zip(ani.net.state_dict().values(), iso.net.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(ani.ema.module.state_dict().values(), iso.ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+    # a per-class schedule cannot become a global one
+    ani_out = tmp_path / "ani2"
+    train.run(train.parse_args(argv(npz, ani_out, "aniso", 1, "--class-schedules", "--init-from", iso_ckpt)))
+    with pytest.raises(ValueError, match="cannot become a global one"):
+        make_trainer(argv(npz, tmp_path / "ani3", "aniso", 1, "--init-from",
+                          ani_out / "checkpoint-00000001.safetensors"))
+
+
+def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
+    from aniso_fast.schedules import MatrixSchedule
+
+    trainer = train.run(train.parse_args(argv(npz, tmp_path / "edm", "edm", 2)))
+    assert trainer.opt_sched is None and not trainer.schedule.psi.requires_grad
+    assert torch.equal(trainer.schedule.psi.detach(), MatrixSchedule(1, tied=True).psi.detach())
+
+
+def test_pca_basis_per_class(tmp_path, npz):
+    trainer = train.run(train.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca", "--pca-rank", "4",
+                                              "--pca-per", "class")))
+    assert trainer.basis.num_groups == 3 and trainer.schedule.num_subspaces == 2
+    tensors, meta = ckpt.load_checkpoint(tmp_path / "pca" / "checkpoint-00000001.safetensors")
+    assert meta["basis_config"]["type"] == "pca" and tensors["basis.V64"].shape == (3, 4, 64)
