@@ -139,6 +139,8 @@ def trajectory_loss(model, schedule, x0: Tensor, labels: Tensor | None = None, *
     (n extra backward passes; small images only). `t` and `noise` override the random draws.
     """
     _check_inputs(model, schedule, x0, labels, c, reduction, tmin, t, noise)
+    if trace not in ("hutchinson", "exact"):
+        raise ValueError(f"trace: expected 'hutchinson' or 'exact', got {trace!r}")
     basis = model.basis
     ids = basis.group_ids(labels)
     t, noise, g, gdot = _draw(schedule, x0, labels, generator, tmin, t, noise)
