@@ -14,6 +14,8 @@ fixed configs are used, since `triton.autotune` needs a driver.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,10 @@ __all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot
 # The separable kernels hold a whole padded channel image in registers/shared memory.
 MAX_SEPARABLE_SIDE = 128
 
-_AUTOTUNE = torch.cuda.is_available()
+# autotune benchmarks on a device: never under the interpreter, even on a machine that has one
+_AUTOTUNE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+# kernel name -> (jit function, configs, key), whether or not autotune is applied here (tests check the keys)
+_TUNING = {}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,6 +43,7 @@ def _pow2(n: int) -> int:
 def _tuned(configs, key):
     """`triton.autotune` where a driver exists, otherwise the plain jit function."""
     def wrap(fn):
+        _TUNING[fn.__name__] = (fn, configs, key)
         return triton.autotune(configs=configs, key=key)(fn) if _AUTOTUNE else fn
     return wrap
 
