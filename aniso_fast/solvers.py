@@ -58,7 +58,10 @@ def edm_sigma_t(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None 
 
 def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = None,
                   secondary: str = "end") -> Grid:
-    """Evaluate a matrix schedule on times t ([N+1] or [B, N+1]); secondary 'mid' adds g at (t_a + t_b)/2."""
+    """Evaluate a matrix schedule on times t ([N+1] or [B, N+1]); secondary 'mid' adds g at (t_a + t_b)/2.
+
+    Grids are data: the values are detached from the schedule's parameters.
+    """
     if secondary not in ("end", "mid"):
         raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
     t = t.to(torch.float64)
@@ -70,6 +73,7 @@ def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = N
             raise ValueError("labels: the schedule is class-conditional; pass labels")
         tt = tt.expand(labels.shape[0], -1)  # one grid per sample, with its own class's schedule
 
+    @torch.no_grad()
     def at(times: Tensor) -> Tensor:  # [G, n] -> [G, n, K]
         G, n = times.shape
         g, _ = schedule(times.reshape(-1), labels.repeat_interleave(n) if per_class else None)

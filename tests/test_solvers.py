@@ -1,0 +1,175 @@
+"""Solvers on the exact Gaussian mixture: EDM equivalence, convergence order, NFE, seeds, grids, bad input."""
+import ot
+import pytest
+import torch
+
+from aniso_fast import solvers as S
+from aniso_fast.gmm import GaussianMixture
+from aniso_fast.schedules import MatrixSchedule, karras_sigmas
+
+f64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def aniso_schedule():
+    sched = MatrixSchedule(2)
+    with torch.no_grad():  # make h differ from g so the test is anisotropic
+        sched.psi[0, 1] += 0.3 * torch.randn(sched.psi.shape[-1], generator=torch.Generator().manual_seed(0), dtype=f64)
+    return sched
+
+
+class CountingModel:
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.basis, self.num_classes, self.image_shape = model.basis, model.num_classes, model.image_shape
+
+    def flow(self, x, g, labels=None):
+        self.calls += 1
+        return self.model.flow(x, g, labels)
+
+
+def test_isotropic_heun_on_karras_grid_is_edm_algorithm_2(gmm):
+    """METHOD §6.1/§6.2: with g = h = sigma^2 the matrix Heun step is EDM's, step for step (float64)."""
+    N, B = 6, 3
+    z = S.seeded_noise([1, 2, 3], (1, 6, 6), dtype=f64)
+    sig = torch.cat([karras_sigmas(N), torch.zeros(1, dtype=f64)])
+    x, edm_states = z * sig[0], []
+    for i in range(N):  # EDM generate.py edm_sampler with S_churn = 0
+        s0, s1 = sig[i], sig[i + 1]
+        d = (x - gmm.denoise(x, torch.full((B, 2), float(s0 ** 2), dtype=f64))) / s0
+        x_next = x + (s1 - s0) * d
+        if i < N - 1:
+            d2 = (x_next - gmm.denoise(x_next, torch.full((B, 2), float(s1 ** 2), dtype=f64))) / s1
+            x_next = x + (s1 - s0) * (d + d2) / 2
+        x = x_next
+        edm_states.append(x)
+    ours = []
+    S.heun(gmm, z * 80, S.karras_grid(N, 2), callback=lambda info: ours.append(info["x"]))
+    assert len(ours) == N
+    for a, b in zip(edm_states, ours):
+        assert torch.allclose(a, b, rtol=0, atol=1e-11)
+
+
+def _solve(gmm, sched, solver, n, secondary):
+    g = S.schedule_grid(sched, S.uniform_t(n), None, secondary)
+    z = S.seeded_noise(range(4), gmm.image_shape, dtype=f64)
+    x = gmm.basis.scale(z, g.g[:, 0].expand(4, -1).sqrt())
+    if solver == "euler":
+        return S.euler(gmm, x, g)
+    return S.heun(gmm, x, g, final_euler=False)
+
+
+def test_convergence_orders(gmm, aniso_schedule):
+    """Euler is first order and Heun (end point and midpoint) second order: error ratios when steps double."""
+    ref = _solve(gmm, aniso_schedule, "heun", 384, "mid")
+
+    def ratio(solver, secondary, n):
+        e1 = (_solve(gmm, aniso_schedule, solver, n, secondary) - ref).pow(2).mean().sqrt()
+        e2 = (_solve(gmm, aniso_schedule, solver, 2 * n, secondary) - ref).pow(2).mean().sqrt()
+        return float(e1 / e2)
+
+    assert 1.7 < ratio("euler", "end", 48) < 2.5
+    assert 3.4 < ratio("heun", "end", 48) < 4.6
+    assert 3.4 < ratio("heun", "mid", 48) < 4.6
+
+
+@pytest.mark.parametrize("solver,secondary,nfe", [("heun", "end", 9), ("heun", "mid", 9), ("heun", "mid", 8),
+                                                  ("euler", "end", 5), ("heun", "end", 3)])
+def test_nfe_is_network_calls(gmm, aniso_schedule, solver, secondary, nfe):
+    model = CountingModel(gmm)
+    x, _, info = S.sample(model, aniso_schedule, nfe=nfe, solver=solver, secondary=secondary, seeds=[0, 1],
+                          dtype=f64)
+    assert model.calls == nfe == info["nfe"]
+    assert torch.isfinite(x).all()
+
+
+def test_same_seed_same_sample_whatever_the_batch(gmm, aniso_schedule):
+    alone, _, _ = S.sample(gmm, aniso_schedule, nfe=7, seeds=[5])
+    batch, _, _ = S.sample(gmm, aniso_schedule, nfe=7, seeds=[1, 5, 9])
+    assert torch.allclose(alone[0], batch[1], atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_uniform_t_grid_at_karras_init_is_edm_grid():
+    """METHOD §2.2: 5 uniform t points give sigma = [80, 17.52, 2.511, 0.169, 3.2e-5] at initialisation."""
+    g = S.schedule_grid(MatrixSchedule(2), S.uniform_t(4)).g[0]
+    assert torch.allclose(g[:, 0], g[:, 1])
+    sig = g[:, 0].sqrt()
+    assert torch.allclose(sig, torch.tensor([80, 17.52, 2.511, 0.169, 3.16e-5], dtype=f64), rtol=2e-3)
+
+
+def test_edm_sigma_grid_follows_karras_on_geometric_mean(aniso_schedule):
+    t = S.edm_sigma_t(aniso_schedule, 6)
+    g = S.schedule_grid(aniso_schedule, t).g[0]
+    geo = g.log().mean(1).exp()  # sqrt(g h)
+    assert torch.allclose(geo[:-1], karras_sigmas(6) ** 2, rtol=1e-6)
+    assert t[-1] == 0
+
+
+def test_class_conditional_schedules_per_sample():
+    """The reference sampler used class 0's schedule for everyone (METHOD §10.7); each sample uses its own."""
+    sched = MatrixSchedule(2, num_classes=3)
+    with torch.no_grad():
+        sched.psi[2] += 0.5
+    labels = torch.tensor([0, 2, 1])
+    for t in (S.uniform_t(5), S.edm_sigma_t(sched, 5, labels)):
+        mixed = S.schedule_grid(sched, t, labels, "mid")
+        if t.dim() == 1:  # on the uniform t grid the classes' variances differ (on the EDM grid g = sigma^2)
+            assert not torch.allclose(mixed.g[0], mixed.g[1])
+        for i, y in enumerate(labels.tolist()):
+            ti = t if t.dim() == 1 else t[i]
+            alone = S.schedule_grid(sched, ti, torch.tensor([y]), "mid")
+            assert torch.allclose(mixed.g[i], alone.g[0]) and torch.allclose(mixed.g_sec[i], alone.g_sec[0])
+
+
+def test_class_conditional_mixture_sampling_uses_labels():
+    gm = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2, seed=3)
+    labels = torch.tensor([0, 1, 0, 1])
+    x, lab, _ = S.sample(gm, MatrixSchedule(2), nfe=15, seeds=range(4), labels=labels, dtype=f64)
+    assert torch.equal(lab, labels)
+    # each sample is closer to its own class mean
+    d = ((x[:, None] - gm.means[None]) ** 2).flatten(2).sum(-1)
+    assert torch.equal(d.argmin(1), labels)
+
+
+def test_distribution_matches_exact_samples(gmm, aniso_schedule):
+    """Sliced Wasserstein (POT) to exact samples: a fine solve is at the two-sample noise floor, NFE 3 is not."""
+    n = 1500
+    exact_a = gmm.sample(n, generator=torch.Generator().manual_seed(0))[0].flatten(1).numpy()
+    exact_b = gmm.sample(n, generator=torch.Generator().manual_seed(1))[0].flatten(1).numpy()
+    fine, _, _ = S.sample(gmm, aniso_schedule, nfe=31, seeds=range(n), dtype=f64)
+    coarse, _, _ = S.sample(gmm, aniso_schedule, nfe=3, solver="heun", secondary="end", seeds=range(n), dtype=f64)
+
+    def sw(a, b):
+        return ot.sliced_wasserstein_distance(a, b, n_projections=200, seed=0)
+
+    floor = sw(exact_a, exact_b)
+    assert sw(fine.flatten(1).numpy(), exact_a) < 1.5 * floor
+    assert sw(coarse.flatten(1).numpy(), exact_a) > 2 * floor
+
+
+def test_bad_inputs(gmm, aniso_schedule):
+    with pytest.raises(ValueError, match="nfe"):
+        S.sample(gmm, aniso_schedule, nfe=8, secondary="end")
+    with pytest.raises(ValueError, match="nfe"):
+        S.sample(gmm, aniso_schedule, nfe=1, solver="heun")
+    with pytest.raises(ValueError, match="nfe"):
+        S.sample(gmm, aniso_schedule, nfe=0, solver="euler")
+    with pytest.raises(ValueError, match="solver"):
+        S.sample(gmm, aniso_schedule, solver="rk4")
+    with pytest.raises(ValueError, match="grid"):
+        S.sample(gmm, aniso_schedule, grid="cosine")
+    with pytest.raises(ValueError, match="schedule"):
+        S.sample(gmm, None, grid="uniform_t")
+    with pytest.raises(ValueError, match="labels"):
+        S.sample(gmm, aniso_schedule, labels=torch.tensor([0]))
+    cond = GaussianMixture.toy(num_classes=2, num_components=1)
+    with pytest.raises(ValueError, match="labels"):
+        S.sample(cond, MatrixSchedule(2), seeds=[0, 1], labels=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="secondary"):
+        S.sample(gmm, aniso_schedule, secondary="start")
