@@ -182,7 +182,10 @@ def unflatten_optimizer_state(prefix: str, tensors: Mapping[str, Tensor], info: 
         state.setdefault(int(idx), {})[key] = value
     for idx, st in info.get("scalar_state", {}).items():
         state.setdefault(int(idx), {}).update(st)
-    return {"state": state, "param_groups": [dict(g) for g in info["param_groups"]]}
+    # JSON turned tuples (Adam's betas) into lists; only "params" is a list in torch's param groups
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def compare_configs(what: str, expected: Mapping[str, Any], found: Mapping[str, Any],

@@ -529,8 +529,12 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
-                           broadcast_buffers=False)  # (the constructor broadcasts rank 0's weights)
+            # the constructor broadcasts rank 0's weights; the net's buffers are constants: no per-forward sync
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
+            self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
             # the loss calls precond.flow/denoise, which call .net: route that call through DDP's forward so that
             # network gradients are averaged over ranks (the reference skipped DDP's forward, METHOD §10.11)
             self.loss_model.net = self.ddp
