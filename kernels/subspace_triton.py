@@ -6,6 +6,8 @@ Inputs are computed in fp32 (fp64 for fp64 inputs): every load is upcast at once
 - separable (DCT): one program per channel image; the [H, W] tile, padded to powers of two >= 16 (tl.dot's
   minimum), goes through `CH @ X @ CW.T` (truncated [h, w] coefficients), the per-coefficient weights
   `s[b, band] - s[b, K-1]`, and back through `CH.T @ Y @ CW`; the complement's scalar multiplies the image.
+  `dot`: one program per sample, channels summed in order. Every tl.dot is IEEE fp32 (no TF32: the reference is
+  matched to fp32 rounding) or fp64 for fp64 inputs (fp64 MMA on sm80+, numpy under the interpreter).
 - low-rank (PCA): coefficients per (sample, row) tiled over (r, d) with `V[ids[b]]` gathered in-kernel, then a
   synthesis pass tiled over d; `dot` reduces per sample in a fixed order (deterministic, no atomics).
 
