@@ -55,10 +55,7 @@ def _check_inputs(model, schedule, x0, labels, c, reduction, tmin, t, noise) -> 
         raise ValueError("x0: expected a non-empty batch")
     if basis.image_size is not None and tuple(x0.shape[-2:]) != tuple(basis.image_size):
         raise ValueError(f"x0: image size {tuple(x0.shape[-2:])} does not match the basis {tuple(basis.image_size)}")
-    try:
-        shape = getattr(model, "image_shape", None)
-    except Exception:  # a wrapper whose network does not report its shape
-        shape = None
+    shape = getattr(model, "image_shape", None)  # None also when the wrapped network does not report it
     if shape is not None and tuple(x0.shape[1:]) != tuple(shape):
         raise ValueError(f"x0: expected images of shape {tuple(shape)} for this model, got {tuple(x0.shape[1:])}")
     K = basis.num_subspaces
@@ -70,8 +67,7 @@ def _check_inputs(model, schedule, x0, labels, c, reduction, tmin, t, noise) -> 
     if labels is None:
         if why is not None:
             raise ValueError(f"labels: required because {why}; pass int class labels [{B}]")
-    elif (not isinstance(labels, Tensor) or labels.dtype not in (torch.int32, torch.int64)
-          or labels.shape != (B,)):
+    elif not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (B,):
         got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected an int64 tensor [{B}], got {got}")
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:

@@ -342,6 +342,7 @@ def _bad_cases():
         ("labels", (gmm_cls, s2, x0), {}),
         ("labels", (gmm, s2c, x0, lab[:1]), {}),
         ("labels", (gmm, s2c, x0, lab.float()), {}),
+        ("labels", (gmm, s2c, x0, lab.int()), {}),
         ("c", (gmm, s2, x0), {"c": 0.0}),
         ("c", (gmm, s2, x0), {"c": -1.0}),
         ("c", (gmm, s2, x0), {"c": float("nan")}),
