@@ -101,6 +101,8 @@ class ClassMaskedAdam(torch.optim.Optimizer):
                     raise ValueError(f"present: expected a bool mask of shape [{S}], got {tuple(mask.shape)}")
                 rows = mask.view(S, *([1] * (p.dim() - 1)))
                 grad = p.grad
+                # Optimizer.load_state_dict leaves "step" on the CPU (torch's convention for Adam's step)
+                state["step"] = state["step"].to(p.device)
                 step = torch.where(mask, state["step"] + 1, state["step"])
                 exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
                 exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -523,6 +525,9 @@ class Trainer:
         if args.cond is not None and bool(label_dim) != args.cond:
             raise ValueError(f"--{'' if args.cond else 'no-'}cond contradicts the loaded network "
                              f"(label_dim={label_dim})")
+        if getattr(net, "map_augment", None) is not None:
+            # no augmentation pipe passes augment labels: these weights get no gradient, and DDP must not wait for them
+            net.map_augment.requires_grad_(False)
         self.net = net.to(self.device).train()
         self.loss_model = AnisoPrecond(self.net, self.basis)
         self.ddp = None
@@ -790,7 +795,7 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", kimg=f"{record['kimg']:.1f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", kimg=f"{record['kimg']:.4g}")
                     if (args.sample_every and self.step % args.sample_every == 0) or (args.sample_every and last):
                         self.save_samples(self.out / f"samples-{self.step:08d}.png")
                     if (args.plot_every and self.step % args.plot_every == 0) or (args.plot_every and last):

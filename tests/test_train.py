@@ -16,6 +16,8 @@ from aniso_fast import checkpoint as ckpt
 from aniso_fast import train
 from aniso_fast.ema import ema_beta
 
+from test_edm_pickle import fake_edm  # noqa: F401  (fixture: a small network pickle in EDM's format)
+
 torch.set_num_threads(1)  # the test machine's cores are shared: one thread per process is much faster there
 NET = ["--model-channels", "8", "--channel-mult", "1,2", "--attn-resolutions", "4"]
 
@@ -233,9 +235,28 @@ def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
     assert torch.equal(trainer.schedule.psi.detach(), MatrixSchedule(1, tied=True).psi.detach())
 
 
-def test_pca_basis_per_class(tmp_path, npz):
-    trainer = train.run(train.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca", "--pca-rank", "4",
-                                              "--pca-per", "class")))
-    assert trainer.basis.num_groups == 3 and trainer.schedule.num_subspaces == 2
+@pytest.mark.parametrize("per, groups", [("class", 3), ("cluster", 2)])
+def test_pca_basis_per_class_or_cluster(tmp_path, npz, per, groups):
+    trainer = train.run(train.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca", "--pca-rank", "3,2",
+                                              "--pca-per", per, "--pca-clusters", "2")))
+    assert trainer.basis.num_groups == groups and trainer.schedule.num_subspaces == 3
     tensors, meta = ckpt.load_checkpoint(tmp_path / "pca" / "checkpoint-00000001.safetensors")
-    assert meta["basis_config"]["type"] == "pca" and tensors["basis.V64"].shape == (3, 4, 64)
+    assert meta["basis_config"]["type"] == "pca" and tensors["basis.V64"].shape == (groups, 5, 64)
+    assert torch.equal(tensors["basis.V64"], trainer.basis.V64)
+
+
+def test_edm_pickle_starts_network_and_ema(tmp_path, fake_edm):
+    write, _ = fake_edm
+    pkl = tmp_path / "edm.pkl"
+    src = write(pkl)
+    rgb = tmp_path / "rgb32.npz"
+    rng = np.random.default_rng(0)
+    np.savez(rgb, images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), labels=np.arange(20) % 10)
+    trainer = make_trainer(argv(rgb, tmp_path / "run", "iso", 1, "--edm-pickle", pkl))
+    for k, v in src.state_dict().items():
+        assert torch.equal(trainer.net.state_dict()[k], v) and torch.equal(trainer.ema.module.state_dict()[k], v)
+    assert trainer.net.training and not trainer.ema.module.training
+    trainer.train_step()
+    with pytest.raises(ValueError, match=r"the network is for 3x32x32 images, the data is 1x8x8"):
+        make_trainer(argv(make_npz(tmp_path / "small.npz", classes=10), tmp_path / "run2", "iso", 1,
+                          "--edm-pickle", pkl))
