@@ -124,7 +124,7 @@ def test_one_direction_trace_is_unbiased():
         torch.testing.assert_close(est[term], exact[term].expand(R, -1), rtol=1e-10, atol=1e-12)
     mean, se = est["trace"].mean(0), est["trace"].std(0) / R ** 0.5
     z = (mean - exact["trace"][0]) / se
-    assert bool((z.abs() < 4).all()), f"z-scores {z.tolist()} (mean {mean.tolist()}, exact {exact['trace'][0].tolist()})"
+    assert bool((z.abs() < 4).all()), f"z {z.tolist()}, mean {mean.tolist()}, exact {exact['trace'][0].tolist()}"
     assert bool((se < 0.1 * exact["trace"][0].abs()).all())  # resolving power: a 40% bias would be > 4 SE
 
 
@@ -208,7 +208,8 @@ def _psi_contributions(schedule, times, which, dA_dg):
 
 def test_estimator_has_zero_mean_when_the_network_is_exact():
     """§5.4: E[delta | x, t] = 2 W^2 (F_theta - F*), so with F_theta = F* the estimator term averages to 0 over
-    (x0, eps); with F_theta = 1.2 F* it does not. N = 4000 samples at 8 times in [1500, 3000] (g ~ the data variances)."""
+    (x0, eps); with F_theta = 1.2 F* it does not. N = 4000 samples at 8 times in [1500, 3000] (g ~ the data
+    variances)."""
     gmm = MIXTURES["dct-K2"]()
     schedule = _mixture_schedule()
     N = 4000

@@ -300,7 +300,8 @@ def test_network_float32_and_the_surrogate_leaves_the_network_alone():
     labels = torch.tensor([0, 1, 2, 1])
     out = {}
     for est in (False, True):
-        loss, _ = trajectory_loss(model, schedule, x0, labels, estimator=est, generator=torch.Generator().manual_seed(3))
+        loss, _ = trajectory_loss(model, schedule, x0, labels, estimator=est,
+                                  generator=torch.Generator().manual_seed(3))
         params = list(model.parameters()) + [schedule.psi]
         out[est] = torch.autograd.grad(loss, params)
         assert all(torch.isfinite(p).all() for p in out[est])
