@@ -27,11 +27,11 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -408,9 +408,10 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, dist: distributed.Dist | None = None):
         self.args = args
-        self.dist = dist or distributed.Dist()
+        self.dist = dist if dist is not None else distributed.init(args.device)
         self.device = self.dist.device
         self.out = Path(args.out)
+        self.resume_path: Path | None = None
         self.step = 0
         self.nimg = 0
         W = self.dist.world_size
@@ -782,6 +783,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if args.resume:
                 self._truncate_log(log_path)
+                tqdm.write(f"resuming from {self.resume_path} at step {self.step} ({self.nimg / 1000:.4g} kimg)")
             else:
                 (self.out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
         bar = tqdm(total=args.steps, initial=self.step, disable=not (main and args.progress), unit="step",

@@ -17,7 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from aniso_fast import train
-from aniso_fast.data import InfiniteBatchSampler
+from aniso_fast.data import InfiniteBatchSampler, load_npz
+from aniso_fast.schedules import MatrixSchedule
 
 from test_train import argv, make_npz
 
@@ -75,14 +76,12 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(runs):
         # only the summation order differs (DDP's all-reduce vs local accumulation): measured max |diff| ~1e-10
         tol = dict(rtol=1e-6, atol=1e-8) if value.is_floating_point() else dict(rtol=0, atol=0)
         torch.testing.assert_close(r0[name], value, **tol, msg=name)
-    assert not torch.equal(r0["psi"], train.MatrixSchedule(3, 3).psi.detach()), "the schedules did not move"
+    assert not torch.equal(r0["psi"], MatrixSchedule(3, 3).psi.detach()), "the schedules did not move"
 
 
 def test_some_class_was_present_on_one_rank_only(runs):
     """So the identical per-class schedules above depend on gathering the classes present across ranks."""
     _, _, tmp = runs
-    from aniso_fast.data import load_npz
-
     _, labels = load_npz(tmp / "tiny.npz")
     sampler = InfiniteBatchSampler(len(labels), 4, seed=0)
     one_sided = 0
