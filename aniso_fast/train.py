@@ -148,13 +148,22 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already explain it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m aniso_fast.train",
         description="Train an EDM network with a learned isotropic or anisotropic (matrix) noise schedule. "
                     "Typical chain: --stage edm -> --stage iso --init-from ... -> --stage aniso --init-from ... "
                     "Outputs in --out: log.jsonl, checkpoint-*.safetensors, samples-*.png, schedule-*.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--stage", required=True, choices=STAGES,
                    help="edm: network only (iso_loss under the frozen Karras-initialised schedule); iso: learn a "
