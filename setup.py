@@ -51,6 +51,7 @@ setup(
     description="Anisotropic diffusion schedules: learned matrix noise paths, fused subspace kernels, fast low-NFE solvers",
     packages=["aniso_fast", "aniso_fast.kernels"],
     package_dir={"aniso_fast": "aniso_fast", "aniso_fast.kernels": "kernels"},
+    package_data={"aniso_fast": ["assets/*.safetensors"]},
     ext_modules=[_native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.10",
