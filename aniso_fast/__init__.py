@@ -1,16 +1,18 @@
 """aniso_fast: anisotropic diffusion schedules with fused subspace kernels.
 
-    from aniso_fast import DCTBasis, MatrixSchedule, AnisoPrecond, GaussianMixture, sample, backends
+    from aniso_fast import DCTBasis, MatrixSchedule, AnisoPrecond, GaussianMixture, backends
+    from aniso_fast.solvers import sample, heun, euler, uniform_t, schedule_grid
+
+(`aniso_fast.sample` is the command-line module `python -m aniso_fast.sample`.)
 """
 from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .gmm import GaussianMixture
 from .ops import backends
 from .precond import AnisoPrecond
 from .schedules import KnotSchedule, MatrixSchedule, karras_sigmas
-from .solvers import euler, heun, sample
 
 __version__ = "0.1.0"
 __all__ = [
     "AnisoPrecond", "DCTBasis", "GaussianMixture", "IsotropicBasis", "KnotSchedule", "MatrixSchedule", "PCABasis",
-    "SubspaceBasis", "backends", "euler", "heun", "karras_sigmas", "sample",
+    "SubspaceBasis", "backends", "karras_sigmas",
 ]
