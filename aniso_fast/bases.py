@@ -269,6 +269,8 @@ class PCABasis(SubspaceBasis):
         elif G > 1:
             raise ValueError(f"class_to_group: required when V has {G} groups")
         V64 = V.to(torch.float64)
+        if not bool(torch.isfinite(V64).all()):
+            raise ValueError("V: contains NaN or infinite values")
         err = (V64 @ V64.transpose(1, 2) - torch.eye(r, dtype=torch.float64)).abs().max()
         if err > 1e-6:
             raise ValueError(f"V: rows must be orthonormal within each group (max |V V^T - I| = {float(err):.2e})")
@@ -377,6 +379,8 @@ class PCABasis(SubspaceBasis):
             raise ValueError(f"per: expected 'global', 'class' or 'cluster', got {per!r}")
         N, C, H, W = images.shape
         x = images.to(torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images: contains NaN or infinite values")
         if images.dtype == torch.uint8:
             x = x / 127.5 - 1
         X = x.reshape(N, C * H * W) if joint else x.mean(1).reshape(N, H * W)

@@ -31,8 +31,10 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"means: expected [M, C, H, W], got {tuple(means.shape)}")
         if variances.shape != (M, J):
             raise ValueError(f"variances: expected [{M}, {J}] (components x fine subspaces), got {tuple(variances.shape)}")
-        if not bool((variances > 0).all()):
-            raise ValueError("variances: must be positive")
+        if not bool((variances > 0).all()) or not bool(torch.isfinite(variances).all()):
+            raise ValueError("variances: must be positive and finite")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means: contains NaN or infinite values")
         weights = torch.full((M,), 1.0 / M, dtype=torch.float64) if weights is None else weights.to(torch.float64)
         if weights.shape != (M,) or not bool((weights > 0).all()):
             raise ValueError(f"weights: expected {M} positive mixture weights")

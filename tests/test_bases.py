@@ -200,5 +200,9 @@ def test_bad_inputs():
         p.scale(torch.randn(2, 1, 4, 4), torch.ones(2, 2))
     with pytest.raises(ValueError, match="per"):
         PCABasis.fit(_images(100, 1, 4, 4), rank=3, per="bogus")
+    bad = _images(50, 1, 4, 4)
+    bad[3, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="images: contains NaN"):
+        PCABasis.fit(bad, rank=3)
     with pytest.raises(ValueError, match="cfg"):
         basis_from_config({"type": "wavelet"})
