@@ -3,8 +3,9 @@
 // One task per channel image (combine) or per sample (dot). Per image the truncated transform Y = CH X CW^T is
 // kept in a small per-thread scratch between analysis, weighting and synthesis, and the output is written once.
 // Only the rows of CH and columns of CW that carry a label below K-1 are touched: the rest feeds the complement,
-// whose scalar is applied to the whole image (P_{K-1} = I - sum_{k<K-1} P_k). All inner loops are axpy's over a
-// contiguous row, so the compiler vectorises them without reassociating a reduction.
+// whose scalar is applied to the whole image (P_{K-1} = I - sum_{k<K-1} P_k). The four small products per image
+// go through a register-blocked GEMM: fixed-size blocks of C the compiler keeps in registers and vectorises over
+// columns (no reduction is reassociated, so results do not depend on -ffast-math).
 #include "../subspace.h"
 
 #include <ATen/Dispatch.h>
@@ -12,18 +13,77 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+#define ANISO_FAST_INLINE inline __attribute__((always_inline))
+
 template <typename acc_t>
-inline void axpy(acc_t* __restrict y, acc_t alpha, const acc_t* __restrict x, int64_t n) {
+ANISO_FAST_INLINE void axpy(acc_t* __restrict y, acc_t alpha, const acc_t* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// A SIMD register of VB bytes (GCC/Clang vector extension; unaligned loads and stores, may alias).
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB), aligned(sizeof(T)), may_alias));
+  static constexpr int N = VB / sizeof(T);
+};
+
+// C[MR, NV*N] = A[MR, K] B[K, NV*N]: the C block stays in MR*NV registers; row-major with leading dimensions.
+template <typename T, int VB, int MR, int NV>
+ANISO_FAST_INLINE void gemm_block(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
+                                  T* __restrict C, int64_t ldc) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::N;
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const V a = V{} + A[r * lda + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
+}
+
+template <typename T, int VB, int NV>
+ANISO_FAST_INLINE void gemm_columns(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                                    int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) gemm_block<T, VB, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) gemm_block<T, VB, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+}
+
+// C[M, N] = A[M, K] B[K, N], row-major: the small products of one channel image (sizes up to a few dozen).
+template <typename T, int VB>
+ANISO_FAST_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                            int64_t ldc) {
+  constexpr int L = Vec<T, VB>::N;
+  int64_t n = 0;
+  for (; n + 2 * L <= N; n += 2 * L) gemm_columns<T, VB, 2>(M, K, A, lda, B + n, ldb, C + n, ldc);
+  if (n + L <= N) {
+    gemm_columns<T, VB, 1>(M, K, A, lda, B + n, ldb, C + n, ldc);
+    n += L;
+  }
+  if (n < N) {  // the last few columns
+    for (int64_t m = 0; m < M; ++m) {
+      T* c = C + m * ldc + n;
+      std::fill(c, c + (N - n), T(0));
+      for (int64_t k = 0; k < K; ++k) axpy(c, A[m * lda + k], B + k * ldb + n, N - n);
+    }
+  }
 }
 
 // <x, y> over n elements, accumulated in 8 independent lanes (vectorisable without -ffast-math), returned in double.
 template <typename scalar_t, typename acc_t>
-inline double dot_lanes(const scalar_t* __restrict x, const scalar_t* __restrict y, int64_t n) {
+ANISO_FAST_INLINE double dot_lanes(const scalar_t* __restrict x, const scalar_t* __restrict y, int64_t n) {
   acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -40,7 +100,8 @@ struct SeparablePlan {
   int64_t H = 0, W = 0, hr = 0, wc = 0, K = 1;
   std::vector<acc_t> ch;         // [hr, H] active rows of CH
   std::vector<acc_t> cw;         // [wc, W] active rows of CW
-  std::vector<acc_t> cwt;        // [W, wc] their transpose (analysis is an axpy over the active columns)
+  std::vector<acc_t> cwt;        // [W, wc] its transpose
+  std::vector<acc_t> cht;        // [H, hr] transpose of ch
   std::vector<int64_t> label;    // [hr, wc] band restricted to the active box
 
   SeparablePlan(const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band, int64_t K_) : K(K_) {
@@ -68,8 +129,13 @@ struct SeparablePlan {
     ch.resize(hr * H);
     cw.resize(wc * W);
     cwt.resize(W * wc);
+    cht.resize(H * hr);
     label.resize(hr * wc);
-    for (int64_t p = 0; p < hr; ++p) std::copy(chd + rows[p] * H, chd + (rows[p] + 1) * H, ch.begin() + p * H);
+    for (int64_t p = 0; p < hr; ++p)
+      for (int64_t i = 0; i < H; ++i) {
+        ch[p * H + i] = chd[rows[p] * H + i];
+        cht[i * hr + p] = chd[rows[p] * H + i];
+      }
     for (int64_t q = 0; q < wc; ++q)
       for (int64_t j = 0; j < W; ++j) {
         cw[q * W + j] = cwd[cols[q] * W + j];
@@ -79,130 +145,179 @@ struct SeparablePlan {
       for (int64_t q = 0; q < wc; ++q) label[p * wc + q] = bd[rows[p] * w + cols[q]];
   }
 
-  // Y [hr, wc] = CH_active X CW_active^T for one channel image X [H, W]; T [H, wc] is scratch.
-  template <typename scalar_t>
-  void analyse(const scalar_t* __restrict X, acc_t* __restrict T, acc_t* __restrict Y) const {
-    for (int64_t i = 0; i < H; ++i) {
-      acc_t* trow = T + i * wc;
-      std::fill(trow, trow + wc, acc_t(0));
-      for (int64_t j = 0; j < W; ++j) axpy(trow, static_cast<acc_t>(X[i * W + j]), cwt.data() + j * wc, wc);
+  // Y [hr, wc] = CH_active X CW_active^T for one channel image X [H, W]; Xc [H, W] (fp16/bf16 upcast) and
+  // T [H, wc] are scratch.
+  template <int VB, typename scalar_t>
+  ANISO_FAST_INLINE void analyse(const scalar_t* __restrict X, acc_t* __restrict Xc, acc_t* __restrict T, acc_t* __restrict Y) const {
+    const acc_t* x;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      x = X;
+    } else {
+      for (int64_t n = 0; n < H * W; ++n) Xc[n] = static_cast<acc_t>(X[n]);
+      x = Xc;
     }
-    for (int64_t p = 0; p < hr; ++p) {
-      acc_t* yrow = Y + p * wc;
-      std::fill(yrow, yrow + wc, acc_t(0));
-      for (int64_t i = 0; i < H; ++i) axpy(yrow, ch[p * H + i], T + i * wc, wc);
-    }
+    gemm<acc_t, VB>(H, wc, W, x, W, cwt.data(), wc, T, wc);
+    gemm<acc_t, VB>(hr, wc, H, ch.data(), H, T, wc, Y, wc);
+  }
+
+  // Z [H, W] = CH_active^T coef CW_active for coefficients coef [hr, wc]; S [hr, W] is scratch.
+  template <int VB>
+  ANISO_FAST_INLINE void synthesise(const acc_t* __restrict coef, acc_t* __restrict S, acc_t* __restrict Z) const {
+    gemm<acc_t, VB>(hr, W, wc, coef, wc, cw.data(), W, S, W);
+    gemm<acc_t, VB>(H, W, hr, cht.data(), hr, S, W, Z, W);
   }
 };
 
 // Per-coefficient weight of label k: s[k] - s[K-1] (0 for the complement, whose scalar multiplies the image).
 template <typename acc_t>
-inline void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
+ANISO_FAST_INLINE void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
   for (int64_t k = 0; k < K - 1; ++k) rel[k] = s[k] - s[K - 1];
   rel[K - 1] = 0;
+}
+
+// Everything one call needs, shared read-only by the tasks.
+template <typename scalar_t, typename acc_t>
+struct SeparableCall {
+  const SeparablePlan<acc_t>& plan;
+  int64_t C, K;
+  const scalar_t *u, *v, *base;  // v, base may be null
+  const acc_t *a, *c;            // c null when v is
+  scalar_t* out;                 // combine: [B, C, H, W]
+  acc_t* dot;                    // dot: [B, K]
+};
+
+// combine over channel images [begin, end); VB is the SIMD width in bytes the products are compiled for.
+template <int VB, typename scalar_t, typename acc_t>
+ANISO_FAST_INLINE void combine_images(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  const auto& plan = call.plan;
+  const int64_t C = call.C, K = call.K, H = plan.H, W = plan.W, hr = plan.hr, wc = plan.wc, HW = H * W;
+  std::vector<acc_t> Xc(std::is_same_v<scalar_t, acc_t> ? 0 : HW), T(H * wc), Yu(hr * wc),
+      Yv(call.v ? hr * wc : 0), S(hr * W), Z(HW, acc_t(0)), ra(K), rc(K);
+  for (int64_t img = begin; img < end; ++img) {
+    const int64_t b = img / C;
+    const scalar_t* x = call.u + img * HW;
+    const scalar_t* y = call.v ? call.v + img * HW : nullptr;
+    const scalar_t* bs = call.base ? call.base + img * HW : nullptr;
+    scalar_t* o = call.out + img * HW;
+    const acc_t al = call.a[b * K + K - 1];
+    const acc_t cl = y ? call.c[b * K + K - 1] : acc_t(0);
+    if (hr > 0) {  // Z = sum_{k<K-1} P_k ((a_k - a_last) x + (c_k - c_last) y); Z stays 0 when hr == 0
+      relative_weights(call.a + b * K, K, ra.data());
+      plan.template analyse<VB>(x, Xc.data(), T.data(), Yu.data());
+      for (int64_t n = 0; n < hr * wc; ++n) Yu[n] *= ra[plan.label[n]];
+      if (y) {
+        relative_weights(call.c + b * K, K, rc.data());
+        plan.template analyse<VB>(y, Xc.data(), T.data(), Yv.data());
+        for (int64_t n = 0; n < hr * wc; ++n) Yu[n] += rc[plan.label[n]] * Yv[n];
+      }
+      plan.template synthesise<VB>(Yu.data(), S.data(), Z.data());
+    }
+    const acc_t* z = Z.data();  // the complement terms, fused with the single write
+    if (y && bs) {
+      for (int64_t n = 0; n < HW; ++n)
+        o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) + cl * static_cast<acc_t>(y[n]) +
+                                     static_cast<acc_t>(bs[n]));
+    } else if (y) {
+      for (int64_t n = 0; n < HW; ++n)
+        o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) + cl * static_cast<acc_t>(y[n]));
+    } else if (bs) {
+      for (int64_t n = 0; n < HW; ++n)
+        o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) + static_cast<acc_t>(bs[n]));
+    } else {
+      for (int64_t n = 0; n < HW; ++n) o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]));
+    }
+  }
+}
+
+// dot over samples [begin, end): per-band sums of coefficient products; the complement is <u, v> minus the rest.
+template <int VB, typename scalar_t, typename acc_t>
+ANISO_FAST_INLINE void dot_samples(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  const auto& plan = call.plan;
+  const int64_t C = call.C, K = call.K, H = plan.H, W = plan.W, hr = plan.hr, wc = plan.wc, HW = H * W;
+  const bool same = call.u == call.v;  // dot(x, x): one analysis per channel
+  std::vector<acc_t> Xc(std::is_same_v<scalar_t, acc_t> ? 0 : HW), T(H * wc), Yu(hr * wc), Yv(same ? 0 : hr * wc);
+  std::vector<double> acc(K);
+  for (int64_t b = begin; b < end; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    double total = 0;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const scalar_t* x = call.u + (b * C + ch) * HW;
+      const scalar_t* y = call.v + (b * C + ch) * HW;
+      total += dot_lanes<scalar_t, acc_t>(x, y, HW);
+      if (hr == 0) continue;
+      plan.template analyse<VB>(x, Xc.data(), T.data(), Yu.data());
+      const acc_t* yv = Yu.data();
+      if (!same) {
+        plan.template analyse<VB>(y, Xc.data(), T.data(), Yv.data());
+        yv = Yv.data();
+      }
+      for (int64_t n = 0; n < hr * wc; ++n) acc[plan.label[n]] += static_cast<double>(Yu[n] * yv[n]);
+    }
+    double rest = total;
+    for (int64_t k = 0; k < K - 1; ++k) {
+      call.dot[b * K + k] = static_cast<acc_t>(acc[k]);
+      rest -= acc[k];
+    }
+    call.dot[b * K + K - 1] = static_cast<acc_t>(rest);
+  }
+}
+
+// Two instantiations of each loop: 256-bit AVX+FMA where the CPU has it (checked once at run time), and a 128-bit
+// build for the baseline ISA. The extension itself is compiled for the baseline, so it loads on any x86-64.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ANISO_FAST_AVX __attribute__((target("avx,fma")))
+bool cpu_has_avx_fma() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+#define ANISO_FAST_AVX
+bool cpu_has_avx_fma() { return false; }
+#endif
+
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX void combine_images_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  combine_images<32>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
+void combine_images_base(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  combine_images<16>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX void dot_samples_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  dot_samples<32>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
+void dot_samples_base(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  dot_samples<16>(call, begin, end);
 }
 
 template <typename scalar_t, typename acc_t>
 void separable_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10::optional<at::Tensor>& v,
                               const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& base,
                               const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band, at::Tensor& out) {
-  const int64_t B = u.size(0), C = u.size(1), K = a.size(1);
+  const int64_t K = a.size(1);
   const SeparablePlan<acc_t> plan(CH, CW, band, K);
-  const int64_t H = plan.H, W = plan.W, hr = plan.hr, wc = plan.wc, HW = H * W;
-  const scalar_t* ud = u.data_ptr<scalar_t>();
-  const scalar_t* vd = v.has_value() ? v->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* bd = base.has_value() ? base->data_ptr<scalar_t>() : nullptr;
-  const acc_t* ad = a.data_ptr<acc_t>();
-  const acc_t* cd = vd ? c->data_ptr<acc_t>() : nullptr;
-  scalar_t* od = out.data_ptr<scalar_t>();
-
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> T(H * wc), Yu(hr * wc), Yv(vd ? hr * wc : 0), S(hr * W), z(W), ra(K), rc(K);
-    for (int64_t img = begin; img < end; ++img) {
-      const int64_t b = img / C;
-      const scalar_t* x = ud + img * HW;
-      const scalar_t* y = vd ? vd + img * HW : nullptr;
-      const scalar_t* bs = bd ? bd + img * HW : nullptr;
-      scalar_t* o = od + img * HW;
-      const acc_t al = ad[b * K + K - 1];
-      const acc_t cl = vd ? cd[b * K + K - 1] : acc_t(0);
-      if (hr > 0) {
-        relative_weights(ad + b * K, K, ra.data());
-        plan.analyse(x, T.data(), Yu.data());
-        for (int64_t n = 0; n < hr * wc; ++n) Yu[n] *= ra[plan.label[n]];
-        if (vd) {
-          relative_weights(cd + b * K, K, rc.data());
-          plan.analyse(y, T.data(), Yv.data());
-          for (int64_t n = 0; n < hr * wc; ++n) Yu[n] += rc[plan.label[n]] * Yv[n];
-        }
-        for (int64_t p = 0; p < hr; ++p) {  // S = coeff CW_active
-          acc_t* srow = S.data() + p * W;
-          std::fill(srow, srow + W, acc_t(0));
-          for (int64_t q = 0; q < wc; ++q) axpy(srow, Yu[p * wc + q], plan.cw.data() + q * W, W);
-        }
-      }
-      for (int64_t i = 0; i < H; ++i) {  // row i of CH_active^T S, fused with the complement terms and the write
-        std::fill(z.begin(), z.end(), acc_t(0));
-        for (int64_t p = 0; p < hr; ++p) axpy(z.data(), plan.ch[p * H + i], S.data() + p * W, W);
-        const int64_t r0 = i * W;
-        if (y && bs) {
-          for (int64_t j = 0; j < W; ++j)
-            o[r0 + j] = static_cast<scalar_t>(z[j] + al * static_cast<acc_t>(x[r0 + j]) +
-                                              cl * static_cast<acc_t>(y[r0 + j]) + static_cast<acc_t>(bs[r0 + j]));
-        } else if (y) {
-          for (int64_t j = 0; j < W; ++j)
-            o[r0 + j] = static_cast<scalar_t>(z[j] + al * static_cast<acc_t>(x[r0 + j]) +
-                                              cl * static_cast<acc_t>(y[r0 + j]));
-        } else if (bs) {
-          for (int64_t j = 0; j < W; ++j)
-            o[r0 + j] = static_cast<scalar_t>(z[j] + al * static_cast<acc_t>(x[r0 + j]) +
-                                              static_cast<acc_t>(bs[r0 + j]));
-        } else {
-          for (int64_t j = 0; j < W; ++j)
-            o[r0 + j] = static_cast<scalar_t>(z[j] + al * static_cast<acc_t>(x[r0 + j]));
-        }
-      }
-    }
+  const SeparableCall<scalar_t, acc_t> call{
+      plan, u.size(1), K, u.data_ptr<scalar_t>(), v.has_value() ? v->data_ptr<scalar_t>() : nullptr,
+      base.has_value() ? base->data_ptr<scalar_t>() : nullptr, a.data_ptr<acc_t>(),
+      v.has_value() ? c->data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>(), nullptr};
+  const bool avx = cpu_has_avx_fma();
+  at::parallel_for(0, u.size(0) * u.size(1), 1, [&](int64_t begin, int64_t end) {
+    avx ? combine_images_avx(call, begin, end) : combine_images_base(call, begin, end);
   });
 }
 
 template <typename scalar_t, typename acc_t>
 void separable_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tensor& CH, const at::Tensor& CW,
                           const at::Tensor& band, int64_t K, at::Tensor& out) {
-  const int64_t B = u.size(0), C = u.size(1);
   const SeparablePlan<acc_t> plan(CH, CW, band, K);
-  const int64_t H = plan.H, W = plan.W, hr = plan.hr, wc = plan.wc, HW = H * W;
-  const scalar_t* ud = u.data_ptr<scalar_t>();
-  const scalar_t* vd = v.data_ptr<scalar_t>();
-  const bool same = ud == vd;  // dot(x, x): one analysis per channel
-  acc_t* od = out.data_ptr<acc_t>();
-
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> T(H * wc), Yu(hr * wc), Yv(same ? 0 : hr * wc);
-    std::vector<double> acc(K);
-    for (int64_t b = begin; b < end; ++b) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      double total = 0;
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const scalar_t* x = ud + (b * C + ch) * HW;
-        const scalar_t* y = vd + (b * C + ch) * HW;
-        total += dot_lanes<scalar_t, acc_t>(x, y, HW);
-        if (hr == 0) continue;
-        plan.analyse(x, T.data(), Yu.data());
-        const acc_t* yv = Yu.data();
-        if (!same) {
-          plan.analyse(y, T.data(), Yv.data());
-          yv = Yv.data();
-        }
-        for (int64_t n = 0; n < hr * wc; ++n) acc[plan.label[n]] += static_cast<double>(Yu[n] * yv[n]);
-      }
-      double rest = total;
-      for (int64_t k = 0; k < K - 1; ++k) {
-        od[b * K + k] = static_cast<acc_t>(acc[k]);
-        rest -= acc[k];
-      }
-      od[b * K + K - 1] = static_cast<acc_t>(rest);
-    }
+  const SeparableCall<scalar_t, acc_t> call{
+      plan, u.size(1), K, u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr,
+      out.data_ptr<acc_t>()};
+  const bool avx = cpu_has_avx_fma();
+  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+    avx ? dot_samples_avx(call, begin, end) : dot_samples_base(call, begin, end);
   });
 }
 
