@@ -1,4 +1,4 @@
-"""Embedded default models and schedules, loadable without network access.
+"""Models and schedules for sampling: the embedded defaults (no network access needed) and training checkpoints.
 
 `gmm-fmnist`: the exact Gaussian mixture fitted to Fashion-MNIST (one Gaussian per class with a rank-64
 per-class PCA covariance; diffusion subspaces: the top-16 class principal directions and their complement).
@@ -28,6 +28,7 @@ MODELS = {
 }
 SCHEDULES = {
     "edm": "the EDM/Karras initialisation (isotropic, g = h; METHOD §2.2)",
+    "learned": "the schedule stored in a training checkpoint (--model PATH)",
 }
 DEFAULT_MODEL = "gmm-fmnist"
 DEFAULT_SCHEDULE = "edm"
@@ -72,16 +73,45 @@ def _load_gmm(path: Path) -> GaussianMixture:
     return GaussianMixture(fine, parent, t["means"].double(), t["variances"].double(), classes=torch.arange(G))
 
 
+def is_checkpoint(name: str) -> bool:
+    return name not in MODELS and Path(name).suffix == ".safetensors"
+
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(AnisoPrecond around the EMA network, the learned MatrixSchedule, metadata) from a training checkpoint."""
+    from .bases import basis_from_config
+    from .checkpoint import load_checkpoint, strip_prefix
+    from .networks import SongUNet
+    from .precond import AnisoPrecond
+
+    tensors, meta = load_checkpoint(path)
+    net = SongUNet.from_config(meta["net_config"])
+    net.load_state_dict(strip_prefix("ema", tensors))
+    basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
+    schedule = MatrixSchedule.from_config(meta["schedule_config"])
+    schedule.load_state_dict(strip_prefix("schedule", tensors))
+    return AnisoPrecond(net, basis).to(device).eval(), schedule.to(device), meta
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"):
-    """A model with `.basis`, `.flow(x, g, labels)`, `.image_shape`, `.num_classes` for the solvers."""
+    """A model with `.basis`, `.flow(x, g, labels)`, `.image_shape`, `.num_classes` for the solvers:
+    an embedded model by name, or a training checkpoint (`*.safetensors`)."""
     if name == "gmm-fmnist":
         return _load_gmm(GMM_ASSET).to(device)
-    raise ValueError(f"model: unknown model {name!r}; available: {', '.join(MODELS)}")
+    if is_checkpoint(name):
+        return load_trained(name, device)[0]
+    raise ValueError(f"model: unknown model {name!r}; available: {', '.join(MODELS)}, or a training checkpoint "
+                     f"(*.safetensors)")
 
 
-def load_schedule(name: str, model) -> MatrixSchedule:
+def load_schedule(name: str, model, checkpoint: str | None = None) -> MatrixSchedule:
+    """'edm' (Karras initialisation) for any model, 'learned' from a training checkpoint."""
     if name == "edm":
         return MatrixSchedule(model.basis.num_subspaces)
+    if name == "learned":
+        if checkpoint is None or not is_checkpoint(checkpoint):
+            raise ValueError("schedule: 'learned' needs --model to be a training checkpoint (*.safetensors)")
+        return load_trained(checkpoint)[1]
     raise ValueError(f"schedule: unknown schedule {name!r}; available: {', '.join(SCHEDULES)}")
 
 

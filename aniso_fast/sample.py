@@ -69,9 +69,11 @@ def _atomic(path: Path, write) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aniso_fast.sample", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help=f"embedded model name ({', '.join(models.MODELS)})")
-    p.add_argument("--schedule", default=models.DEFAULT_SCHEDULE,
-                   help=f"schedule name ({', '.join(models.SCHEDULES)})")
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help=f"embedded model name ({', '.join(models.MODELS)}) or a training checkpoint (*.safetensors)")
+    p.add_argument("--schedule", default=None,
+                   help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a checkpoint, "
+                        f"'{models.DEFAULT_SCHEDULE}' otherwise")
     p.add_argument("--solver", default="heun", choices=SOLVERS)
     p.add_argument("--grid", default="uniform_t", choices=GRIDS,
                    help="uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
@@ -95,10 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args) -> tuple[list[int], list[int] | None, Path]:
     """Every check that can fail runs before any sampling work."""
-    if args.model not in models.MODELS:
-        raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(models.MODELS)}")
+    checkpoint = models.is_checkpoint(args.model)
+    if args.model not in models.MODELS and not checkpoint:
+        raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(models.MODELS)}, or a "
+                         f"training checkpoint (*.safetensors)")
+    if checkpoint and not Path(args.model).is_file():
+        raise ValueError(f"--model: checkpoint {args.model} does not exist")
+    if args.schedule is None:
+        args.schedule = "learned" if checkpoint else models.DEFAULT_SCHEDULE
     if args.schedule not in models.SCHEDULES:
         raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
+    if args.schedule == "learned" and not checkpoint:
+        raise ValueError("--schedule: 'learned' needs --model to be a training checkpoint (*.safetensors)")
     secondary = args.secondary or ("mid" if args.grid == "uniform_t" else "end")
     if args.grid == "karras" and secondary != "end":
         raise ValueError("--secondary: the karras grid is defined for end-point Heun only")
@@ -135,8 +145,13 @@ def _validate(args) -> tuple[list[int], list[int] | None, Path]:
 
 def run(args) -> Path:
     seeds, classes, outdir = _validate(args)
-    model = models.load_model(args.model, args.device)
-    schedule = models.load_schedule(args.schedule, model).to(args.device)
+    if models.is_checkpoint(args.model):
+        model, learned, _ = models.load_trained(args.model, args.device)
+        schedule = learned if args.schedule == "learned" else models.load_schedule(args.schedule, model)
+    else:
+        model = models.load_model(args.model, args.device)
+        schedule = models.load_schedule(args.schedule, model)
+    schedule = schedule.to(args.device)
     num_classes = model.num_classes
     labels = None
     if classes is not None:
@@ -157,7 +172,7 @@ def run(args) -> Path:
         labs.append(lab.cpu() if lab is not None else None)
     seconds = time.perf_counter() - t0
     images = torch.cat(outs).numpy()
-    stem = f"{args.model}_{args.schedule}_{args.solver}-{info['secondary'] or 'euler'}_{args.grid}_nfe{info['nfe']}"
+    stem = f"{Path(args.model).stem}_{args.schedule}_{args.solver}-{info['secondary'] or 'euler'}_{args.grid}_nfe{info['nfe']}"
     if args.format == "npz":
         path = outdir / f"{stem}.npz"
         arrays = {"images": images, "seeds": np.array(seeds)}

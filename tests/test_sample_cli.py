@@ -78,3 +78,25 @@ def test_unwritable_outdir(tmp_path, capsys):
 def test_parse_seeds():
     assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
     assert parse_seeds("5") == [5]
+
+
+def test_sample_from_a_training_checkpoint(tmp_path, capsys):
+    """The user's own checkpoint (train CLI on a tiny npz) samples with its learned schedule."""
+    from aniso_fast import train
+
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "tiny.npz", images=images, labels=np.arange(64) % 2)
+    out = tmp_path / "run"
+    assert train.main(["--stage", "aniso", "--data", str(tmp_path / "tiny.npz"), "--out", str(out), "--steps", "2",
+                       "--batch", "8", "--model-channels", "8", "--channel-mult", "1,1", "--basis", "dct",
+                       "--dct-bands", "3", "--class-schedules", "--no-progress", "--sample-every", "0",
+                       "--plot-every", "0"]) == 0
+    ckpt = sorted(out.glob("checkpoint-*.safetensors"))[-1]
+    capsys.readouterr()
+    assert main(["--model", str(ckpt), "--count", "4", "--classes", "1", "--nfe", "5", "--format", "npz",
+                 "--outdir", str(tmp_path / "s"), "--no-progress"]) == 0
+    data = np.load(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["images"].shape == (4, 1, 8, 8) and data["labels"].tolist() == [1, 1, 1, 1]
+    assert main(["--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert main(["--schedule", "learned"]) == 2
