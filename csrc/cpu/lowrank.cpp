@@ -79,6 +79,11 @@ struct LowrankPlan {
     tile.push_back(B);
   }
   int64_t tiles() const { return static_cast<int64_t>(tile_id.size()); }
+  // Tiles per parallel task so that each task has at least ~64K multiply-adds (tiny calls run inline).
+  int64_t grain() const {
+    const int64_t work = std::max<int64_t>(1, kUnitsPerBlock * d * (static_cast<int64_t>(active.size()) + 1));
+    return std::max<int64_t>(1, (int64_t(1) << 16) / work);
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -97,7 +102,7 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
   const acc_t* Vd = V.data_ptr<acc_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
 
-  at::parallel_for(0, plan.tiles(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.tiles(), plan.grain(), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> unit(kUnitsPerBlock);
     std::vector<acc_t> coef(kUnitsPerBlock * ra), acc(kUnitsPerBlock * kSynthesisChunk), rel(K);
     for (int64_t t = begin; t < end; ++t) {
@@ -168,7 +173,7 @@ void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tens
   const acc_t* Vd = V.data_ptr<acc_t>();
   acc_t* od = out.data_ptr<acc_t>();
 
-  at::parallel_for(0, plan.tiles(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.tiles(), plan.grain(), [&](int64_t begin, int64_t end) {
     std::vector<double> acc(K);
     for (int64_t t = begin; t < end; ++t) {
       const acc_t* Vg = Vd + plan.tile_id[t] * r * d;

@@ -175,6 +175,12 @@ ANISO_FAST_INLINE void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
   rel[K - 1] = 0;
 }
 
+// Items per parallel task so that each task has at least ~64K multiply-adds: tiny calls (gradcheck sizes, small
+// batches) then run inline instead of paying for a parallel region.
+inline int64_t parallel_grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_item));
+}
+
 // Everything one call needs, shared read-only by the tasks.
 template <typename scalar_t, typename acc_t>
 struct SeparableCall {
@@ -303,7 +309,8 @@ void separable_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c1
       base.has_value() ? base->data_ptr<scalar_t>() : nullptr, a.data_ptr<acc_t>(),
       v.has_value() ? c->data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>(), nullptr};
   const bool avx = cpu_has_avx_fma();
-  at::parallel_for(0, u.size(0) * u.size(1), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(plan.H * plan.W * (plan.hr + plan.wc + 1));
+  at::parallel_for(0, u.size(0) * u.size(1), grain, [&](int64_t begin, int64_t end) {
     avx ? combine_images_avx(call, begin, end) : combine_images_base(call, begin, end);
   });
 }
@@ -316,7 +323,8 @@ void separable_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Te
       plan, u.size(1), K, u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr,
       out.data_ptr<acc_t>()};
   const bool avx = cpu_has_avx_fma();
-  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(u.size(1) * plan.H * plan.W * (plan.hr + plan.wc + 1));
+  at::parallel_for(0, u.size(0), grain, [&](int64_t begin, int64_t end) {
     avx ? dot_samples_avx(call, begin, end) : dot_samples_base(call, begin, end);
   });
 }
