@@ -200,18 +200,19 @@ def _lowrank_dot_op(u, v, V, vband, ids, K, backend):
     return _lr_dot_impl(backend, u, v, V, vband, ids, K)
 
 
-def _combine_fake(u, a, v, c, base, *basis_and_backend):
+# Fake (meta) implementations: output shapes and dtypes only, for torch.compile / FakeTensor tracing.
+def _combine_fake(u, a, v, c, base, basis0, basis1, basis2, backend):
     return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
-def _dot_fake(u, v, *basis, K, backend=None):
+def _dot_fake(u, v, basis0, basis1, basis2, K, backend):
     return u.new_empty((u.shape[0], K), dtype=reference.compute_dtype(u.dtype))
 
 
-_separable_combine_op.register_fake(_combine_fake)
-_lowrank_combine_op.register_fake(_combine_fake)
-_separable_dot_op.register_fake(lambda u, v, CH, CW, band, K, backend: _dot_fake(u, v, K=K))
-_lowrank_dot_op.register_fake(lambda u, v, V, vband, ids, K, backend: _dot_fake(u, v, K=K))
+for _op in (_separable_combine_op, _lowrank_combine_op):
+    _op.register_fake(_combine_fake)
+for _op in (_separable_dot_op, _lowrank_dot_op):
+    _op.register_fake(_dot_fake)
 
 
 class _Family:
@@ -230,7 +231,11 @@ class _Family:
 
 def _register_autograd(combine_op, dot_op, n_basis):
     """DESIGN.md: d/du = combine(g, a), d/dv = combine(g, c), d/da = dot(g, u), d/dc = dot(g, v), d/dbase = g;
-    for dot: d/du = combine(v, G), d/dv = combine(u, G). Written with the custom ops, so they differentiate again."""
+    for dot: d/du = combine(v, G), d/dv = combine(u, G).
+
+    `register_autograd` is enough for double backward here (torch 2.13): the backward only calls these custom ops,
+    which are differentiable themselves, so create_graph=True records them; tests/test_ops_autograd.py checks it
+    with gradgradcheck and against plain autograd of the reference. Basis tensors get no gradient."""
 
     def combine_setup(ctx, inputs, output):
         u, a, v, c, base = inputs[:5]
