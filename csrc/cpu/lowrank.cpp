@@ -16,17 +16,19 @@
 
 namespace {
 
+#define ANISO_FAST_INLINE inline __attribute__((always_inline))
+
 constexpr int64_t kUnitsPerBlock = 8;   // units sharing each pass over a row of V[id]
 constexpr int64_t kSynthesisChunk = 256;  // columns of V per synthesis pass (the block's accumulators stay in L1)
 
 template <typename acc_t>
-inline void axpy(acc_t* __restrict y, acc_t alpha, const acc_t* __restrict x, int64_t n) {
+ANISO_FAST_INLINE void axpy(acc_t* __restrict y, acc_t alpha, const acc_t* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // <x, y> in 8 independent lanes (vectorisable without -ffast-math).
 template <typename acc_t, typename xs_t, typename ys_t>
-inline acc_t dot_lanes(const xs_t* __restrict x, const ys_t* __restrict y, int64_t n) {
+ANISO_FAST_INLINE acc_t dot_lanes(const xs_t* __restrict x, const ys_t* __restrict y, int64_t n) {
   acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -37,9 +39,31 @@ inline acc_t dot_lanes(const xs_t* __restrict x, const ys_t* __restrict y, int64
 }
 
 template <typename acc_t>
-inline void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
+ANISO_FAST_INLINE void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
   for (int64_t k = 0; k < K - 1; ++k) rel[k] = s[k] - s[K - 1];
   rel[K - 1] = 0;
+}
+
+// The tile loops are compiled twice: with 256-bit AVX+FMA where the CPU has it (checked once at run time) and for
+// the baseline ISA the extension is built for, so it loads on any x86-64.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ANISO_FAST_AVX __attribute__((target("avx,fma")))
+bool cpu_has_avx_fma() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+#define ANISO_FAST_AVX
+bool cpu_has_avx_fma() { return false; }
+#endif
+
+template <typename Body>
+ANISO_FAST_AVX void run_avx(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+template <typename Body>
+void run_base(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
 }
 
 // Layout of a low-rank call: units, active functionals and the id-sorted tiles of samples.
@@ -86,6 +110,14 @@ struct LowrankPlan {
   }
 };
 
+template <typename Body>
+void run_tiles(const Body& body, const LowrankPlan& plan) {
+  const bool avx = cpu_has_avx_fma();
+  at::parallel_for(0, plan.tiles(), plan.grain(), [&](int64_t begin, int64_t end) {
+    avx ? run_avx(body, begin, end) : run_base(body, begin, end);
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10::optional<at::Tensor>& v,
                             const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& base,
@@ -102,7 +134,7 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
   const acc_t* Vd = V.data_ptr<acc_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
 
-  at::parallel_for(0, plan.tiles(), plan.grain(), [&](int64_t begin, int64_t end) {
+  const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
     std::vector<int64_t> unit(kUnitsPerBlock);
     std::vector<acc_t> coef(kUnitsPerBlock * ra), acc(kUnitsPerBlock * kSynthesisChunk), rel(K);
     for (int64_t t = begin; t < end; ++t) {
@@ -159,7 +191,8 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
         }
       }
     }
-  });
+  };
+  run_tiles(body, plan);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -173,7 +206,7 @@ void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tens
   const acc_t* Vd = V.data_ptr<acc_t>();
   acc_t* od = out.data_ptr<acc_t>();
 
-  at::parallel_for(0, plan.tiles(), plan.grain(), [&](int64_t begin, int64_t end) {
+  const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
     std::vector<double> acc(K);
     for (int64_t t = begin; t < end; ++t) {
       const acc_t* Vg = Vd + plan.tile_id[t] * r * d;
@@ -199,7 +232,8 @@ void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tens
         od[b * K + K - 1] = static_cast<acc_t>(rest);
       }
     }
-  });
+  };
+  run_tiles(body, plan);
 }
 
 }  // namespace
