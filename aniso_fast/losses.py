@@ -99,6 +99,28 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
+def edm_loss(model, schedule, x0: Tensor, labels: Tensor | None = None, *, reduction: str = "mean",
+             generator: torch.Generator | None = None, P_mean: float = -1.2, P_std: float = 1.2,
+             sigma_data: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+    """EDM's training loss (Karras et al. 2022, their `EDMLoss`), for training the network from scratch.
+
+    ln sigma ~ N(P_mean, P_std^2), x = x0 + sigma eps (g = sigma^2 in every subspace), weight
+    (sigma^2 + sd^2)/(sigma sd)^2 on ||D - x0||^2 summed over pixels. The schedule is not used (same signature
+    as the other losses). The iso/trajectory losses weight low noise levels very little in terms of the
+    network output, which suits fine-tuning (the paper's workflow) but not training from scratch.
+    """
+    _check_inputs(model, schedule, x0, labels, 1.0, reduction, 1e-9, None, None)
+    B, K = x0.shape[0], model.basis.num_subspaces
+    ln_sigma = P_mean + P_std * torch.randn(B, generator=generator, dtype=torch.float64, device=x0.device)
+    sigma = ln_sigma.exp()
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    x = x0 + sigma.to(x0.dtype)[:, None, None, None] * noise
+    D = model.denoise(x, (sigma ** 2)[:, None].expand(B, K), labels)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    per = weight * (D - x0).to(torch.float64).square().flatten(1).sum(1)
+    return _reduce(per, reduction), {"sigma": sigma.detach(), "loss_mean": per.detach().mean()}
+
+
 def iso_loss(model, schedule, x0: Tensor, labels: Tensor | None = None, *, c: float = 1.0,
              reduction: str = "mean", generator: torch.Generator | None = None, tmin: float = 1e-9,
              t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

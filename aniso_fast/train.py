@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--stage", required=True, choices=STAGES,
-                   help="edm: network only (iso_loss under the frozen Karras-initialised schedule); iso: learn a "
+                   help="edm: network only, with EDM's loss (log-normal sigma; the schedule stays the frozen Karras "
+                        "initialisation); iso: learn a "
                         "tied (isotropic) schedule + network with iso_loss (METHOD 4.1); aniso: learn one schedule "
                         "per subspace with trajectory_loss + estimator (METHOD 4.2, 5)")
     g.add_argument("--data", required=True,
@@ -309,10 +310,10 @@ def _resolve_args(args: argparse.Namespace) -> None:
 
 
 def loss_function(stage: str) -> Callable:
-    """The loss of a stage: `iso_loss` for edm/iso, `trajectory_loss` for aniso (aniso_fast.losses)."""
+    """The loss of a stage (aniso_fast.losses): `edm_loss`, `iso_loss` or `trajectory_loss`."""
     from . import losses
 
-    return losses.trajectory_loss if stage == "aniso" else losses.iso_loss
+    return {"edm": losses.edm_loss, "iso": losses.iso_loss, "aniso": losses.trajectory_loss}[stage]
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -643,7 +644,9 @@ class Trainer:
         A, W, B = args.grad_accum, dist.world_size, idx.numel()
         chunks = idx.reshape(A, W, -1)
         loss_fn = loss_function(args.stage)
-        kwargs = dict(c=args.loss_c, reduction=args.reduction)
+        kwargs = dict(reduction=args.reduction)
+        if args.stage != "edm":
+            kwargs["c"] = args.loss_c
         if args.stage == "aniso":
             kwargs["estimator"] = not args.no_estimator
         S = self.schedule.psi.shape[0]
