@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 extras=""
 if [[ "${1:-}" == "--test" ]]; then extras="[test,triton,metrics]"; fi
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q "setuptools>=70.1" wheel  # --no-build-isolation builds with what is installed
 python -m pip install -q --no-build-isolation -e ".${extras}"
 if [[ -n "$extras" && ! -d /usr/share/datasets/fashion-mnist ]]; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
