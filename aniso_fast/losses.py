@@ -118,7 +118,7 @@ def edm_loss(model, schedule, x0: Tensor, labels: Tensor | None = None, *, reduc
     D = model.denoise(x, (sigma ** 2)[:, None].expand(B, K), labels)
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     per = weight * (D - x0).to(torch.float64).square().flatten(1).sum(1)
-    return _reduce(per, reduction), {"sigma": sigma.detach(), "loss_mean": per.detach().mean()}
+    return _reduce(per, reduction), {"loss_mean": per.detach().mean(), "log_sigma_mean": ln_sigma.mean()}
 
 
 def iso_loss(model, schedule, x0: Tensor, labels: Tensor | None = None, *, c: float = 1.0,

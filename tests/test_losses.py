@@ -378,11 +378,11 @@ def test_edm_loss_is_edms_weighting():
     gm = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=2, seed=2)
     x0, _ = gm.sample(2000, generator=torch.Generator().manual_seed(0))
     loss, stats = edm_loss(gm, MatrixSchedule(2), x0, generator=torch.Generator().manual_seed(1))
-    sigma = stats["sigma"]
-    assert abs(float(sigma.log().mean()) + 1.2) < 0.1 and abs(float(sigma.log().std()) - 1.2) < 0.1
     # recompute with the same draws
     gen = torch.Generator().manual_seed(1)
     s = (-1.2 + 1.2 * torch.randn(2000, generator=gen, dtype=torch.float64)).exp()
+    assert abs(float(s.log().mean()) + 1.2) < 0.1 and abs(float(s.log().std()) - 1.2) < 0.1
+    assert torch.allclose(stats["log_sigma_mean"], s.log().mean())
     eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     x = x0 + s[:, None, None, None] * eps
     D = gm.denoise(x, (s ** 2)[:, None].expand(-1, 2))
