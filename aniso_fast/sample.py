@@ -97,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args) -> tuple[list[int], list[int] | None, Path]:
     """Every check that can fail runs before any sampling work."""
-    checkpoint = models.is_checkpoint(args.model)
+    checkpoint = models.has_learned_schedule(args.model)  # a shipped trained model or a training checkpoint
     if args.model not in models.MODELS and not checkpoint:
         raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(models.MODELS)}, or a "
                          f"training checkpoint (*.safetensors)")
-    if checkpoint and not Path(args.model).is_file():
+    if models.is_checkpoint(args.model) and not Path(args.model).is_file():
         raise ValueError(f"--model: checkpoint {args.model} does not exist")
     if args.schedule is None:
         args.schedule = "learned" if checkpoint else models.DEFAULT_SCHEDULE
@@ -145,7 +145,7 @@ def _validate(args) -> tuple[list[int], list[int] | None, Path]:
 
 def run(args) -> Path:
     seeds, classes, outdir = _validate(args)
-    if models.is_checkpoint(args.model):
+    if models.has_learned_schedule(args.model):
         model, learned, _ = models.load_trained(args.model, args.device)
         schedule = learned if args.schedule == "learned" else models.load_schedule(args.schedule, model)
     else:
