@@ -42,7 +42,7 @@ def test_npz_individual_classes_and_seeds(tmp_path, capsys):
 
 def test_samples_look_like_their_class():
     """The mixture's own Bayes classifier (class log-likelihood at small noise) recovers the requested class."""
-    model = models.load_model()
+    model = models.load_model("gmm-fmnist")
     x, labels, _ = sample(model, models.load_schedule("edm", model), nfe=9, seeds=range(40),
                           labels=torch.arange(10).repeat(4))
     g = torch.full((40, 2), 1e-3, dtype=torch.float64)
@@ -99,4 +99,4 @@ def test_sample_from_a_training_checkpoint(tmp_path, capsys):
     data = np.load(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["images"].shape == (4, 1, 8, 8) and data["labels"].tolist() == [1, 1, 1, 1]
     assert main(["--model", str(tmp_path / "missing.safetensors")]) == 2
-    assert main(["--schedule", "learned"]) == 2
+    assert main(["--model", "gmm-fmnist", "--schedule", "learned"]) == 2
