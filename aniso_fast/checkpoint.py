@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +25,8 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
+
+from .atomic import atomic_write_bytes
 
 __all__ = [
     "FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
@@ -74,17 +75,6 @@ def _tensor_digest(tensors: Mapping[str, Tensor]) -> str:
 
 # ---- write ----
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
     """Write `tensors` and the JSON-able `meta` to `path` atomically (temp file + fsync + os.replace)."""
     path = Path(path)
@@ -96,22 +86,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta
     doc = dict(meta)
     doc["tensor_sha256"] = _tensor_digest(clean)
     payload = _st_save(clean, metadata={"format": FORMAT, "meta": json.dumps(doc, sort_keys=True)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write_bytes(path, payload)
 
 
 # ---- read ----

@@ -27,7 +27,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from . import models
+from .atomic import atomic_write_text
 from .metrics import endpoint_error, sliced_wasserstein
 from .solvers import sample
 
@@ -125,18 +125,6 @@ def _machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def train_fmnist_classifier(out: str | os.PathLike = CLASSIFIER_ASSET, doc: str | os.PathLike | None = "docs/classifier.md",
                             *, epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, width: int = 16,
                             feature_dim: int = 128, seed: int = 0, min_accuracy: float = 0.9,
@@ -163,7 +151,7 @@ def train_fmnist_classifier(out: str | os.PathLike = CLASSIFIER_ASSET, doc: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_classifier(model, out, metadata=info)
     if doc is not None:
-        _atomic_text(Path(doc), _classifier_markdown(info, out))
+        atomic_write_text(Path(doc), _classifier_markdown(info, out))
     return info
 
 
@@ -702,8 +690,8 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
             class_names = FASHION_MNIST_CLASSES if schedule.num_classes == 10 else None
             plot_schedule(schedule, figdir / f"schedule-{name}.png", f"Learned schedule: {labels[name]}", class_names)
             figures[name] = f"figures/schedule-{name}.png"
-    _atomic_text(json_path, json.dumps(result, indent=1))
-    _atomic_text(out, results_markdown(result, recipe, command, figures))
+    atomic_write_text(json_path, json.dumps(result, indent=1))
+    atomic_write_text(out, results_markdown(result, recipe, command, figures))
     return out
 
 
@@ -812,7 +800,7 @@ def main(argv=None) -> int:
             recipe, scorer, n=args.n, seeds=args.seeds, nfes=nfes, source=args.source, optional=not args.no_optional,
             batch=args.batch, previous=previous, inception=inception, inception_n=args.inception_n,
             inception_nfes=[int(v) for v in args.inception_nfe.split(",")] if args.inception_nfe else None,
-            inception_ref=ref, on_update=lambda res: _atomic_text(json_path, json.dumps(res, indent=1)))
+            inception_ref=ref, on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
         print(write_table(result, extras, recipe, out, json_path, command))
         if args.set_default:
             best = best_row(result)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import to_model_range, to_uint8
+from .atomic import atomic_write_bytes
 
 __all__ = [
     "sliced_wasserstein", "feature_statistics", "frechet_distance", "frechet_distance_from_statistics",
@@ -216,19 +216,6 @@ def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, batch_
     return correct / len(images)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _config_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -245,8 +232,8 @@ def save_classifier(model: FashionMNISTClassifier, path: str | os.PathLike, meta
     blob = save_safetensors_bytes(tensors)
     config = {"class": "FashionMNISTClassifier", "format_version": 1, "config": model.config,
               "weights_sha256": hashlib.sha256(blob).hexdigest(), "metadata": metadata or {}}
-    _atomic_write(path, blob)
-    _atomic_write(_config_path(path), (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(path, blob)
+    atomic_write_bytes(_config_path(path), (json.dumps(config, indent=2) + "\n").encode())
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FashionMNISTClassifier:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save as save_safetensors_bytes
 from safetensors.torch import save_file
 
+from .atomic import atomic_write, atomic_write_bytes
 from .bases import PCABasis
 from .gmm import GaussianMixture
 from .schedules import MatrixSchedule
@@ -113,22 +113,8 @@ def __getattr__(name):  # module attribute `DEFAULT_MODEL`, resolved from the ma
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_manifest(doc: dict, assets: Path) -> None:
-    _atomic_bytes(assets / "manifest.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(assets / "manifest.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 def export_model(checkpoint: str | os.PathLike, name: str, description: str = "", *,
@@ -165,7 +151,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
               "schedule_config": json.dumps(meta["schedule_config"]), "info": json.dumps(info, sort_keys=True)}
     blob = save_safetensors_bytes(out, metadata=header)
     path = assets / f"{name}.safetensors"
-    _atomic_bytes(path, blob)
+    atomic_write_bytes(path, blob)
     doc = read_manifest(assets)
     if default:
         for entry in doc["models"].values():
@@ -236,17 +222,7 @@ def build_gmm_asset(path: str | os.PathLike = GMM_ASSET, rank: int = 64, split: 
     tensors = {"V": gm.fine.V64.float(), "means": gm.means.float(), "variances": gm.variances.float()}
     meta = {"format": "aniso_fast.gmm/1", "rank": str(rank), "split": str(split), "image_shape": "1,28,28",
             "source": "Fashion-MNIST train (60000 images), Debian package dataset-fashion-mnist"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _load_gmm(path: Path) -> GaussianMixture:

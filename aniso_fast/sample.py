@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import models
+from .atomic import atomic_write
 from .data import to_uint8
 from .solvers import GRIDS, SOLVERS, sample, steps_for_nfe
 
@@ -52,18 +52,7 @@ def save_grid(images: np.ndarray, path: Path) -> None:
         r, c = divmod(i, cols)
         canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = img.transpose(1, 2, 0)
     pil = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
-    _atomic(path, lambda tmp: pil.save(tmp, format="PNG"))
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +167,7 @@ def run(args) -> Path:
         arrays = {"images": images, "seeds": np.array(seeds)}
         if labs[0] is not None:
             arrays["labels"] = torch.cat(labs).numpy()
-        _atomic(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
     else:
         path = outdir / f"{stem}.png"
         save_grid(images, path)
