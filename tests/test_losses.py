@@ -370,7 +370,6 @@ def test_bad_inputs(fn):
 
 def test_edm_loss_is_edms_weighting():
     """edm_loss = EDM's EDMLoss: lambda(sigma) ||D - x0||^2 with ln sigma ~ N(-1.2, 1.2^2)."""
-    from aniso_fast.bases import DCTBasis
     from aniso_fast.gmm import GaussianMixture
     from aniso_fast.losses import edm_loss
     from aniso_fast.schedules import MatrixSchedule

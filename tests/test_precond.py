@@ -1,5 +1,4 @@
 """Preconditioner: isotropic case equals EDM's EDMPrecond; flow and denoiser agree; class-conditional bases."""
-import math
 
 import pytest
 import torch
