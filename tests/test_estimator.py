@@ -13,6 +13,8 @@ from aniso_fast.losses import trajectory_loss
 from aniso_fast.precond import AnisoPrecond
 from aniso_fast.schedules import MatrixSchedule
 
+from nets import TinyNet
+
 F64 = torch.float64
 
 
@@ -134,27 +136,6 @@ def test_unit_directions():
     torch.testing.assert_close(e.flatten(1).norm(dim=1), torch.ones(5000, dtype=F64))
     cov = torch.einsum("bi,bj->ij", e.flatten(1), e.flatten(1)) / 5000  # E[e e^T] = I / n
     torch.testing.assert_close(cov, torch.eye(16, dtype=F64) / 16, rtol=0, atol=0.01)
-
-
-class TinyNet(nn.Module):
-    """EDM signature (x, c_noise, class_labels); nonlinear in x so the Hessian is not zero."""
-
-    def __init__(self, channels=1, label_dim=0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.label_dim = label_dim
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.emb = nn.Linear(1, channels)
-        self.lab = nn.Linear(label_dim, channels) if label_dim else None
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-
-    def forward(self, x, c_noise, class_labels=None):
-        h = self.conv(x) + self.emb(c_noise[:, None])[:, :, None, None]
-        if self.lab is not None:
-            h = h + self.lab(class_labels)[:, :, None, None]
-        return torch.tanh(h) * x + h
 
 
 def test_surrogate_is_zero_and_leaves_the_network_alone():

@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from aniso_fast.bases import DCTBasis, IsotropicBasis
 from aniso_fast.gmm import GaussianMixture
 from aniso_fast.losses import forward_process, iso_loss, target_flow, trajectory_loss
 from aniso_fast.precond import AnisoPrecond
 from aniso_fast.schedules import MatrixSchedule
+
+from nets import TinyNet
 
 F64 = torch.float64
 
@@ -22,27 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class TinyNet(nn.Module):
-    """EDM signature (x, c_noise, class_labels); nonlinear in x."""
-
-    def __init__(self, channels=1, label_dim=0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.label_dim = label_dim
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.emb = nn.Linear(1, channels)
-        self.lab = nn.Linear(label_dim, channels) if label_dim else None
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-
-    def forward(self, x, c_noise, class_labels=None):
-        h = self.conv(x) + self.emb(c_noise[:, None])[:, :, None, None]
-        if self.lab is not None:
-            h = h + self.lab(class_labels)[:, :, None, None]
-        return torch.tanh(h) * x + h
 
 
 def _schedule(K, num_classes=None, tied=False, seed=0):
