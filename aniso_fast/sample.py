@@ -55,9 +55,16 @@ def save_grid(images: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one (None defaults are explained in the help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aniso_fast.sample", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help=f"embedded model name ({', '.join(models.MODELS)}) or a training checkpoint (*.safetensors)")
     p.add_argument("--schedule", default=None,
