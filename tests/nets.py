@@ -1,6 +1,22 @@
-"""Small stand-in networks shared by the tests (not a test module)."""
+"""Small stand-in models shared by the tests (not a test module)."""
 import torch
 from torch import nn
+
+from aniso_fast.gmm import GaussianMixture
+
+
+def pca_mixture():
+    """Two classes with their own principal subspaces: a per-class PCA basis (ids), K = 2, two components per
+    class (one Gaussian has an affine flow: zero Hessian, nothing for the estimator's trace to test)."""
+    f64 = torch.float64
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(120, 1, 8, 8, generator=gen, dtype=f64) * torch.linspace(1, 0.1, 64, dtype=f64).reshape(8, 8)
+    labels = torch.arange(120) % 2
+    imgs[labels == 1] = imgs[labels == 1].transpose(-1, -2)
+    one = GaussianMixture.fit_pca(imgs, labels, rank=6, split=3)
+    means = torch.cat([one.means, one.means + 0.1 * torch.randn(one.means.shape, generator=gen, dtype=f64)])
+    variances = torch.cat([one.variances, one.variances * 0.5])
+    return GaussianMixture(one.fine, one.parent.tolist(), means, variances, classes=torch.tensor([0, 1, 0, 1]))
 
 
 class TinyNet(nn.Module):

@@ -13,7 +13,7 @@ from aniso_fast.losses import trajectory_loss
 from aniso_fast.precond import AnisoPrecond
 from aniso_fast.schedules import MatrixSchedule
 
-from nets import TinyNet
+from nets import TinyNet, pca_mixture
 
 F64 = torch.float64
 
@@ -27,24 +27,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _pca_mixture():
-    """Two classes with their own principal subspaces: a per-class PCA basis (ids) with K = 2."""
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.randn(120, 1, 8, 8, generator=gen, dtype=F64) * torch.linspace(1, 0.1, 64, dtype=F64).reshape(8, 8)
-    labels = torch.arange(120) % 2
-    imgs[labels == 1] = imgs[labels == 1].transpose(-1, -2)
-    one = GaussianMixture.fit_pca(imgs, labels, rank=6, split=3)
-    # two components per class (one Gaussian has an affine flow: zero Hessian, nothing for the trace to test)
-    means = torch.cat([one.means, one.means + 0.1 * torch.randn(one.means.shape, generator=gen, dtype=F64)])
-    variances = torch.cat([one.variances, one.variances * 0.5])
-    return GaussianMixture(one.fine, one.parent.tolist(), means, variances, classes=torch.tensor([0, 1, 0, 1]))
-
-
 MIXTURES = {
     "dct-K2": lambda: GaussianMixture.toy(bands=(3,)),
     "dct-K3": lambda: GaussianMixture.toy(bands=(2, 5), seed=1),
     "dct-K2-2ch-classes": lambda: GaussianMixture.toy(channels=2, bands=(4,), num_classes=2, seed=2),
-    "pca-per-class": _pca_mixture,
+    "pca-per-class": pca_mixture,
 }
 
 

@@ -11,7 +11,7 @@ from aniso_fast.losses import forward_process, iso_loss, target_flow, trajectory
 from aniso_fast.precond import AnisoPrecond
 from aniso_fast.schedules import MatrixSchedule
 
-from nets import TinyNet
+from nets import TinyNet, pca_mixture
 
 F64 = torch.float64
 
@@ -31,18 +31,6 @@ def _schedule(K, num_classes=None, tied=False, seed=0):
     with torch.no_grad():
         schedule.psi.add_(0.3 * torch.randn(schedule.psi.shape, generator=gen, dtype=F64))
     return schedule
-
-
-def _pca_mixture():
-    """Per-class PCA basis (ids), K = 2, two components per class."""
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.randn(120, 1, 8, 8, generator=gen, dtype=F64) * torch.linspace(1, 0.1, 64, dtype=F64).reshape(8, 8)
-    labels = torch.arange(120) % 2
-    imgs[labels == 1] = imgs[labels == 1].transpose(-1, -2)
-    one = GaussianMixture.fit_pca(imgs, labels, rank=6, split=3)
-    means = torch.cat([one.means, one.means + 0.1 * torch.randn(one.means.shape, generator=gen, dtype=F64)])
-    variances = torch.cat([one.variances, one.variances * 0.5])
-    return GaussianMixture(one.fine, one.parent.tolist(), means, variances, classes=torch.tensor([0, 1, 0, 1]))
 
 
 def _draws(B, x0, seed, lo=1500.0, hi=3000.0):
@@ -136,7 +124,7 @@ def test_iso_loss_conditioning_is_differentiated():
 # §4.2: trajectory loss
 
 def test_target_flow_is_minus_noise_with_zero_schedule_derivative():
-    for gmm, labels in ((GaussianMixture.toy(bands=(2, 5)), None), (_pca_mixture(), torch.tensor([0, 1, 1, 0]))):
+    for gmm, labels in ((GaussianMixture.toy(bands=(2, 5)), None), (pca_mixture(), torch.tensor([0, 1, 1, 0]))):
         basis = gmm.basis
         schedule = _schedule(basis.num_subspaces)
         x0, labels = gmm.sample(4, labels=labels, generator=torch.Generator().manual_seed(0))
@@ -254,7 +242,7 @@ def test_class_conditional_schedule_rows():
 def test_per_class_basis():
     """Per-class PCA basis (per-sample ids): value == dense with each sample's own projectors; with the exact mixture
     the exact-trace estimator reproduces plain back-propagation."""
-    gmm = _pca_mixture()
+    gmm = pca_mixture()
     schedule = _schedule(2)
     labels = torch.tensor([0, 1, 1, 0])
     x0, labels = gmm.sample(labels=labels, generator=torch.Generator().manual_seed(0))

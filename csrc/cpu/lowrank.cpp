@@ -5,6 +5,7 @@
 // sharing one id, so a tile streams each row of V[id] once for all its units while it sits in cache. Only the
 // functionals labelled below K-1 are touched; the complement's scalar multiplies the whole unit.
 #include "../subspace.h"
+#include "isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -43,19 +44,6 @@ ANISO_FAST_INLINE void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
   for (int64_t k = 0; k < K - 1; ++k) rel[k] = s[k] - s[K - 1];
   rel[K - 1] = 0;
 }
-
-// The tile loops are compiled twice: with 256-bit AVX+FMA where the CPU has it (checked once at run time) and for
-// the baseline ISA the extension is built for, so it loads on any x86-64.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ANISO_FAST_AVX __attribute__((target("avx,fma")))
-bool cpu_has_avx_fma() {
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-#define ANISO_FAST_AVX
-bool cpu_has_avx_fma() { return false; }
-#endif
 
 template <typename Body>
 ANISO_FAST_AVX void run_avx(const Body& body, int64_t begin, int64_t end) {

@@ -7,6 +7,7 @@
 // go through a register-blocked GEMM: fixed-size blocks of C the compiler keeps in registers and vectorises over
 // columns (no reduction is reassociated, so results do not depend on -ffast-math).
 #include "../subspace.h"
+#include "isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -267,19 +268,6 @@ ANISO_FAST_INLINE void dot_samples(const SeparableCall<scalar_t, acc_t>& call, i
     call.dot[b * K + K - 1] = static_cast<acc_t>(rest);
   }
 }
-
-// Two instantiations of each loop: 256-bit AVX+FMA where the CPU has it (checked once at run time), and a 128-bit
-// build for the baseline ISA. The extension itself is compiled for the baseline, so it loads on any x86-64.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ANISO_FAST_AVX __attribute__((target("avx,fma")))
-bool cpu_has_avx_fma() {
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-#define ANISO_FAST_AVX
-bool cpu_has_avx_fma() { return false; }
-#endif
 
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_AVX void combine_images_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
