@@ -87,13 +87,16 @@ def test_fmnist_recipe_is_consistent():
         assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
         assert train.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
     edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
-    assert edm["steps"] == 9375 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
+    assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
+    # the ablation: the EDM network on the learned rows' sampler
+    assert rows["edm"]["eval"][1] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
     started = Path(rows["edm"]["out"]) / "args.json"
     if started.exists():  # the recipe resumes the run that was started by hand
         theirs = json.loads(started.read_text())
         free = train._RESUME_FREE
         assert {k: v for k, v in edm.items() if k not in free} == {k: v for k, v in theirs.items() if k not in free}
     args = {name: train.parse_args([*r["train"], "--out", "x"]) for name, r in rows.items()}
+    assert all(args[name].steps == 250 and args[name].batch == 32 for name in list(rows)[1:])
     assert args["dct"].dct_bands == [14] and args["pca"].pca_rank == [196] and args["pca"].pca_per == "class"
     assert args["iso-class"].class_schedules and args["dct-class"].class_schedules
     assert rows["dct"]["init_from"] == "iso" and rows["dct-class"]["init_from"] == "iso-class"
