@@ -362,10 +362,20 @@ def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bo
 
     commands = []
     rows = {row["name"]: row for row in recipe["rows"]}
+    shipped = models.shipped_models()
+
+    def from_shipped(row: dict, state: dict) -> bool:
+        # a stage never run here whose model ships stands as done, unless named in `only` (then it retrains)
+        return state["latest"] is None and row.get("export") in shipped and not (only and row["name"] in only)
+
     for row in recipe["rows"]:
         if only and row["name"] not in only:
             continue
         state = _stage_state(row)
+        if from_shipped(row, state):
+            print(f"{row['name']}: no run in {row['out']}; the shipped model {row['export']!r} stands for it",
+                  flush=True)
+            continue
         if not state["done"]:
             log = Path(row["out"]) / "log.jsonl"
             if log.exists() and time.time() - log.stat().st_mtime < quiet_seconds and not dry_run:
@@ -374,10 +384,15 @@ def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bo
             cmd = [python, "-m", "aniso_fast.train", *row["train"], *extra, "--out", row["out"]]
             parent = row.get("init_from")
             if parent is not None:
-                pstate = _stage_state(rows[parent])
-                if not pstate["done"] and not dry_run:
+                prow = rows[parent]
+                pstate = _stage_state(prow)
+                if from_shipped(prow, pstate):
+                    source = str(models.shipped_path(prow["export"]))  # the EMA network, which fine-tuning starts from
+                elif pstate["done"] or dry_run:
+                    source = str(pstate["latest"] or f"<final checkpoint of {prow['out']}>")
+                else:
                     raise RuntimeError(f"{row['name']}: its parent stage {parent!r} has not finished")
-                cmd += ["--init-from", str(pstate["latest"] or f"<final checkpoint of {rows[parent]['out']}>")]
+                cmd += ["--init-from", source]
             if state["latest"] is not None:
                 cmd.append("--resume")
             commands.append(cmd)

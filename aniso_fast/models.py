@@ -34,7 +34,7 @@ from .schedules import MatrixSchedule
 
 __all__ = ["MODELS", "SCHEDULES", "load_model", "load_schedule", "load_trained", "build_gmm_asset", "ASSET_DIR",
            "assets_dir", "read_manifest", "shipped_models", "export_model", "set_default", "default_model",
-           "has_learned_schedule", "is_checkpoint"]
+           "has_learned_schedule", "is_checkpoint", "shipped_path", "is_shipped_file", "read_shipped"]
 
 ASSET_DIR = Path(__file__).parent / "assets"
 ASSETS_ENV = "ANISO_FAST_ASSETS"
@@ -179,6 +179,48 @@ def set_default(name: str, assets: str | os.PathLike | None = None) -> None:
     _write_manifest(doc, assets)
 
 
+def shipped_path(name: str, assets: str | os.PathLike | None = None) -> Path:
+    """The file of a shipped model, checked against the SHA-256 its manifest entry records."""
+    assets = Path(assets or assets_dir())
+    models = shipped_models(assets)
+    if name not in models:
+        raise ValueError(f"model: {name!r} is not a shipped model ({', '.join(models) or 'none'})")
+    path = assets / models[name]["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"model: the shipped model file {path} is missing (listed in the manifest)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != models[name]["sha256"]:
+        raise ValueError(f"model: {path} does not match the SHA-256 recorded in the manifest")
+    return path
+
+
+def is_shipped_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a shipped-model file (read from its header only)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == SHIPPED_FORMAT
+
+
+def read_shipped(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A shipped-model file in a training checkpoint's shape: tensors `ema.*` (float32), `basis.*`, `schedule.*`
+    and meta with `net_config`, `basis_config`, `schedule_config` and the provenance (`info`)."""
+    path = Path(path)
+    if not is_shipped_file(path):
+        raise ValueError(f"model: {path} is not a shipped model (no '{SHIPPED_FORMAT}' header)")
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    tensors = load_safetensors_bytes(blob)
+    out = {f"ema.{k[4:]}": (v.float() if v.is_floating_point() else v)
+           for k, v in tensors.items() if k.startswith("net.")}
+    out.update({k: v for k, v in tensors.items() if not k.startswith("net.")})
+    header = json.loads(blob[8:8 + n])["__metadata__"]
+    meta = {key: json.loads(header[key]) for key in ("net_config", "basis_config", "schedule_config", "info")}
+    return out, meta
+
+
 def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):
     """(AnisoPrecond around the network, the learned MatrixSchedule, info) of a shipped model."""
     from .bases import basis_from_config
@@ -186,29 +228,13 @@ def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os
     from .networks import SongUNet
     from .precond import AnisoPrecond
 
-    assets = Path(assets or assets_dir())
-    models = shipped_models(assets)
-    if name not in models:
-        raise ValueError(f"model: {name!r} is not a shipped model ({', '.join(models) or 'none'})")
-    entry = models[name]
-    path = assets / entry["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"model: the shipped model file {path} is missing (listed in the manifest)")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise ValueError(f"model: {path} does not match the SHA-256 recorded in the manifest")
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n]).get("__metadata__") or {}
-    if header.get("format") != SHIPPED_FORMAT:
-        raise ValueError(f"model: {path} is not a shipped model (format {header.get('format')!r})")
-    tensors = load_safetensors_bytes(blob)
-    net = SongUNet.from_config(json.loads(header["net_config"]))
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                         for k, v in strip_prefix("net", tensors).items()})
-    basis = basis_from_config(json.loads(header["basis_config"]), strip_prefix("basis", tensors))
-    schedule = MatrixSchedule.from_config(json.loads(header["schedule_config"]))
+    tensors, meta = read_shipped(shipped_path(name, assets))
+    net = SongUNet.from_config(meta["net_config"])
+    net.load_state_dict(strip_prefix("ema", tensors))
+    basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
+    schedule = MatrixSchedule.from_config(meta["schedule_config"])
     schedule.load_state_dict(strip_prefix("schedule", tensors))
-    return AnisoPrecond(net, basis).to(device).eval(), schedule.to(device), json.loads(header["info"])
+    return AnisoPrecond(net, basis).to(device).eval(), schedule.to(device), meta["info"]
 
 
 # ---- the embedded mixture ----

@@ -180,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CKPT, or (no value) from the newest checkpoint in --out; the other "
                         "options must match the checkpoint, except output cadence and --kimg/--steps")
     g.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="start a new stage from a checkpoint of a previous one (METHOD 2.2): network and EMA are "
-                        "copied; a tied schedule is copied to every subspace, a global one to every class")
+                   help="start a new stage from a checkpoint of a previous one, or from a shipped model (its name "
+                        "or file) (METHOD 2.2): the network and its EMA start from the source's EMA network (see "
+                        "--init-weights); a tied schedule is copied to every subspace, a global one to every class")
+    g.add_argument("--init-weights", default="ema", choices=("ema", "net"),
+                   help="with --init-from a training checkpoint: start the trained network from its EMA (the "
+                        "paper fine-tunes the published EMA network) or from its raw network")
     g.add_argument("--edm-pickle", default=None, metavar="PKL",
                    help="start the network (and its EMA) from an NVlabs/edm network pickle")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
@@ -357,6 +361,20 @@ def _network_config(args, C: int, H: int, label_dim: int) -> dict:
                 num_blocks=args.num_blocks, attn_resolutions=attn, dropout=args.dropout)
 
 
+def _load_init_source(source: str) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, meta) of an --init-from source: a training checkpoint, or a shipped model's name or file."""
+    from . import models
+
+    try:
+        if not Path(source).exists() and source in models.shipped_models():
+            return models.read_shipped(models.shipped_path(source))
+        if models.is_shipped_file(source):
+            return models.read_shipped(source)
+        return ckpt.load_checkpoint(source)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"--init-from {source}: {e}") from None
+
+
 def _copy_schedule(target: MatrixSchedule, source: MatrixSchedule) -> None:
     """psi of a previous stage into `target` (METHOD §2.2): one schedule -> every subspace, global -> every class."""
     for key in ("num_knots", "T", "g0"):
@@ -508,10 +526,14 @@ class Trainer:
             net.load_state_dict(ckpt.strip_prefix("net", tensors))
             ema_state = ckpt.strip_prefix("ema", tensors)
         elif args.init_from:
-            src_tensors, src_meta = ckpt.load_checkpoint(args.init_from)
+            src_tensors, src_meta = _load_init_source(args.init_from)
             self._init_meta, self._init_tensors = src_meta, src_tensors
             net = SongUNet.from_config(src_meta["net_config"])
-            net.load_state_dict(ckpt.strip_prefix("net", src_tensors))
+            if args.init_weights == "net" and not any(k.startswith("net.") for k in src_tensors):
+                raise ValueError(f"--init-weights net: {args.init_from} is a shipped model, which holds only the "
+                                 f"EMA network")
+            # fine-tuning starts from the averaged weights: the raw network of a constant-lr run is far noisier
+            net.load_state_dict(ckpt.strip_prefix(args.init_weights, src_tensors))
             ema_state = ckpt.strip_prefix("ema", src_tensors)
         elif args.edm_pickle:
             from .edm_pickle import load_edm_network

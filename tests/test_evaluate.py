@@ -150,6 +150,17 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     cmds = evaluate.train_recipe(recipe, only=["edm"], runner=in_process, quiet_seconds=0)
     assert cmds[0][-1] == "--resume" and models.shipped_models()["t-edm"]["step"] == 3
 
+    # a parent whose run is gone but whose model ships: it stands for the stage, and children start from its file
+    import shutil
+
+    shutil.rmtree(tmp_path / "edm")
+    recipe["rows"][1]["out"] = str(tmp_path / "iso-again")
+    cmds = evaluate.train_recipe(recipe, only=["iso-class"], runner=in_process, export=False)
+    assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / "t-edm.safetensors")]
+    left = evaluate.train_recipe(recipe, runner=None, dry_run=True)  # the shipped edm is not retrained
+    assert [c[c.index("--out") + 1] for c in left] == [str(tmp_path / "never")]
+    recipe["rows"][1]["out"] = str(tmp_path / "iso")
+
     scorer = evaluate.FrechetScorer(lambda u8: u8.flatten(1).float().numpy() / 255, torch.from_numpy(images),
                                     id="pixels")
     calls = []

@@ -215,9 +215,15 @@ def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
     psi = iso.schedule.psi.detach()  # [1, 1, 31]
     assert psi.shape == (1, 1, 31) and ani.schedule.psi.shape == (3, 3, 31)
     assert torch.equal(ani.schedule.psi.detach(), psi.expand(3, 3, -1))
-    for a, b in zip(ani.net.state_dict().values(), iso.net.state_dict().values()):
+    # the trained network and its EMA both start from the source's EMA (the paper fine-tunes the published EMA)
+    for a, b in zip(ani.net.state_dict().values(), iso.ema.module.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(ani.ema.module.state_dict().values(), iso.ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(iso.net.state_dict().values(),
+                                                      iso.ema.module.state_dict().values()))
+    raw = make_trainer(argv(npz, tmp_path / "raw", "aniso", 1, "--init-from", iso_ckpt, "--init-weights", "net"))
+    for a, b in zip(raw.net.state_dict().values(), iso.net.state_dict().values()):
         assert torch.equal(a, b)
     # a per-class schedule cannot become a global one
     ani_out = tmp_path / "ani2"
@@ -225,6 +231,24 @@ def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
     with pytest.raises(ValueError, match="cannot become a global one"):
         make_trainer(argv(npz, tmp_path / "ani3", "aniso", 1, "--init-from",
                           ani_out / "checkpoint-00000001.safetensors"))
+
+
+def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
+    """--init-from takes a shipped model (its name or file): network and EMA from its EMA, schedule copied."""
+    from aniso_fast import models
+
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    iso = train.run(train.parse_args(argv(npz, tmp_path / "iso", "iso", 2)))
+    path = models.export_model(tmp_path / "iso" / "checkpoint-00000002.safetensors", "tiny-iso", net_dtype="float32")
+    for source in ("tiny-iso", str(path)):
+        ani = make_trainer(argv(npz, tmp_path / f"ani-{len(source)}", "aniso", 1, "--init-from", source))
+        assert torch.equal(ani.schedule.psi.detach(), iso.schedule.psi.detach().expand(1, 2, -1))
+        for a, b in zip(ani.net.state_dict().values(), iso.ema.module.state_dict().values()):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds only the EMA network"):
+        make_trainer(argv(npz, tmp_path / "ani-raw", "aniso", 1, "--init-from", "tiny-iso", "--init-weights", "net"))
+    with pytest.raises(ValueError, match="--init-from no-such-model"):
+        make_trainer(argv(npz, tmp_path / "ani-missing", "aniso", 1, "--init-from", "no-such-model"))
 
 
 def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
