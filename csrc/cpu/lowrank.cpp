@@ -1,9 +1,12 @@
 // Low-rank (PCA) subspace ops on CPU: combine and dot (docs/DESIGN.md, "The subspace op contract").
 //
 // A "unit" is one row the basis acts on: a channel image (spatial basis, d == H*W) or a whole image (joint basis,
-// d == C*H*W). Samples are ordered by group id (stable argsort, computed here) and cut into tiles of a few samples
-// sharing one id, so a tile streams each row of V[id] once for all its units while it sits in cache. Only the
-// functionals labelled below K-1 are touched; the complement's scalar multiplies the whole unit.
+// d == C*H*W). Samples are stably sorted by group id (here) and cut into tiles of whole samples sharing one id, at
+// most kTileUnits units each. Per tile, the analysis `Z = X V[id]^T` and the synthesis `Z V[id]` are BLAS GEMMs on
+// views (at::mm_out), so V[id] streams once per tile rather than once per unit; the per-sample weights, the
+// complement terms and the single write to the output are fused around them. Tiles whose samples are consecutive
+// in memory and already in the compute dtype are read and written in place; others go through per-thread
+// tile buffers, so the scratch is bounded by the tile size, never by the batch.
 #include "../subspace.h"
 #include "isa.h"
 
@@ -13,19 +16,14 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 #define ANISO_FAST_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kUnitsPerBlock = 8;   // units sharing each pass over a row of V[id]
-constexpr int64_t kSynthesisChunk = 256;  // columns of V per synthesis pass (the block's accumulators stay in L1)
-
-template <typename acc_t>
-ANISO_FAST_INLINE void axpy(acc_t* __restrict y, acc_t alpha, const acc_t* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
+constexpr int64_t kTileUnits = 64;  // rows of one GEMM: enough to amortise V[id], small enough for 2+ tiles/core
 
 // <x, y> in 8 independent lanes (vectorisable without -ffast-math).
 template <typename acc_t, typename xs_t, typename ys_t>
@@ -39,12 +37,6 @@ ANISO_FAST_INLINE acc_t dot_lanes(const xs_t* __restrict x, const ys_t* __restri
   return s;
 }
 
-template <typename acc_t>
-ANISO_FAST_INLINE void relative_weights(const acc_t* s, int64_t K, acc_t* rel) {
-  for (int64_t k = 0; k < K - 1; ++k) rel[k] = s[k] - s[K - 1];
-  rel[K - 1] = 0;
-}
-
 template <typename Body>
 ANISO_FAST_AVX void run_avx(const Body& body, int64_t begin, int64_t end) {
   body(begin, end);
@@ -54,14 +46,14 @@ void run_base(const Body& body, int64_t begin, int64_t end) {
   body(begin, end);
 }
 
-// Layout of a low-rank call: units, active functionals and the id-sorted tiles of samples.
+// Layout of a low-rank call: units, the labels of V's rows and the id-sorted tiles of samples.
 struct LowrankPlan {
-  int64_t B = 0, rows = 1, d = 0, r = 0, K = 1;
-  std::vector<int64_t> active;  // functionals labelled below K-1
-  std::vector<int64_t> label;   // their labels
+  int64_t B = 0, rows = 1, d = 0, r = 0, K = 1, max_units = 0;
+  std::vector<int64_t> label;   // label of each row of V
   std::vector<int64_t> order;   // samples, stably sorted by id
   std::vector<int64_t> tile;    // tile t holds order[tile[t] .. tile[t+1])
   std::vector<int64_t> tile_id;
+  std::vector<char> consecutive;  // tile t's samples are order[tile[t]] + 0, 1, 2, ...
 
   LowrankPlan(const at::Tensor& u, const at::Tensor& V, const at::Tensor& vband,
               const c10::optional<at::Tensor>& ids, int64_t K_) : K(K_) {
@@ -70,31 +62,37 @@ struct LowrankPlan {
     d = V.size(2);
     rows = d == u.size(2) * u.size(3) ? u.size(1) : 1;
     const int64_t* vb = vband.data_ptr<int64_t>();
-    for (int64_t j = 0; j < r; ++j)
-      if (vb[j] < K - 1) {
-        active.push_back(j);
-        label.push_back(vb[j]);
-      }
+    label.assign(vb, vb + r);
     order.resize(B);
     std::iota(order.begin(), order.end(), int64_t(0));
     const int64_t* id = ids.has_value() ? ids->data_ptr<int64_t>() : nullptr;
     if (id) std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return id[i] < id[j]; });
-    const int64_t per_tile = std::max<int64_t>(1, kUnitsPerBlock / rows);
+    const int64_t per_tile = std::max<int64_t>(1, kTileUnits / rows);
     for (int64_t s = 0; s < B;) {
       const int64_t g = id ? id[order[s]] : 0;
       int64_t e = s + 1;
-      while (e < B && e - s < per_tile && (id ? id[order[e]] : 0) == g) ++e;
+      bool run = true;
+      while (e < B && e - s < per_tile && (id ? id[order[e]] : 0) == g) {
+        run = run && order[e] == order[e - 1] + 1;
+        ++e;
+      }
       tile.push_back(s);
       tile_id.push_back(g);
+      consecutive.push_back(run);
+      max_units = std::max(max_units, (e - s) * rows);
       s = e;
     }
     tile.push_back(B);
   }
   int64_t tiles() const { return static_cast<int64_t>(tile_id.size()); }
-  // Tiles per parallel task so that each task has at least ~64K multiply-adds (tiny calls run inline).
+  int64_t units(int64_t t) const { return (tile[t + 1] - tile[t]) * rows; }
+  int64_t first_unit(int64_t t) const { return order[tile[t]] * rows; }
+  // unit i of tile t -> its row in the [B * rows, d] view of the images
+  int64_t unit(int64_t t, int64_t i) const { return order[tile[t] + i / rows] * rows + i % rows; }
+  // Tiles per parallel task: at least ~2^20 multiply-adds, so tiny calls run inline (and BLAS may thread them).
   int64_t grain() const {
-    const int64_t work = std::max<int64_t>(1, kUnitsPerBlock * d * (static_cast<int64_t>(active.size()) + 1));
-    return std::max<int64_t>(1, (int64_t(1) << 16) / work);
+    const int64_t work = std::max<int64_t>(1, max_units * d * r);
+    return std::max<int64_t>(1, (int64_t(1) << 20) / work);
   }
 };
 
@@ -106,6 +104,30 @@ void run_tiles(const Body& body, const LowrankPlan& plan) {
   });
 }
 
+// The tile's units as a [n, d] matrix in the compute dtype: a view of `data` when they are consecutive and of that
+// dtype already, else gathered (and converted) into `buffer`.
+// Per-thread scratch of [plan.max_units, cols] in the compute dtype, allocated on first use.
+ANISO_FAST_INLINE at::Tensor& scratch(at::Tensor& buffer, const LowrankPlan& plan, int64_t cols,
+                                      const at::TensorOptions& opts) {
+  if (!buffer.defined()) buffer = at::empty({plan.max_units, cols}, opts);
+  return buffer;
+}
+
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_INLINE at::Tensor tile_rows(const scalar_t* data, const LowrankPlan& plan, int64_t t, at::Tensor& buffer,
+                                       const at::TensorOptions& opts) {
+  const int64_t n = plan.units(t), d = plan.d;
+  if (std::is_same<scalar_t, acc_t>::value && plan.consecutive[t])
+    return at::from_blob(const_cast<scalar_t*>(data) + plan.first_unit(t) * d, {n, d}, opts);
+  scratch(buffer, plan, d, opts);
+  acc_t* dst = buffer.data_ptr<acc_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* src = data + plan.unit(t, i) * d;
+    for (int64_t k = 0; k < d; ++k) dst[i * d + k] = static_cast<acc_t>(src[k]);
+  }
+  return buffer.narrow(0, 0, n);
+}
+
 template <typename scalar_t, typename acc_t>
 void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10::optional<at::Tensor>& v,
                             const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& base,
@@ -113,69 +135,66 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
                             at::Tensor& out) {
   const int64_t K = a.size(1);
   const LowrankPlan plan(u, V, vband, ids, K);
-  const int64_t d = plan.d, r = plan.r, rows = plan.rows, ra = static_cast<int64_t>(plan.active.size());
+  const int64_t d = plan.d, r = plan.r, rows = plan.rows;
   const scalar_t* ud = u.data_ptr<scalar_t>();
   const scalar_t* vd = v.has_value() ? v->data_ptr<scalar_t>() : nullptr;
   const scalar_t* bd = base.has_value() ? base->data_ptr<scalar_t>() : nullptr;
   const acc_t* ad = a.data_ptr<acc_t>();
   const acc_t* cd = vd ? c->data_ptr<acc_t>() : nullptr;
-  const acc_t* Vd = V.data_ptr<acc_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
+  const auto opts = V.options();
+  const int64_t n_max = plan.max_units;
 
   const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
-    std::vector<int64_t> unit(kUnitsPerBlock);
-    std::vector<acc_t> coef(kUnitsPerBlock * ra), acc(kUnitsPerBlock * kSynthesisChunk), rel(K);
+    at::Tensor xbuf, ybuf, obuf;  // tile buffers, for tiles that cannot be read or written in place
+    at::Tensor zu = at::empty({n_max, r}, opts), zv = vd ? at::empty({n_max, r}, opts) : at::Tensor();
+    std::vector<acc_t> rel_a(K), rel_c(K);
     for (int64_t t = begin; t < end; ++t) {
-      const acc_t* Vg = Vd + plan.tile_id[t] * r * d;
-      const int64_t n_units = (plan.tile[t + 1] - plan.tile[t]) * rows;
-      for (int64_t u0 = 0; u0 < n_units; u0 += kUnitsPerBlock) {
-        const int64_t nu = std::min(kUnitsPerBlock, n_units - u0);
-        for (int64_t i = 0; i < nu; ++i) {
-          const int64_t k = u0 + i;
-          unit[i] = plan.order[plan.tile[t] + k / rows] * rows + k % rows;
+      const int64_t n = plan.units(t);
+      const at::Tensor Vg = V.select(0, plan.tile_id[t]);
+      at::Tensor Zu = zu.narrow(0, 0, n), Zv = vd ? zv.narrow(0, 0, n) : at::Tensor();
+      at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, xbuf, opts), Vg.t());  // analysis
+      if (vd) at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, ybuf, opts), Vg.t());
+      // weighting: coef[i, j] = (a_l - a_last) <V_j, u_i> + (c_l - c_last) <V_j, v_i>, l the label of row j
+      acc_t* zu_d = Zu.data_ptr<acc_t>();
+      const acc_t* zv_d = vd ? Zv.data_ptr<acc_t>() : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = plan.unit(t, i) / rows;
+        for (int64_t k = 0; k < K; ++k) rel_a[k] = ad[b * K + k] - ad[b * K + K - 1];
+        if (vd)
+          for (int64_t k = 0; k < K; ++k) rel_c[k] = cd[b * K + k] - cd[b * K + K - 1];
+        acc_t* z = zu_d + i * r;
+        if (vd) {
+          const acc_t* w = zv_d + i * r;
+          for (int64_t j = 0; j < r; ++j) z[j] = rel_a[plan.label[j]] * z[j] + rel_c[plan.label[j]] * w[j];
+        } else {
+          for (int64_t j = 0; j < r; ++j) z[j] *= rel_a[plan.label[j]];
         }
-        // analysis and weighting: coef[i, j] = (a_l - a_last) <V_j, u_i> + (c_l - c_last) <V_j, v_i>
-        for (int64_t i = 0; i < nu; ++i) {
-          const int64_t b = unit[i] / rows;
-          relative_weights(ad + b * K, K, rel.data());
-          for (int64_t j = 0; j < ra; ++j)
-            coef[i * ra + j] = rel[plan.label[j]] * dot_lanes<acc_t>(Vg + plan.active[j] * d, ud + unit[i] * d, d);
-          if (vd) {
-            relative_weights(cd + b * K, K, rel.data());
-            for (int64_t j = 0; j < ra; ++j)
-              coef[i * ra + j] +=
-                  rel[plan.label[j]] * dot_lanes<acc_t>(Vg + plan.active[j] * d, vd + unit[i] * d, d);
-          }
-        }
-        // synthesis chunk by chunk, fused with the complement terms and the single write
-        for (int64_t d0 = 0; d0 < d; d0 += kSynthesisChunk) {
-          const int64_t len = std::min(kSynthesisChunk, d - d0);
-          std::fill(acc.begin(), acc.begin() + nu * kSynthesisChunk, acc_t(0));
-          for (int64_t j = 0; j < ra; ++j) {
-            const acc_t* vrow = Vg + plan.active[j] * d + d0;
-            for (int64_t i = 0; i < nu; ++i) axpy(acc.data() + i * kSynthesisChunk, coef[i * ra + j], vrow, len);
-          }
-          for (int64_t i = 0; i < nu; ++i) {
-            const int64_t b = unit[i] / rows, off = unit[i] * d + d0;
-            const acc_t al = ad[b * K + K - 1], cl = vd ? cd[b * K + K - 1] : acc_t(0);
-            const acc_t* z = acc.data() + i * kSynthesisChunk;
-            const scalar_t* x = ud + off;
-            scalar_t* o = od + off;
-            if (vd && bd) {
-              for (int64_t n = 0; n < len; ++n)
-                o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) +
-                                             cl * static_cast<acc_t>(vd[off + n]) + static_cast<acc_t>(bd[off + n]));
-            } else if (vd) {
-              for (int64_t n = 0; n < len; ++n)
-                o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) +
-                                             cl * static_cast<acc_t>(vd[off + n]));
-            } else if (bd) {
-              for (int64_t n = 0; n < len; ++n)
-                o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]) + static_cast<acc_t>(bd[off + n]));
-            } else {
-              for (int64_t n = 0; n < len; ++n) o[n] = static_cast<scalar_t>(z[n] + al * static_cast<acc_t>(x[n]));
-            }
-          }
+      }
+      // synthesis, straight into the output when it is laid out as the tile
+      const bool direct = std::is_same<scalar_t, acc_t>::value && plan.consecutive[t];
+      at::Tensor O = direct ? at::from_blob(od + plan.first_unit(t) * d, {n, d}, opts) : scratch(obuf, plan, d, opts).narrow(0, 0, n);
+      at::mm_out(O, Zu, Vg);
+      // epilogue: the complement terms and the base, one write per element
+      const acc_t* o_d = O.data_ptr<acc_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = plan.unit(t, i), b = row / rows, off = row * d;
+        const acc_t al = ad[b * K + K - 1], cl = vd ? cd[b * K + K - 1] : acc_t(0);
+        const acc_t* z = o_d + i * d;
+        const scalar_t* x = ud + off;
+        scalar_t* o = od + off;
+        if (vd && bd) {
+          for (int64_t k = 0; k < d; ++k)
+            o[k] = static_cast<scalar_t>(z[k] + al * static_cast<acc_t>(x[k]) + cl * static_cast<acc_t>(vd[off + k]) +
+                                         static_cast<acc_t>(bd[off + k]));
+        } else if (vd) {
+          for (int64_t k = 0; k < d; ++k)
+            o[k] = static_cast<scalar_t>(z[k] + al * static_cast<acc_t>(x[k]) + cl * static_cast<acc_t>(vd[off + k]));
+        } else if (bd) {
+          for (int64_t k = 0; k < d; ++k)
+            o[k] = static_cast<scalar_t>(z[k] + al * static_cast<acc_t>(x[k]) + static_cast<acc_t>(bd[off + k]));
+        } else {
+          for (int64_t k = 0; k < d; ++k) o[k] = static_cast<scalar_t>(z[k] + al * static_cast<acc_t>(x[k]));
         }
       }
     }
@@ -187,32 +206,41 @@ template <typename scalar_t, typename acc_t>
 void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tensor& V, const at::Tensor& vband,
                         const c10::optional<at::Tensor>& ids, int64_t K, at::Tensor& out) {
   const LowrankPlan plan(u, V, vband, ids, K);
-  const int64_t d = plan.d, r = plan.r, rows = plan.rows, ra = static_cast<int64_t>(plan.active.size());
+  const int64_t d = plan.d, r = plan.r, rows = plan.rows;
   const scalar_t* ud = u.data_ptr<scalar_t>();
   const scalar_t* vd = v.data_ptr<scalar_t>();
   const bool same = ud == vd;  // dot(x, x): one analysis per unit
-  const acc_t* Vd = V.data_ptr<acc_t>();
   acc_t* od = out.data_ptr<acc_t>();
+  const auto opts = V.options();
+  const int64_t n_max = plan.max_units;
 
   const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
+    at::Tensor xbuf, ybuf;
+    at::Tensor zu = at::empty({n_max, r}, opts), zv = same ? at::Tensor() : at::empty({n_max, r}, opts);
     std::vector<double> acc(K);
     for (int64_t t = begin; t < end; ++t) {
-      const acc_t* Vg = Vd + plan.tile_id[t] * r * d;
-      for (int64_t s = plan.tile[t]; s < plan.tile[t + 1]; ++s) {
-        const int64_t b = plan.order[s];
+      const int64_t n = plan.units(t);
+      const at::Tensor Vg = V.select(0, plan.tile_id[t]);
+      at::Tensor Zu = zu.narrow(0, 0, n);
+      at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, xbuf, opts), Vg.t());
+      at::Tensor Zv = Zu;
+      if (!same) {
+        Zv = zv.narrow(0, 0, n);
+        at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, ybuf, opts), Vg.t());
+      }
+      const acc_t* zu_d = Zu.data_ptr<acc_t>();
+      const acc_t* zv_d = Zv.data_ptr<acc_t>();
+      for (int64_t s = 0; s < n / rows; ++s) {  // tiles hold whole samples
+        const int64_t b = plan.order[plan.tile[t] + s];
         std::fill(acc.begin(), acc.end(), 0.0);
         double total = 0;
         for (int64_t row = 0; row < rows; ++row) {
-          const scalar_t* x = ud + (b * rows + row) * d;
-          const scalar_t* y = vd + (b * rows + row) * d;
-          total += dot_lanes<acc_t>(x, y, d);
-          for (int64_t j = 0; j < ra; ++j) {
-            const acc_t* vrow = Vg + plan.active[j] * d;
-            const acc_t zu = dot_lanes<acc_t>(vrow, x, d);
-            acc[plan.label[j]] += static_cast<double>(zu * (same ? zu : dot_lanes<acc_t>(vrow, y, d)));
-          }
+          const int64_t i = s * rows + row;
+          total += dot_lanes<acc_t>(ud + (b * rows + row) * d, vd + (b * rows + row) * d, d);
+          for (int64_t j = 0; j < r; ++j)
+            acc[plan.label[j]] += static_cast<double>(zu_d[i * r + j] * zv_d[i * r + j]);
         }
-        double rest = total;
+        double rest = total;  // the complement (and rows labelled K-1): the total minus the projected parts
         for (int64_t k = 0; k < K - 1; ++k) {
           od[b * K + k] = static_cast<acc_t>(acc[k]);
           rest -= acc[k];
