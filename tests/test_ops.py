@@ -237,6 +237,34 @@ def test_paper_shapes(backend):
     assert_combine_close(out, ref.lowrank_combine(x, a, V=V, vband=vband, ids=ids), torch.float64)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids_kind", ["interleaved", "one_group", "none"])
+def test_lowrank_batches_spanning_many_tiles(backend, dtype, ids_kind):
+    """Batches larger than one tile per group (the cpp kernel cuts id-sorted samples into tiles of <= 64 rows):
+    interleaved ids (gathered tiles), one id for all (tiles read and written in place), no ids; spatial and joint."""
+    gen = torch.Generator().manual_seed(DTYPES.index(dtype))
+    B, C, H, W, K, G = 70, 3, 8, 8, 3, 4
+    for joint in (False, True):
+        d = C * H * W if joint else H * W
+        basis_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        V = orthonormal_rows(G, 24, d, gen).to(basis_dtype)
+        vband = torch.randint(0, K, (24,), generator=gen)
+        ids = {"interleaved": torch.arange(B) % G, "one_group": torch.full((B,), 2), "none": None}[ids_kind]
+        Vx = V[:1] if ids is None else V
+        u, v, base = (rand((B, C, H, W), dtype, gen) for _ in range(3))
+        a, c = scalars(B, K, torch.float32, gen), scalars(B, K, torch.float32, gen)
+        basis64 = dict(V=f64(Vx), vband=vband, ids=ids)
+        out = ops.lowrank_combine(u, a, v, c, base, V=Vx, vband=vband, ids=ids, backend=backend)
+        expected = ref.lowrank_combine(f64(u), f64(a), f64(v), f64(c), f64(base), **basis64)
+        assert_combine_close(out, expected, dtype, u, v, base)
+        out = ops.lowrank_combine(u, a, V=Vx, vband=vband, ids=ids, backend=backend)
+        assert_combine_close(out, ref.lowrank_combine(f64(u), f64(a), **basis64), dtype, u)
+        for w in (v, u):
+            expected = ref.lowrank_dot(f64(u), f64(w), K=K, **basis64)
+            assert_dot_close(ops.lowrank_dot(u, w, V=Vx, vband=vband, K=K, ids=ids, backend=backend), expected, u, w)
+
+
 # ---------------------------------------------------------------- projector identities through the ops
 
 def _projector_checks(combine, dot, x, K):
