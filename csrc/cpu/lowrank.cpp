@@ -106,26 +106,29 @@ void run_tiles(const Body& body, const LowrankPlan& plan) {
 
 // The tile's units as a [n, d] matrix in the compute dtype: a view of `data` when they are consecutive and of that
 // dtype already, else gathered (and converted) into `buffer`.
-// Per-thread scratch of [plan.max_units, cols] in the compute dtype, allocated on first use.
-ANISO_FAST_INLINE at::Tensor& scratch(at::Tensor& buffer, const LowrankPlan& plan, int64_t cols,
-                                      const at::TensorOptions& opts) {
-  if (!buffer.defined()) buffer = at::empty({plan.max_units, cols}, opts);
-  return buffer;
-}
+// A per-thread tile buffer of [plan.max_units, cols] in the compute dtype (allocated on first use), seen as a tensor.
+template <typename acc_t>
+struct TileBuffer {
+  std::vector<acc_t> data;
+  at::Tensor rows(const LowrankPlan& plan, int64_t n, int64_t cols, const at::TensorOptions& opts) {
+    if (data.empty()) data.resize(plan.max_units * cols);
+    return at::from_blob(data.data(), {n, cols}, opts);
+  }
+};
 
 template <typename scalar_t, typename acc_t>
-ANISO_FAST_INLINE at::Tensor tile_rows(const scalar_t* data, const LowrankPlan& plan, int64_t t, at::Tensor& buffer,
-                                       const at::TensorOptions& opts) {
+ANISO_FAST_INLINE at::Tensor tile_rows(const scalar_t* data, const LowrankPlan& plan, int64_t t,
+                                       TileBuffer<acc_t>& buffer, const at::TensorOptions& opts) {
   const int64_t n = plan.units(t), d = plan.d;
   if (std::is_same<scalar_t, acc_t>::value && plan.consecutive[t])
     return at::from_blob(const_cast<scalar_t*>(data) + plan.first_unit(t) * d, {n, d}, opts);
-  scratch(buffer, plan, d, opts);
-  acc_t* dst = buffer.data_ptr<acc_t>();
+  at::Tensor rows = buffer.rows(plan, n, d, opts);
+  acc_t* dst = rows.data_ptr<acc_t>();
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* src = data + plan.unit(t, i) * d;
     for (int64_t k = 0; k < d; ++k) dst[i * d + k] = static_cast<acc_t>(src[k]);
   }
-  return buffer.narrow(0, 0, n);
+  return rows;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -143,16 +146,14 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
   const acc_t* cd = vd ? c->data_ptr<acc_t>() : nullptr;
   scalar_t* od = out.data_ptr<scalar_t>();
   const auto opts = V.options();
-  const int64_t n_max = plan.max_units;
 
   const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
-    at::Tensor xbuf, ybuf, obuf;  // tile buffers, for tiles that cannot be read or written in place
-    at::Tensor zu = at::empty({n_max, r}, opts), zv = vd ? at::empty({n_max, r}, opts) : at::Tensor();
+    TileBuffer<acc_t> xbuf, ybuf, obuf, zu, zv;  // x/y/o: only for tiles that cannot be used in place
     std::vector<acc_t> rel_a(K), rel_c(K);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = plan.units(t);
       const at::Tensor Vg = V.select(0, plan.tile_id[t]);
-      at::Tensor Zu = zu.narrow(0, 0, n), Zv = vd ? zv.narrow(0, 0, n) : at::Tensor();
+      at::Tensor Zu = zu.rows(plan, n, r, opts), Zv = vd ? zv.rows(plan, n, r, opts) : at::Tensor();
       at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, xbuf, opts), Vg.t());  // analysis
       if (vd) at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, ybuf, opts), Vg.t());
       // weighting: coef[i, j] = (a_l - a_last) <V_j, u_i> + (c_l - c_last) <V_j, v_i>, l the label of row j
@@ -173,7 +174,7 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
       }
       // synthesis, straight into the output when it is laid out as the tile
       const bool direct = std::is_same<scalar_t, acc_t>::value && plan.consecutive[t];
-      at::Tensor O = direct ? at::from_blob(od + plan.first_unit(t) * d, {n, d}, opts) : scratch(obuf, plan, d, opts).narrow(0, 0, n);
+      at::Tensor O = direct ? at::from_blob(od + plan.first_unit(t) * d, {n, d}, opts) : obuf.rows(plan, n, d, opts);
       at::mm_out(O, Zu, Vg);
       // epilogue: the complement terms and the base, one write per element
       const acc_t* o_d = O.data_ptr<acc_t>();
@@ -212,20 +213,18 @@ void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tens
   const bool same = ud == vd;  // dot(x, x): one analysis per unit
   acc_t* od = out.data_ptr<acc_t>();
   const auto opts = V.options();
-  const int64_t n_max = plan.max_units;
 
   const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
-    at::Tensor xbuf, ybuf;
-    at::Tensor zu = at::empty({n_max, r}, opts), zv = same ? at::Tensor() : at::empty({n_max, r}, opts);
+    TileBuffer<acc_t> xbuf, ybuf, zu, zv;
     std::vector<double> acc(K);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = plan.units(t);
       const at::Tensor Vg = V.select(0, plan.tile_id[t]);
-      at::Tensor Zu = zu.narrow(0, 0, n);
+      at::Tensor Zu = zu.rows(plan, n, r, opts);
       at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, xbuf, opts), Vg.t());
       at::Tensor Zv = Zu;
       if (!same) {
-        Zv = zv.narrow(0, 0, n);
+        Zv = zv.rows(plan, n, r, opts);
         at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, ybuf, opts), Vg.t());
       }
       const acc_t* zu_d = Zu.data_ptr<acc_t>();
