@@ -96,3 +96,23 @@ def test_bad_names_and_corrupt_files(tiny_checkpoint, assets, capsys):
         models.load_model("nope")
     with pytest.raises(ValueError, match="learned"):
         models.load_schedule("learned", None, "gmm-fmnist")
+
+
+def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
+    """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
+    default is one of them, and the default model samples finite class-conditional images with its schedule."""
+    from aniso_fast import evaluate
+    from aniso_fast.solvers import sample
+
+    recipe = evaluate.load_recipe("recipes/fmnist.json")
+    shipped = models.shipped_models(models.ASSET_DIR)
+    assert {row["export"] for row in recipe["rows"]} == set(shipped)
+    assert models.default_model(models.ASSET_DIR) in shipped
+    total = sum((models.ASSET_DIR / entry["file"]).stat().st_size for entry in shipped.values())
+    assert total < 25e6  # the issue asks for about 20 MB of shipped checkpoints
+    for name in shipped:
+        models.shipped_path(name, models.ASSET_DIR)  # raises on a missing file or a SHA mismatch
+    model, schedule, info = models.load_shipped(models.default_model(models.ASSET_DIR), assets=models.ASSET_DIR)
+    assert info["stage"] in ("iso", "aniso") and model.num_classes == 10
+    x, labels, meta = sample(model, schedule, nfe=5, seeds=[0, 1], labels=torch.tensor([3, 7]))
+    assert x.shape == (2, 1, 28, 28) and torch.isfinite(x).all() and meta["nfe"] == 5
