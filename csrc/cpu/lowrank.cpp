@@ -1,8 +1,8 @@
 // Low-rank (PCA) subspace ops on CPU: combine and dot (docs/DESIGN.md, "The subspace op contract").
 //
 // A "unit" is one row the basis acts on: a channel image (spatial basis, d == H*W) or a whole image (joint basis,
-// d == C*H*W). Samples are stably sorted by group id (here) and cut into tiles of whole samples sharing one id, at
-// most kTileUnits units each. Per tile, the analysis `Z = X V[id]^T` and the synthesis `Z V[id]` are BLAS GEMMs on
+// d == C*H*W). Samples are stably sorted by group id (here) and cut into tiles of whole samples sharing one id, about
+// kTileUnits units each and as many as the threads can share evenly. Per tile, the analysis `Z = X V[id]^T` and the synthesis `Z V[id]` are BLAS GEMMs on
 // views (at::mm_out), so V[id] streams once per tile rather than once per unit; the per-sample weights, the
 // complement terms and the single write to the output are fused around them. Tiles whose samples are consecutive
 // in memory and already in the compute dtype are read and written in place; others go through per-thread
@@ -23,7 +23,7 @@ namespace {
 
 #define ANISO_FAST_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kTileUnits = 64;  // rows of one GEMM: enough to amortise V[id], small enough for 2+ tiles/core
+constexpr int64_t kTileUnits = 64;  // rows of one GEMM (at most, about): enough to amortise V[id]
 
 // <x, y> in 8 independent lanes (vectorisable without -ffast-math).
 template <typename acc_t, typename xs_t, typename ys_t>
@@ -67,19 +67,27 @@ struct LowrankPlan {
     std::iota(order.begin(), order.end(), int64_t(0));
     const int64_t* id = ids.has_value() ? ids->data_ptr<int64_t>() : nullptr;
     if (id) std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return id[i] < id[j]; });
-    const int64_t per_tile = std::max<int64_t>(1, kTileUnits / rows);
-    for (int64_t s = 0; s < B;) {
+    // Tiles split each run of equal ids evenly, and their number is a multiple of the thread count when there is
+    // enough work to share: 3 tiles on 2 threads would leave one thread idle for a third of the call.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t total = (B * rows + kTileUnits - 1) / kTileUnits;
+    if (B * rows * d * r >= (int64_t(1) << 20)) total = std::max(total, threads);
+    total = (total + threads - 1) / threads * threads;
+    for (int64_t s = 0; s < B;) {  // one run of equal ids: order[s .. e)
       const int64_t g = id ? id[order[s]] : 0;
       int64_t e = s + 1;
-      bool run = true;
-      while (e < B && e - s < per_tile && (id ? id[order[e]] : 0) == g) {
-        run = run && order[e] == order[e - 1] + 1;
-        ++e;
+      while (e < B && (id ? id[order[e]] : 0) == g) ++e;
+      const int64_t m = e - s;
+      const int64_t n_tiles = std::min(m, std::max<int64_t>(1, (total * m + B / 2) / B));
+      for (int64_t k = 0; k < n_tiles; ++k) {  // tile k: samples s + [k m / n, (k+1) m / n)
+        const int64_t t0 = s + k * m / n_tiles, t1 = s + (k + 1) * m / n_tiles;
+        bool run = true;
+        for (int64_t i = t0 + 1; i < t1; ++i) run = run && order[i] == order[i - 1] + 1;
+        tile.push_back(t0);
+        tile_id.push_back(g);
+        consecutive.push_back(run);
+        max_units = std::max(max_units, (t1 - t0) * rows);
       }
-      tile.push_back(s);
-      tile_id.push_back(g);
-      consecutive.push_back(run);
-      max_units = std::max(max_units, (e - s) * rows);
       s = e;
     }
     tile.push_back(B);
