@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -179,8 +180,8 @@ def set_default(name: str, assets: str | os.PathLike | None = None) -> None:
     _write_manifest(doc, assets)
 
 
-def shipped_path(name: str, assets: str | os.PathLike | None = None) -> Path:
-    """The file of a shipped model, checked against the SHA-256 its manifest entry records."""
+def _verified_blob(name: str, assets: str | os.PathLike | None = None) -> tuple[Path, bytes]:
+    """(file, bytes) of a shipped model, the bytes checked against the SHA-256 its manifest entry records."""
     assets = Path(assets or assets_dir())
     models = shipped_models(assets)
     if name not in models:
@@ -188,35 +189,54 @@ def shipped_path(name: str, assets: str | os.PathLike | None = None) -> Path:
     path = assets / models[name]["file"]
     if not path.is_file():
         raise FileNotFoundError(f"model: the shipped model file {path} is missing (listed in the manifest)")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != models[name]["sha256"]:
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != models[name]["sha256"]:
         raise ValueError(f"model: {path} does not match the SHA-256 recorded in the manifest")
-    return path
+    return path, blob
+
+
+def shipped_path(name: str, assets: str | os.PathLike | None = None) -> Path:
+    """The file of a shipped model, checked against the SHA-256 its manifest entry records."""
+    return _verified_blob(name, assets)[0]
+
+
+def _shipped_metadata(f) -> dict | None:
+    """The metadata of a shipped model from the safetensors header at the start of binary stream f, else None."""
+    n = int.from_bytes(f.read(8), "little")
+    try:
+        header = json.loads(f.read(n)) if 0 < n < 1 << 24 else None
+    except ValueError:
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) and meta.get("format") == SHIPPED_FORMAT else None
 
 
 def is_shipped_file(path: str | os.PathLike) -> bool:
     """Whether `path` is a shipped-model file (read from its header only)."""
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
-    except (OSError, ValueError):
+            return _shipped_metadata(f) is not None
+    except OSError:
         return False
-    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == SHIPPED_FORMAT
 
 
-def read_shipped(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """A shipped-model file in a training checkpoint's shape: tensors `ema.*` (float32), `basis.*`, `schedule.*`
-    and meta with `net_config`, `basis_config`, `schedule_config` and the provenance (`info`)."""
-    path = Path(path)
-    if not is_shipped_file(path):
+def read_shipped(source: str | os.PathLike, assets: str | os.PathLike | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A shipped model (its name in the manifest, or its file) in a training checkpoint's shape: tensors `ema.*`
+    (float32), `basis.*`, `schedule.*` and meta with `net_config`, `basis_config`, `schedule_config` and `info`."""
+    if isinstance(source, str) and not Path(source).exists() and source in shipped_models(assets):
+        return _parse_shipped(*_verified_blob(source, assets))
+    return _parse_shipped(Path(source), Path(source).read_bytes())
+
+
+def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    header = _shipped_metadata(io.BytesIO(blob))
+    if header is None:
         raise ValueError(f"model: {path} is not a shipped model (no '{SHIPPED_FORMAT}' header)")
-    blob = path.read_bytes()
-    n = int.from_bytes(blob[:8], "little")
     tensors = load_safetensors_bytes(blob)
     out = {f"ema.{k[4:]}": (v.float() if v.is_floating_point() else v)
            for k, v in tensors.items() if k.startswith("net.")}
     out.update({k: v for k, v in tensors.items() if not k.startswith("net.")})
-    header = json.loads(blob[8:8 + n])["__metadata__"]
     meta = {key: json.loads(header[key]) for key in ("net_config", "basis_config", "schedule_config", "info")}
     return out, meta
 
@@ -228,7 +248,7 @@ def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os
     from .networks import SongUNet
     from .precond import AnisoPrecond
 
-    tensors, meta = read_shipped(shipped_path(name, assets))
+    tensors, meta = _parse_shipped(*_verified_blob(name, assets))
     net = SongUNet.from_config(meta["net_config"])
     net.load_state_dict(strip_prefix("ema", tensors))
     basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))

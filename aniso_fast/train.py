@@ -366,9 +366,7 @@ def _load_init_source(source: str) -> tuple[dict[str, Tensor], dict]:
     from . import models
 
     try:
-        if not Path(source).exists() and source in models.shipped_models():
-            return models.read_shipped(models.shipped_path(source))
-        if models.is_shipped_file(source):
+        if models.is_shipped_file(source) or (not Path(source).exists() and source in models.shipped_models()):
             return models.read_shipped(source)
         return ckpt.load_checkpoint(source)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError

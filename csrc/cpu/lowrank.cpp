@@ -112,8 +112,6 @@ void run_tiles(const Body& body, const LowrankPlan& plan) {
   });
 }
 
-// The tile's units as a [n, d] matrix in the compute dtype: a view of `data` when they are consecutive and of that
-// dtype already, else gathered (and converted) into `buffer`.
 // A per-thread tile buffer of [plan.max_units, cols] in the compute dtype (allocated on first use), seen as a tensor.
 template <typename acc_t>
 struct TileBuffer {
@@ -124,6 +122,8 @@ struct TileBuffer {
   }
 };
 
+// The tile's units as a [n, d] matrix in the compute dtype: a view of `data` when they are consecutive and of that
+// dtype already, else gathered (and converted) into `buffer`.
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_INLINE at::Tensor tile_rows(const scalar_t* data, const LowrankPlan& plan, int64_t t,
                                        TileBuffer<acc_t>& buffer, const at::TensorOptions& opts) {
