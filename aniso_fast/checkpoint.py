@@ -31,7 +31,7 @@ from .atomic import atomic_write_bytes
 __all__ = [
     "FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "checkpoint_path", "flatten_optimizer_state", "unflatten_optimizer_state", "prefixed", "strip_prefix",
-    "compare_configs",
+    "compare_configs", "read_header", "read_meta",
 ]
 
 FORMAT = "aniso_fast.checkpoint/1"
@@ -91,33 +91,77 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta
 
 # ---- read ----
 
+def read_header(source: bytes | str | os.PathLike, name: str | None = None) -> tuple[dict, int]:
+    """The validated JSON header of a safetensors file or blob: (header, offset of the tensor data).
+
+    The one safetensors header parser of the package (checkpoints, shipped models, the recipe runner). From a
+    file it reads the header only. Checks: the length prefix, the JSON object, and that the tensor data the
+    header describes ends exactly at the end of the file. Raises CheckpointError naming the file.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), name or "<bytes>"
+        total, n_bytes, read = len(data), data[:8], lambda n: data[8:8 + n]
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise CheckpointError(f"{name}: no such file")
+        f = open(path, "rb")
+        total = os.fstat(f.fileno()).st_size
+        n_bytes, read = f.read(8), f.read
+    try:
+        if len(n_bytes) < 8:
+            raise CheckpointError(f"{name}: truncated ({total} bytes; not a safetensors file)")
+        n = int.from_bytes(n_bytes, "little")
+        if n <= 0 or 8 + n > total:
+            raise CheckpointError(f"{name}: truncated or corrupt (header length {n} exceeds the file size {total})")
+        try:
+            header = json.loads(read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{name}: corrupt header ({e})") from None
+    finally:
+        if not isinstance(source, (bytes, bytearray, memoryview)):
+            f.close()
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: corrupt header (not a JSON object)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{name}: corrupt header (bad tensor entries)") from None
+    if 8 + n + end != total:
+        raise CheckpointError(f"{name}: truncated or corrupt (tensor data is {total - 8 - n} bytes, the header "
+                              f"describes {end})")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{name}: corrupt header (metadata is not a JSON object)")
+    return header, 8 + n
+
+
+def _checkpoint_info(header: dict, name: str) -> dict:
+    info = header.get("__metadata__") or {}
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{name}: not an aniso_fast checkpoint (format {info.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    try:
+        return json.loads(info["meta"])
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{name}: corrupt metadata ({type(e).__name__}: {e})") from None
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a training checkpoint from its header only (no tensor is read or verified)."""
+    header, _ = read_header(path)
+    return _checkpoint_info(header, str(path))
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read and validate a checkpoint: returns (tensors on CPU, meta). Raises CheckpointError, never writes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     data = path.read_bytes()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated ({len(data)} bytes; not a safetensors file)")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        raise CheckpointError(f"{path}: truncated or corrupt (header length {n} exceeds the file size {len(data)})")
+    header, _ = read_header(data, str(path))
+    meta = _checkpoint_info(header, str(path))
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt header (not a JSON object)")
-    info = header.get("__metadata__") or {}
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an aniso_fast checkpoint (format {info.get('format')!r}, "
-                              f"expected {FORMAT!r})")
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) != len(data):
-        raise CheckpointError(f"{path}: truncated or corrupt (tensor data is {len(data) - 8 - n} bytes, "
-                              f"the header describes {max(ends, default=0)})")
-    try:
-        meta = json.loads(info["meta"])
         tensors = _st_load(data)
     except Exception as e:  # safetensors raises its own error type
         raise CheckpointError(f"{path}: corrupt ({type(e).__name__}: {e})") from None
