@@ -35,7 +35,7 @@ from .schedules import MatrixSchedule
 
 __all__ = ["MODELS", "SCHEDULES", "load_model", "load_schedule", "load_trained", "build_gmm_asset", "ASSET_DIR",
            "assets_dir", "read_manifest", "shipped_models", "export_model", "set_default", "default_model",
-           "has_learned_schedule", "is_checkpoint", "shipped_path", "is_shipped_file", "read_shipped"]
+           "has_learned_schedule", "is_checkpoint", "shipped_path", "is_shipped_file", "read_shipped", "build_model"]
 
 ASSET_DIR = Path(__file__).parent / "assets"
 ASSETS_ENV = "ANISO_FAST_ASSETS"
@@ -241,20 +241,30 @@ def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], di
     return out, meta
 
 
-def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):
-    """(AnisoPrecond around the network, the learned MatrixSchedule, info) of a shipped model."""
+def build_model(tensors: dict[str, torch.Tensor], meta: dict, weights: str = "ema"):
+    """(AnisoPrecond around the network, MatrixSchedule) from tensors and meta in a training checkpoint's shape
+    (`net_config`, `basis_config`, `schedule_config`; tensors `<weights>.*`, `basis.*`, `schedule.*`).
+
+    The one builder of a model from stored state: shipped models, training checkpoints and the trainer use it.
+    """
     from .bases import basis_from_config
     from .checkpoint import strip_prefix
     from .networks import SongUNet
     from .precond import AnisoPrecond
 
-    tensors, meta = _parse_shipped(*_verified_blob(name, assets))
     net = SongUNet.from_config(meta["net_config"])
-    net.load_state_dict(strip_prefix("ema", tensors))
+    net.load_state_dict(strip_prefix(weights, tensors))
     basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
     schedule = MatrixSchedule.from_config(meta["schedule_config"])
     schedule.load_state_dict(strip_prefix("schedule", tensors))
-    return AnisoPrecond(net, basis).to(device).eval(), schedule.to(device), meta["info"]
+    return AnisoPrecond(net, basis), schedule
+
+
+def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):
+    """(AnisoPrecond around the network, the learned MatrixSchedule, info) of a shipped model."""
+    tensors, meta = _parse_shipped(*_verified_blob(name, assets))
+    model, schedule = build_model(tensors, meta)
+    return model.to(device).eval(), schedule.to(device), meta["info"]
 
 
 # ---- the embedded mixture ----
@@ -304,18 +314,11 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu"):
     or a shipped model name."""
     if isinstance(path, str) and not is_checkpoint(path) and path in shipped_models():
         return load_shipped(path, device)
-    from .bases import basis_from_config
-    from .checkpoint import load_checkpoint, strip_prefix
-    from .networks import SongUNet
-    from .precond import AnisoPrecond
+    from .checkpoint import load_checkpoint
 
     tensors, meta = load_checkpoint(path)
-    net = SongUNet.from_config(meta["net_config"])
-    net.load_state_dict(strip_prefix("ema", tensors))
-    basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
-    schedule = MatrixSchedule.from_config(meta["schedule_config"])
-    schedule.load_state_dict(strip_prefix("schedule", tensors))
-    return AnisoPrecond(net, basis).to(device).eval(), schedule.to(device), meta
+    model, schedule = build_model(tensors, meta)
+    return model.to(device).eval(), schedule.to(device), meta
 
 
 def load_model(name: str | None = None, device: str | torch.device = "cpu"):

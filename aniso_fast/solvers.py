@@ -19,11 +19,20 @@ from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
     "Grid", "uniform_t", "edm_sigma_t", "schedule_grid", "karras_grid", "euler", "heun", "seeded_noise",
-    "seeded_labels", "steps_for_nfe", "sample", "SOLVERS", "GRIDS",
+    "seeded_labels", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS", "GRIDS",
+    "SAMPLER_NAMES", "SAMPLER_CODES",
 ]
 
 SOLVERS = ("euler", "heun")
 GRIDS = ("uniform_t", "edm_sigma", "karras")
+# (solver, grid, secondary) -> the name the docs and tables use, and a one-letter code for compact tables
+SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
+                 ("heun", "uniform_t", "mid"): "midpoint Heun, uniform t grid (paper)",
+                 ("heun", "uniform_t", "end"): "end-point Heun, uniform t grid",
+                 ("heun", "edm_sigma", "end"): "end-point Heun, EDM sigma grid on the geometric mean",
+                 ("euler", "uniform_t", "end"): "Euler, uniform t grid"}
+SAMPLER_CODES = {("heun", "karras", "end"): "K", ("heun", "uniform_t", "mid"): "u", ("heun", "uniform_t", "end"): "ue",
+                 ("heun", "edm_sigma", "end"): "e", ("euler", "uniform_t", "end"): "E"}
 
 
 @dataclass
@@ -176,6 +185,56 @@ def steps_for_nfe(nfe: int, solver: str, secondary: str = "end") -> tuple[int, b
     return (nfe + 1) // 2, nfe % 2 == 1
 
 
+MAX_NFE = 10_000  # far beyond any useful sampler; keeps a typo from allocating a grid of 10^11 steps
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A fully resolved sampler: the one place where solver, grid, secondary point and NFE are reconciled."""
+    solver: str
+    grid: str
+    secondary: str | None  # Heun's secondary point ('mid' or 'end'); None for Euler
+    nfe: int  # network calls per sample, exactly
+    steps: int
+    final_euler: bool
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(solver, grid, secondary) as the sampler-name tables key it (Euler: secondary 'end')."""
+        return (self.solver, self.grid, self.secondary or "end")
+
+    @property
+    def name(self) -> str:
+        return SAMPLER_NAMES.get(self.key, f"{self.solver}, {self.grid} grid")
+
+
+def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: str | None = None,
+                    nfe: int = 9) -> Sampler:
+    """Check a (solver, grid, secondary, nfe) choice and work out its steps; ValueError naming the argument.
+
+    Defaults: Heun's secondary point is the midpoint on the uniform t grid and the end point elsewhere; the
+    Karras grid is EDM's, end-point Heun only.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid: expected one of {', '.join(GRIDS)}, got {grid!r}")
+    if secondary is not None and secondary not in ("end", "mid"):
+        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
+    if solver == "euler":
+        secondary = None
+    elif secondary is None:
+        secondary = "mid" if grid == "uniform_t" else "end"
+    if grid == "karras" and secondary == "mid":
+        raise ValueError("secondary: the Karras grid is defined for end-point Heun only")
+    if not isinstance(nfe, int) or isinstance(nfe, bool):
+        raise ValueError(f"nfe: expected an int, got {nfe!r}")
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe: expected at most {MAX_NFE} network calls, got {nfe}")
+    steps, final_euler = steps_for_nfe(nfe, solver, secondary or "end")
+    return Sampler(solver, grid, secondary, nfe, steps, final_euler)
+
+
 def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solver: str = "heun",
            grid: str = "uniform_t", secondary: str | None = None, seeds: Sequence[int] = (0,),
            labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
@@ -186,15 +245,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     geometric mean, end-point Heun), 'karras' (the isotropic EDM baseline; the schedule is not used).
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
     """
-    if grid not in GRIDS:
-        raise ValueError(f"grid: expected one of {GRIDS}, got {grid!r}")
-    if secondary is None:
-        secondary = "mid" if grid == "uniform_t" else "end"
-    if secondary not in ("end", "mid"):
-        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
-    if grid == "karras" and secondary != "end":
-        raise ValueError("secondary: the Karras grid is defined for end-point Heun only")
-    num_steps, final_euler = steps_for_nfe(nfe, solver, secondary)
+    plan = resolve_sampler(solver, grid, secondary, nfe)
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
     seeds = [int(s) for s in seeds]
@@ -212,10 +263,10 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     elif labels is not None:
         raise ValueError("labels: this model is unconditional")
     if grid == "karras":
-        g = karras_grid(num_steps, model.basis.num_subspaces)
+        g = karras_grid(plan.steps, model.basis.num_subspaces)
     else:
-        t = uniform_t(num_steps, schedule.T) if grid == "uniform_t" else edm_sigma_t(schedule, num_steps, labels)
-        g = schedule_grid(schedule, t, labels, secondary if solver == "heun" else "end")
+        t = uniform_t(plan.steps, schedule.T) if grid == "uniform_t" else edm_sigma_t(schedule, plan.steps, labels)
+        g = schedule_grid(schedule, t, labels, plan.secondary or "end")
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
     shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
     z = seeded_noise(seeds, shape, dtype=dtype, device=device)
@@ -225,7 +276,6 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
         if solver == "euler":
             x = euler(model, x, g, labels, progress=progress)
         else:
-            x = heun(model, x, g, labels, final_euler=final_euler, progress=progress)
-    nfe_spent = num_steps if solver == "euler" else 2 * num_steps - int(final_euler)
-    return x, labels, {"nfe": nfe_spent, "steps": num_steps, "solver": solver, "grid": grid,
-                       "secondary": secondary if solver == "heun" else None}
+            x = heun(model, x, g, labels, final_euler=plan.final_euler, progress=progress)
+    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "grid": grid,
+                       "secondary": plan.secondary}
