@@ -18,6 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .checks import check_index
+from .reference import compute_dtype
+
+
+def _compute_dtype(u) -> torch.dtype | None:
+    return compute_dtype(u.dtype) if isinstance(u, Tensor) else None  # not a tensor: ops reports it
 
 __all__ = [
     "SubspaceBasis",
@@ -44,51 +50,40 @@ class SubspaceBasis(nn.Module):
     num_subspaces: int
     image_size: tuple[int, int] | None = None  # (H, W) the basis is built for; None = any
 
-    # ---- validation (shapes only: no host-device sync) ----
-    def _check_images(self, x: Tensor, name: str) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a floating tensor [B, C, H, W], got {got}")
-        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"{name}: image size {tuple(x.shape[-2:])} does not match the basis "
+    # ---- validation: only what is basis-specific (image size, K); `ops` checks shapes, dtypes and devices ----
+    def _check_fit(self, x, s, names: dict[str, str]) -> None:
+        if isinstance(x, Tensor) and x.dim() == 4 and self.image_size is not None \
+                and tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(f"{names['u']}: image size {tuple(x.shape[-2:])} does not match the basis "
                              f"({self.image_size[0]}x{self.image_size[1]})")
-
-    def _check_scalars(self, s: Tensor, batch: int, name: str) -> None:
-        K = self.num_subspaces
-        if not isinstance(s, Tensor) or not s.is_floating_point() or tuple(s.shape) != (batch, K):
-            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"{name}: expected per-sample, per-subspace scalars of shape [{batch}, {K}], got {got}")
+        if isinstance(s, Tensor) and s.dim() == 2 and s.shape[1] != self.num_subspaces:
+            raise ValueError(f"{names['a']}: expected one scalar per subspace, shape [B, {self.num_subspaces}], "
+                             f"got {tuple(s.shape)}")
 
     def combine(self, u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
-                base: Tensor | None = None, *, ids: Tensor | None = None, backend: str | None = None) -> Tensor:
-        """base + sum_k P_k (a[:, k] u + c[:, k] v)."""
-        self._check_images(u, "u")
-        B = u.shape[0]
-        self._check_scalars(a, B, "a")
-        if (v is None) != (c is None):
-            raise ValueError("v and c: pass both or neither")
-        if v is not None:
-            if v.shape != u.shape:
-                raise ValueError(f"v: expected shape {tuple(u.shape)} (same as u), got {tuple(v.shape)}")
-            self._check_scalars(c, B, "c")
-        if base is not None and base.shape != u.shape:
-            raise ValueError(f"base: expected shape {tuple(u.shape)} (same as u), got {tuple(base.shape)}")
-        return self._combine(u, a, v, c, base, ids, backend)
+                base: Tensor | None = None, *, ids: Tensor | None = None, backend: str | None = None,
+                names: dict[str, str] | None = None) -> Tensor:
+        """base + sum_k P_k (a[:, k] u + c[:, k] v). `names`: the caller's argument names for error messages."""
+        names = {"u": "u", "a": "a", "v": "v", "c": "c", "base": "base", **(names or {})}
+        self._check_fit(u, a, names)
+        if c is not None:
+            self._check_fit(None, c, {**names, "a": names["c"]})
+        return self._combine(u, a, v, c, base, ids, backend, names)
 
     def scale(self, x: Tensor, s: Tensor, *, ids: Tensor | None = None, backend: str | None = None) -> Tensor:
         """sum_k s[:, k] P_k x."""
-        return self.combine(x, s, ids=ids, backend=backend)
+        return self.combine(x, s, ids=ids, backend=backend, names={"u": "x", "a": "s"})
 
     def dot(self, u: Tensor, v: Tensor, *, ids: Tensor | None = None, backend: str | None = None) -> Tensor:
         """[B, K]: <P_k u, v>."""
-        self._check_images(u, "u")
-        if v.shape != u.shape:
-            raise ValueError(f"v: expected shape {tuple(u.shape)} (same as u), got {tuple(v.shape)}")
-        return self._dot(u, v, ids, backend)
+        names = {"u": "u", "v": "v"}
+        self._check_fit(u, None, names)
+        return self._dot(u, v, ids, backend, names)
 
     def sqnorms(self, x: Tensor, *, ids: Tensor | None = None, backend: str | None = None) -> Tensor:
         """[B, K]: ||P_k x||^2."""
-        return self.dot(x, x, ids=ids, backend=backend)
+        self._check_fit(x, None, {"u": "x"})
+        return self._dot(x, x, ids, backend, {"u": "x", "v": "x"})
 
     def project(self, x: Tensor, k: int, *, ids: Tensor | None = None) -> Tensor:
         """P_k x (convenience; one combine with one-hot scalars)."""
@@ -124,10 +119,10 @@ class SubspaceBasis(nn.Module):
     def config(self) -> dict:
         raise NotImplementedError
 
-    def _combine(self, u, a, v, c, base, ids, backend):
+    def _combine(self, u, a, v, c, base, ids, backend, names):
         raise NotImplementedError
 
-    def _dot(self, u, v, ids, backend):
+    def _dot(self, u, v, ids, backend, names):
         raise NotImplementedError
 
 
@@ -140,18 +135,11 @@ class IsotropicBasis(SubspaceBasis):
         super().__init__()
         self.image_size = tuple(image_size) if image_size is not None else None
 
-    def _combine(self, u, a, v, c, base, ids, backend):
-        dt = torch.float64 if u.dtype == torch.float64 else torch.float32
-        out = a[:, 0, None, None, None].to(dt) * u
-        if v is not None:
-            out = out + c[:, 0, None, None, None].to(dt) * v
-        if base is not None:
-            out = out + base
-        return out.to(u.dtype)
+    def _combine(self, u, a, v, c, base, ids, backend, names):
+        return ops.isotropic_combine(u, a, v, c, base, names=names)
 
-    def _dot(self, u, v, ids, backend):
-        dt = torch.float64 if u.dtype == torch.float64 else torch.float32
-        return (u.to(dt) * v.to(dt)).flatten(1).sum(1, keepdim=True)
+    def _dot(self, u, v, ids, backend, names):
+        return ops.isotropic_dot(u, v, names=names)
 
     def subspace_dims(self, channels: int) -> list[int]:
         H, W = self.image_size if self.image_size is not None else (0, 0)
@@ -211,16 +199,18 @@ class DCTBasis(SubspaceBasis):
         self.register_buffer("CH32", CH[:h].float().contiguous(), persistent=False)
         self.register_buffer("CW32", CW[:w].float().contiguous(), persistent=False)
 
-    def _mats(self, dtype):
-        return (self.CH64, self.CW64) if dtype == torch.float64 else (self.CH32, self.CW32)
+    def _mats(self, u):
+        """The basis copy in u's compute dtype (no cast per call)."""
+        return (self.CH64, self.CW64) if _compute_dtype(u) == torch.float64 else (self.CH32, self.CW32)
 
-    def _combine(self, u, a, v, c, base, ids, backend):
-        CH, CW = self._mats(u.dtype)
-        return ops.separable_combine(u, a, v, c, base, CH=CH, CW=CW, band=self.band, backend=backend)
+    def _combine(self, u, a, v, c, base, ids, backend, names):
+        CH, CW = self._mats(u)
+        return ops.separable_combine(u, a, v, c, base, CH=CH, CW=CW, band=self.band, backend=backend, names=names)
 
-    def _dot(self, u, v, ids, backend):
-        CH, CW = self._mats(u.dtype)
-        return ops.separable_dot(u, v, CH=CH, CW=CW, band=self.band, K=self.num_subspaces, backend=backend)
+    def _dot(self, u, v, ids, backend, names):
+        CH, CW = self._mats(u)
+        return ops.separable_dot(u, v, CH=CH, CW=CW, band=self.band, K=self.num_subspaces, backend=backend,
+                                 names=names)
 
     def subspace_dims(self, channels: int) -> list[int]:
         counts = torch.bincount(self.full_band.flatten(), minlength=self.num_subspaces)
@@ -299,33 +289,32 @@ class PCABasis(SubspaceBasis):
             return None
         if labels is None:
             raise ValueError("labels: required for a class-conditional PCA basis (one basis per class or cluster)")
-        return self.class_to_group[labels]
+        return self.class_to_group[check_index("labels", labels, self.class_to_group.numel(), "class labels")]
 
-    def _check_images(self, x, name):
-        super()._check_images(x, name)
-        if self.joint and x.shape[1] != self.channels:
-            raise ValueError(f"{name}: a joint PCA basis over {self.channels} channels got {x.shape[1]} channels")
+    def _check_fit(self, x, s, names):
+        super()._check_fit(x, s, names)
+        if self.joint and isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.channels:
+            raise ValueError(f"{names['u']}: a joint PCA basis over {self.channels} channels got {x.shape[1]} "
+                             f"channels")
 
-    def _resolve_ids(self, ids, B):
+    def _resolve_ids(self, ids):
         if self.num_groups == 1:
             return None
         if ids is None:
             raise ValueError("ids: this PCA basis has one group per class/cluster; pass ids=basis.group_ids(labels)")
-        if ids.shape != (B,):
-            raise ValueError(f"ids: expected shape [{B}], got {tuple(ids.shape)}")
         return ids
 
-    def _V(self, dtype):
-        return self.V64 if dtype == torch.float64 else self.V32
+    def _V(self, u):
+        """The basis copy in u's compute dtype (no cast per call)."""
+        return self.V64 if _compute_dtype(u) == torch.float64 else self.V32
 
-    def _combine(self, u, a, v, c, base, ids, backend):
-        ids = self._resolve_ids(ids, u.shape[0])
-        return ops.lowrank_combine(u, a, v, c, base, V=self._V(u.dtype), vband=self.vband, ids=ids, backend=backend)
+    def _combine(self, u, a, v, c, base, ids, backend, names):
+        return ops.lowrank_combine(u, a, v, c, base, V=self._V(u), vband=self.vband, ids=self._resolve_ids(ids),
+                                   backend=backend, names=names)
 
-    def _dot(self, u, v, ids, backend):
-        ids = self._resolve_ids(ids, u.shape[0])
-        return ops.lowrank_dot(u, v, V=self._V(u.dtype), vband=self.vband, K=self.num_subspaces, ids=ids,
-                               backend=backend)
+    def _dot(self, u, v, ids, backend, names):
+        return ops.lowrank_dot(u, v, V=self._V(u), vband=self.vband, K=self.num_subspaces,
+                               ids=self._resolve_ids(ids), backend=backend, names=names)
 
     def projector_matrix(self, k: int, channels: int, group: int = 0) -> Tensor:
         if not self.joint:

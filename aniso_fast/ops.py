@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .checks import check_index
 
 try:
     from . import _C
@@ -32,7 +33,8 @@ try:
 except ImportError as exc:  # source checkout without a build: the reference backend still works
     _C, _C_ERROR = None, f"aniso_fast._C is not built ({exc})"
 
-__all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot", "backends", "BACKENDS"]
+__all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot", "isotropic_combine", "isotropic_dot",
+           "backends", "BACKENDS"]
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "ANISO_FAST_BACKEND"
@@ -133,71 +135,55 @@ def backends() -> dict:
             "env": env, "triton_interpret": _triton_interpreted()}
 
 
-# ---------------------------------------------------------------- backend implementations (prepared arguments)
+# ---------------------------------------------------------------- the dispatch table
 
-def _sep_combine_impl(backend, u, a, v, c, base, CH, CW, band):
-    if backend == "cpp":
-        return _C.separable_combine_cpu(u, a, v, c, base, CH, CW, band)
-    if backend == "cuda":
-        return _C.separable_combine_cuda(u, a, v, c, base, CH, CW, band)
-    mod = _triton() if backend == "triton" else reference
-    return mod.separable_combine(u, a, v, c, base, CH=CH, CW=CW, band=band)
-
-
-def _sep_dot_impl(backend, u, v, CH, CW, band, K):
-    if backend == "cpp":
-        return _C.separable_dot_cpu(u, v, CH, CW, band, K)
-    if backend == "cuda":
-        return _C.separable_dot_cuda(u, v, CH, CW, band, K)
-    mod = _triton() if backend == "triton" else reference
-    return mod.separable_dot(u, v, CH=CH, CW=CW, band=band, K=K)
+# Each op's arguments in the positional order of the compiled kernels (csrc/bindings.cpp); the Python
+# backends (reference, triton) take the same names as keywords.
+_ARGS = {
+    "separable_combine": ("u", "a", "v", "c", "base", "CH", "CW", "band"),
+    "separable_dot": ("u", "v", "CH", "CW", "band", "K"),
+    "lowrank_combine": ("u", "a", "v", "c", "base", "V", "vband", "ids"),
+    "lowrank_dot": ("u", "v", "V", "vband", "ids", "K"),
+}
 
 
-def _lr_combine_impl(backend, u, a, v, c, base, V, vband, ids):
-    if backend == "cpp":
-        return _C.lowrank_combine_cpu(u, a, v, c, base, V, vband, ids)
-    if backend == "cuda":
-        return _C.lowrank_combine_cuda(u, a, v, c, base, V, vband, ids)
-    mod = _triton() if backend == "triton" else reference
-    return mod.lowrank_combine(u, a, v, c, base, V=V, vband=vband, ids=ids)
+def _python_kernel(module, op: str):
+    fn, names = getattr(module, op), _ARGS[op]
+    return lambda *args: fn(**dict(zip(names, args)))
 
 
-def _lr_dot_impl(backend, u, v, V, vband, ids, K):
-    if backend == "cpp":
-        return _C.lowrank_dot_cpu(u, v, V, vband, ids, K)
-    if backend == "cuda":
-        return _C.lowrank_dot_cuda(u, v, V, vband, ids, K)
-    mod = _triton() if backend == "triton" else reference
-    return mod.lowrank_dot(u, v, V=V, vband=vband, K=K, ids=ids)
+_KERNELS = {  # backend -> op name -> the function that runs it on prepared arguments
+    "cpp": lambda op: getattr(_C, f"{op}_cpu"),
+    "cuda": lambda op: getattr(_C, f"{op}_cuda"),
+    "triton": lambda op: _python_kernel(_triton(), op),
+    "reference": lambda op: _python_kernel(reference, op),
+}
+
+
+def _run(op: str, backend: str, *args):
+    return _KERNELS[backend](op)(*args)
 
 
 # ---------------------------------------------------------------- custom ops, fake implementations, autograd
 
 _COMBINE_ARGS = "Tensor u, Tensor a, Tensor? v, Tensor? c, Tensor? base"
+_SCHEMAS = {
+    "separable_combine": f"({_COMBINE_ARGS}, Tensor CH, Tensor CW, Tensor band, str backend) -> Tensor",
+    "separable_dot": "(Tensor u, Tensor v, Tensor CH, Tensor CW, Tensor band, int K, str backend) -> Tensor",
+    "lowrank_combine": f"({_COMBINE_ARGS}, Tensor V, Tensor vband, Tensor? ids, str backend) -> Tensor",
+    "lowrank_dot": "(Tensor u, Tensor v, Tensor V, Tensor vband, Tensor? ids, int K, str backend) -> Tensor",
+}
 
 
-@torch.library.custom_op("aniso_fast::separable_combine", mutates_args=(),
-                         schema=f"({_COMBINE_ARGS}, Tensor CH, Tensor CW, Tensor band, str backend) -> Tensor")
-def _separable_combine_op(u, a, v, c, base, CH, CW, band, backend):
-    return _sep_combine_impl(backend, u, a, v, c, base, CH, CW, band)
+def _custom_op(op: str):
+    """`torch.library` op `aniso_fast::<op>`: the arguments of `_ARGS[op]`, then the backend's name."""
+    def run(*args):
+        return _run(op, args[-1], *args[:-1])
+
+    return torch.library.custom_op(f"aniso_fast::{op}", run, mutates_args=(), schema=_SCHEMAS[op])
 
 
-@torch.library.custom_op("aniso_fast::separable_dot", mutates_args=(),
-                         schema="(Tensor u, Tensor v, Tensor CH, Tensor CW, Tensor band, int K, str backend) -> Tensor")
-def _separable_dot_op(u, v, CH, CW, band, K, backend):
-    return _sep_dot_impl(backend, u, v, CH, CW, band, K)
-
-
-@torch.library.custom_op("aniso_fast::lowrank_combine", mutates_args=(),
-                         schema=f"({_COMBINE_ARGS}, Tensor V, Tensor vband, Tensor? ids, str backend) -> Tensor")
-def _lowrank_combine_op(u, a, v, c, base, V, vband, ids, backend):
-    return _lr_combine_impl(backend, u, a, v, c, base, V, vband, ids)
-
-
-@torch.library.custom_op("aniso_fast::lowrank_dot", mutates_args=(),
-                         schema="(Tensor u, Tensor v, Tensor V, Tensor vband, Tensor? ids, int K, str backend) -> Tensor")
-def _lowrank_dot_op(u, v, V, vband, ids, K, backend):
-    return _lr_dot_impl(backend, u, v, V, vband, ids, K)
+_separable_combine_op, _separable_dot_op, _lowrank_combine_op, _lowrank_dot_op = map(_custom_op, _ARGS)
 
 
 # Fake (meta) implementations: output shapes and dtypes only, for torch.compile / FakeTensor tracing.
@@ -286,46 +272,46 @@ def _check_tensor(name: str, t, expected: str):
         raise TypeError(f"{name}: expected {expected}, got {type(t).__name__}")
 
 
-def _check_image(u) -> None:
-    _check_tensor("u", u, "a [B, C, H, W] floating tensor")
+def _check_image(u, name: str = "u") -> None:
+    _check_tensor(name, u, "a [B, C, H, W] floating tensor")
     if u.dim() != 4:
-        raise ValueError(f"u: expected a 4-D [B, C, H, W] tensor, got shape {tuple(u.shape)}")
+        raise ValueError(f"{name}: expected a 4-D [B, C, H, W] tensor, got shape {tuple(u.shape)}")
     if not u.is_floating_point():
-        raise TypeError(f"u: expected a floating dtype (fp16, bf16, fp32, fp64), got {u.dtype}")
+        raise TypeError(f"{name}: expected a floating dtype (fp16, bf16, fp32, fp64), got {u.dtype}")
 
 
-def _check_like(name: str, t, u: Tensor) -> Tensor:
+def _check_like(name: str, t, u: Tensor, u_name: str = "u") -> Tensor:
     """v / base: u's shape, dtype and device; made contiguous (a copy for a non-contiguous view)."""
-    _check_tensor(name, t, "a tensor like u")
+    _check_tensor(name, t, f"a tensor like {u_name}")
     if t.shape != u.shape:
-        raise ValueError(f"{name}: expected u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected {u_name}'s shape {tuple(u.shape)}, got {tuple(t.shape)}")
     if t.dtype != u.dtype:
-        raise TypeError(f"{name}: expected u's dtype {u.dtype}, got {t.dtype}")
+        raise TypeError(f"{name}: expected {u_name}'s dtype {u.dtype}, got {t.dtype}")
     if t.device != u.device:
-        raise ValueError(f"{name}: expected u's device {u.device}, got {t.device}")
+        raise ValueError(f"{name}: expected {u_name}'s device {u.device}, got {t.device}")
     return t.contiguous()
 
 
-def _check_scalars(name: str, s, u: Tensor, dt: torch.dtype) -> Tensor:
-    _check_tensor(name, s, "a [B, K] floating tensor")
-    if s.dim() != 2 or s.shape[0] != u.shape[0] or s.shape[1] < 1:
-        raise ValueError(f"{name}: expected shape [B={u.shape[0]}, K>=1], got {tuple(s.shape)}")
-    if not s.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {s.dtype}")
-    if s.device != u.device:
-        raise ValueError(f"{name}: expected u's device {u.device}, got {s.device}")
-    return s.to(dt).contiguous()
+def _check_floats(name: str, t, u: Tensor, dt: torch.dtype, expected: str, shape_ok, u_name: str = "u") -> Tensor:
+    """A floating tensor on u's device whose shape passes `shape_ok`, cast to the compute dtype."""
+    _check_tensor(name, t, expected)
+    if not shape_ok(t.shape):
+        raise ValueError(f"{name}: expected {expected}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if t.device != u.device:
+        raise ValueError(f"{name}: expected {u_name}'s device {u.device}, got {t.device}")
+    return t.to(dt).contiguous()
+
+
+def _check_scalars(name: str, s, u: Tensor, dt: torch.dtype, u_name: str = "u") -> Tensor:
+    B = u.shape[0]
+    return _check_floats(name, s, u, dt, f"a [B={B}, K>=1] floating tensor",
+                         lambda shape: len(shape) == 2 and shape[0] == B and shape[1] >= 1, u_name)
 
 
 def _check_basis(name: str, t, u: Tensor, dt: torch.dtype, dims: int, expected: str) -> Tensor:
-    _check_tensor(name, t, expected)
-    if t.dim() != dims:
-        raise ValueError(f"{name}: expected {expected}, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype (fp32 or fp64), got {t.dtype}")
-    if t.device != u.device:
-        raise ValueError(f"{name}: expected u's device {u.device}, got {t.device}")
-    return t.to(dt).contiguous()
+    return _check_floats(name, t, u, dt, expected, lambda shape: len(shape) == dims)
 
 
 _label_ranges: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, min, max): labels are checked once
@@ -373,14 +359,7 @@ def _check_ids(ids, u: Tensor, G: int) -> Tensor | None:
         raise TypeError(f"ids: expected an integer dtype, got {ids.dtype}")
     if ids.device != u.device:
         raise ValueError(f"ids: expected u's device {u.device}, got {ids.device}")
-    if ids.numel() > 0:
-        in_range = ((ids >= 0) & (ids < G)).all()
-        if ids.device.type != "cpu" or _compiling():
-            torch._assert_async(in_range, f"ids: group ids must lie in [0, G={G})")  # no host sync
-        elif not bool(in_range):
-            raise ValueError(f"ids: expected values in [0, G={G}), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-    return ids.to(torch.int64).contiguous()
+    return check_index("ids", ids, G, "group ids").contiguous()
 
 
 def _check_K(K) -> int:
@@ -391,20 +370,26 @@ def _check_K(K) -> int:
     return K
 
 
-def _prepare_combine(u, a, v, c, base):
-    _check_image(u)
+_NAMES = {"u": "u", "a": "a", "v": "v", "c": "c", "base": "base"}
+
+
+def _prepare_combine(u, a, v, c, base, names=None):
+    """Checks and prepares combine's arguments; `names` maps u/a/v/c/base to the caller's own argument names
+    (a basis's `scale(x, s)` reports `x` and `s`), so that errors name what the user passed."""
+    n = {**_NAMES, **(names or {})}
+    _check_image(u, n["u"])
     if (v is None) != (c is None):
-        raise ValueError(f"v, c: come together (both or neither), got v={'None' if v is None else 'a tensor'} "
-                         f"and c={'None' if c is None else 'a tensor'}")
+        raise ValueError(f"{n['v']}, {n['c']}: {n['v']} and {n['c']} come together (both or neither), got {n['v']}="
+                         f"{'None' if v is None else 'a tensor'} and {n['c']}={'None' if c is None else 'a tensor'}")
     dt = reference.compute_dtype(u.dtype)
-    a = _check_scalars("a", a, u, dt)
+    a = _check_scalars(n["a"], a, u, dt, n["u"])
     if v is not None:
-        v = _check_like("v", v, u)
-        c = _check_scalars("c", c, u, dt)
+        v = _check_like(n["v"], v, u, n["u"])
+        c = _check_scalars(n["c"], c, u, dt, n["u"])
         if c.shape != a.shape:
-            raise ValueError(f"c: expected a's shape {tuple(a.shape)}, got {tuple(c.shape)}")
+            raise ValueError(f"{n['c']}: expected {n['a']}'s shape {tuple(a.shape)}, got {tuple(c.shape)}")
     if base is not None:
-        base = _check_like("base", base, u)
+        base = _check_like(n["base"], base, u, n["u"])
     return u.contiguous(), a, v, c, base, dt
 
 
@@ -431,9 +416,10 @@ def _prepare_lowrank(u, V, vband, ids, K, dt):
     return V, vband, ids
 
 
-def _prepare_dot(u, v, K):
-    _check_image(u)
-    v = _check_like("v", v, u)
+def _prepare_dot(u, v, K, names=None):
+    n = {**_NAMES, **(names or {})}
+    _check_image(u, n["u"])
+    v = _check_like(n["v"], v, u, n["u"])
     return u.contiguous(), v, _check_K(K), reference.compute_dtype(u.dtype)
 
 
@@ -441,33 +427,53 @@ def _prepare_dot(u, v, K):
 
 def separable_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
                       base: Tensor | None = None, *, CH: Tensor, CW: Tensor, band: Tensor,
-                      backend: str | None = None) -> Tensor:
+                      backend: str | None = None, names: dict[str, str] | None = None) -> Tensor:
     """`base + sum_k P_k (a[:, k] u + c[:, k] v)` for the separable basis (CH, CW, band); returns u.dtype."""
-    u, a, v, c, base, dt = _prepare_combine(u, a, v, c, base)
+    u, a, v, c, base, dt = _prepare_combine(u, a, v, c, base, names)
     CH, CW, band = _prepare_separable(u, CH, CW, band, a.shape[1], dt)
     return _separable_combine_op(u, a, v, c, base, CH, CW, band, _resolve(backend, u.device))
 
 
 def separable_dot(u: Tensor, v: Tensor, *, CH: Tensor, CW: Tensor, band: Tensor, K: int,
-                  backend: str | None = None) -> Tensor:
+                  backend: str | None = None, names: dict[str, str] | None = None) -> Tensor:
     """`[B, K]`: `<P_k u_b, v_b>` for the separable basis; fp32 (fp64 for fp64 inputs)."""
-    u, v, K, dt = _prepare_dot(u, v, K)
+    u, v, K, dt = _prepare_dot(u, v, K, names)
     CH, CW, band = _prepare_separable(u, CH, CW, band, K, dt)
     return _separable_dot_op(u, v, CH, CW, band, K, _resolve(backend, u.device))
 
 
 def lowrank_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
                     base: Tensor | None = None, *, V: Tensor, vband: Tensor, ids: Tensor | None = None,
-                    backend: str | None = None) -> Tensor:
+                    backend: str | None = None, names: dict[str, str] | None = None) -> Tensor:
     """`base + sum_k P_k (a[:, k] u + c[:, k] v)` for the low-rank basis V[ids] (one call for all groups)."""
-    u, a, v, c, base, dt = _prepare_combine(u, a, v, c, base)
+    u, a, v, c, base, dt = _prepare_combine(u, a, v, c, base, names)
     V, vband, ids = _prepare_lowrank(u, V, vband, ids, a.shape[1], dt)
     return _lowrank_combine_op(u, a, v, c, base, V, vband, ids, _resolve(backend, u.device))
 
 
 def lowrank_dot(u: Tensor, v: Tensor, *, V: Tensor, vband: Tensor, K: int, ids: Tensor | None = None,
-                backend: str | None = None) -> Tensor:
+                backend: str | None = None, names: dict[str, str] | None = None) -> Tensor:
     """`[B, K]`: `<P_k u_b, v_b>` for the low-rank basis V[ids]; fp32 (fp64 for fp64 inputs)."""
-    u, v, K, dt = _prepare_dot(u, v, K)
+    u, v, K, dt = _prepare_dot(u, v, K, names)
     V, vband, ids = _prepare_lowrank(u, V, vband, ids, K, dt)
     return _lowrank_dot_op(u, v, V, vband, ids, K, _resolve(backend, u.device))
+
+
+def isotropic_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
+                      base: Tensor | None = None, *, names: dict[str, str] | None = None) -> Tensor:
+    """K = 1 (P_0 = I): `base + a u + c v`, elementwise in the compute dtype (no kernel needed); returns u.dtype."""
+    u, a, v, c, base, dt = _prepare_combine(u, a, v, c, base, names)
+    if a.shape[1] != 1:
+        raise ValueError(f"{(names or _NAMES).get('a', 'a')}: expected one subspace ([B, 1]), got {tuple(a.shape)}")
+    out = a[:, :, None, None] * u.to(dt)
+    if v is not None:
+        out = out + c[:, :, None, None] * v.to(dt)
+    if base is not None:
+        out = out + base.to(dt)
+    return out.to(u.dtype)
+
+
+def isotropic_dot(u: Tensor, v: Tensor, *, names: dict[str, str] | None = None) -> Tensor:
+    """`[B, 1]`: `<u_b, v_b>` in the compute dtype."""
+    u, v, _, dt = _prepare_dot(u, v, 1, names)
+    return (u.to(dt) * v.to(dt)).flatten(1).sum(1, keepdim=True)

@@ -1,8 +1,9 @@
 """Noise schedules: the monotone log-linear knot schedule (METHOD.md §2.1-2.2), K-subspace matrix schedules with
 optional per-class parameters (§1.2, §8), and the geometric mean with its bisection inverse (§2.5).
 
-All schedule math is float64. `forward` is free of `.item()`, host syncs and Python branches on tensor values;
-arguments are validated from their shapes and dtypes only, and label ranges in the explicit `check_labels`.
+All schedule math is float64. `forward` is free of `.item()` and Python branches on tensor values. Times must be
+finite and in [0, T] and class labels in [0, num_classes): checked on every call (`aniso_fast.checks`: a
+ValueError on CPU tensors, an asynchronous device assert elsewhere, so no host sync in the loops).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .checks import check_in_range, check_index
 
 __all__ = ["karras_sigmas", "KnotSchedule", "MatrixSchedule"]
 
@@ -142,6 +145,7 @@ class KnotSchedule(nn.Module):
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = _as_time(t, self.psi.device)
+        check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
         ell = self.knot_log_values()
         j, w, dt = _locate(self.knot_times, t)
         l0, l1 = ell[j - 1], ell[j]
@@ -248,18 +252,20 @@ class MatrixSchedule(nn.Module):
         return labels.long()
 
     def check_labels(self, labels: Tensor | None) -> Tensor | None:
-        """Validate labels once at an API entry point: dtype, shape [B] and range [0, num_classes) (syncs)."""
+        """Validate labels: dtype, shape [B] and range [0, num_classes) (a class-conditional schedule indexes its
+        table with them: a negative label would silently pick a class from the end)."""
         labels = self._as_labels(labels)
-        if labels is not None and self.num_classes is not None and labels.numel() > 0:
-            if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
+        if labels is not None and self.num_classes is not None:
+            labels = check_index("labels", labels, self.num_classes, "class labels")
         return labels
 
     def _batch(self, t: Any, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """t [B] or 0-d and labels [B] or None -> t [B] float64 and per-sample class ids (None if global)."""
+        """t [B] or 0-d and labels [B] or None -> t [B] float64 and per-sample class ids (None if global).
+
+        t must be finite and in [0, T]: outside it the knots would be extrapolated."""
         t = _as_time(t, self.psi.device)
-        labels = self._as_labels(labels)
+        check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
+        labels = self.check_labels(labels)
         if t.dim() > 1:
             raise ValueError(f"t must have shape [B] or be a scalar, got {tuple(t.shape)}")
         if t.dim() == 0:
@@ -308,7 +314,8 @@ class MatrixSchedule(nn.Module):
             raise TypeError(f"y must be a floating-point tensor [N], got {getattr(y, 'dtype', type(y).__name__)}")
         if y.dim() > 1:
             raise ValueError(f"y must have shape [N], got {tuple(y.shape)}")
-        labels = self._as_labels(labels)
+        labels = self.check_labels(labels)
+        check_in_range("y", y, 0.0, math.inf, "finite, non-negative variances")
         target = y.to(_F64).reshape(-1).clamp(self.g0, self.T)
         if self.num_classes is None:
             labels = None

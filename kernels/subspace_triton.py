@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import compute_dtype
+
 __all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot", "MAX_SEPARABLE_SIDE"]
 
 # The separable kernels hold a whole padded channel image in registers/shared memory.
@@ -32,10 +34,6 @@ MAX_SEPARABLE_SIDE = 128
 _AUTOTUNE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 # kernel name -> (jit function, configs, key), whether or not autotune is applied here (tests check the keys)
 _TUNING = {}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pow2(n: int) -> int:
@@ -142,7 +140,7 @@ def _separable_dot_kernel(u_ptr, v_ptr, out_ptr, ch_ptr, cw_ptr, band_ptr,
 
 
 def _separable_setup(u: Tensor, CH: Tensor, CW: Tensor, band: Tensor):
-    dt = _compute_dtype(u.dtype)
+    dt = compute_dtype(u.dtype)
     B, C, H, W = u.shape
     h, w = band.shape
     if max(H, W) > MAX_SEPARABLE_SIDE:
@@ -292,7 +290,7 @@ def _lowrank_dot_reduce_kernel(u_ptr, v_ptr, p_ptr, vband_ptr, out_ptr, rows, r,
 
 
 def _lowrank_setup(u: Tensor, V: Tensor, vband: Tensor, ids: Tensor | None):
-    dt = _compute_dtype(u.dtype)
+    dt = compute_dtype(u.dtype)
     B, C, H, W = u.shape
     G, r, d = V.shape
     rows = C if d == H * W else 1  # spatial basis: one row per channel; joint: the whole image

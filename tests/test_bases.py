@@ -169,16 +169,23 @@ def test_bad_inputs():
     x = torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match="image size"):
         b.scale(torch.randn(2, 1, 8, 9), torch.ones(2, 2))
-    with pytest.raises(ValueError, match="a: expected"):
+    # scale(x, s) names its own arguments, not combine's internal u / a (issue 10, defect 9)
+    with pytest.raises(ValueError, match="^s: expected"):
         b.scale(x, torch.ones(2, 3))
-    with pytest.raises(ValueError, match="a: expected"):
+    with pytest.raises(ValueError, match="^s: expected"):
         b.scale(x, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="^x: expected"):
+        b.scale(torch.randn(2, 8, 8), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="^x: expected"):
+        b.sqnorms(torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match="^a: expected"):
+        b.combine(x, torch.ones(2, 3))
     with pytest.raises(ValueError, match="v and c"):
         b.combine(x, torch.ones(2, 2), v=x)
     with pytest.raises(ValueError, match="base"):
         b.combine(x, torch.ones(2, 2), base=torch.randn(2, 1, 8, 7))
     with pytest.raises(ValueError, match="u: expected"):
-        b.scale(torch.randn(2, 8, 8), torch.ones(2, 2))
+        b.combine(torch.randn(2, 8, 8), torch.ones(2, 2))
     with pytest.raises(ValueError, match="bands"):
         DCTBasis(8, 8, (3, 3))
     with pytest.raises(ValueError, match="bands"):
@@ -206,3 +213,14 @@ def test_bad_inputs():
         PCABasis.fit(bad, rank=3)
     with pytest.raises(ValueError, match="cfg"):
         basis_from_config({"type": "wavelet"})
+
+
+@pytest.mark.parametrize("bad", [-1, 2, 99])
+def test_group_ids_refuse_labels_out_of_range(bad):
+    """issue 10, defect 5: a negative label used to wrap to the last class, a large one raised a bare IndexError."""
+    p = PCABasis.fit(_images(100, 1, 4, 4), torch.arange(100) % 2, rank=3, per="class")
+    with pytest.raises(ValueError, match="^labels: expected class labels in \\[0, 2\\)"):
+        p.group_ids(torch.tensor([0, bad]))
+    with pytest.raises(ValueError, match="^labels"):
+        p.group_ids(torch.tensor([0.0, 1.0]))
+    assert p.group_ids(torch.tensor([1, 0])).tolist() == [1, 0]

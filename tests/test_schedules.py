@@ -391,3 +391,36 @@ def test_bad_t_and_labels():
     with pytest.raises(ValueError, match="labels"):
         ms.check_labels(torch.tensor([0.0, 1.0]))
     ms.check_labels(torch.tensor([0, 2, 1]))
+
+
+# ---- issue 10, defects 5 and 10: labels and times outside the schedule's domain raise, naming the argument ----
+
+@pytest.mark.parametrize("bad", [-1, 10, 1_000_000])
+def test_class_labels_out_of_range_raise_naming_labels(bad):
+    s = MatrixSchedule(2, num_classes=10)
+    t = torch.tensor([100.0, 200.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="^labels: expected class labels in \\[0, 10\\)"):
+        s(t, torch.tensor([3, bad]))
+    with pytest.raises(ValueError, match="^labels"):
+        s.geometric_mean(t, torch.tensor([bad, 0]))
+    with pytest.raises(ValueError, match="^labels"):
+        s.invert_geometric_mean(torch.tensor([1.0, 2.0]), torch.tensor([bad]))
+
+
+@pytest.mark.parametrize("bad", [-1e-6, 6400.5, float("nan"), float("inf"), -float("inf")])
+def test_times_outside_0_T_raise(bad):
+    t = torch.tensor([0.0, 6400.0, bad], dtype=torch.float64)
+    for call in (lambda: MatrixSchedule(2)(t), lambda: MatrixSchedule(3).geometric_mean(t),
+                 lambda: KnotSchedule()(t), lambda: MatrixSchedule(2, num_classes=3)(t, torch.tensor([0, 1, 2]))):
+        with pytest.raises(ValueError, match="^t: expected finite times in \\[0, T=6400\\]"):
+            call()
+
+
+def test_times_at_the_ends_of_the_domain_are_accepted():
+    g, _ = MatrixSchedule(2)(torch.tensor([0.0, 6400.0], dtype=torch.float64))
+    assert torch.allclose(g[:, 0], torch.tensor([1e-9, 6400.0], dtype=torch.float64))
+
+
+def test_inverse_refuses_non_finite_targets():
+    with pytest.raises(ValueError, match="^y: expected finite, non-negative"):
+        MatrixSchedule(2).invert_geometric_mean(torch.tensor([1.0, float("nan")]))

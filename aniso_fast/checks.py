@@ -1,0 +1,44 @@
+"""Value checks on tensors that the API boundaries share: class labels and group ids in range, times in [0, T].
+
+On CPU tensors a failed check raises ValueError naming the argument and the offending values. On accelerator
+tensors, and while `torch.compile` traces, it is a `torch._assert_async`: no host-device sync in the
+sampling and training loops, and still no silent wrong answer (a negative label would otherwise index from the
+end of a table).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_index", "check_in_range"]
+
+
+def _deferred(t: Tensor) -> bool:
+    return t.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def check_in_range(name: str, t: Tensor, low: float, high: float, expected: str) -> None:
+    """Every value of t finite and in [low, high]; `expected` words the rule for the message."""
+    if t.numel() == 0:
+        return
+    ok = torch.isfinite(t).all() & (t >= low).all() & (t <= high).all()
+    if _deferred(t):
+        torch._assert_async(ok, f"{name}: expected {expected}")
+    elif not bool(ok):
+        bad = t[~(torch.isfinite(t) & (t >= low) & (t <= high))].flatten()[:4].tolist()
+        raise ValueError(f"{name}: expected {expected}, got {', '.join(f'{v:g}' for v in bad)}"
+                         + (" ..." if int((~(torch.isfinite(t) & (t >= low) & (t <= high))).sum()) > 4 else ""))
+
+
+def check_index(name: str, t, n: int, what: str = "values") -> Tensor:
+    """An integer tensor of any shape with every value in [0, n); returned as int64."""
+    if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected an integer tensor of {what} in [0, {n}), got {got}")
+    if t.numel() > 0:
+        ok = ((t >= 0) & (t < n)).all()
+        if _deferred(t):
+            torch._assert_async(ok, f"{name}: expected {what} in [0, {n})")
+        elif not bool(ok):
+            raise ValueError(f"{name}: expected {what} in [0, {n}), got values in [{int(t.min())}, {int(t.max())}]")
+    return t.long()
