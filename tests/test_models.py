@@ -101,10 +101,10 @@ def test_bad_names_and_corrupt_files(tiny_checkpoint, assets, capsys):
 def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
     default is one of them, and the default model samples finite class-conditional images with its schedule."""
-    from aniso_fast import evaluate
+    from aniso_fast import recipes
     from aniso_fast.solvers import sample
 
-    recipe = evaluate.load_recipe("recipes/fmnist.json")
+    recipe = recipes.load_recipe("recipes/fmnist.json")
     shipped = models.shipped_models(models.ASSET_DIR)
     assert {row["export"] for row in recipe["rows"]} == set(shipped)
     assert models.default_model(models.ASSET_DIR) in shipped

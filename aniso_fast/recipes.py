@@ -1,0 +1,213 @@
+"""Training recipes (`recipes/*.json`): the rows of the results table, how each is trained, and the runner
+behind `python -m aniso_fast.evaluate train-recipe`.
+
+A row names its training arguments (`python -m aniso_fast.train <train> --out <out>`), the row it fine-tunes
+from (`init_from`), the shipped model it becomes (`export`) and the samplers of its evaluation (`eval`, the
+first one the row's own).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import models
+from .checkpoint import latest_checkpoint, read_meta
+from .solvers import SAMPLER_NAMES
+
+__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "select_rows", "resolve_row", "train_recipe"]
+
+RECIPE_FORMAT = "aniso_fast.recipe/1"
+
+
+def sampler_key(cfg: dict) -> tuple:
+    """(solver, grid, secondary) of an `eval` entry or a results-table cell, as `solvers.SAMPLER_NAMES` keys it."""
+    return (cfg["solver"], cfg["grid"], cfg["secondary"])
+
+
+def _stage_argv(row: dict) -> list[str]:
+    return [*row["train"], "--out", row["out"]]
+
+
+def _check_row(row, path: Path, seen: set) -> None:
+    from .train import config_from_argv
+
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: every row must be a JSON object, got {row!r}")
+    if isinstance(row.get("train"), str):  # one command-line string per stage, as typed in a shell
+        try:
+            row["train"] = shlex.split(row["train"])
+        except ValueError as e:
+            raise ValueError(f"{path}: row {row.get('name', '?')!r}: train: {e}") from None
+    for key in ("name", "label", "out", "train", "eval"):
+        if key not in row:
+            raise ValueError(f"{path}: row {row.get('name', '?')!r} lacks {key!r}")
+    name = row["name"]
+    for key in ("name", "label", "out"):
+        if not isinstance(row[key], str) or not row[key]:
+            raise ValueError(f"{path}: row {name!r}: {key!r} must be a non-empty string, got {row[key]!r}")
+    for key in ("init_from", "export"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise ValueError(f"{path}: row {name!r}: {key!r} must be a string or null, got {row[key]!r}")
+    if not isinstance(row["train"], list) or not all(isinstance(a, str) for a in row["train"]):
+        raise ValueError(f"{path}: row {name!r}: 'train' must be a string or a list of strings")
+    if name in seen:
+        raise ValueError(f"{path}: row name {name!r} appears twice")
+    parent = row.get("init_from")
+    if parent is not None and parent not in seen:
+        raise ValueError(f"{path}: row {name!r} starts from {parent!r}, which is not an earlier row")
+    if any(a in ("--out", "--init-from", "--resume") for a in row["train"]):
+        raise ValueError(f"{path}: row {name!r}: --out, --init-from and --resume are set by the runner")
+    if not isinstance(row["eval"], list) or not row["eval"]:
+        raise ValueError(f"{path}: row {name!r}: 'eval' must be a non-empty list of samplers")
+    for cfg in row["eval"]:
+        if not isinstance(cfg, dict) or tuple(cfg.get(k) for k in ("solver", "grid", "secondary")) not in SAMPLER_NAMES:
+            raise ValueError(f"{path}: row {name!r}: unknown sampler {cfg}")
+    if row["eval"][0].get("optional"):
+        raise ValueError(f"{path}: row {name!r}: the first sampler is the row's own and cannot be optional")
+    try:
+        config_from_argv(_stage_argv(row))
+    except ValueError as e:
+        raise ValueError(f"{path}: row {name!r}: training arguments: {e}") from None
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read and check a recipe: rows with a unique name, the training arguments, the parent row (init-from),
+    the shipped name and the samplers of the evaluation. ValueError naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such recipe file")
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON recipe ({e})") from None
+    fmt = recipe.get("format") if isinstance(recipe, dict) else None
+    if fmt != RECIPE_FORMAT:
+        raise ValueError(f"{path}: not a recipe (format {fmt!r}, expected {RECIPE_FORMAT!r})")
+    if not isinstance(recipe.get("rows"), list) or not recipe["rows"]:
+        raise ValueError(f"{path}: 'rows' must be a non-empty list")
+    seen = set()
+    for row in recipe["rows"]:
+        _check_row(row, path, seen)
+        seen.add(row["name"])
+    return recipe
+
+
+def select_rows(recipe: dict, names: Sequence[str] | None) -> list[dict]:
+    """The rows called `names`, in the recipe's order (all rows for None or empty); ValueError for a name the
+    recipe lacks, listing its rows."""
+    known = [row["name"] for row in recipe["rows"]]
+    unknown = [name for name in names or () if name not in known]
+    if unknown:
+        raise ValueError(f"only: no row {', '.join(map(repr, unknown))} in the recipe; its rows: {', '.join(known)}")
+    return [row for row in recipe["rows"] if not names or row["name"] in names]
+
+
+def _stage_state(row: dict) -> dict:
+    """Where a row's training stands: target steps (from its training configuration), latest checkpoint, done."""
+    from .train import config_from_argv
+
+    target = config_from_argv(_stage_argv(row)).steps
+    latest = latest_checkpoint(row["out"])
+    step = read_meta(latest)["step"] if latest is not None else 0
+    return {"target_steps": target, "latest": latest, "step": step, "done": latest is not None and step >= target}
+
+
+def resolve_row(row: dict, source: str = "auto") -> dict:
+    """The model a table row evaluates: its shipped model (`row['export']` in the manifest) or the latest
+    checkpoint in `row['out']` ('auto': shipped first). Returns status, where, an id for caching, a loader."""
+    shipped = models.shipped_models()
+    name = row.get("export")
+    if source in ("auto", "shipped") and name in shipped:
+        entry = shipped[name]
+        return {"status": "ok", "where": f"shipped model `{name}` ({entry['stage']} stage, step {entry['step']}, "
+                                         f"{entry['kimg']:g} kimg)", "id": f"shipped:{entry['sha256']}",
+                "load": lambda: models.load_shipped(name)[:2]}
+    if source in ("auto", "checkpoint"):
+        try:
+            state = _stage_state(row)
+        except (OSError, ValueError):  # an unreadable checkpoint counts as none
+            state = {"latest": None}
+        if state["latest"] is not None:
+            meta = read_meta(state["latest"])
+            done = "" if state["done"] else f", unfinished: {state['step']} of {state['target_steps']} steps"
+            path = state["latest"]
+            return {"status": "ok", "where": f"checkpoint `{path}` (not exported{done})",
+                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: models.load_trained(path)[:2]}
+    where = {"auto": f"no shipped model `{name}` and no checkpoint in `{row['out']}`",
+             "shipped": f"no shipped model `{name}`", "checkpoint": f"no checkpoint in `{row['out']}`"}[source]
+    return {"status": "missing", "where": where, "id": None, "load": None}
+
+
+def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bool = False, export: bool = True,
+                 python: str = sys.executable, quiet_seconds: float = 600.0, extra: Sequence[str] = (),
+                 runner: Callable = subprocess.run) -> list[list[str]]:
+    """Run every stage of a recipe in order: a finished stage is skipped, a started one continues with
+    `--resume`, a new one starts `--init-from` its parent's final checkpoint; then export the shipped models.
+
+    Before any stage runs, refuses (RuntimeError) a stage whose log was written in the last `quiet_seconds`
+    (another process is training there) and one whose parent has not finished and is not run here; ValueError
+    for a name in `only` that the recipe lacks.
+    """
+    selected = select_rows(recipe, only)
+    rows = {row["name"]: row for row in recipe["rows"]}
+    shipped = models.shipped_models()
+
+    def from_shipped(row: dict, state: dict) -> bool:
+        # a stage never run here whose model ships stands as done, unless named in `only` (then it retrains)
+        return state["latest"] is None and row.get("export") in shipped and not (only and row["name"] in only)
+
+    plan, ready = [], set()  # ready: rows finished, or run by this call before the rows after them
+    for row in selected:
+        state = _stage_state(row)
+        plan.append((row, state))
+        ready.add(row["name"])
+        if from_shipped(row, state) or state["done"] or dry_run:
+            continue
+        log = Path(row["out"]) / "log.jsonl"
+        if log.exists() and time.time() - log.stat().st_mtime < quiet_seconds:
+            raise RuntimeError(f"{row['name']}: {log} was written {time.time() - log.stat().st_mtime:.0f} s ago; "
+                               f"another process seems to be training in {row['out']} (wait for it to finish)")
+        parent = row.get("init_from")
+        if parent is not None and parent not in ready:
+            pstate = _stage_state(rows[parent])
+            if not (from_shipped(rows[parent], pstate) or pstate["done"]):
+                raise RuntimeError(f"{row['name']}: its parent stage {parent!r} has not finished")
+
+    commands = []
+    for row, state in plan:
+        if from_shipped(row, state):
+            print(f"{row['name']}: no run in {row['out']}; the shipped model {row['export']!r} stands for it",
+                  flush=True)
+            continue
+        if not state["done"]:
+            cmd = [python, "-m", "aniso_fast.train", *row["train"], *extra, "--out", row["out"]]
+            parent = row.get("init_from")
+            if parent is not None:
+                prow = rows[parent]
+                pstate = _stage_state(prow)
+                if from_shipped(prow, pstate):
+                    source = str(models.shipped_path(prow["export"]))  # the EMA network, which fine-tuning starts from
+                else:
+                    source = str(pstate["latest"] or f"<final checkpoint of {prow['out']}>")
+                cmd += ["--init-from", source]
+            if state["latest"] is not None:
+                cmd.append("--resume")
+            commands.append(cmd)
+            print(("would run: " if dry_run else "running: ") + shlex.join(cmd), flush=True)
+            if not dry_run:
+                runner(cmd, check=True)
+        if export and row.get("export") and not dry_run:
+            final = latest_checkpoint(row["out"])
+            entry = models.shipped_models().get(row["export"])
+            sha = read_meta(final)["tensor_sha256"]
+            if entry is None or entry.get("source_sha256") != sha:
+                print(f"exporting {final} as {row['export']}", flush=True)
+                # replaces the row's own earlier export; a stray file of that name is refused
+                models.export_model(final, row["export"], row["label"], force=entry is not None)
+    return commands
