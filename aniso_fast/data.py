@@ -216,7 +216,9 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
 
     Images under 'images' (or 'x'): [N, H, W], [N, H, W, C] or [N, C, H, W] with C in {1, 3} (a 4-D array is
     read as NCHW when dim 1 is 1 or 3, else as NHWC). Dtype uint8, another integer type with values in 0..255,
-    or floating point in [-1, 1] (quantized with `to_uint8`). Labels under 'labels' (or 'y'): integer [N], >= 0.
+    or floating point in [-1, 1] (quantized with `to_uint8`). Labels under 'labels' (or 'y'): integer [N], class
+    indices 0..K-1 with K = max label + 1, at least half of the K classes present (so a stray large label cannot
+    make a network with a million classes; sparse labels must be renumbered).
     """
     path = Path(path)
     if not path.is_file():
@@ -276,6 +278,11 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
             raise ValueError(f"{lname}: expected shape ({images.shape[0]},) to match the images, got {y.shape}")
         if y.min() < 0:
             raise ValueError(f"{lname}: labels must be >= 0, found {y.min()}")
+        present, k = len(np.unique(y)), int(y.max()) + 1
+        if k > 2 * present:
+            raise ValueError(f"{lname}: expected class indices 0..K-1 with at least half of the K classes present, "
+                             f"got K = max label + 1 = {k} with {present} distinct labels; renumber them "
+                             f"0..{present - 1}")
         labels = torch.from_numpy(y.astype(np.int64))
     return images, labels
 

@@ -35,16 +35,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
-from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis, basis_from_config
+from . import distributed, figures, optim, solvers
+from .atomic import atomic_write_text
+from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .data import ImageDataset, InfiniteBatchSampler, load_dataset, to_uint8
 from .ema import EMA, ema_beta
 from .networks import SongUNet
 from .precond import AnisoPrecond
 from .schedules import MatrixSchedule
 
-__all__ = ["STAGES", "ClassMaskedAdam", "lr_factor", "build_parser", "parse_args", "loss_function", "Trainer",
-           "run", "main"]
+__all__ = ["STAGES", "build_parser", "config_from_argv", "parse_args", "loss_function", "Trainer", "run", "main"]
 
 STAGES = ("edm", "iso", "aniso")
 _STAGE_DEFAULTS = {  # (loss c, loss reduction, schedule lr): METHOD §9 table
@@ -57,85 +57,8 @@ _RESUME_FREE = {"out", "resume", "kimg", "steps", "snapshot_every", "keep", "sam
                 "sample_nfe", "plot_every", "progress", "device"}
 
 
-# ------------------------------------------------------------------------------------ optimisation
-
-
-def lr_factor(nimg: int, rampup_kimg: float, decay_start_kimg: float, decay_halflife_kimg: float) -> float:
-    """Learning-rate factor after `nimg` images (this step's batch included): linear warm-up over
-    `rampup_kimg` to 1, held, then halved every `decay_halflife_kimg` after `decay_start_kimg` (METHOD §9, with
-    a warm-up that completes, unlike the reference's §10.3)."""
-    f = min(nimg / (rampup_kimg * 1000.0), 1.0) if rampup_kimg > 0 else 1.0
-    over = nimg - decay_start_kimg * 1000.0
-    if over > 0:
-        f *= 0.5 ** (over / (decay_halflife_kimg * 1000.0))
-    return f
-
-
-class ClassMaskedAdam(torch.optim.Optimizer):
-    """Adam on schedule parameters `psi [S, ...]` run as S independent Adams, one per class row (METHOD §8).
-
-    `step(present)` updates only rows s with `present[s]`: an absent class keeps its parameters, both moments and
-    its own step count bit for bit (the reference keeps one optimiser per class and steps those in the batch).
-    With every row present this is `torch.optim.Adam` (per-row step counts are then all equal).
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
-
-    @torch.no_grad()
-    def step(self, present: Tensor | None = None) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                S = p.shape[0]
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros(S, dtype=torch.float64, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                mask = (torch.ones(S, dtype=torch.bool, device=p.device) if present is None
-                        else present.to(device=p.device, dtype=torch.bool))
-                if mask.shape != (S,):
-                    raise ValueError(f"present: expected a bool mask of shape [{S}], got {tuple(mask.shape)}")
-                rows = mask.view(S, *([1] * (p.dim() - 1)))
-                grad = p.grad
-                # Optimizer.load_state_dict leaves "step" on the CPU (torch's convention for Adam's step)
-                state["step"] = state["step"].to(p.device)
-                step = torch.where(mask, state["step"] + 1, state["step"])
-                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-                n = step.clamp_min(1).view(rows.shape)
-                step_size = group["lr"] / (1 - beta1 ** n)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** n).sqrt()).add_(group["eps"])
-                new_p = p - (step_size * (exp_avg / denom)).to(p.dtype)
-                p.copy_(torch.where(rows, new_p, p))
-                state["exp_avg"] = torch.where(rows, exp_avg, state["exp_avg"])
-                state["exp_avg_sq"] = torch.where(rows, exp_avg_sq, state["exp_avg_sq"])
-                state["step"] = step
-
-
-def _sanitize_(tensors: Sequence[Tensor]) -> Tensor:
-    """NaN -> 0, +-inf -> +-1e5 in place (METHOD §4.4); returns the number of non-finite entries (a tensor)."""
-    bad = torch.zeros((), dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
-    for t in tensors:
-        bad = bad + (~torch.isfinite(t)).sum()
-        torch.nan_to_num_(t, nan=0.0, posinf=1e5, neginf=-1e5)
-    return bad
-
-
-def _norm(tensors: Sequence[Tensor]) -> Tensor:
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors]))
-
-
 def _chunk_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# ------------------------------------------------------------------------------------------- CLI
 
 
 def _int_list(text: str) -> list[int]:
@@ -148,6 +71,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """Raises ValueError on bad input instead of exiting, so that each caller chooses how to report it."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where the help text does not already explain it."""
 
@@ -158,7 +88,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m aniso_fast.train",
         description="Train an EDM network with a learned isotropic or anisotropic (matrix) noise schedule. "
                     "Typical chain: --stage edm -> --stage iso --init-from ... -> --stage aniso --init-from ... "
@@ -178,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "checkpoints unless --resume")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from CKPT, or (no value) from the newest checkpoint in --out; the other "
-                        "options must match the checkpoint, except output cadence and --kimg/--steps")
+                        "options must match the checkpoint, except output cadence, --device and --kimg/--steps "
+                        "(learning-rate decay defaults derived from the run length follow it)")
     g.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a new stage from a checkpoint of a previous one, or from a shipped model (its name "
                         "or file) (METHOD 2.2): the network and its EMA start from the source's EMA network (see "
@@ -200,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-blocks", type=int, default=1, help="residual blocks per level")
     g.add_argument("--attn-resolutions", type=str, default=None,
                    help="resolutions with self-attention, comma-separated, or 'none' (default: the lowest)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout probability, in [0, 1)")
 
     g = p.add_argument_group("basis (subspaces of the matrix schedule)")
     g.add_argument("--basis", choices=("iso", "dct", "pca"), default=None,
@@ -220,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-schedules", action="store_true",
                    help="one schedule per class (METHOD 8); a class's schedule and its Adam state move only on "
                         "steps whose global batch contains the class")
-    g.add_argument("--num-knots", type=int, default=32, help="knots of each schedule (METHOD 2.1)")
+    g.add_argument("--num-knots", type=int, default=32, help="knots of each schedule, >= 2 (METHOD 2.1)")
     g.add_argument("--loss-c", type=float, default=None,
                    help="constant c of the loss weight gdot^2/(g(g+c)) (default: 1 for edm/iso, 0.5 for aniso; "
                         "METHOD 10.2)")
@@ -240,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule learning rate (default: 1e-2 for iso, 1e-4 for aniso; METHOD 9)")
     g.add_argument("--rampup-kimg", type=float, default=10.0, help="linear learning-rate warm-up length (0: none)")
     g.add_argument("--decay-start-kimg", type=float, default=None,
-                   help="learning-rate decay starts here (default: half the run; 'inf': never)")
+                   help="learning-rate decay starts here (default: half the run, also after a --resume that "
+                        "changes its length; 'inf': never)")
     g.add_argument("--decay-halflife-kimg", type=float, default=None,
                    help="learning-rate half-life after the decay start (default: an eighth of the run)")
     g.add_argument("--ema-halflife-kimg", type=float, default=500.0, help="EMA half-life in thousands of images")
@@ -260,57 +192,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_argv(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and resolve every option (stage defaults, run length) and check all that need no data; bad input
+    raises ValueError naming the option. No data or checkpoint is read, nothing is written."""
+    return _resolve_args(build_parser().parse_args(argv))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """`config_from_argv` for the command line: bad input prints `error: ...` and exits with status 2."""
     try:
-        _resolve_args(args)
+        return config_from_argv(argv)
     except ValueError as e:
-        parser.error(str(e))
-    return args
+        build_parser().exit(2, f"error: {e}\n")
 
 
-def _resolve_args(args: argparse.Namespace) -> None:
-    """Fill stage-dependent defaults and check the options that need no data."""
+def _expect(ok: bool, name: str, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {got}")
+
+
+def _finite(v: float | None, low: float, strict: bool = False) -> bool:
+    return v is None or (math.isfinite(v) and (v > low if strict else v >= low))
+
+
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill stage-dependent defaults and the run length, and check every option that needs no data."""
+    for name in ("batch", "grad_accum", "sample_n", "sample_nfe", "model_channels", "num_blocks", "steps",
+                 "pca_clusters", "pca_max_per_group"):
+        v = getattr(args, name)
+        _expect(v is None or v >= 1, name, "an integer >= 1", v)
+    for name in ("snapshot_every", "sample_every", "keep", "plot_every"):
+        v = getattr(args, name)
+        _expect(v is None or v >= 0, name, "an integer >= 0", v)
+    for name in ("channel_mult", "dct_bands", "pca_rank"):
+        v = getattr(args, name)
+        _expect(v is None or min(v) >= 1, name, "integers >= 1", ",".join(map(str, v or [])))
+    _expect(args.num_knots >= 2, "num_knots", "an integer >= 2", args.num_knots)
+    try:
+        solvers.resolve_sampler("heun", "uniform_t", None, args.sample_nfe)  # the trainer's sample grids
+    except ValueError as e:
+        raise ValueError(f"--sample-nfe: {str(e).removeprefix('nfe: ')}") from None
+    _expect(0 <= args.seed < 2 ** 63, "seed", "an integer in [0, 2^63)", args.seed)
+    _attn_resolutions(args.attn_resolutions)
+    # non-finite values are refused everywhere; only the decay start may be 'inf' (no decay)
+    for name in ("kimg", "decay_halflife_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "loss_c"):
+        _expect(_finite(getattr(args, name), 0, strict=True), name, "a finite number > 0", getattr(args, name))
+    for name in ("lr", "glr", "rampup_kimg"):
+        _expect(_finite(getattr(args, name), 0), name, "a finite number >= 0", getattr(args, name))
+    start = args.decay_start_kimg
+    _expect(start is None or start >= 0, "decay_start_kimg", "a number >= 0 or 'inf'", start)
+    _expect(0 <= args.dropout < 1, "dropout", "a probability in [0, 1)", args.dropout)
+    if args.stage == "edm" and args.class_schedules:
+        raise ValueError("--class-schedules: the edm stage has no learned schedule")
+    if args.init_from and args.edm_pickle:
+        raise ValueError("--init-from and --edm-pickle are exclusive: pick where the network comes from")
     c, reduction, glr = _STAGE_DEFAULTS[args.stage]
     args.loss_c = c if args.loss_c is None else args.loss_c
     args.reduction = reduction if args.reduction is None else args.reduction
     args.glr = glr if args.glr is None else args.glr
     args.basis = args.basis or ("dct" if args.stage == "aniso" else "iso")
-    for name in ("batch", "grad_accum", "num_knots", "sample_n", "sample_nfe", "model_channels", "num_blocks"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.kimg <= 0:
-        raise ValueError(f"--kimg must be > 0, got {args.kimg}")
-    if args.stage == "edm" and args.class_schedules:
-        raise ValueError("--class-schedules: the edm stage has no learned schedule")
-    if args.init_from and args.edm_pickle:
-        raise ValueError("--init-from and --edm-pickle are exclusive: pick where the network comes from")
     if args.basis == "pca" and args.pca_rank is None:
         raise ValueError("--basis pca needs --pca-rank")
     if args.basis == "pca" and args.pca_per == "cluster" and args.pca_clusters is None:
         raise ValueError("--pca-per cluster needs --pca-clusters")
-    if args.lr < 0 or args.glr < 0:
-        raise ValueError("--lr and --glr must be >= 0")
-    if args.loss_c <= 0:
-        raise ValueError(f"--loss-c must be > 0, got {args.loss_c}")
-    if args.ema_halflife_kimg <= 0:
-        raise ValueError(f"--ema-halflife-kimg must be > 0, got {args.ema_halflife_kimg}")
-    for name in ("snapshot_every", "sample_every", "keep"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     args.plot_every = args.sample_every if args.plot_every is None else args.plot_every
-    # the length and the lr schedule are resolved here so that a resume compares the actual values
-    args.steps = args.steps or max(1, math.ceil(args.kimg * 1000 / args.batch))
-    args.kimg = args.steps * args.batch / 1000
-    if args.decay_start_kimg is None:
-        args.decay_start_kimg = args.kimg / 2
-    if args.decay_halflife_kimg is None:
-        args.decay_halflife_kimg = args.kimg / 8
-    if args.decay_halflife_kimg <= 0:
-        raise ValueError(f"--decay-halflife-kimg must be > 0, got {args.decay_halflife_kimg}")
+    # the run length is resolved here (a resume compares the actual values); the decay defaults derived from it
+    # stay None, so that a resume may change the length (optim.lr_decay resolves them)
+    args.steps, args.kimg = optim.train_length(args.kimg, args.steps, args.batch)
+    distributed.resolve_device(args.device, name="--device")
+    _check_out(args.out)
+    return args
+
+
+def _attn_resolutions(text: str | None) -> list[int] | None:
+    """--attn-resolutions: None (the default: the lowest resolution), [] for 'none', else the listed ones."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return _int_list(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"--attn-resolutions: expected comma-separated integers or 'none', got {text!r}") from None
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder, or creatable as one, that this process can write."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: expected a folder, got the existing file {out}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out: expected a folder, but {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: expected a writable folder, but {existing} is not writable")
 
 
 def loss_function(stage: str) -> Callable:
@@ -318,9 +293,6 @@ def loss_function(stage: str) -> Callable:
     from . import losses
 
     return {"edm": losses.edm_loss, "iso": losses.iso_loss, "aniso": losses.trajectory_loss}[stage]
-
-
-# ---------------------------------------------------------------------------------------- building
 
 
 def _basis_from_args(args, data) -> SubspaceBasis:
@@ -350,15 +322,11 @@ def _network_config(args, C: int, H: int, label_dim: int) -> dict:
     if H % 2 ** (levels - 1):
         raise ValueError(f"--channel-mult has {levels} levels, which needs the image size to be divisible by "
                          f"{2 ** (levels - 1)}; the data is {H}x{H}")
-    if args.attn_resolutions is None:
-        attn = [lowest]
-    elif args.attn_resolutions.strip().lower() == "none":
-        attn = []
-    else:
-        attn = _int_list(args.attn_resolutions)
+    attn = _attn_resolutions(args.attn_resolutions)
     return dict(img_resolution=H, in_channels=C, out_channels=C, label_dim=label_dim,
                 model_channels=args.model_channels, channel_mult=list(args.channel_mult),
-                num_blocks=args.num_blocks, attn_resolutions=attn, dropout=args.dropout)
+                num_blocks=args.num_blocks, attn_resolutions=[lowest] if attn is None else attn,
+                dropout=args.dropout)
 
 
 def _load_init_source(source: str) -> tuple[dict[str, Tensor], dict]:
@@ -425,12 +393,9 @@ def _versions() -> dict:
             "safetensors": ver("safetensors"), "aniso_fast": ver("aniso_fast")}
 
 
-# ------------------------------------------------------------------------------------------ trainer
-
-
 class Trainer:
     """Everything one training run holds; `fit()` runs it. Validation happens in the constructor, before any
-    training step: data, labels, basis/image size, network/data, checkpoint configuration."""
+    training step and any file written: data, labels, basis/image size, network/data, checkpoint configuration."""
 
     def __init__(self, args: argparse.Namespace, dist: distributed.Dist | None = None):
         self.args = args
@@ -440,6 +405,7 @@ class Trainer:
         self.resume_path: Path | None = None
         self.step = 0
         self.nimg = 0
+        self.decay = optim.lr_decay(args.kimg, args.decay_start_kimg, args.decay_halflife_kimg)
         W = self.dist.world_size
         if args.batch % (args.grad_accum * W):
             raise ValueError(f"--batch {args.batch} must be divisible by --grad-accum x world size = "
@@ -447,12 +413,15 @@ class Trainer:
 
         resume = self._find_resume()
         self._load_data()
-        tensors, meta = resume if resume else ({}, {})
         if resume:
+            tensors, meta = resume
             self._check_resume(meta)
-        self._build_basis(meta, tensors)
-        self._build_network(meta, tensors)
-        self._build_schedule(meta, tensors)
+            net, basis, schedule, ema_state = self._from_checkpoint(tensors, meta)
+        else:
+            net, basis, schedule, ema_state = self._from_args()
+        self._set_basis(basis)
+        self._set_network(net, ema_state)
+        self._set_schedule(schedule)
         self._build_optim()
         if resume:
             self._load_state(tensors, meta)
@@ -470,7 +439,10 @@ class Trainer:
         if path is None:
             raise ValueError(f"--resume: no checkpoint-*.safetensors in {self.out}")
         self.resume_path = path
-        return ckpt.load_checkpoint(path)
+        try:
+            return ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--resume: {e}") from None
 
     def _load_data(self) -> None:
         args = self.args
@@ -495,44 +467,46 @@ class Trainer:
     def _check_resume(self, meta: dict) -> None:
         mine = {k: v for k, v in vars(self.args).items() if k not in _RESUME_FREE}
         theirs = {k: v for k, v in meta["args"].items() if k not in _RESUME_FREE}
+        derived = optim.lr_decay(meta["args"]["kimg"], None, None)
+        for key, value in zip(("decay_start_kimg", "decay_halflife_kimg"), derived):
+            if mine[key] is None and theirs.get(key) == value:  # older checkpoints stored the derived value
+                theirs[key] = None
         ckpt.compare_configs("the command line", mine, theirs)
         shape = list(self.data.images.shape)
         if meta["data"]["shape"] != shape or meta["data"]["num_classes"] != self.num_classes:
             raise ckpt.CheckpointError(f"--data: the checkpoint was trained on {meta['data']}, this data is "
                                        f"{{'shape': {shape}, 'num_classes': {self.num_classes}}}")
 
-    def _build_basis(self, meta: dict, tensors: dict) -> None:
-        if meta:
-            basis = basis_from_config(meta["basis_config"], ckpt.strip_prefix("basis", tensors))
-        else:
-            basis = _basis_from_args(self.args, self.data)
-        H, W = self.data.images.shape[-2:]
-        if basis.image_size is not None and tuple(basis.image_size) != (H, W):
-            raise ValueError(f"the basis is for {basis.image_size[0]}x{basis.image_size[1]} images, the data is "
-                             f"{H}x{W}")
-        self.basis = basis.to(self.device)
-        # PCA fits and GPU reductions may differ in the last bit between ranks: rank 0's basis is the basis
-        self.dist.broadcast_(t for t in self.basis.state_dict().values() if t.numel())
+    def _from_checkpoint(self, tensors: dict, meta: dict):
+        """(network, basis, schedule, EMA state) of a resumed run: the raw network trains on, the EMA continues."""
+        from .models import build_model
 
-    def _build_network(self, meta: dict, tensors: dict) -> None:
+        model, schedule = build_model(tensors, meta, weights="net")
+        return model.net, model.basis, schedule, ckpt.strip_prefix("ema", tensors)
+
+    def _from_args(self):
+        """(network, basis, schedule, EMA state or None) of a new run: the basis from the options; the network new,
+        from --init-from (with its schedule, METHOD §2.2) or from --edm-pickle."""
+        from .models import build_model
+
         args = self.args
         _, C, H, _ = self.data.images.shape
+        basis = _basis_from_args(args, self.data)
+        schedule = MatrixSchedule(num_subspaces=basis.num_subspaces,
+                                  num_classes=self.num_classes if args.class_schedules else None,
+                                  tied=args.stage != "aniso", num_knots=args.num_knots)
         torch.manual_seed(args.seed)
         ema_state = None
-        if meta:
-            net = SongUNet.from_config(meta["net_config"])
-            net.load_state_dict(ckpt.strip_prefix("net", tensors))
-            ema_state = ckpt.strip_prefix("ema", tensors)
-        elif args.init_from:
-            src_tensors, src_meta = _load_init_source(args.init_from)
-            self._init_meta, self._init_tensors = src_meta, src_tensors
-            net = SongUNet.from_config(src_meta["net_config"])
-            if args.init_weights == "net" and not any(k.startswith("net.") for k in src_tensors):
+        if args.init_from:
+            tensors, meta = _load_init_source(args.init_from)
+            if args.init_weights == "net" and not any(k.startswith("net.") for k in tensors):
                 raise ValueError(f"--init-weights net: {args.init_from} is a shipped model, which holds only the "
                                  f"EMA network")
             # fine-tuning starts from the averaged weights: the raw network of a constant-lr run is far noisier
-            net.load_state_dict(ckpt.strip_prefix(args.init_weights, src_tensors))
-            ema_state = ckpt.strip_prefix("ema", src_tensors)
+            model, source_schedule = build_model(tensors, meta, weights=args.init_weights)
+            net, ema_state = model.net, ckpt.strip_prefix("ema", tensors)
+            if args.stage != "edm":
+                _copy_schedule(schedule, source_schedule)
         elif args.edm_pickle:
             from .edm_pickle import load_edm_network
 
@@ -544,6 +518,20 @@ class Trainer:
         else:
             cond = args.cond if args.cond is not None else self.data.labels is not None
             net = SongUNet(**_network_config(args, C, H, self.num_classes if cond else 0))
+        return net, basis, schedule, ema_state
+
+    def _set_basis(self, basis: SubspaceBasis) -> None:
+        H, W = self.data.images.shape[-2:]
+        if basis.image_size is not None and tuple(basis.image_size) != (H, W):
+            raise ValueError(f"the basis is for {basis.image_size[0]}x{basis.image_size[1]} images, the data is "
+                             f"{H}x{W}")
+        self.basis = basis.to(self.device)
+        # PCA fits and GPU reductions may differ in the last bit between ranks: rank 0's basis is the basis
+        self.dist.broadcast_(t for t in self.basis.state_dict().values() if t.numel())
+
+    def _set_network(self, net: SongUNet, ema_state: dict | None) -> None:
+        args = self.args
+        _, C, H, _ = self.data.images.shape
         cfg = net.config()
         if (cfg["img_resolution"], cfg["in_channels"]) != (H, C):
             raise ValueError(f"the network is for {cfg['in_channels']}x{cfg['img_resolution']}x"
@@ -563,11 +551,11 @@ class Trainer:
         self.loss_model = AnisoPrecond(self.net, self.basis)
         self.ddp = None
         if self.dist.enabled:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # the constructor broadcasts rank 0's weights; the net's buffers are constants: no per-forward sync
-            import inspect
-
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
             self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
@@ -578,30 +566,18 @@ class Trainer:
         if ema_state is not None:
             self.ema.module.load_state_dict(ema_state)
 
-    def _build_schedule(self, meta: dict, tensors: dict) -> None:
-        args = self.args
-        if meta:
-            sched = MatrixSchedule.from_config(meta["schedule_config"])
-            sched.load_state_dict(ckpt.strip_prefix("schedule", tensors))
-        else:
-            S = self.num_classes if args.class_schedules else None
-            sched = MatrixSchedule(num_subspaces=self.basis.num_subspaces, num_classes=S,
-                                   tied=args.stage != "aniso", num_knots=args.num_knots)
-            if args.init_from and args.stage != "edm":
-                src = MatrixSchedule.from_config(self._init_meta["schedule_config"])
-                src.load_state_dict(ckpt.strip_prefix("schedule", self._init_tensors))
-                _copy_schedule(sched, src)
-        if sched.num_subspaces != self.basis.num_subspaces:
-            raise ValueError(f"the schedule has {sched.num_subspaces} subspaces, the basis "
+    def _set_schedule(self, schedule: MatrixSchedule) -> None:
+        if schedule.num_subspaces != self.basis.num_subspaces:
+            raise ValueError(f"the schedule has {schedule.num_subspaces} subspaces, the basis "
                              f"{self.basis.num_subspaces}")
-        self.schedule = sched.to(self.device)
-        self.learn_schedule = args.stage != "edm"
+        self.schedule = schedule.to(self.device)
+        self.learn_schedule = self.args.stage != "edm"
         self.schedule.requires_grad_(self.learn_schedule)
         self.dist.broadcast_([self.schedule.psi.data])
 
     def _build_optim(self) -> None:
         self.opt_net = torch.optim.Adam(self.net.parameters(), lr=self.args.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.opt_sched = (ClassMaskedAdam([self.schedule.psi], lr=self.args.glr) if self.learn_schedule else None)
+        self.opt_sched = (optim.ClassMaskedAdam([self.schedule.psi], lr=self.args.glr) if self.learn_schedule else None)
 
     # ---- checkpoint state ----
 
@@ -701,10 +677,10 @@ class Trainer:
                 self.schedule.psi.grad = torch.zeros_like(self.schedule.psi)
             sched_grads = [self.schedule.psi.grad]
             dist.all_reduce_mean_(sched_grads)  # network gradients were averaged by DDP in backward
-        bad_net, bad_sched = _sanitize_(net_grads), _sanitize_(sched_grads)
+        bad_net, bad_sched = optim.sanitize_grads_(net_grads), optim.sanitize_grads_(sched_grads)
 
         nimg = self.nimg + B
-        f = lr_factor(nimg, args.rampup_kimg, args.decay_start_kimg, args.decay_halflife_kimg)
+        f = optim.lr_factor(nimg, args.rampup_kimg, *self.decay)
         for group in self.opt_net.param_groups:
             group["lr"] = args.lr * f
         self.opt_net.step()
@@ -713,7 +689,7 @@ class Trainer:
             for group in self.opt_sched.param_groups:
                 group["lr"] = args.glr * f
             self.opt_sched.step(present)
-        grad_norm_net, grad_norm_sched = _norm(net_grads), _norm(sched_grads)
+        grad_norm_net, grad_norm_sched = optim.grad_norm(net_grads), optim.grad_norm(sched_grads)
         self.opt_net.zero_grad(set_to_none=True)
         if self.opt_sched is not None:
             self.opt_sched.zero_grad(set_to_none=True)
@@ -736,65 +712,25 @@ class Trainer:
     # ---- outputs ----
 
     def save_samples(self, path: Path) -> None:
-        from PIL import Image
-
-        from .solvers import sample
-
+        """A grid of the EMA network's samples (uniform-t midpoint Heun), one class per column when conditional."""
         args = self.args
         model = AnisoPrecond(self.ema.module, self.basis)
-        labels = None
-        cols = math.ceil(math.sqrt(args.sample_n))
+        labels, cols = None, None
         if model.num_classes:
             labels = torch.arange(args.sample_n, device=self.device) % model.num_classes
             cols = min(model.num_classes, args.sample_n)
-        nfe = args.sample_nfe
         with torch.no_grad():
-            x, _, _ = sample(model, self.schedule, nfe=nfe, solver="heun", grid="uniform_t",
+            x, _, _ = solvers.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
                              seeds=range(args.sample_n), labels=labels, device=self.device)
-        img = to_uint8(x).cpu()
-        n, C, H, W = img.shape
-        rows = math.ceil(n / cols)
-        canvas = torch.zeros(C, rows * H, cols * W, dtype=torch.uint8)
-        for i in range(n):
-            r, c = divmod(i, cols)
-            canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = img[i]
-        arr = canvas.permute(1, 2, 0).numpy()
-        Image.fromarray(arr[..., 0] if C == 1 else arr, "L" if C == 1 else "RGB").save(path)
+        figures.save_image_grid(to_uint8(x), path, cols=cols)
 
     def plot_schedule(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        sched = self.schedule
-        t = torch.linspace(0, sched.T, 401, dtype=torch.float64, device=self.device)
-        S = sched.num_classes or 1
-        shown = list(range(min(S, 10)))
-        names = self.data.class_names
-        fig, axes = plt.subplots(2, len(shown), figsize=(3.2 * len(shown), 5.6), squeeze=False, sharex=True)
-        with torch.no_grad():
-            for col, s in enumerate(shown):
-                labels = torch.full_like(t, s, dtype=torch.long) if sched.num_classes else None
-                g = sched(t, labels)[0].cpu()
-                tt = t.cpu()
-                for k in range(g.shape[1]):
-                    axes[0, col].semilogy(tt, g[:, k], label=f"g_{k}")
-                    axes[1, col].semilogy(tt, g[:, k] / g[:, -1], label=f"g_{k}/g_{g.shape[1] - 1}")
-                title = "global" if sched.num_classes is None else (names[s] if names else f"class {s}")
-                axes[0, col].set_title(title, fontsize=9)
-                axes[1, col].set_xlabel("t")
-        axes[0, 0].set_ylabel("g_k(t)")
-        axes[1, 0].set_ylabel("ratio to the last subspace (g/h)")
-        axes[0, 0].legend(fontsize=7)
-        axes[1, 0].legend(fontsize=7)
-        fig.suptitle(f"{self.args.stage} schedule, step {self.step}, {self.nimg / 1000:.1f} kimg", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        title = f"{self.args.stage} schedule, step {self.step}, {self.nimg / 1000:.1f} kimg"
+        figures.plot_schedule(self.schedule, path, title, class_names=self.data.class_names)
 
     def _truncate_log(self, log_path: Path) -> None:
-        """On resume, drop log records after the checkpoint's step (they belong to the lost tail of the run)."""
+        """Drop log records after the current step: a resumed run's lost tail, or a dead run that never reached
+        a checkpoint (a new run starts at step 0)."""
         if not log_path.exists():
             return
         keep = []
@@ -804,35 +740,36 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by the crash
                 continue
-        tmp = log_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, log_path)
+        atomic_write_text(log_path, "".join(line + "\n" for line in keep))
 
     def fit(self) -> None:
         args, main = self.args, self.dist.is_main
         log_path = self.out / "log.jsonl"
+        t0 = time.perf_counter()
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_log(log_path)
             if args.resume:
-                self._truncate_log(log_path)
                 tqdm.write(f"resuming from {self.resume_path} at step {self.step} ({self.nimg / 1000:.4g} kimg)")
             else:
-                (self.out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+                atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, sort_keys=True))
         bar = tqdm(total=args.steps, initial=self.step, disable=not (main and args.progress), unit="step",
                    dynamic_ncols=True)
         log = open(log_path, "a") if main else None
+        loss = None
         try:
             while self.step < args.steps:
                 record = self.train_step()
+                loss = record["loss"]
                 last = self.step == args.steps
                 if main:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", kimg=f"{record['kimg']:.4g}")
-                    if (args.sample_every and self.step % args.sample_every == 0) or (args.sample_every and last):
+                    if args.sample_every and (self.step % args.sample_every == 0 or last):
                         self.save_samples(self.out / f"samples-{self.step:08d}.png")
-                    if (args.plot_every and self.step % args.plot_every == 0) or (args.plot_every and last):
+                    if args.plot_every and (self.step % args.plot_every == 0 or last):
                         self.plot_schedule(self.out / f"schedule-{self.step:08d}.png")
                 if (args.snapshot_every and self.step % args.snapshot_every == 0) or last:
                     self.save_checkpoint()
@@ -840,9 +777,10 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
-
-
-# ---------------------------------------------------------------------------------------------- main
+        if main:
+            final = "n/a (no step to run)" if loss is None else f"{loss:.4g}"
+            print(f"done: step {self.step} of {args.steps}, {self.nimg / 1000:.4g} kimg, final loss {final}, "
+                  f"{time.perf_counter() - t0:.1f} s, last checkpoint {ckpt.latest_checkpoint(self.out)}")
 
 
 def run(args: argparse.Namespace) -> Trainer:

@@ -225,6 +225,11 @@ def test_npz_gray_int_and_float(tmp_path, u8):
     ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.zeros(2, np.float32)}, r"\['labels'\].*integers"),
     ({"images": np.zeros((2, 4, 4), np.uint8), "y": np.zeros(3, np.int64)}, r"\['y'\].*\(2,\)"),
     ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.array([0, -1])}, r"\['labels'\].*>= 0"),
+    # issue 10, defect 3: a stray large label made a 1,000,001-class data set
+    ({"images": np.zeros((4, 4, 4), np.uint8), "labels": np.array([0, 1, 2, 1_000_000])},
+     r"\['labels'\]: expected class indices 0\.\.K-1 .*K = max label \+ 1 = 1000001 with 4 distinct"),
+    ({"images": np.zeros((2, 4, 4), np.uint8), "y": np.array([0, 5], np.uint8)}, r"\['y'\].*K = .* = 6 with 2"),
+    ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.array([2 ** 64 - 1, 0], np.uint64)}, r"0\.\.K-1"),
 ])
 def test_npz_errors(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aniso_fast import checkpoint as ckpt
-from aniso_fast import train
+from aniso_fast import optim, train
 from aniso_fast.ema import ema_beta
 
 from test_edm_pickle import fake_edm  # noqa: F401  (fixture: a small network pickle in EDM's format)
@@ -55,11 +55,11 @@ def make_trainer(args_list) -> train.Trainer:
 # ---- pure pieces ----
 
 def test_lr_factor_warms_up_completely_then_holds_then_halves():
-    f = lambda kimg: train.lr_factor(int(kimg * 1000), rampup_kimg=10, decay_start_kimg=600, decay_halflife_kimg=150)
+    f = lambda kimg: optim.lr_factor(int(kimg * 1000), rampup_kimg=10, decay_start_kimg=600, decay_halflife_kimg=150)
     assert f(5) == pytest.approx(0.5)
     assert f(10) == 1.0 and f(300) == 1.0 and f(600) == 1.0  # the warm-up finishes (unlike METHOD §10.3)
     assert f(750) == pytest.approx(0.5) and f(900) == pytest.approx(0.25)
-    assert train.lr_factor(1, 0, math.inf, 1) == 1.0
+    assert optim.lr_factor(1, 0, math.inf, 1) == 1.0
 
 
 def test_ema_beta_half_life_in_images_and_rampup():
@@ -74,7 +74,7 @@ def test_class_masked_adam_is_adam_per_class_and_freezes_absent_classes():
     torch.manual_seed(0)
     psi = torch.nn.Parameter(torch.randn(3, 2, 5, dtype=torch.float64))
     ref = [torch.nn.Parameter(psi.detach()[s].clone()) for s in range(3)]
-    opt = train.ClassMaskedAdam([psi], lr=1e-2)
+    opt = optim.ClassMaskedAdam([psi], lr=1e-2)
     refs = [torch.optim.Adam([p], lr=1e-2) for p in ref]
     plan = [[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]]
     for present in plan:
@@ -147,6 +147,60 @@ def test_cli_reports_errors_and_exit_code(tmp_path, capsys):
         train.main(["--stage", "edm", "--data", "x.npz", "--out", str(tmp_path), "--class-schedules"])
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--dropout", "2"),  # issue 10, defect 9: refused only after args.json and the log were written
+    ("--dropout", "-0.1"), ("--lr", "nan"), ("--glr", "inf"), ("--kimg", "inf"), ("--num-knots", "1"),
+    ("--ema-halflife-kimg", "nan"), ("--decay-start-kimg", "nan"), ("--decay-halflife-kimg", "inf"),
+    ("--ema-rampup-ratio", "-1"), ("--seed", "-1"), ("--attn-resolutions", "x"), ("--channel-mult", "0"),
+    ("--pca-rank", "0"), ("--plot-every", "-1"), ("--sample-nfe", "1"),
+])
+def test_every_option_is_checked_before_anything_is_written(tmp_path, npz, capsys, option, value):
+    """Issue 10, defect 9: one line `error: --option: ...`, exit 2, nothing in --out; the API raises ValueError."""
+    args = argv(npz, tmp_path / "run", "aniso", 2, "--basis", "pca", "--pca-rank", "2", option, value)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: {option}: ") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        train.config_from_argv(args)
+
+
+def test_good_edge_values_are_accepted(tmp_path, npz):
+    args = train.config_from_argv(argv(npz, tmp_path / "run", "aniso", 2, "--xflip", "--dropout", "0",
+                                       "--decay-start-kimg", "inf", "--num-knots", "2", "--lr", "0"))
+    assert args.xflip and args.decay_start_kimg == math.inf and args.steps == 2
+
+
+@pytest.mark.parametrize("case", ["cuda", "bogus", "out_file", "out_under_file"])
+def test_device_and_out_are_checked_before_any_work(tmp_path, npz, capsys, monkeypatch, case):
+    """Issue 10, defect 8: these gave tracebacks (from torch.device, torch.cuda and mkdir)."""
+    out, extra = tmp_path / "run", []
+    if case == "cuda":  # CPU torch: no CUDA device at all; with GPUs, one past the last
+        extra = ["--device", "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"]
+    elif case == "bogus":
+        extra = ["--device", "bogus"]
+    else:
+        (tmp_path / "file").write_text("keep me")
+        out = tmp_path / "file" if case == "out_file" else tmp_path / "file" / "run"
+    monkeypatch.setattr(train, "load_dataset", lambda spec: pytest.fail("the data was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv(npz, out, "iso", 1, *extra))
+    err = capsys.readouterr().err
+    option = "--out" if case.startswith("out") else "--device"
+    assert exit_.value.code == 2 and err.startswith(f"error: {option}: expected") and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "keep me" if case.startswith("out") else not out.exists()
+
+
+def test_labels_out_of_range_are_refused_before_training(tmp_path, capsys):
+    """Issue 10, defect 3: one label of 1000000 built a 1,000,001-class network and a 128 MB checkpoint."""
+    data = make_npz(tmp_path / "huge.npz", label_values=[0, 1, 2, 1_000_000])
+    assert train.main(argv(data, tmp_path / "run", "iso", 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data {data}: ") and "0..K-1" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 # ---- training ----
 
 def test_aniso_class_schedules_writes_log_samples_plot_checkpoint(tmp_path, npz):
@@ -202,6 +256,36 @@ def test_nonfinite_gradients_are_sanitised_and_counted(tmp_path, npz, monkeypatc
     assert record["nonfinite_net"] == 3 and record["nonfinite_schedule"] == 0
     assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
     assert math.isfinite(record["grad_norm_net"]) and record["grad_norm_net"] >= 1e5
+
+
+def test_run_ends_with_a_summary_line(tmp_path, npz, capsys):
+    """Issue 10, defect 9: train printed nothing at the end."""
+    out = tmp_path / "run"
+    train.main(argv(npz, out, "iso", 2))
+    loss = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith(f"done: step 2 of 2, 0.008 kimg, final loss {loss:.4g}, ")
+    assert lines[-1].endswith(f" s, last checkpoint {out / 'checkpoint-00000002.safetensors'}")
+
+
+def test_resume_may_extend_the_run(tmp_path, npz):
+    """Issue 10, defect 2: the decay defaults derived from --steps/--kimg made any longer run a config mismatch."""
+    out = tmp_path / "run"
+    train.run(train.parse_args(argv(npz, out, "iso", 6)))
+    trainer = train.run(train.parse_args(argv(npz, out, "iso", 8, "--resume")))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert trainer.step == 8 and [r["step"] for r in records] == list(range(1, 9))
+    assert ckpt.read_meta(ckpt.latest_checkpoint(out))["step"] == 8
+    # the derived defaults follow the new length: decay from 0.016 kimg with a half-life of 0.004 kimg
+    assert records[-1]["lr"] == pytest.approx(1e-3 * 0.5 ** ((32 - 16) / 4))
+    with pytest.raises(ckpt.CheckpointError, match="decay_start_kimg: checkpoint has None, this run has 1.0"):
+        make_trainer(argv(npz, out, "iso", 10, "--resume", "--decay-start-kimg", "1"))
+    # a checkpoint written before derived defaults were stored as None holds their values
+    path = ckpt.latest_checkpoint(out)
+    tensors, meta = ckpt.load_checkpoint(path)
+    meta["args"].update(decay_start_kimg=meta["args"]["kimg"] / 2, decay_halflife_kimg=meta["args"]["kimg"] / 8)
+    ckpt.save_checkpoint(path, tensors, meta)
+    assert make_trainer(argv(npz, out, "iso", 10, "--resume")).step == 8
 
 
 def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
