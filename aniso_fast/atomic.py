@@ -6,7 +6,7 @@ temporary file behind (it is removed on any error).
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +24,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, opened exclusively with mode 0o666: the umask (or a default ACL) then
+    gives it the mode of any new file, where mkstemp's 0o600 would leave outputs unreadable to others."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temporary file name beside it")
+
+
 def _commit(path: Path, fill: Callable[[int, str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         fill(fd, tmp)
         os.replace(tmp, path)

@@ -1,12 +1,13 @@
 """Fast low-NFE generation: `python -m aniso_fast.sample`.
 
-With no arguments: the embedded default model and schedule, 64 samples at NFE 9 with the paper's solver
-(midpoint Heun on the uniform t grid), written as a PNG grid whose path is printed.
+With no arguments: the default model (`python -m aniso_fast.models list`) with its schedule, 64 samples at NFE 9
+with the paper's solver (midpoint Heun on the uniform t grid), written as a PNG grid whose path is printed.
+Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import re
 import sys
 import tempfile
 import time
@@ -14,62 +15,65 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import models
 from .atomic import atomic_write
 from .data import to_uint8
-from .solvers import GRIDS, SOLVERS, sample, steps_for_nfe
+from .figures import save_image_grid
+from .solvers import GRIDS, SOLVERS, check_seeds, resolve_sampler, sample
 
-__all__ = ["main", "parse_seeds", "save_grid"]
+__all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
+
+MAX_SAMPLES = 1_000_000  # samples (and samples per batch) of one run: a typo must not allocate hundreds of GB
+_SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-63' or '1,5,9' or '0-3,10' -> list of ints."""
-    seeds: list[int] = []
+    """'0-63' or '1,5,9' or '0-3,10' -> list of seeds (at most MAX_SAMPLES, each a valid generator seed)."""
+    ranges = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = _SEED_PART.fullmatch(part)
+        if not m:
+            raise ValueError(f"--seeds: expected non-negative integers and ranges like '0-63' or '1,5,9', "
+                             f"got {text!r}")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo:
+            raise ValueError(f"--seeds: the range {part!r} is empty (expected low-high with low <= high)")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise ValueError(f"--seeds: expected at least one seed, got {text!r}")
+    total = sum(hi - lo + 1 for lo, hi in ranges)
+    if total > MAX_SAMPLES:
+        raise ValueError(f"--seeds: expected at most {MAX_SAMPLES:,} samples, got {total:,}")
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                seeds.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                seeds.append(int(part))
-    except ValueError:
-        raise ValueError(f"--seeds: expected integers and ranges like '0-63' or '1,5,9', got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds: expected non-negative seeds, got {text!r}")
-    return seeds
+        return check_seeds([s for lo, hi in ranges for s in range(lo, hi + 1)])
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
 
-def save_grid(images: np.ndarray, path: Path) -> None:
-    """uint8 images [B, C, H, W] -> one PNG grid (about square), written atomically."""
-    B, C, H, W = images.shape
-    cols = math.ceil(math.sqrt(B))
-    rows = math.ceil(B / cols)
-    canvas = np.zeros((rows * H, cols * W, C), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = img.transpose(1, 2, 0)
-    pil = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
-    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+class _Parser(argparse.ArgumentParser):
+    """Usage errors raise instead of exiting, so that main() reports every bad input alike: one line, exit 2."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where there is one (None defaults are explained in the help text)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aniso_fast.sample", description=__doc__,
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--model", default=models.DEFAULT_MODEL,
-                   help=f"embedded model name ({', '.join(models.MODELS)}) or a training checkpoint (*.safetensors)")
+    p = _Parser(prog="python -m aniso_fast.sample", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="an embedded or shipped model name (`python -m aniso_fast.models list`; default: the "
+                        "manifest's default model), or a .safetensors file: a training checkpoint or a shipped "
+                        "model's file")
     p.add_argument("--schedule", default=None,
-                   help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a checkpoint, "
-                        f"'{models.DEFAULT_SCHEDULE}' otherwise")
+                   help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a shipped model "
+                        f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model")
     p.add_argument("--solver", default="heun", choices=SOLVERS)
     p.add_argument("--grid", default="uniform_t", choices=GRIDS,
                    help="uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
@@ -77,46 +81,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secondary", default=None, choices=("end", "mid"),
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")
-    p.add_argument("--seeds", default=None, help="seeds, e.g. '0-63' or '1,5,9' (default: 0..count-1)")
-    p.add_argument("--count", type=int, default=64, help="number of samples when --seeds is not given")
+    p.add_argument("--seeds", default=None,
+                   help=f"seeds, e.g. '0-63' or '1,5,9', each below 2**32, at most {MAX_SAMPLES:,} "
+                        f"(default: 0..count-1)")
+    p.add_argument("--count", type=int, default=None,
+                   help=f"number of samples when --seeds is not given (default: 64; at most {MAX_SAMPLES:,})")
     p.add_argument("--classes", default=None,
                    help="class labels, e.g. '3' or '0,1,2' (cycled over the samples); default: drawn per seed")
-    p.add_argument("--batch", type=int, default=256, help="samples per solver batch")
+    p.add_argument("--batch", type=int, default=256, help=f"samples per solver batch (at most {MAX_SAMPLES:,})")
     p.add_argument("--outdir", default="samples", help="output directory")
     p.add_argument("--format", default="png", choices=("png", "npz"),
                    help="png: a grid (plus --individual images); npz: uint8 images and labels")
-    p.add_argument("--individual", action="store_true", help="also write one PNG per sample")
+    p.add_argument("--individual", action="store_true", help="also write one PNG per sample (png format only)")
+    p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def _validate(args) -> tuple[list[int], list[int] | None, Path]:
-    """Every check that can fail runs before any sampling work."""
-    checkpoint = models.has_learned_schedule(args.model)  # a shipped trained model or a training checkpoint
-    if args.model not in models.MODELS and not checkpoint:
-        raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(models.MODELS)}, or a "
-                         f"training checkpoint (*.safetensors)")
-    if models.is_checkpoint(args.model) and not Path(args.model).is_file():
-        raise ValueError(f"--model: checkpoint {args.model} does not exist")
+def _check_model(name: str) -> None:
+    if name in models.MODELS:
+        return
+    if Path(name).is_dir():
+        raise ValueError(f"--model: {name} is a directory; expected a model name ({', '.join(models.MODELS)}) or "
+                         f"a .safetensors file (a training checkpoint or a shipped model's file)")
+    if models.is_model_file(name):
+        if not Path(name).is_file():
+            raise ValueError(f"--model: no such file {name}")
+        return
+    raise ValueError(f"--model: unknown model {name!r}; expected a model name ({', '.join(models.MODELS)}) or a "
+                     f".safetensors file (a training checkpoint or a shipped model's file)")
+
+
+def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]:
+    """Every file the run writes, the main one first; refused if one is a directory, or exists without --force."""
+    if args.format == "npz":
+        paths = [outdir / f"{stem}.npz"]
+    else:
+        paths = [outdir / f"{stem}.png"]
+        if args.individual:
+            paths += [outdir / f"{stem}_seed{seed:06d}.png" for seed in seeds]
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--outdir: the output {path} is a directory")
+        if path.exists() and not args.force:
+            raise ValueError(f"--outdir: the output {path} exists; add --force to replace it")
+    return paths
+
+
+def _validate(args):
+    """Every check that can fail without the model runs before any sampling work (and before loading it)."""
+    models.check_assets()
+    args.model = args.model or models.default_model()
+    _check_model(args.model)
+    learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
     if args.schedule is None:
-        args.schedule = "learned" if checkpoint else models.DEFAULT_SCHEDULE
+        args.schedule = "learned" if learned else models.DEFAULT_SCHEDULE
     if args.schedule not in models.SCHEDULES:
         raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
-    if args.schedule == "learned" and not checkpoint:
-        raise ValueError("--schedule: 'learned' needs --model to be a training checkpoint (*.safetensors)")
-    secondary = args.secondary or ("mid" if args.grid == "uniform_t" else "end")
-    if args.grid == "karras" and secondary != "end":
-        raise ValueError("--secondary: the karras grid is defined for end-point Heun only")
+    if args.schedule == "learned" and not learned:
+        raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     try:
-        steps_for_nfe(args.nfe, args.solver, secondary)
+        plan = resolve_sampler(args.solver, args.grid, args.secondary, args.nfe)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
-    if args.count < 1:
-        raise ValueError(f"--count: expected at least 1, got {args.count}")
-    if args.batch < 1:
-        raise ValueError(f"--batch: expected at least 1, got {args.batch}")
-    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.count))
+    if args.seeds is not None and args.count is not None:
+        raise ValueError("--count: give --seeds or --count, not both")
+    count = 64 if args.count is None else args.count
+    if not 1 <= count <= MAX_SAMPLES:
+        raise ValueError(f"--count: expected 1..{MAX_SAMPLES:,}, got {count}")
+    if not 1 <= args.batch <= MAX_SAMPLES:
+        raise ValueError(f"--batch: expected 1..{MAX_SAMPLES:,}, got {args.batch}")
+    if args.individual and args.format != "png":
+        raise ValueError(f"--individual: writes PNG files, not with --format {args.format}")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(count))
     classes = None
     if args.classes is not None:
         try:
@@ -129,25 +167,36 @@ def _validate(args) -> tuple[list[int], list[int] | None, Path]:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
+    name = args.model if args.model in models.MODELS else Path(args.model).stem
+    stem = f"{name}_{args.schedule}_{plan.solver}-{plan.secondary or 'euler'}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
+    paths = _output_paths(args, outdir, stem, seeds)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=outdir):
             pass
     except OSError as e:
         raise ValueError(f"--outdir: cannot write to {outdir} ({e.strerror})") from None
-    return seeds, classes, outdir
+    return plan, seeds, classes, paths
+
+
+def _load(args):
+    """(model, schedule) on the device; a missing or corrupt model file is an error naming --model."""
+    try:
+        if models.has_learned_schedule(args.model):
+            model, learned, _ = models.load_trained(args.model, args.device)
+            schedule = learned if args.schedule == "learned" else models.load_schedule(args.schedule, model)
+        else:
+            model = models.load_model(args.model, args.device)
+            schedule = models.load_schedule(args.schedule, model)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"--model {args.model}: {e}") from None
+    return model, schedule.to(args.device)
 
 
 def run(args) -> Path:
-    seeds, classes, outdir = _validate(args)
-    if models.has_learned_schedule(args.model):
-        model, learned, _ = models.load_trained(args.model, args.device)
-        schedule = learned if args.schedule == "learned" else models.load_schedule(args.schedule, model)
-    else:
-        model = models.load_model(args.model, args.device)
-        schedule = models.load_schedule(args.schedule, model)
-    schedule = schedule.to(args.device)
+    plan, seeds, classes, paths = _validate(args)
+    model, schedule = _load(args)
     num_classes = model.num_classes
     labels = None
     if classes is not None:
@@ -160,38 +209,39 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
-        x, lab, info = sample(model, schedule, nfe=args.nfe, solver=args.solver, grid=args.grid,
-                              secondary=args.secondary, seeds=seeds[i:i + args.batch],
-                              labels=None if labels is None else labels[i:i + args.batch],
-                              device=args.device, progress=not args.no_progress)
+        x, lab, _ = sample(model, schedule, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
+                           secondary=plan.secondary, seeds=seeds[i:i + args.batch],
+                           labels=None if labels is None else labels[i:i + args.batch],
+                           device=args.device, progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))
         labs.append(lab.cpu() if lab is not None else None)
     seconds = time.perf_counter() - t0
     images = torch.cat(outs).numpy()
-    stem = f"{Path(args.model).stem}_{args.schedule}_{args.solver}-{info['secondary'] or 'euler'}_{args.grid}_nfe{info['nfe']}"
+    path = paths[0]
     if args.format == "npz":
-        path = outdir / f"{stem}.npz"
         arrays = {"images": images, "seeds": np.array(seeds)}
         if labs[0] is not None:
             arrays["labels"] = torch.cat(labs).numpy()
-        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to the temporary name
+                np.savez(f, **arrays)
+
+        atomic_write(path, write_npz)
     else:
-        path = outdir / f"{stem}.png"
-        save_grid(images, path)
-        if args.individual:
-            for seed, img in zip(seeds, images):
-                save_grid(img[None], outdir / f"{stem}_seed{seed:06d}.png")
-    print(f"{len(seeds)} samples, NFE {info['nfe']} ({info['solver']}, {info['grid']} grid), "
+        save_image_grid(images, path)
+        for img, individual in zip(images, paths[1:]):
+            save_image_grid(img[None], individual)
+    print(f"{len(seeds)} samples, NFE {plan.nfe} ({plan.solver}, {plan.grid} grid), "
           f"{seconds:.2f} s -> {path}", file=sys.stderr)
     print(path)
     return path
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except ValueError as e:
+        run(build_parser().parse_args(argv))
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,9 +8,11 @@ for the midpoint Heun step. Small named functions build grids; the solvers are l
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -19,8 +21,8 @@ from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
     "Grid", "uniform_t", "edm_sigma_t", "schedule_grid", "karras_grid", "euler", "heun", "seeded_noise",
-    "seeded_labels", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS", "GRIDS",
-    "SAMPLER_NAMES", "SAMPLER_CODES",
+    "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
+    "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES",
 ]
 
 SOLVERS = ("euler", "heun")
@@ -151,17 +153,34 @@ def heun(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, final_eu
 
 # ---- per-seed randomness (the same seed gives the same sample whatever else is in the batch) ----
 
+MAX_SEED = 2 ** 32 - 1  # torch's CPU generator keeps only a seed's low 32 bits: 2**32 would repeat seed 0
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as a list of ints in [0, MAX_SEED], at least one; ValueError naming `seeds` otherwise."""
+    try:
+        out = [operator.index(s) for s in seeds]
+    except TypeError:
+        raise ValueError(f"seeds: expected integers, got {seeds!r}") from None
+    if not out:
+        raise ValueError("seeds: expected at least one seed")
+    bad = [s for s in out if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"seeds: expected integers in [0, {MAX_SEED}] (32-bit generator seeds), got {bad[0]}")
+    return out
+
+
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype=torch.float32,
                  device: torch.device | str = "cpu") -> Tensor:
-    out = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-           for s in seeds]
+    out = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+           for s in check_seeds(seeds)]
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
 def seeded_labels(seeds: Sequence[int], num_classes: int, device: torch.device | str = "cpu") -> Tensor:
-    """A class per seed, drawn from that seed's own generator (independent of the image noise stream)."""
-    out = [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + 2 ** 40)))
-           for s in seeds]
+    """A class per seed from numpy's generator on (seed, 1): a stream apart from the seed's torch noise stream
+    (an offset seed on torch's generator is not: it keeps only the low 32 bits)."""
+    out = [int(np.random.default_rng([s, 1]).integers(num_classes)) for s in check_seeds(seeds)]
     return torch.tensor(out, dtype=torch.long, device=device)
 
 
@@ -248,9 +267,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     plan = resolve_sampler(solver, grid, secondary, nfe)
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds: expected at least one seed")
+    seeds = check_seeds(seeds)
     num_classes = getattr(model, "num_classes", None)
     if num_classes:
         if labels is None:

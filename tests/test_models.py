@@ -1,5 +1,6 @@
 """Shipped trained models: export a training checkpoint, the manifest, loading by name, the default model."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -34,8 +35,30 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def assets(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
-    return tmp_path / "assets"
+    """A temporary registry (an empty manifest), so that no test writes into the package's assets."""
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
+    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading Fashion-MNIST fails the test: build-gmm must refuse bad options before that work."""
+    from aniso_fast import data
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    monkeypatch.setattr(data, "load_fashion_mnist", work)
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
 
 
 def test_export_load_and_default(tiny_checkpoint, assets, capsys):
@@ -72,7 +95,7 @@ def test_export_load_and_default(tiny_checkpoint, assets, capsys):
 def test_export_float32_replaces_and_default_flag(tiny_checkpoint, assets):
     models.export_model(tiny_checkpoint, "tiny", net_dtype="float16")
     small = (assets / "tiny.safetensors").stat().st_size
-    models.export_model(tiny_checkpoint, "tiny", net_dtype="float32", default=True)
+    models.export_model(tiny_checkpoint, "tiny", net_dtype="float32", default=True, force=True)
     assert (assets / "tiny.safetensors").stat().st_size > small
     assert models.default_model() == "tiny" and list(models.shipped_models()) == ["tiny"]
     models.export_model(tiny_checkpoint, "tiny-2", default=True)
@@ -116,3 +139,129 @@ def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     assert info["stage"] in ("iso", "aniso") and model.num_classes == 10
     x, labels, meta = sample(model, schedule, nfe=5, seeds=[0, 1], labels=torch.tensor([3, 7]))
     assert x.shape == (2, 1, 28, 28) and torch.isfinite(x).all() and meta["nfe"] == 5
+
+
+def test_export_never_replaces_a_shipped_model_silently(tiny_checkpoint, assets, capsys):
+    """Issue 10, defect 1: `export --name fmnist-dct` replaced a shipped model, description and all."""
+    models.export_model(tiny_checkpoint, "tiny", "first")
+    before = (assets / "tiny.safetensors").read_bytes(), (assets / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="force"):
+        models.export_model(tiny_checkpoint, "tiny", "second", net_dtype="float32")
+    assert models.main(["export", str(tiny_checkpoint), "--name", "tiny", "--description", "second"]) == 2
+    _one_line_error(capsys, "--name", "'tiny'", "--force")
+    assert ((assets / "tiny.safetensors").read_bytes(), (assets / "manifest.json").read_text()) == before
+    (assets / "stray.safetensors").write_bytes(b"not ours")  # a file of that name, though not in the manifest
+    with pytest.raises(ValueError, match="force"):
+        models.export_model(tiny_checkpoint, "stray")
+    assert (assets / "stray.safetensors").read_bytes() == b"not ours"
+    assert models.main(["export", str(tiny_checkpoint), "--name", "tiny", "--description", "second", "--force"]) == 0
+    assert models.shipped_models()["tiny"]["description"] == "second"
+
+
+def test_package_assets_written_only_when_asked(tmp_path, monkeypatch, capsys, no_data):
+    """Issue 10, defect 1: build-gmm wrote into the package by default; set-default created a registry wherever a
+    mistyped ANISO_FAST_ASSETS pointed."""
+    assert models.main(["build-gmm"]) == 2
+    _one_line_error(capsys, "--out")
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "typo"))
+    assert models.main(["set-default", "gmm-fmnist"]) == 2
+    _one_line_error(capsys, models.ASSETS_ENV, "no such folder")
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--rank", "1000"], ["--rank", "784"]),  # issue 10, defect 8: a traceback after minutes of fitting
+    (["--rank", "0"], ["--rank"]),
+    (["--split", "64"], ["--split"]),
+    (["--split", "0"], ["--split"]),
+    (["--rank", "x"], ["--rank"]),
+])
+def test_build_gmm_bad_options(tmp_path, capsys, no_data, argv, words):
+    assert models.main(["build-gmm", "--out", str(tmp_path / "g.safetensors")] + argv) == 2
+    _one_line_error(capsys, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_gmm_output_collisions(tmp_path, capsys, no_data):
+    """Issue 10, defect 8: an existing --out file is replaced only with --force; a directory is refused."""
+    (tmp_path / "g.safetensors").write_bytes(b"old")
+    assert models.main(["build-gmm", "--out", str(tmp_path / "g.safetensors")]) == 2
+    _one_line_error(capsys, "--out", "--force")
+    assert (tmp_path / "g.safetensors").read_bytes() == b"old"
+    assert models.main(["build-gmm", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--out")
+
+
+@pytest.mark.parametrize("manifest,words", [
+    ("{", ["manifest.json", "corrupt"]),
+    ('{"format": "other", "models": {}}', ["manifest.json", "not a shipped-model manifest"]),
+    (json.dumps({"format": models.MANIFEST_FORMAT, "models": {"x": {"sha256": "0"}}}), ["manifest.json", "'x'"]),
+    (json.dumps({"format": models.MANIFEST_FORMAT, "models": {"x": {"file": "../../etc/passwd", "sha256": "0"}}}),
+     ["manifest.json", "'x'"]),
+])
+@pytest.mark.parametrize("command", [["list"], ["set-default", "gmm-fmnist"], ["export", "CKPT", "--name", "m"]])
+def test_corrupt_manifest_one_line_error(tiny_checkpoint, assets, capsys, manifest, words, command):
+    """Issue 10, defect 8: a corrupt manifest.json gave a bare JSON message or a KeyError traceback, and export
+    wrote its model file before reading the manifest."""
+    (assets / "manifest.json").write_text(manifest)
+    argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in command]
+    assert models.main(argv) == 2
+    _one_line_error(capsys, models.ASSETS_ENV, *words)
+    assert sorted(p.name for p in assets.iterdir()) == ["manifest.json"]
+    assert (assets / "manifest.json").read_text() == manifest
+
+
+def test_assets_env_must_name_a_registry(tmp_path, monkeypatch, capsys):
+    """Issue 10, defect 7: a set ANISO_FAST_ASSETS that is no folder, or has no manifest.json, is an error naming it
+    (it silently gave an empty registry and the embedded default model)."""
+    for target, why in ((tmp_path / "missing", "no such folder"), (tmp_path, "no manifest.json")):
+        monkeypatch.setenv(models.ASSETS_ENV, str(target))
+        assert models.main(["list"]) == 2
+        _one_line_error(capsys, models.ASSETS_ENV, why)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "file"))
+    with pytest.raises(ValueError, match=models.ASSETS_ENV):
+        models.shipped_models()
+
+
+def test_export_bad_checkpoint_or_assets(tiny_checkpoint, assets, tmp_path, capsys):
+    """Issue 10, defect 8: a missing or corrupt CKPT, a shipped file given as CKPT, and an --assets that is a file
+    give one-line errors (the last was a FileExistsError traceback) and write nothing."""
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    shipped = models.export_model(tiny_checkpoint, "tiny")
+    for ckpt, words in ((tmp_path / "missing.safetensors", ["missing.safetensors"]),
+                        (truncated, ["truncated.safetensors", "truncated"]), (tmp_path, ["no such"]),
+                        (shipped, ["not an aniso_fast checkpoint"])):
+        assert models.main(["export", str(ckpt), "--name", "m"]) == 2
+        _one_line_error(capsys, *words)
+    assert models.main(["export", str(tiny_checkpoint), "--name", "m", "--assets", str(truncated)]) == 2
+    _one_line_error(capsys, "--assets", "not a folder")
+    assert models.main(["export", str(tiny_checkpoint), "--name", "Bad/Name"]) == 2
+    _one_line_error(capsys, "--name")
+    assert models.main(["set-default", "nope"]) == 2
+    _one_line_error(capsys, "NAME", "'nope'")
+    assert "m" not in models.shipped_models() and not (assets / "m.safetensors").exists()
+
+
+def test_exported_files_get_the_umask_mode(tiny_checkpoint, assets):
+    """Issue 10, defect 9: files written through atomic.py were 0600 whatever the umask."""
+    umask = os.umask(0o022)
+    try:
+        path = models.export_model(tiny_checkpoint, "tiny")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644 and (assets / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_shipped_file_and_shipped_file_paths(tiny_checkpoint, assets):
+    """Issue 10, defect 8/9: a missing shipped file is a ValueError (was FileNotFoundError, a CLI traceback); a
+    shipped model's file loads by its path (the one header parser, checkpoint.read_header, recognises it)."""
+    path = models.export_model(tiny_checkpoint, "tiny")
+    assert models.is_shipped_file(path) and not models.is_shipped_file(tiny_checkpoint)
+    by_path, by_name = models.load_trained(str(path)), models.load_trained("tiny")
+    assert torch.equal(by_path[1].psi, by_name[1].psi) and by_path[2] == by_name[2]
+    path.unlink()
+    assert not models.is_shipped_file(path)
+    with pytest.raises(ValueError, match="missing"):
+        models.load_model("tiny")

@@ -1,4 +1,6 @@
 """`python -m aniso_fast.sample`: the main job on the embedded default, its options and its errors."""
+import json
+import os
 import subprocess
 import sys
 
@@ -8,8 +10,11 @@ import torch
 from PIL import Image
 
 from aniso_fast import models
-from aniso_fast.sample import main, parse_seeds
+from aniso_fast import sample as sample_cli
+from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
 from aniso_fast.solvers import sample
+
+GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9.png"  # the grid `--model gmm-fmnist` writes at the defaults
 
 
 def test_default_run_writes_png(tmp_path):
@@ -78,6 +83,10 @@ def test_unwritable_outdir(tmp_path, capsys):
 def test_parse_seeds():
     assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
     assert parse_seeds("5") == [5]
+    assert parse_seeds("4294967295") == [2 ** 32 - 1]
+    for bad in ("-1", "5-2", "1.5", "", "4294967296", f"0-{MAX_SAMPLES}"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
 
 
 def test_sample_from_a_training_checkpoint(tmp_path, capsys):
@@ -100,3 +109,156 @@ def test_sample_from_a_training_checkpoint(tmp_path, capsys):
     assert data["images"].shape == (4, 1, 8, 8) and data["labels"].tolist() == [1, 1, 1, 1]
     assert main(["--model", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["--model", "gmm-fmnist", "--schedule", "learned"]) == 2
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model or sampling fails the test: bad input must be refused before any work."""
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    for name in ("load_model", "load_trained", "load_shipped"):
+        monkeypatch.setattr(models, name, work)
+    monkeypatch.setattr(sample_cli, "sample", work)
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def _assets(tmp_path, monkeypatch, manifest: str | None) -> None:
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    if manifest is not None:
+        (folder / "manifest.json").write_text(manifest)
+    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--seeds", "4294967296,4294967297"], ["--seeds", "4294967295"]),  # issue 10, defect 4: 2**32 repeated seed 0
+    (["--nfe", "100000000000"], ["--nfe", "at most"]),  # defect 8: a grid of 10^11 steps
+    (["--count", str(MAX_SAMPLES + 1)], ["--count"]),  # defect 8
+    (["--seeds", f"0-{MAX_SAMPLES}"], ["--seeds", "at most"]),  # defect 8
+    (["--batch", str(10 ** 12)], ["--batch"]),  # defect 8
+    (["--seeds", "5-2"], ["--seeds", "empty"]),  # defect 9: a reversed range
+    (["--individual", "--format", "npz"], ["--individual", "npz"]),  # defect 9: ignored silently
+    (["--seeds", "1", "--count", "3"], ["--count", "--seeds"]),  # --count was ignored silently
+    (["--nfe", "abc"], ["--nfe"]),  # argparse's own errors: one line too
+])
+def test_bad_input_refused_before_work(tmp_path, capsys, no_work, argv, words):
+    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path / "out")] + argv) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_collisions_refused(tmp_path, capsys, no_work):
+    """Issue 10, defect 8: an output name that is a directory, and an existing output file, are refused."""
+    (tmp_path / GMM_GRID).mkdir()
+    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--outdir", "directory")
+    (tmp_path / GMM_GRID).rmdir()
+    (tmp_path / GMM_GRID).write_bytes(b"old")
+    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--outdir", "exists", "--force")
+    assert (tmp_path / GMM_GRID).read_bytes() == b"old"
+    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--individual", "--seeds", "7"]) == 2
+    _one_line_error(capsys, "--force")
+    stem = GMM_GRID[:-4]
+    (tmp_path / GMM_GRID).unlink()
+    (tmp_path / f"{stem}_seed000007.png").write_bytes(b"old")  # an individual image collides too
+    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--individual", "--seeds", "7"]) == 2
+    _one_line_error(capsys, "seed000007", "--force")
+    assert not (tmp_path / GMM_GRID).exists()
+
+
+def test_force_replaces_the_output_with_the_umask_mode(tmp_path, capsys):
+    """--force replaces an existing output; outputs get 0666 & ~umask (issue 10, defect 9: mkstemp's 0600)."""
+    (tmp_path / GMM_GRID).write_bytes(b"old")
+    umask = os.umask(0o022)
+    try:
+        assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--force", "--seeds", "0,1",
+                     "--no-progress"]) == 0
+        os.umask(0o027)
+        assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--format", "npz", "--seeds", "0",
+                     "--nfe", "3", "--no-progress"]) == 0
+    finally:
+        os.umask(umask)
+    png, npz = capsys.readouterr().out.split()
+    assert png == str(tmp_path / GMM_GRID) and np.asarray(Image.open(png)).shape == (28, 2 * 28)
+    assert os.stat(png).st_mode & 0o777 == 0o644 and os.stat(npz).st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_huge_seeds_are_refused_not_repeated(tmp_path, capsys):
+    """Issue 10, defect 4: seed 2**32 gave seed 0's image; the largest allowed seed is a new image."""
+    top = 2 ** 32 - 1
+    assert main(["--model", "gmm-fmnist", "--seeds", f"0,{top}", "--nfe", "3", "--format", "npz",
+                 "--outdir", str(tmp_path), "--no-progress"]) == 0
+    data = np.load(capsys.readouterr().out.strip())
+    assert data["seeds"].tolist() == [0, top] and not np.array_equal(data["images"][0], data["images"][1])
+    assert main(["--model", "gmm-fmnist", "--seeds", str(top + 1), "--outdir", str(tmp_path / "b")]) == 2
+    _one_line_error(capsys, "--seeds")
+
+
+@pytest.mark.parametrize("setup,words", [
+    ("missing", [models.ASSETS_ENV, "no such folder"]),  # issue 10, defect 7: fell back to another model
+    ("no-manifest", [models.ASSETS_ENV, "manifest.json"]),  # defect 7
+    ("file", [models.ASSETS_ENV, "not a folder"]),  # defect 7
+    ("corrupt", [models.ASSETS_ENV, "manifest.json", "corrupt"]),  # defect 8: a JSON traceback from --help's text
+    ("no-file-key", ["manifest.json", "'ghost'"]),  # defect 8: a KeyError traceback
+])
+def test_bad_assets_folder(tmp_path, monkeypatch, capsys, no_work, setup, words):
+    if setup == "missing":
+        monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "missing"))
+    elif setup == "file":
+        (tmp_path / "file").write_text("{}")
+        monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "file"))
+    else:
+        _assets(tmp_path, monkeypatch, {"no-manifest": None, "corrupt": "{",
+                                        "no-file-key": json.dumps({"format": models.MANIFEST_FORMAT,
+                                                                   "models": {"ghost": {"sha256": "0"}}})}[setup])
+    assert main(["--outdir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_shipped_model_file(tmp_path, monkeypatch, capsys):
+    """Issue 10, defect 8: a model listed in the manifest whose file is gone gave a FileNotFoundError traceback."""
+    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {
+        "ghost": {"file": "ghost.safetensors", "sha256": "0" * 64, "description": "gone", "default": True}}}))
+    assert main(["--outdir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "--model ghost", "ghost.safetensors", "missing")
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
+    """Issue 10, defect 9: a shipped model's file is a model (it was refused as 'not a checkpoint'); a directory
+    gets a message saying what --model expects."""
+    shipped = models.ASSET_DIR / models.shipped_models(models.ASSET_DIR)["fmnist-dct"]["file"]
+    assert main(["--model", str(shipped), "--seeds", "3", "--nfe", "3", "--format", "npz", "--outdir", str(tmp_path),
+                 "--no-progress"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3.npz")
+    by_name, schedule = models.load_model("fmnist-dct"), models.load_schedule("learned", None, "fmnist-dct")
+    x, _, _ = sample(by_name, schedule, nfe=3, seeds=[3])
+    from aniso_fast.data import to_uint8
+
+    assert np.array_equal(np.load(path)["images"], to_uint8(x).numpy())
+    assert main(["--model", str(tmp_path), "--outdir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "--model", "is a directory", ".safetensors")
+
+
+def test_schedule_help_states_the_default_the_code_uses(tmp_path):
+    """Issue 10, defect 9: the help said 'learned' only for a checkpoint; shipped trained models default to it too."""
+    parser = build_parser()
+    help_text = " ".join(parser.format_help().split())
+    assert "'learned' for a shipped model or a .safetensors file, 'edm' for an embedded model" in help_text
+    for model, schedule in (("fmnist-dct", "learned"), ("gmm-fmnist", "edm")):
+        args = parser.parse_args(["--model", model, "--outdir", str(tmp_path)])
+        sample_cli._validate(args)
+        assert args.schedule == schedule
+    assert f"at most {MAX_SAMPLES:,}" in help_text and "--force" in help_text

@@ -95,6 +95,32 @@ def test_same_seed_same_sample_whatever_the_batch(gmm, aniso_schedule):
     assert not torch.allclose(batch[0], batch[1])
 
 
+def test_seeds_outside_the_generator_range_are_refused(gmm, aniso_schedule):
+    """Issue 10, defect 4: torch's CPU generator keeps 32 bits, so seed 2**32 silently repeated seed 0; negative
+    seeds wrapped around. Both are refused; the largest seed is its own sample."""
+    for bad in ([2 ** 32], [0, 2 ** 32 + 1], [-1], [1.5]):
+        with pytest.raises(ValueError, match="seeds"):
+            S.sample(gmm, aniso_schedule, nfe=3, seeds=bad)
+        with pytest.raises(ValueError, match="seeds"):
+            S.seeded_noise(bad, (1, 6, 6))
+        with pytest.raises(ValueError, match="seeds"):
+            S.seeded_labels(bad, 10)
+    z = S.seeded_noise([0, S.MAX_SEED], (1, 6, 6))
+    assert not torch.equal(z[0], z[1])
+
+
+def test_labels_come_from_a_stream_apart_from_the_noise():
+    """Issue 10, defect 4: the label generator's seed + 2**40 kept the same low 32 bits, so a seed's label was
+    drawn from its own noise stream; now it is a separate stream, still one per seed whatever the batch."""
+    seeds = list(range(200))
+    labels = S.seeded_labels(seeds, 10)
+    from_noise_stream = [int(torch.randint(10, (1,), generator=torch.Generator().manual_seed(s))) for s in seeds]
+    assert labels.tolist() != from_noise_stream
+    assert set(labels.tolist()) == set(range(10))
+    assert S.seeded_labels([1, 5, 9], 10)[1] == labels[5]
+    assert S.seeded_labels([S.MAX_SEED], 10).shape == (1,)
+
+
 def test_uniform_t_grid_at_karras_init_is_edm_grid():
     """METHOD §2.2: 5 uniform t points give sigma = [80, 17.52, 2.511, 0.169, 3.2e-5] at initialisation."""
     g = S.schedule_grid(MatrixSchedule(2), S.uniform_t(4)).g[0]
