@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -22,6 +22,16 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """ValueError unless `folder` is, or can be made as, a writable folder; creates nothing (a CLI checks its
+    output folder before any work, and the writes create it)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ValueError(f"cannot write to {folder} ({existing} {what})")
 
 
 def _create_temp(path: Path) -> tuple[int, str]:

@@ -30,7 +30,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save as save_safetensors_bytes
 from safetensors.torch import save_file
 
-from .atomic import atomic_write, atomic_write_bytes
+from .atomic import atomic_write, atomic_write_bytes, check_writable_folder
 from .bases import PCABasis
 from .checkpoint import CheckpointError, load_checkpoint, read_header, strip_prefix
 from .gmm import GaussianMixture
@@ -324,12 +324,16 @@ def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os
 
 # ---- the embedded mixture ----
 
+def _check_rank_split(rank: int, split: int) -> None:
+    if not 1 <= split < rank < 28 * 28:  # the complement subspace needs at least one of the 784 directions
+        raise ValueError(f"rank, split: expected 1 <= split < rank < 784, got rank {rank}, split {split}")
+
+
 def build_gmm_asset(path: str | os.PathLike, rank: int = 64, split: int = 16) -> Path:
     """Fit the default mixture to the Fashion-MNIST training set and write it atomically to `path`."""
     from .data import load_fashion_mnist
 
-    if not 1 <= split < rank < 28 * 28:  # the complement subspace needs at least one of the 784 directions
-        raise ValueError(f"rank, split: expected 1 <= split < rank < 784, got rank {rank}, split {split}")
+    _check_rank_split(rank, split)
     images, labels = load_fashion_mnist("train")
     gm = GaussianMixture.fit_pca(images, labels, rank=rank, split=split)
     tensors = {"V": gm.fine.V64.float(), "means": gm.means.float(), "variances": gm.variances.float()}
@@ -424,11 +428,15 @@ def _in_cli_words(err: Exception, options: dict[str, str]) -> str:
 
 
 def _option_folder(value: str | None) -> Path:
-    """--assets if given (export may create it), else the registry a set ANISO_FAST_ASSETS names."""
+    """--assets if given (export creates it if missing), else the registry a set ANISO_FAST_ASSETS names."""
     if value is None:
         return check_assets()
     if Path(value).exists() and not Path(value).is_dir():
         raise ValueError(f"--assets: expected a folder, got {value!r} (not a folder)")
+    try:
+        check_writable_folder(value)
+    except ValueError as e:
+        raise ValueError(f"--assets: {e}") from None
     return Path(value)
 
 
@@ -473,6 +481,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"--out: expected a .safetensors file path, got {args.out!r}")
             if out.exists() and not args.force:
                 raise ValueError(f"--out: {out} exists; add --force to replace it")
+            _check_rank_split(args.rank, args.split)
+            try:
+                check_writable_folder(out.parent)
+            except ValueError as e:
+                raise ValueError(f"--out: {e}") from None
             print(build_gmm_asset(out, args.rank, args.split))
         elif cmd == "export":
             assets = _option_folder(args.assets)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from . import models
-from .atomic import atomic_write
+from .atomic import atomic_write, check_writable_folder
 from .data import to_uint8
 from .figures import save_image_grid
 from .solvers import GRIDS, SOLVERS, check_seeds, resolve_sampler, sample
@@ -170,14 +169,11 @@ def _validate(args):
     name = args.model if args.model in models.MODELS else Path(args.model).stem
     stem = f"{name}_{args.schedule}_{plan.solver}-{plan.secondary or 'euler'}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
-    paths = _output_paths(args, outdir, stem, seeds)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=outdir):
-            pass
-    except OSError as e:
-        raise ValueError(f"--outdir: cannot write to {outdir} ({e.strerror})") from None
-    return plan, seeds, classes, paths
+        check_writable_folder(outdir)
+    except ValueError as e:
+        raise ValueError(f"--outdir: {e}") from None
+    return plan, seeds, classes, _output_paths(args, outdir, stem, seeds)
 
 
 def _load(args):

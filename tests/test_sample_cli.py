@@ -155,6 +155,13 @@ def test_bad_input_refused_before_work(tmp_path, capsys, no_work, argv, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_errors_found_with_the_model_leave_no_output_folder(tmp_path, capsys):
+    """Issue 10, defect 8: the output folder was created before a check that needs the model (--classes) failed."""
+    assert main(["--model", "gmm-fmnist", "--classes", "99", "--outdir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "--classes")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_collisions_refused(tmp_path, capsys, no_work):
     """Issue 10, defect 8: an output name that is a directory, and an existing output file, are refused."""
     (tmp_path / GMM_GRID).mkdir()
