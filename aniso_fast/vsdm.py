@@ -1,0 +1,243 @@
+"""The VSDM process family (Variational Schrödinger Diffusion, ../shared/RELATED.md §1, §3.1) on an engine basis.
+
+Forward SDE, with A = sum_k lambda_k P_k diagonal in a basis (identity: one rate per pixel, as VSDM's image code;
+DCT bands; PCA) and VSDM's power schedule beta(t) = b_min + (t/T)^{b_r} (b_max - b_min):
+
+    dx = -1/2 beta(t) (I - 2A) x dt + sqrt(beta(t)) dW,     B(t) = int_0^t beta,   r_k = 1 - 2 lambda_k > 0.
+
+Per subspace the transition is closed-form, x_t = alpha_k x0 + sigma_k eps, with
+
+    alpha_k = exp(-r_k B / 2),  sigma_k^2 = (1 - alpha_k^2) / r_k,  g_k = sigma_k^2 / alpha_k^2 = (e^{r_k B} - 1) / r_k
+
+and VSDM's adaptive prior is N(0, sum_k sigma_k(T)^2 P_k). In y = x / alpha (per subspace) the process is the
+engine's matrix VE process M = sum_k g_k P_k (METHOD.md §1.2): `ve_schedule()` exposes it to the solvers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .bases import SubspaceBasis
+from .checks import check_in_range, check_index
+from .schedules import _as_time
+
+__all__ = ["PowerBeta", "VSDMProcess", "VESchedule"]
+
+_F64 = torch.float64
+
+
+def _check_number(name: str, value: Any, expected: str, ok) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PowerBeta:
+    """VSDM's power schedule beta(t) = b_min + (t/T)^{b_r} (b_max - b_min) and its integral B(t), closed form."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    beta_r: float = 1.7
+    T: float = 1.0
+
+    def __post_init__(self):
+        # beta(t) lies between beta_min and beta_max, so both positive <=> beta > 0 on [0, T]
+        for name in ("beta_min", "beta_max"):
+            _check_number(name, getattr(self, name), "a finite number > 0 (beta must stay positive)", lambda v: v > 0)
+        _check_number("beta_r", self.beta_r, "a finite number >= 0", lambda v: v >= 0)
+        _check_number("T", self.T, "a finite number > 0", lambda v: v > 0)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + (t / self.T) ** self.beta_r * (self.beta_max - self.beta_min)
+
+    def integral(self, t: Tensor) -> Tensor:
+        """B(t) = b_min t + (b_max - b_min) T (t/T)^{b_r + 1} / (b_r + 1)."""
+        p = self.beta_r + 1
+        return self.beta_min * t + (self.beta_max - self.beta_min) * self.T * (t / self.T) ** p / p
+
+
+def _one_minus_exp_ratio(z: Tensor) -> Tensor:
+    """(1 - e^{-z}) / z, = 1 at z = 0 (the series below 1e-6: no 0/0 in the value or its gradient)."""
+    small = z.abs() < 1e-6
+    safe = torch.where(small, torch.ones_like(z), z)
+    return torch.where(small, 1 - z / 2 + z * z / 6, -torch.expm1(-safe) / safe)
+
+
+def _check_rates(rates: Any, shape: tuple[int, int]) -> Tensor:
+    try:
+        values = torch.as_tensor(rates, dtype=_F64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"rates: expected a number or an array of lambda values, got {type(rates).__name__}") from None
+    try:
+        values = values.expand(shape)
+    except RuntimeError:
+        per_class = ", per class" if shape[0] > 1 else ""
+        raise ValueError(f"rates: expected lambda values of shape [{shape[1]}] or [{shape[0]}, {shape[1]}] "
+                         f"(one per subspace{per_class}), got {tuple(values.shape)}") from None
+    bad = values[~(torch.isfinite(values) & (1 - 2 * values > 0))]
+    if bad.numel():
+        raise ValueError(f"rates: expected finite lambda_k with 1 - 2 lambda_k > 0 (at 1/2 the drift vanishes, "
+                         f"above it the process explodes), got {', '.join(f'{v:g}' for v in bad[:4].tolist())}")
+    return values
+
+
+class VSDMProcess(nn.Module):
+    """VSDM's forward process with learnable rates lambda [S, K] (S = num_classes, 1 if None) in a K-subspace basis.
+
+    Parameterisation: `log_decay = ln(1 - 2 lambda)`, unconstrained, so lambda = (1 - e^{log_decay}) / 2 < 1/2
+    (a contracting process) whatever the optimiser does. `alpha`, `sigma` and `g` take t [B] or a scalar in
+    [0, T] and labels [B] (or None) and return (value, d/dt value), each [B, K] float64 ([1, K] for a scalar t
+    without labels). The basis is passed to the methods that touch images; its K must match the rates.
+    """
+
+    def __init__(self, num_subspaces: int, num_classes: int | None = None, rates: Any = 0.0, *,
+                 beta_min: float = 0.1, beta_max: float = 20.0, beta_r: float = 1.7, T: float = 1.0,
+                 t0: float = 1e-2):
+        super().__init__()
+        if isinstance(num_subspaces, bool) or not isinstance(num_subspaces, int) or num_subspaces < 1:
+            raise ValueError(f"num_subspaces: expected an int >= 1, got {num_subspaces!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+        self.beta = PowerBeta(beta_min, beta_max, beta_r, T)
+        self.T = self.beta.T
+        self.t0 = _check_number("t0", t0, f"a finite number in (0, T={self.T:g})", lambda v: 0 < v < self.T)
+        self.num_subspaces, self.num_classes = num_subspaces, num_classes
+        values = _check_rates(rates, (num_classes or 1, num_subspaces))
+        self._rates_init = float(rates) if isinstance(rates, (int, float)) else torch.as_tensor(rates).tolist()
+        self.log_decay = nn.Parameter(torch.log1p(-2 * values).clone())
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments; the trained rates live in `state_dict()`."""
+        b = self.beta
+        return {"num_subspaces": self.num_subspaces, "num_classes": self.num_classes, "rates": self._rates_init,
+                "beta_min": b.beta_min, "beta_max": b.beta_max, "beta_r": b.beta_r, "T": b.T, "t0": self.t0}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "VSDMProcess":
+        return cls(**cfg)
+
+    @property
+    def rates(self) -> Tensor:
+        """lambda [S, K]."""
+        return (1 - self.log_decay.exp()) / 2
+
+    def _batch(self, t: Any, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """t [B] float64 in [0, T] and the decay rates r = 1 - 2 lambda [B, K] (or [1, K])."""
+        t = _as_time(t, self.log_decay.device)
+        check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
+        if t.dim() > 1:
+            raise ValueError(f"t: expected shape [B] or a scalar, got {tuple(t.shape)}")
+        decay = self.log_decay.exp()
+        if self.num_classes is not None:
+            if labels is None:
+                raise ValueError(f"labels: required, this process has per-class rates ({self.num_classes} classes)")
+            if not isinstance(labels, Tensor) or labels.dim() != 1:
+                raise ValueError(f"labels: expected an integer tensor [B], got "
+                                 f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+            decay = decay[check_index("labels", labels, self.num_classes, "class labels")]
+            if t.dim() == 1 and t.shape[0] != labels.shape[0]:
+                raise ValueError(f"t: batch size {t.shape[0]} does not match labels' {labels.shape[0]}")
+        t = t.expand(decay.shape[0]) if t.dim() == 0 else t
+        return t, decay.expand(t.shape[0], -1)
+
+    def _parts(self, t: Any, labels: Tensor | None):
+        t, r = self._batch(t, labels)
+        B, beta = self.beta.integral(t)[:, None], self.beta.beta(t)[:, None]
+        return r, B, beta, r * B
+
+    def alpha(self, t: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(alpha_k(t), d alpha_k / dt) [B, K]: the mean scale exp(-r B / 2)."""
+        r, _, beta, z = self._parts(t, labels)
+        alpha = torch.exp(-z / 2)
+        return alpha, -0.5 * r * beta * alpha
+
+    def sigma(self, t: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(sigma_k(t), d sigma_k / dt) [B, K], sigma^2 = (1 - alpha^2) / r; the derivative is +inf at t = 0."""
+        r, B, beta, z = self._parts(t, labels)
+        sigma = (B * _one_minus_exp_ratio(z)).sqrt()
+        return sigma, beta * torch.exp(-z) / (2 * sigma)  # d sigma^2/dt = beta alpha^2
+
+    def g(self, t: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(g_k, d g_k / dt) [B, K] with g = sigma^2 / alpha^2 = (e^{r B} - 1) / r: `MatrixSchedule.forward`'s
+        contract, in the process time t (g(0) = 0; `ve_schedule()` is the view the solvers take)."""
+        _, B, beta, z = self._parts(t, labels)
+        growth = torch.exp(z)
+        return B * _one_minus_exp_ratio(z) * growth, beta * growth
+
+    def prior_std(self, labels: Tensor | None = None) -> Tensor:
+        """sigma_k(T) [B, K] ([1, K] without labels): VSDM's adaptive prior N(0, sum_k sigma_k(T)^2 P_k)."""
+        return self.sigma(self.T, labels)[0]
+
+    def _coefficients(self, basis: SubspaceBasis, x: Tensor, t: Any, labels: Tensor | None, *fns) -> list[Tensor]:
+        """The values of `fns` (alpha, sigma) at t for images x, [B, K] each, after checking the basis's K."""
+        if not isinstance(basis, SubspaceBasis):
+            raise ValueError(f"basis: expected a SubspaceBasis, got {type(basis).__name__}")
+        if basis.num_subspaces != self.num_subspaces:
+            raise ValueError(f"basis: expected {self.num_subspaces} subspaces (one rate each), got a basis with "
+                             f"{basis.num_subspaces}")
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"x: expected images [B, C, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        values = [fn(t, labels)[0] for fn in fns]
+        if values[0].shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"t: batch size {values[0].shape[0]} does not match the images' {x.shape[0]}")
+        return [v.expand(x.shape[0], -1) for v in values]
+
+    def perturb(self, basis: SubspaceBasis, x0: Tensor, eps: Tensor, t: Any,
+                labels: Tensor | None = None) -> Tensor:
+        """x_t = sum_k P_k (alpha_k(t) x0 + sigma_k(t) eps): one combine."""
+        a, s = self._coefficients(basis, x0, t, labels, self.alpha, self.sigma)
+        return basis.combine(x0, a, eps, s, ids=basis.group_ids(labels), names={"u": "x0", "v": "eps"})
+
+    def prior_sample(self, basis: SubspaceBasis, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x_T = sum_k sigma_k(T) P_k z for z ~ N(0, I): a draw from the adaptive prior."""
+        s, = self._coefficients(basis, z, self.T, labels, self.sigma)
+        return basis.combine(z, s, ids=basis.group_ids(labels), names={"u": "z"})
+
+    def to_ve(self, basis: SubspaceBasis, x: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
+        """y = sum_k P_k x / alpha_k(t): the state of the VE process `ve_schedule()` at process time t."""
+        a, = self._coefficients(basis, x, t, labels, self.alpha)
+        return basis.combine(x, 1 / a, ids=basis.group_ids(labels), names={"u": "x"})
+
+    def from_ve(self, basis: SubspaceBasis, y: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
+        """x = sum_k alpha_k(t) P_k y: back to VSDM's variable (after sampling, t = t0)."""
+        a, = self._coefficients(basis, y, t, labels, self.alpha)
+        return basis.combine(y, a, ids=basis.group_ids(labels), names={"u": "y"})
+
+    def ve_schedule(self) -> "VESchedule":
+        return VESchedule(self)
+
+    def extra_repr(self) -> str:
+        b = self.beta
+        return (f"num_subspaces={self.num_subspaces}, num_classes={self.num_classes}, beta_min={b.beta_min}, "
+                f"beta_max={b.beta_max}, beta_r={b.beta_r}, T={b.T}, t0={self.t0}")
+
+
+class VESchedule(nn.Module):
+    """The process seen by the engine: the matrix VE process of y = x / alpha, g_k = sigma_k^2 / alpha_k^2.
+
+    Its time s in [0, T] maps onto VSDM's [t0, T] by t = t0 + s (T - t0) / T, so that g(0) = g(t0) > 0 plays
+    the role of MatrixSchedule's g0 (the solvers' grids end at s = 0). `forward(s, labels) -> (g, dg/ds)` as
+    MatrixSchedule's; `solvers.schedule_grid` and `solvers.sample(grid="uniform_t")` take it unchanged. The
+    parameters are the process's own (gradients reach its rates).
+    """
+
+    def __init__(self, process: VSDMProcess):
+        super().__init__()
+        self.process = process
+        self.T, self.num_classes, self.num_subspaces = process.T, process.num_classes, process.num_subspaces
+
+    def process_time(self, s: Any) -> Tensor:
+        s = _as_time(s, self.process.log_decay.device)
+        check_in_range("s", s, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
+        return self.process.t0 + s * ((self.T - self.process.t0) / self.T)
+
+    def forward(self, s: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        g, gdot = self.process.g(self.process_time(s), labels)
+        return g, gdot * ((self.T - self.process.t0) / self.T)
