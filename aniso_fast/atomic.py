@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "check_writable_file"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -32,6 +32,13 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is not a folder" if not existing.is_dir() else "is not writable"
         raise ValueError(f"cannot write to {folder} ({existing} {what})")
+
+
+def check_writable_file(path: str | os.PathLike) -> None:
+    """ValueError unless `path` can be written as a file: not a folder, in a writable (or creatable) folder."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder, expected a file path")
+    check_writable_folder(Path(path).parent)
 
 
 def _create_temp(path: Path) -> tuple[int, str]:

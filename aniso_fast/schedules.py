@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_in_range, check_index
+from .checks import check_in_range, check_index, check_int
 
 __all__ = ["karras_sigmas", "KnotSchedule", "MatrixSchedule"]
 
@@ -167,11 +167,8 @@ class MatrixSchedule(nn.Module):
     def __init__(self, num_subspaces: int = 2, num_classes: int | None = None, tied: bool = False,
                  num_knots: int = 32, T: float = 6400.0, g0: float = 1e-9, init: str | Tensor = "karras"):
         super().__init__()
-        if isinstance(num_subspaces, bool) or not isinstance(num_subspaces, int) or num_subspaces < 1:
-            raise ValueError(f"num_subspaces must be an int >= 1, got {num_subspaces!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
+        check_int("num_subspaces", num_subspaces)
+        check_int("num_classes", num_classes, optional=True)
         _check_knot_args(num_knots, T, g0)
         self.num_subspaces, self.num_classes, self.tied = num_subspaces, num_classes, bool(tied)
         self.num_knots, self.T, self.g0 = num_knots, float(T), float(g0)

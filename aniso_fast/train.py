@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed, figures, optim, solvers
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, check_writable_folder
 from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .data import ImageDataset, InfiniteBatchSampler, load_dataset, to_uint8
 from .ema import EMA, ema_beta
@@ -278,14 +277,10 @@ def _attn_resolutions(text: str | None) -> list[int] | None:
 
 def _check_out(out: str) -> None:
     """--out must be a folder, or creatable as one, that this process can write."""
-    path = Path(out).absolute()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: expected a folder, got the existing file {out}")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out: expected a folder, but {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: expected a writable folder, but {existing} is not writable")
+    try:
+        check_writable_folder(out)
+    except ValueError as e:
+        raise ValueError(f"--out: expected a writable folder: {e}") from None
 
 
 def loss_function(stage: str) -> Callable:

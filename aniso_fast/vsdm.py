@@ -11,18 +11,23 @@ Per subspace the transition is closed-form, x_t = alpha_k x0 + sigma_k eps, with
 
 and VSDM's adaptive prior is N(0, sum_k sigma_k(T)^2 P_k). In y = x / alpha (per subspace) the process is the
 engine's matrix VE process M = sum_k g_k P_k (METHOD.md §1.2): `ve_schedule()` exposes it to the solvers.
+
+Learning the rates, two ways (RELATED.md §1.4): VSDM's alternating rule, `dsm_loss` for the network with the rates
+frozen, then `forward_sb_loss` for the rates on paths that `simulate_backward` draws from the current model; or
+the engine's `losses.trajectory_loss` (with its schedule-gradient estimator) on `ve_schedule()`. Sampling:
+`sample_em` (the reverse SDE, VSDM's sampler) or any engine solver on `ve_schedule()` (the probability flow).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .bases import SubspaceBasis
-from .checks import check_in_range, check_index
+from .checks import check_in_range, check_index, check_int
 from .schedules import _as_time
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule"]
@@ -99,11 +104,8 @@ class VSDMProcess(nn.Module):
                  beta_min: float = 0.1, beta_max: float = 20.0, beta_r: float = 1.7, T: float = 1.0,
                  t0: float = 1e-2):
         super().__init__()
-        if isinstance(num_subspaces, bool) or not isinstance(num_subspaces, int) or num_subspaces < 1:
-            raise ValueError(f"num_subspaces: expected an int >= 1, got {num_subspaces!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+        check_int("num_subspaces", num_subspaces)
+        check_int("num_classes", num_classes, optional=True)
         self.beta = PowerBeta(beta_min, beta_max, beta_r, T)
         self.T = self.beta.T
         self.t0 = _check_number("t0", t0, f"a finite number in (0, T={self.T:g})", lambda v: 0 < v < self.T)
@@ -241,3 +243,173 @@ class VESchedule(nn.Module):
     def forward(self, s: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         g, gdot = self.process.g(self.process_time(s), labels)
         return g, gdot * ((self.T - self.process.t0) / self.T)
+
+
+def _per_sample(values: Tensor, B: int) -> Tensor:
+    return values.expand(B, -1)
+
+
+def _time_column(t: float, B: int, device) -> Tensor:
+    return torch.full((B,), float(t), dtype=_F64, device=device)
+
+
+def score(process: VSDMProcess, model, x: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
+    """grad_x log p_t(x) from an engine model trained on the VE view: sum_k P_k F(x / alpha; g) / sigma_k.
+
+    (y = x / alpha has the score M^{-1}(D - y) = M^{-1/2} F, and d/dx = 1/alpha d/dy per subspace.)
+    """
+    basis = model.basis
+    ids = basis.group_ids(labels)
+    a, s = process._coefficients(basis, x, t, labels, process.alpha, process.sigma)
+    a, s = a.detach(), s.detach()
+    y = basis.combine(x, 1 / a, ids=ids, names={"u": "x"})
+    F = model.flow(y, (s / a).square(), labels)
+    return basis.scale(F, 1 / s, ids=ids)
+
+
+def forward_score(process: VSDMProcess, basis: SubspaceBasis, x: Tensor, t: Any,
+                  labels: Tensor | None = None) -> Tensor:
+    """VSDM's linear variational score z_f = sqrt(beta(t)) A x, A = sum_k lambda_k P_k (gradients reach the rates)."""
+    process._coefficients(basis, x, t, labels, process.alpha)  # the basis, images and batch-size checks
+    tt, decay = process._batch(t, labels)
+    lam, B = (1 - decay) / 2, x.shape[0]
+    return basis.scale(x, _per_sample(process.beta.beta(tt).sqrt()[:, None] * lam, B), ids=basis.group_ids(labels))
+
+
+def forward_score_divergence(process: VSDMProcess, basis: SubspaceBasis, channels: int, t: Any,
+                             labels: Tensor | None = None) -> Tensor:
+    """div_x (g z_f) = beta(t) tr A = beta(t) sum_k n_k lambda_k [B], exact: A is linear and fixed in the basis,
+    so VSDM's Hutchinson probe is not needed (RELATED.md §3.2)."""
+    tt, decay = process._batch(t, labels)
+    dims = torch.tensor(basis.subspace_dims(channels), dtype=_F64, device=decay.device)
+    return process.beta.beta(tt) * ((1 - decay) / 2 * dims).sum(1)
+
+
+def dsm_loss(process: VSDMProcess, model, x0: Tensor, labels: Tensor | None = None,
+             generator: torch.Generator | None = None, *, t: Tensor | None = None,
+             noise: Tensor | None = None) -> Tensor:
+    """Denoising score matching with VSDM's closed-form labels, rates frozen (RELATED.md §1.4 step 1).
+
+    t ~ U(t0, T), x_t = alpha x0 + sigma eps. VSDM's |z_b - label|^2 with z = sqrt(beta)(score - A x) is
+    beta |s_theta - s*|^2, s* = -eps / sigma; in the VE view y = x_t / alpha = x0 + g^{1/2} eps it is the engine's
+    flow error, beta / sigma_k^2 |P_k (F(y; g) - F_tgt)|^2 with F_tgt = -eps. Mean over the batch.
+    Random draws, in order, from `generator`: t [B], eps like x0 (`t`, `noise` override them).
+    """
+    if not isinstance(x0, Tensor) or x0.dim() != 4:
+        raise ValueError(f"x0: expected images [B, C, H, W], got "
+                         f"{tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__}")
+    B = x0.shape[0]
+    if t is None:
+        t = process.t0 + (process.T - process.t0) * torch.rand(B, generator=generator, dtype=_F64,
+                                                               device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    basis = model.basis
+    ids = basis.group_ids(labels)
+    with torch.no_grad():
+        a, s = process._coefficients(basis, x0, t, labels, process.alpha, process.sigma)
+        g, weight = (s / a).square(), process.beta.beta(_as_time(t, x0.device)).reshape(-1, 1) / s.square()
+    y = forward_process(basis, x0, noise, g, ids)
+    F = model.flow(y, g, labels)
+    return (weight * basis.sqnorms(F + noise, ids=ids).to(_F64)).sum(1).mean()
+
+
+@dataclass
+class Trajectories:
+    """Backward Euler-Maruyama paths (the forward rule's training data, RELATED.md §1.4 step 2).
+
+    t [N] process times, descending from T; dt [N] their step sizes; x [N, B, C, H, W] the states at t and
+    z_b [N, B, C, H, W] the backward policy sqrt(beta)(score - A x) there (detached); final: x at t0.
+    x and z_b are empty ([0, ...]) when the paths were not recorded.
+    """
+    t: Tensor
+    dt: Tensor
+    x: Tensor
+    z_b: Tensor
+    final: Tensor
+    labels: Tensor | None
+
+
+def _check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_NFE:
+        raise ValueError(f"steps: expected an int in [1, {MAX_NFE}], got {steps!r}")
+    return steps
+
+
+def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 100,
+                      labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
+                      dtype=torch.float32, record: bool = True, progress: bool = False) -> Trajectories:
+    """The reverse SDE dx = [-1/2 beta (I - 2A) x - beta score] dt + sqrt(beta) dW, Euler-Maruyama on `steps`
+    uniform steps from T to t0, one path per seed, from the adaptive prior.
+
+    Per seed one generator: x_T = prior(z) with z = `solvers.seeded_noise`'s draw for that seed (so the PF-ODE
+    solvers start from the same point), then the step noises from the same stream: a path depends on its seed
+    only, never on the rest of the batch. Each step: x <- x + h beta (r/2 x + score) + sqrt(h beta) xi.
+    """
+    from tqdm.auto import tqdm
+
+    steps = _check_steps(steps)
+    seeds = check_seeds(seeds)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes and labels is None:
+        labels = seeded_labels(seeds, num_classes)
+    shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
+    basis = model.basis
+    ids = basis.group_ids(labels)
+    device = process.log_decay.device
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw() -> Tensor:
+        return torch.stack([torch.randn(shape, generator=g, dtype=_F64) for g in gens]).to(device, dtype)
+
+    B = len(seeds)
+    ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
+    xs, zs = [], []
+    with torch.no_grad():
+        x = process.prior_sample(basis, draw(), labels)
+        r = _per_sample(process._batch(process.T, labels)[1], B)  # 1 - 2 lambda per sample
+        for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
+            t_a, h = float(ts[i]), float(ts[i] - ts[i + 1])
+            beta = float(process.beta.beta(ts[i]))
+            s = score(process, model, x, _time_column(t_a, B, device), labels)
+            if record:
+                xs.append(x)
+                zs.append(basis.combine(s, torch.full_like(r, math.sqrt(beta)), x, -math.sqrt(beta) * (1 - r) / 2,
+                                        ids=ids))
+            x = basis.combine(x, 1 + h * beta * r / 2, s, torch.full_like(r, h * beta),
+                              base=math.sqrt(h * beta) * draw(), ids=ids)
+    empty = x.new_zeros((0, *x.shape))
+    return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
+                        z_b=torch.stack(zs) if record else empty, final=x, labels=labels)
+
+
+def sample_em(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 100, labels: Tensor | None = None,
+              image_shape: Sequence[int] | None = None, dtype=torch.float32,
+              progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """VSDM's sampler: the reverse SDE by Euler-Maruyama (`simulate_backward` without recording), per-seed
+    deterministic. Returns (x at t0 in VSDM's variable [B, C, H, W], labels, info) like `solvers.sample`."""
+    paths = simulate_backward(process, model, seeds, steps, labels, image_shape, dtype, record=False,
+                              progress=progress)
+    return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
+
+
+def forward_sb_loss(process: VSDMProcess, basis: SubspaceBasis, paths: Trajectories, zeta: float = 0.75) -> Tensor:
+    """VSDM's forward (variational-score) update, the SB-FBSDE implicit loss on backward paths (§1.4 step 3):
+
+        L = sum_i dt_i mean_b [ z_f . (1/2 z_f + z_b) + zeta div(g z_f) ],  z_f = sqrt(beta) A x,  g = sqrt(beta)
+
+    with the divergence exact (`forward_score_divergence`). Only the rates get gradient (z_b, x are data).
+    zeta is VSDM's `interact_coef` (0.75 by default there).
+    """
+    zeta = _check_number("zeta", zeta, "a finite number", lambda v: True)
+    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0:
+        raise ValueError("paths: expected Trajectories recorded by simulate_backward(record=True)")
+    N, B = paths.x.shape[:2]
+    t = paths.t.to(process.log_decay.device).repeat_interleave(B)
+    labels = None if paths.labels is None else paths.labels.repeat(N)
+    x, z_b = paths.x.flatten(0, 1), paths.z_b.flatten(0, 1)
+    z_f = forward_score(process, basis, x, t, labels)
+    energy = (z_f * (0.5 * z_f + z_b)).flatten(1).sum(1).to(_F64)
+    div = forward_score_divergence(process, basis, x.shape[1], t, labels)
+    per_time = (energy + zeta * div).reshape(N, B).mean(1)
+    return (paths.dt.to(per_time.device) * per_time).sum()
