@@ -1,4 +1,4 @@
-"""Multistep solvers for matrix-valued schedules: DPM-Solver++(2M/3M), UniPC (bh2) and iPNDM (docs/SOLVERS.md).
+"""Multistep solvers for matrix-valued schedules: DPM-Solver++(2M/3M), UniPC (bh2), iPNDM, DEIS (docs/SOLVERS.md).
 
 Every subspace k runs the scalar method on its own clock, sigma_k = sqrt(g_k) and lambda_k = -log sigma_k on the
 shared grid: step sizes h_k and ratios r_k are [B, K] tensors, and each update is a linear combination of a few
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -18,8 +19,8 @@ from tqdm.auto import tqdm
 from .schedules import MatrixSchedule
 from .solvers import Grid
 
-__all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "dpmpp_2m", "dpmpp_3m", "ipndm", "logsnr_grid", "min_nfe",
-           "unipc"]
+__all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm", "logsnr_grid",
+           "min_nfe", "unipc"]
 
 _F64 = torch.float64
 # Adams-Bashforth weights on F at the current point and the previous ones (iPNDM, uniform steps)
@@ -36,7 +37,8 @@ def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None 
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
-    if not 0 < sigma_min < sigma_max < math.inf:
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sigma_min, sigma_max)) \
+            or not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=_F64).exp()
     t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
@@ -54,7 +56,7 @@ def _check(x: Tensor, grid: Grid, order: int, orders: tuple[int, ...]) -> None:
         raise ValueError(f"grid: expected variances [1 or {x.shape[0]}, N+1 >= 2, K], got {tuple(grid.g.shape)}")
     if not bool((grid.g[:, :-1] > 0).all()) or not bool((grid.g[:, -1] >= 0).all()):
         raise ValueError("grid: expected positive variances (zero allowed at the end point only)")
-    if isinstance(order, bool) or order not in orders:
+    if isinstance(order, bool) or not isinstance(order, int) or order not in orders:
         raise ValueError(f"order: expected one of {', '.join(map(str, orders))}, got {order!r}")
 
 
@@ -74,9 +76,9 @@ def _units(n: int, like: Tensor) -> tuple[Tensor, ...]:
     return torch.eye(n, dtype=_F64, device=like.device)[:, :, None, None].unbind(0)
 
 
-def _lincomb(basis, ids, terms: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """sum_j sum_k w_j[:, k] P_k v_j for terms [(v_j, w_j [B, K])]: one combine per pair of images."""
-    out = None
+def _lincomb(basis, ids, terms: list[tuple[Tensor, Tensor]], base: Tensor | None = None) -> Tensor:
+    """base + sum_j sum_k w_j[:, k] P_k v_j for terms [(v_j, w_j [B, K])]: one combine per pair of images."""
+    out = base
     for j in range(0, len(terms), 2):
         (u, a), (v, c) = terms[j], terms[j + 1] if j + 1 < len(terms) else (None, None)
         out = basis.combine(u, a, v, c, base=out, ids=ids)
@@ -95,13 +97,15 @@ def _progress(n: int, disable: bool):
 
 # ---- DPM-Solver++ (data prediction, exponential integrator in lambda_k) ----
 
-def dpmpp_2m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, lower_order_final: bool = True,
-             progress: bool = False, callback: Callable[[dict], None] | None = None) -> Tensor:
+def dpmpp_2m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: int = 2,
+             lower_order_final: bool = True, progress: bool = False,
+             callback: Callable[[dict], None] | None = None) -> Tensor:
     """DPM-Solver++(2M) per subspace: x_b = (sigma_b/sigma_a) x + (1 - e^{-h}) [(1 + 1/2r) D_0 - 1/2r D_1].
 
     First step first order; a step to sigma = 0 gives x = D; `lower_order_final`: the last step is first order.
+    `order` is 2 (taken for a signature shared by all multistep solvers).
     """
-    _check(x, grid, 2, (2,))
+    _check(x, grid, order, ORDERS["dpmpp-2m"])
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
     D_prev = None
@@ -121,18 +125,18 @@ def dpmpp_2m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, lowe
     return x
 
 
-def dpmpp_3m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, variant: str = "published",
-             lower_order_final: bool = True, progress: bool = False,
+def dpmpp_3m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: int = 3,
+             variant: str = "published", lower_order_final: bool = True, progress: bool = False,
              callback: Callable[[dict], None] | None = None) -> Tensor:
     """DPM-Solver++(3M) per subspace, with the 2nd-order (Taylor) update on the second step.
 
     variant 'published': DPM-Solver's / k-diffusion's update, `- phi_3 d2` (measured order 2: the quadratic term
     is half the exact integral of the interpolant); 'exact': `- 2 phi_3 d2`, third order (docs/SOLVERS.md).
-    A step to sigma = 0 gives x = D; `lower_order_final`: orders 2 and 1 on the last two steps.
+    A step to sigma = 0 gives x = D; `lower_order_final`: orders 2 and 1 on the last two steps. `order` is 3.
     """
     if variant not in ("published", "exact"):
         raise ValueError(f"variant: expected 'published' or 'exact', got {variant!r}")
-    _check(x, grid, 3, (3,))
+    _check(x, grid, order, ORDERS["dpmpp-3m"])
     kappa = 1.0 if variant == "published" else 2.0
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
@@ -208,7 +212,7 @@ def unipc(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     The model value at the predicted point corrects that point and enters the history (no extra call); the
     last step has no corrector. A step to sigma = 0 gives x = D. `callback` sees the predicted x.
     """
-    _check(x, grid, order, (2, 3))
+    _check(x, grid, order, ORDERS["unipc"])
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
     hist: list[Tensor] = []
@@ -244,7 +248,7 @@ def ipndm(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     Orders warm up 1, 2, .. `order` over the first steps (as diff-sampler's `ipndm_sampler` on the EDM ODE);
     the network is never called at the end point.
     """
-    _check(x, grid, order, (1, 2, 3, 4))
+    _check(x, grid, order, ORDERS["ipndm"])
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, _ = _clock(grid, B)
     hist: list[Tensor] = []
@@ -258,13 +262,64 @@ def ipndm(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     return x
 
 
+# ---- DEIS tAB (Adams-Bashforth in DEIS's VP time, integrated exactly against dS) ----
+
+def _vp_time(sigma: Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, eps_s: float = 1e-3) -> Tensor:
+    """DEIS's VP time of an EDM sigma (diff-sampler's `edm2t`: beta fitted to (eps_s, sigma_min), (1, sigma_max))."""
+    beta_d = 2 * (math.log(sigma_min ** 2 + 1) / eps_s - math.log(sigma_max ** 2 + 1)) / (eps_s - 1)
+    beta_min = math.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+    return ((beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)).sqrt() - beta_min) / beta_d
+
+
+_GAUSS = [torch.tensor(a, dtype=_F64) for a in np.polynomial.legendre.leggauss(8)]  # nodes, weights on [-1, 1]
+
+
+def _deis_weights(s_a: Tensor, s_b: Tensor, nodes: list[Tensor]) -> list[Tensor]:
+    """integral_{S_a}^{S_b} l_j(tau(S)) dS for the Lagrange basis l_j on the VP times `nodes` ([B, K] each).
+
+    Integrated in S, where tau(S) is smooth down to S = 0 (in tau, dS/dtau is singular at 0): 8-point Gauss."""
+    node, weight = (a.to(s_a.device) for a in _GAUSS)
+    tau = _vp_time((s_a + s_b)[..., None] / 2 + (s_b - s_a)[..., None] / 2 * node)  # [B, K, 8]
+    out = []
+    for j, tj in enumerate(nodes):
+        lj = torch.ones_like(tau)
+        for m, tm in enumerate(nodes):
+            if m != j:
+                lj = lj * (tau - tm[..., None]) / (tj - tm)[..., None]
+        out.append((s_b - s_a) / 2 * (lj * weight).sum(-1))
+    return out
+
+
+def deis(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: int = 3, progress: bool = False,
+         callback: Callable[[dict], None] | None = None) -> Tensor:
+    """DEIS tAB per subspace: F_k as a polynomial in the VP time tau_k through the last `order` points,
+    integrated along dS_k: x_b = x_a - sum_j (integral l_j(tau) dS) F_{i-j}.
+
+    Orders warm up 1, 2, .. (as diff-sampler's `deis_sampler`); no network call at the end point.
+    """
+    _check(x, grid, order, ORDERS["deis"])
+    basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
+    sigma, _ = _clock(grid, B)
+    tau = _vp_time(sigma)
+    hist: list[Tensor] = []
+    for i in _progress(N, not progress):
+        F = model.flow(x, grid.g[:, i].expand(B, -1), labels)
+        hist = [F] + hist[:order - 1]
+        p = min(order, i + 1)
+        w = _deis_weights(sigma[:, i], sigma[:, i + 1], [tau[:, i - j] for j in range(p)])
+        x = _lincomb(basis, ids, [(hist[j], -w[j]) for j in range(p)], base=x)
+        if callback is not None:
+            callback({"i": i, "x": x, "g": grid.g[:, i + 1].expand(B, -1), "flow": F})
+    return x
+
+
 # ---- names, orders and NFE rules (the lead's resolve_sampler reads these) ----
 
-MULTISTEP = {"dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "unipc": unipc, "ipndm": ipndm}
-ORDERS = {"dpmpp-2m": (2,), "dpmpp-3m": (3,), "unipc": (2, 3), "ipndm": (1, 2, 3, 4)}
-DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "ipndm": 4}
+MULTISTEP = {"dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "unipc": unipc, "ipndm": ipndm, "deis": deis}
+ORDERS = {"dpmpp-2m": (2,), "dpmpp-3m": (3,), "unipc": (2, 3), "ipndm": (1, 2, 3, 4), "deis": (1, 2, 3, 4)}
+DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "ipndm": 4, "deis": 3}
 # solvers that lower their order over the last steps by default (lower_order_final=True)
-_LOWER_FINAL = {"dpmpp-2m": True, "dpmpp-3m": True, "unipc": True, "ipndm": False}
+_LOWER_FINAL = {"dpmpp-2m": True, "dpmpp-3m": True, "unipc": True, "ipndm": False, "deis": False}
 
 
 def min_nfe(name: str, order: int | None = None) -> int:
@@ -273,6 +328,6 @@ def min_nfe(name: str, order: int | None = None) -> int:
     if name not in MULTISTEP:
         raise ValueError(f"solver: expected one of {', '.join(MULTISTEP)}, got {name!r}")
     order = DEFAULT_ORDER[name] if order is None else order
-    if isinstance(order, bool) or order not in ORDERS[name]:
+    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS[name]:
         raise ValueError(f"order: {name} takes order {' or '.join(map(str, ORDERS[name]))}, got {order!r}")
     return 2 * order - 1 if _LOWER_FINAL[name] else order

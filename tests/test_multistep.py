@@ -1,5 +1,6 @@
-"""Multistep solvers (aniso_fast.multistep): k-diffusion as the oracle, a transcription of UniPC's update, isotropic
-equality, convergence orders on the exact Gaussian mixture, NFE accounting, the logSNR grid and bad input."""
+"""Multistep solvers (aniso_fast.multistep): k-diffusion as the oracle, transcriptions of UniPC's and diff-sampler's
+DEIS updates, isotropic equality, convergence orders on the exact Gaussian mixture, NFE accounting, the logSNR grid
+and bad input."""
 import importlib.util
 import math
 import os
@@ -13,7 +14,7 @@ from aniso_fast import multistep as MS
 from aniso_fast import solvers as S
 from aniso_fast.bases import IsotropicBasis
 from aniso_fast.gmm import GaussianMixture
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.schedules import MatrixSchedule, karras_sigmas
 
 f64 = torch.float64
 
@@ -168,8 +169,40 @@ def test_isotropic_unipc_is_the_published_update(gmm, order, lower_order_final):
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
 
 
+def _deis_reference(denoiser, x, sigmas, order, n=100_001):
+    """diff-sampler's `deis_sampler` with its `get_deis_coeff_list` (tAB) in float64: Lagrange polynomials of
+    d = (x - D)/sigma in the VP time t, integrated against dsigma/dt (trapezoid on n points, not their sum)."""
+    s_min, s_max, eps_s = 0.002, 80.0, 1e-3
+    beta_d = 2 * (math.log(s_min ** 2 + 1) / eps_s - math.log(s_max ** 2 + 1)) / (eps_s - 1)
+    beta_min = math.log(s_max ** 2 + 1) - 0.5 * beta_d
+    t = ((beta_min ** 2 + 2 * beta_d * (sigmas ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+    ds = []
+    for i in range(len(sigmas) - 1):
+        ds = [(x - denoiser(x, sigmas[i])) / sigmas[i]] + ds[:order - 1]
+        taus = torch.linspace(float(t[i]), float(t[i + 1]), n, dtype=f64)
+        alpha = torch.exp(-0.5 * taus ** 2 * beta_d - taus * beta_min)
+        integrand = 0.5 * (taus * beta_d + beta_min) / torch.sqrt(alpha * (1 - alpha))  # dsigma/dt
+        p = min(order, i + 1)
+        for j in range(p):
+            poly = torch.ones_like(taus)
+            for m in range(p):
+                if m != j:
+                    poly = poly * (taus - t[i - m]) / (t[i - j] - t[i - m])
+            x = x + torch.trapezoid(integrand * poly, taus) * ds[j]
+    return x
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_isotropic_deis_is_diff_samplers_tab(gmm, order):
+    sig = karras_sigmas(8)  # the harness's grid: 80 .. 0.002
+    grid = S.Grid(g=(sig ** 2)[None, :, None].expand(1, -1, 2).contiguous())
+    z = S.seeded_noise(range(3), gmm.image_shape, dtype=f64)
+    theirs = _deis_reference(lambda x, s: gmm.denoise(x, (s ** 2).expand(x.shape[0], 2)), z * 80, sig, order)
+    assert torch.allclose(MS.deis(gmm, z * 80, grid, order=order), theirs, rtol=0, atol=1e-7)
+
+
 SOLVERS = [("dpmpp-2m", {}), ("dpmpp-3m", {}), ("dpmpp-3m", {"variant": "exact"}), ("unipc", {"order": 2}),
-           ("unipc", {}), ("ipndm", {}), ("ipndm", {"order": 2})]
+           ("unipc", {}), ("ipndm", {}), ("ipndm", {"order": 2}), ("deis", {})]
 
 
 @pytest.mark.parametrize("name,kw", SOLVERS)
@@ -236,6 +269,12 @@ def test_ipndm_order_on_a_uniform_grid(gmm):
     assert 2.7 < _observed_order(gmm, MS.ipndm, uniform_s, 16) < 4.5
 
 
+def test_deis_order(gmm):
+    """DEIS tAB3 (F fitted in the VP time, t ~ sigma^2 near 0): observed order 2.0 at N = 16 and 2.4 at
+    N = 32 on the smooth path, rising."""
+    assert 1.8 < _observed_order(gmm, MS.deis, _smooth_grid, 16, order=3) < 3.5
+
+
 # ---- NFE, grids, orders table, bad input ----
 
 @pytest.mark.parametrize("name,kw", SOLVERS)
@@ -286,7 +325,7 @@ def test_logsnr_grid_is_log_uniform_in_the_geometric_mean(aniso_schedule):
 def test_min_nfe():
     assert MS.min_nfe("dpmpp-2m") == 3 and MS.min_nfe("dpmpp-3m") == 5
     assert MS.min_nfe("unipc", 2) == 3 and MS.min_nfe("unipc") == 5
-    assert MS.min_nfe("ipndm") == 4 and MS.min_nfe("ipndm", 1) == 1
+    assert MS.min_nfe("ipndm") == 4 and MS.min_nfe("ipndm", 1) == 1 and MS.min_nfe("deis") == 3
     assert set(MS.ORDERS) == set(MS.MULTISTEP) == set(MS.DEFAULT_ORDER)
     with pytest.raises(ValueError, match="solver"):
         MS.min_nfe("dpmpp-4m")
@@ -301,6 +340,10 @@ def test_bad_inputs(gmm, aniso_schedule):
         MS.unipc(gmm, x, grid, order=4)
     with pytest.raises(ValueError, match="order"):
         MS.ipndm(gmm, x, grid, order=0)
+    with pytest.raises(ValueError, match="order"):
+        MS.deis(gmm, x, grid, order=2.0)
+    with pytest.raises(ValueError, match="order"):
+        MS.dpmpp_2m(gmm, x, grid, order=3)
     with pytest.raises(ValueError, match="variant"):
         MS.dpmpp_3m(gmm, x, grid, variant="kdiffusion")
     with pytest.raises(ValueError, match="secondary"):
@@ -314,3 +357,5 @@ def test_bad_inputs(gmm, aniso_schedule):
         MS.logsnr_grid(aniso_schedule, 0)
     with pytest.raises(ValueError, match="sigma_min"):
         MS.logsnr_grid(aniso_schedule, 4, sigma_min=90.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        MS.logsnr_grid(aniso_schedule, 4, sigma_max=None)
