@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .schedules import MatrixSchedule
-from .solvers import Grid
+
+if TYPE_CHECKING:  # solvers.py dispatches to this module, so no import of it at run time
+    from .solvers import Grid
 
 __all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm", "logsnr_grid",
            "min_nfe", "unipc"]
@@ -48,7 +51,7 @@ def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None 
 # ---- shared pieces ----
 
 def _check(x: Tensor, grid: Grid, order: int, orders: tuple[int, ...]) -> None:
-    if not isinstance(grid, Grid):
+    if not isinstance(getattr(grid, "g", None), Tensor) or not hasattr(grid, "g_sec"):
         raise TypeError(f"grid: expected a solvers.Grid, got {type(grid).__name__}")
     if grid.g_sec is not None:
         raise ValueError("grid: multistep solvers use no secondary points; build the grid with secondary='end'")

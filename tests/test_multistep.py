@@ -353,6 +353,8 @@ def test_bad_inputs(gmm, aniso_schedule):
         MS.dpmpp_2m(gmm, x, zero_inside)
     with pytest.raises(ValueError, match="grid"):
         MS.ipndm(gmm, x, S.Grid(g=grid.g.expand(3, -1, -1)))
+    with pytest.raises(TypeError, match="grid"):
+        MS.unipc(gmm, x, grid.g)
     with pytest.raises(ValueError, match="num_steps"):
         MS.logsnr_grid(aniso_schedule, 0)
     with pytest.raises(ValueError, match="sigma_min"):
