@@ -76,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="heun", choices=SOLVERS)
     p.add_argument("--grid", default="uniform_t", choices=GRIDS,
                    help="uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
-                        "karras: the isotropic EDM baseline (ignores the schedule)")
+                        "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
+                        "sigma uniform in log sigma (DPM-Solver's grid)")
     p.add_argument("--secondary", default=None, choices=("end", "mid"),
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")
+    p.add_argument("--order", type=int, default=None,
+                   help="order of a multistep solver (default: 2 for dpmpp-2m, 4 for ipndm, 3 for the others)")
     p.add_argument("--seeds", default=None,
                    help=f"seeds, e.g. '0-63' or '1,5,9', each below 2**32, at most {MAX_SAMPLES:,} "
                         f"(default: 0..count-1)")
@@ -141,7 +144,7 @@ def _validate(args):
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     try:
-        plan = resolve_sampler(args.solver, args.grid, args.secondary, args.nfe)
+        plan = resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     if args.seeds is not None and args.count is not None:
@@ -167,7 +170,8 @@ def _validate(args):
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
     name = args.model if args.model in models.MODELS else Path(args.model).stem
-    stem = f"{name}_{args.schedule}_{plan.solver}-{plan.secondary or 'euler'}_{plan.grid}_nfe{plan.nfe}"
+    variant = plan.secondary or plan.order or "euler"
+    stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
     try:
         check_writable_folder(outdir)
@@ -206,7 +210,7 @@ def run(args) -> Path:
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
         x, lab, _ = sample(model, schedule, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
-                           secondary=plan.secondary, seeds=seeds[i:i + args.batch],
+                           secondary=plan.secondary, order=plan.order, seeds=seeds[i:i + args.batch],
                            labels=None if labels is None else labels[i:i + args.batch],
                            device=args.device, progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))

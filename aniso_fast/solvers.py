@@ -17,16 +17,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import multistep
 from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
     "Grid", "uniform_t", "edm_sigma_t", "schedule_grid", "karras_grid", "euler", "heun", "seeded_noise",
     "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
-    "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES",
+    "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS",
 ]
 
-SOLVERS = ("euler", "heun")
-GRIDS = ("uniform_t", "edm_sigma", "karras")
+SOLVERS = ("euler", "heun", *multistep.MULTISTEP)
+GRIDS = ("uniform_t", "edm_sigma", "karras", "logsnr")
 # (solver, grid, secondary) -> the name the docs and tables use, and a one-letter code for compact tables
 SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
                  ("heun", "uniform_t", "mid"): "midpoint Heun, uniform t grid (paper)",
@@ -35,6 +36,13 @@ SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
                  ("euler", "uniform_t", "end"): "Euler, uniform t grid"}
 SAMPLER_CODES = {("heun", "karras", "end"): "K", ("heun", "uniform_t", "mid"): "u", ("heun", "uniform_t", "end"): "ue",
                  ("heun", "edm_sigma", "end"): "e", ("euler", "uniform_t", "end"): "E"}
+# names of the other (solver, grid) pairs are composed from these
+SOLVER_LABELS = {"euler": "Euler", "heun": "Heun", "dpmpp-2m": "DPM-Solver++(2M)", "dpmpp-3m": "DPM-Solver++(3M)",
+                 "unipc": "UniPC-bh2", "ipndm": "iPNDM", "deis": "DEIS-tAB"}
+GRID_LABELS = {"uniform_t": "uniform t grid", "edm_sigma": "EDM sigma grid on the geometric mean",
+               "karras": "Karras grid", "logsnr": "log-SNR grid on the geometric mean"}
+# grids placed on the schedule's geometric mean need its inverse (a MatrixSchedule has one)
+_NEEDS_INVERSE = ("edm_sigma", "logsnr")
 
 
 @dataclass
@@ -194,6 +202,10 @@ def steps_for_nfe(nfe: int, solver: str, secondary: str = "end") -> tuple[int, b
         if nfe < 1:
             raise ValueError(f"nfe: Euler needs at least 1 network call, got {nfe}")
         return nfe, False
+    if solver in multistep.MULTISTEP:  # one call per step; the order is checked by resolve_sampler
+        if nfe < 1:
+            raise ValueError(f"nfe: {solver} needs at least 1 network call, got {nfe}")
+        return nfe, False
     if secondary == "end":
         if nfe < 3 or nfe % 2 == 0:
             raise ValueError(f"nfe: end-point Heun uses 2N-1 calls (N steps, the last one Euler): expected an odd "
@@ -216,6 +228,7 @@ class Sampler:
     nfe: int  # network calls per sample, exactly
     steps: int
     final_euler: bool
+    order: int | None = None  # multistep solvers only
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -224,11 +237,12 @@ class Sampler:
 
     @property
     def name(self) -> str:
-        return SAMPLER_NAMES.get(self.key, f"{self.solver}, {self.grid} grid")
+        order = f" order {self.order}" if self.order is not None and self.solver in ("unipc", "ipndm", "deis") else ""
+        return SAMPLER_NAMES.get(self.key, f"{SOLVER_LABELS[self.solver]}{order}, {GRID_LABELS[self.grid]}")
 
 
 def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: str | None = None,
-                    nfe: int = 9) -> Sampler:
+                    nfe: int = 9, order: int | None = None) -> Sampler:
     """Check a (solver, grid, secondary, nfe) choice and work out its steps; ValueError naming the argument.
 
     Defaults: Heun's secondary point is the midpoint on the uniform t grid and the end point elsewhere; the
@@ -240,7 +254,12 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
         raise ValueError(f"grid: expected one of {', '.join(GRIDS)}, got {grid!r}")
     if secondary is not None and secondary not in ("end", "mid"):
         raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
-    if solver == "euler":
+    multi = solver in multistep.MULTISTEP
+    if order is not None and not multi:
+        raise ValueError(f"order: only the multistep solvers ({', '.join(multistep.MULTISTEP)}) take an order")
+    if multi and secondary == "mid":
+        raise ValueError(f"secondary: {solver} uses no secondary point")
+    if solver == "euler" or multi:
         secondary = None
     elif secondary is None:
         secondary = "mid" if grid == "uniform_t" else "end"
@@ -251,22 +270,33 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
     if nfe > MAX_NFE:
         raise ValueError(f"nfe: expected at most {MAX_NFE} network calls, got {nfe}")
     steps, final_euler = steps_for_nfe(nfe, solver, secondary or "end")
-    return Sampler(solver, grid, secondary, nfe, steps, final_euler)
+    if multi:
+        order = multistep.DEFAULT_ORDER[solver] if order is None else order
+        need = multistep.min_nfe(solver, order)  # ValueError naming order if the solver has no such order
+        if nfe < need:
+            raise ValueError(f"nfe: {solver} of order {order} needs at least {need} network calls, got {nfe}")
+    return Sampler(solver, grid, secondary, nfe, steps, final_euler, order)
 
 
 def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solver: str = "heun",
-           grid: str = "uniform_t", secondary: str | None = None, seeds: Sequence[int] = (0,),
-           labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
+           grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
+           seeds: Sequence[int] = (0,), labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
+           dtype=torch.float32,
            device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """Generate one sample per seed: build the grid, draw x_T = M(T)^{1/2} z, run the solver.
 
-    grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
-    geometric mean, end-point Heun), 'karras' (the isotropic EDM baseline; the schedule is not used).
+    solver: 'euler', 'heun' (matrix Heun, METHOD §6) or a multistep solver of `multistep.MULTISTEP` (with its
+    `order`). grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
+    geometric mean, end-point Heun), 'logsnr' (the geometric-mean sigma uniform in log sigma), 'karras' (the
+    isotropic EDM baseline; the schedule is not used).
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
     """
-    plan = resolve_sampler(solver, grid, secondary, nfe)
+    plan = resolve_sampler(solver, grid, secondary, nfe, order)
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
+    if grid in _NEEDS_INVERSE and not hasattr(schedule, "invert_geometric_mean"):
+        raise ValueError(f"grid: {grid!r} is placed on the geometric mean of the schedule, and this "
+                         f"{type(schedule).__name__} has no inverse of it; use 'uniform_t' or 'karras'")
     seeds = check_seeds(seeds)
     num_classes = getattr(model, "num_classes", None)
     if num_classes:
@@ -282,7 +312,10 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     if grid == "karras":
         g = karras_grid(plan.steps, model.basis.num_subspaces)
     else:
-        t = uniform_t(plan.steps, schedule.T) if grid == "uniform_t" else edm_sigma_t(schedule, plan.steps, labels)
+        times = {"uniform_t": lambda: uniform_t(plan.steps, schedule.T),
+                 "edm_sigma": lambda: edm_sigma_t(schedule, plan.steps, labels),
+                 "logsnr": lambda: multistep.logsnr_grid(schedule, plan.steps, labels)}
+        t = times[grid]()
         g = schedule_grid(schedule, t, labels, plan.secondary or "end")
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
     shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
@@ -290,9 +323,11 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     ids = model.basis.group_ids(labels)
     x = model.basis.scale(z, _at(g.g, 0, len(seeds)).sqrt(), ids=ids)
     with torch.no_grad():
-        if solver == "euler":
+        if solver in multistep.MULTISTEP:
+            x = multistep.MULTISTEP[solver](model, x, g, labels, order=plan.order, progress=progress)
+        elif solver == "euler":
             x = euler(model, x, g, labels, progress=progress)
         else:
             x = heun(model, x, g, labels, final_euler=plan.final_euler, progress=progress)
     return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "grid": grid,
-                       "secondary": plan.secondary}
+                       "secondary": plan.secondary, "order": plan.order}

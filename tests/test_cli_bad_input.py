@@ -32,7 +32,11 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--solver": [["--solver", "bogus"]],
         "--grid": [["--grid", "bogus"]],
         "--secondary": [["--secondary", "bogus"], ["--grid", "karras", "--secondary", "mid"]],
-        "--nfe": [["--nfe", "100000000000"], ["--nfe", "abc"], ["--nfe", "0"]],
+        "--nfe": [["--nfe", "100000000000"], ["--nfe", "abc"], ["--nfe", "0"],
+                  ["--solver", "dpmpp-3m", "--nfe", "4"],  # an NFE below the solver's minimum
+                  ["--solver", "ipndm", "--order", "4", "--nfe", "3"]],  # an order higher than the steps allow
+        "--order": [["--solver", "unipc", "--order", "5"], ["--solver", "ipndm", "--order", "abc"],
+                    ["--solver", "heun", "--order", "2"]],
         "--seeds": [["--seeds", "5-2"], ["--seeds", "abc"], ["--seeds", "-1"], ["--seeds", "0-100000000000"]],
         "--count": [["--count", "0"], ["--count", "100000000000"]],
         "--classes": [["--classes", "99"], ["--classes", "abc"], ["--classes", "-1"]],

@@ -199,3 +199,50 @@ def test_bad_inputs(gmm, aniso_schedule):
         S.sample(cond, MatrixSchedule(2), seeds=[0, 1], labels=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="secondary"):
         S.sample(gmm, aniso_schedule, secondary="start")
+
+
+# ---- the multistep solvers through sample() and resolve_sampler (issue 11) ----
+
+@pytest.mark.parametrize("solver", ["dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "deis"])
+@pytest.mark.parametrize("grid", ["karras", "logsnr", "uniform_t", "edm_sigma"])
+def test_sample_dispatches_multistep_solvers_with_exact_nfe(gmm, aniso_schedule, solver, grid):
+    from aniso_fast import multistep
+
+    counted = CountingModel(gmm)
+    x, _, info = S.sample(counted, aniso_schedule, nfe=6, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
+    assert counted.calls == 6 == info["nfe"] and info["order"] == multistep.DEFAULT_ORDER[solver]
+    # the same solver called on the same grid and start point by hand
+    plan = S.resolve_sampler(solver, grid, None, 6)
+    t = {"karras": None, "uniform_t": S.uniform_t(6, aniso_schedule.T),
+         "edm_sigma": S.edm_sigma_t(aniso_schedule, 6), "logsnr": multistep.logsnr_grid(aniso_schedule, 6)}[grid]
+    g = S.karras_grid(6, 2) if t is None else S.schedule_grid(aniso_schedule, t)
+    x0 = gmm.basis.scale(S.seeded_noise([0, 1], gmm.image_shape, dtype=f64), g.g[:, 0].expand(2, -1).sqrt())
+    expected = multistep.MULTISTEP[solver](gmm, x0, g, order=plan.order)
+    assert torch.equal(x, expected)
+
+
+def test_multistep_rules_in_resolve_sampler():
+    assert S.resolve_sampler("dpmpp-2m", "karras", None, 3).steps == 3
+    assert S.resolve_sampler("unipc", "logsnr", None, 3, order=2).order == 2
+    assert "DPM-Solver++(3M), log-SNR grid" in S.resolve_sampler("dpmpp-3m", "logsnr", None, 5).name
+    for args, match in [(("dpmpp-3m", "karras", None, 4), "^nfe: dpmpp-3m of order 3 needs at least 5"),
+                        (("ipndm", "karras", None, 3, 4), "^nfe: ipndm of order 4 needs at least 4"),
+                        (("unipc", "karras", None, 9, 5), "^order: unipc takes order 2 or 3"),
+                        (("heun", "karras", None, 9, 2), "^order: only the multistep solvers"),
+                        (("dpmpp-2m", "uniform_t", "mid", 9), "^secondary: dpmpp-2m uses no secondary point"),
+                        (("bogus", "karras", None, 9), "^solver: expected one of"),
+                        (("dpmpp-2m", "bogus", None, 9), "^grid: expected one of")]:
+        with pytest.raises(ValueError, match=match):
+            S.resolve_sampler(*args)
+
+
+def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm):
+    """Grids on the geometric mean need its inverse; VSDM's VE view has none (issue 11, bad input)."""
+    from aniso_fast.vsdm import VSDMProcess
+
+    view = VSDMProcess(2).ve_schedule()
+    for grid in ("logsnr", "edm_sigma"):
+        with pytest.raises(ValueError, match=f"^grid: '{grid}' is placed on the geometric mean"):
+            S.sample(gmm, view, nfe=5, solver="dpmpp-2m", grid=grid)
+    x, _, info = S.sample(gmm, view, nfe=5, solver="dpmpp-2m", grid="uniform_t")
+    assert info["nfe"] == 5 and torch.isfinite(x).all()
