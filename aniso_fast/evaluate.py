@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("solvers", help="solver accuracy on the exact mixture")
     s.add_argument("--model", default="gmm-fmnist", choices=list(models.EMBEDDED))
     s.add_argument("--schedule", default="edm", choices=list(models.SCHEDULES))
-    s.add_argument("--nfe", type=_nfe_list, default="5,7,9,11,13,15,17,35", help="comma-separated NFE values")
+    s.add_argument("--schedule-from", default=None, metavar="MODEL",
+                   help="with --schedule learned: the shipped model whose learned schedule drives the mixture (its "
+                        "number of subspaces must match the mixture's)")
+    s.add_argument("--nfe", type=_nfe_list, default="3,4,5,6,7,9,13,35", help="comma-separated NFE values")
     s.add_argument("--n", type=_positive, default=1000, help="samples per configuration")
     s.add_argument("--reference-nfe", type=_positive, default=255,
                    help="NFE of the midpoint-Heun reference solution (>= 2, above every --nfe)")
@@ -199,6 +202,15 @@ def _check_nfes(option: str, recipe: dict, nfes: list[int], optional: bool, prim
 
 
 def _check_solvers(args) -> None:
+    if args.schedule == "learned" and args.schedule_from is None:
+        raise ValueError("--schedule-from: --schedule learned needs the shipped model whose schedule to use")
+    if args.schedule_from is not None:
+        if args.schedule != "learned":
+            raise ValueError(f"--schedule-from: only with --schedule learned (got --schedule {args.schedule})")
+        shipped = models.shipped_models()
+        if args.schedule_from not in shipped:
+            raise ValueError(f"--schedule-from: expected a shipped model ({', '.join(shipped) or 'none'}), "
+                             f"got {args.schedule_from!r}")
     try:
         resolve_sampler("heun", "uniform_t", "mid", args.reference_nfe)
     except ValueError as e:
@@ -262,10 +274,14 @@ def _check_train_recipe(args) -> dict:
 
 def _run_solvers(args, command: str) -> int:
     model = models.load_model(args.model)
-    schedule = models.load_schedule(args.schedule, model)
+    schedule = models.load_schedule(args.schedule, model, args.schedule_from)
+    if schedule.num_subspaces != model.basis.num_subspaces:
+        print(f"error: --schedule-from: {args.schedule_from}'s schedule has {schedule.num_subspaces} subspaces, "
+              f"the mixture {model.basis.num_subspaces}", file=sys.stderr)
+        return 2
     result = solver_accuracy(model, schedule, args.nfe, n=args.n, seed=args.seed, reference_nfe=args.reference_nfe)
-    print(write_report(result, args.out, f"Solver accuracy on the exact mixture ({args.model}, schedule "
-                                         f"{args.schedule})", command))
+    source = f"learned schedule of {args.schedule_from}" if args.schedule_from else f"schedule {args.schedule}"
+    print(write_report(result, args.out, f"Solver accuracy on the exact mixture ({args.model}, {source})", command))
     return 0
 
 

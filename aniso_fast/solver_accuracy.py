@@ -21,13 +21,21 @@ from .solvers import resolve_sampler, sample
 
 __all__ = ["SOLVER_CONFIGS", "solver_accuracy", "to_markdown", "write_report"]
 
-# (name, solver, grid, secondary): the paper's sampler, its end-point variant, the EDM-v2 grid and EDM itself
+# (name, solver, grid, secondary): the paper's sampler, its end-point variant, the EDM-v2 grid, EDM itself, and
+# the multistep solvers (default orders) on the grids they are usually run on
 SOLVER_CONFIGS = [
     ("EDM Heun, Karras grid", "heun", "karras", "end"),
     ("Heun midpoint, uniform t", "heun", "uniform_t", "mid"),
     ("Heun end point, uniform t", "heun", "uniform_t", "end"),
     ("Heun end point, EDM sigma on geometric mean", "heun", "edm_sigma", "end"),
     ("Euler, uniform t", "euler", "uniform_t", "end"),
+    ("DPM-Solver++(2M), Karras grid", "dpmpp-2m", "karras", None),
+    ("DPM-Solver++(2M), log-SNR grid", "dpmpp-2m", "logsnr", None),
+    ("DPM-Solver++(2M), uniform t", "dpmpp-2m", "uniform_t", None),
+    ("DPM-Solver++(3M), log-SNR grid", "dpmpp-3m", "logsnr", None),
+    ("UniPC-bh2 order 3, log-SNR grid", "unipc", "logsnr", None),
+    ("iPNDM order 4, log-SNR grid", "ipndm", "logsnr", None),
+    ("iPNDM order 4, uniform t", "ipndm", "uniform_t", None),
 ]
 
 

@@ -92,6 +92,8 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
     "evaluate solvers": {
         "--model": [["--model", "bogus"]],
         "--schedule": [["--schedule", "bogus"]],
+        "--schedule-from": [["--schedule", "learned"], ["--schedule", "learned", "--schedule-from", "nosuch"],
+                            ["--schedule-from", "fmnist-dct"]],
         "--nfe": [["--nfe", "abc"], ["--nfe", "0"], ["--nfe", "100000000000"]],
         "--n": [["--n", "0"]],
         "--reference-nfe": [["--reference-nfe", "1"], ["--reference-nfe", "3"]],  # not above every --nfe
