@@ -70,6 +70,17 @@ class SubspaceBasis(nn.Module):
             self._check_fit(None, c, {**names, "a": names["c"]})
         return self._combine(u, a, v, c, base, ids, backend, names)
 
+    def block_combine(self, x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                      base_v: Tensor | None = None, *, ids: Tensor | None = None,
+                      backend: str | None = None) -> tuple[Tensor, Tensor]:
+        """(x', v') = base + sum_k P_k (B[:, k] [x; v]) with B [B, K, 2, 2]: one 2x2 block per sample and subspace
+        on the phase-space pair (x, v) (docs/DESIGN.md, op 3)."""
+        self._check_fit(x, None, {"u": "x"})
+        if isinstance(B, Tensor) and B.dim() == 4 and B.shape[1] != self.num_subspaces:
+            raise ValueError(f"B: expected one 2x2 block per subspace, shape [B, {self.num_subspaces}, 2, 2], "
+                             f"got {tuple(B.shape)}")
+        return self._block_combine(x, v, B, base_x, base_v, ids, backend)
+
     def scale(self, x: Tensor, s: Tensor, *, ids: Tensor | None = None, backend: str | None = None) -> Tensor:
         """sum_k s[:, k] P_k x."""
         return self.combine(x, s, ids=ids, backend=backend, names={"u": "x", "a": "s"})
@@ -125,6 +136,9 @@ class SubspaceBasis(nn.Module):
     def _dot(self, u, v, ids, backend, names):
         raise NotImplementedError
 
+    def _block_combine(self, x, v, B, base_x, base_v, ids, backend):
+        raise NotImplementedError
+
 
 class IsotropicBasis(SubspaceBasis):
     """K = 1: P_0 = I (the degenerate case; isotropic EDM)."""
@@ -140,6 +154,9 @@ class IsotropicBasis(SubspaceBasis):
 
     def _dot(self, u, v, ids, backend, names):
         return ops.isotropic_dot(u, v, names=names)
+
+    def _block_combine(self, x, v, B, base_x, base_v, ids, backend):
+        return ops.isotropic_block_combine(x, v, B, base_x, base_v)
 
     def subspace_dims(self, channels: int) -> list[int]:
         H, W = self.image_size if self.image_size is not None else (0, 0)
@@ -211,6 +228,10 @@ class DCTBasis(SubspaceBasis):
         CH, CW = self._mats(u)
         return ops.separable_dot(u, v, CH=CH, CW=CW, band=self.band, K=self.num_subspaces, backend=backend,
                                  names=names)
+
+    def _block_combine(self, x, v, B, base_x, base_v, ids, backend):
+        CH, CW = self._mats(x)
+        return ops.separable_block_combine(x, v, B, base_x, base_v, CH=CH, CW=CW, band=self.band, backend=backend)
 
     def subspace_dims(self, channels: int) -> list[int]:
         counts = torch.bincount(self.full_band.flatten(), minlength=self.num_subspaces)
@@ -315,6 +336,10 @@ class PCABasis(SubspaceBasis):
     def _dot(self, u, v, ids, backend, names):
         return ops.lowrank_dot(u, v, V=self._V(u), vband=self.vband, K=self.num_subspaces,
                                ids=self._resolve_ids(ids), backend=backend, names=names)
+
+    def _block_combine(self, x, v, B, base_x, base_v, ids, backend):
+        return ops.lowrank_block_combine(x, v, B, base_x, base_v, V=self._V(x), vband=self.vband,
+                                         ids=self._resolve_ids(ids), backend=backend)
 
     def projector_matrix(self, k: int, channels: int, group: int = 0) -> Tensor:
         if not self.joint:

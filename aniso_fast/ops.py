@@ -1,6 +1,6 @@
 """Dispatch layer for the subspace ops (docs/DESIGN.md, "The subspace op contract").
 
-Every other module calls the four functions below; this is the only module that touches compiled code.
+Every other module calls the public functions below; this is the only module that touches compiled code.
 
 Backends: `reference` (plain PyTorch, always), `cpp` (C++ CPU extension `aniso_fast._C`), `cuda` (CUDA kernels of
 the same extension, when it was built with them), `triton` (`aniso_fast.kernels.subspace_triton`: CUDA tensors
@@ -34,7 +34,7 @@ except ImportError as exc:  # source checkout without a build: the reference bac
     _C, _C_ERROR = None, f"aniso_fast._C is not built ({exc})"
 
 __all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot", "isotropic_combine", "isotropic_dot",
-           "backends", "BACKENDS"]
+           "separable_block_combine", "lowrank_block_combine", "isotropic_block_combine", "backends", "BACKENDS"]
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "ANISO_FAST_BACKEND"
@@ -55,6 +55,11 @@ def _triton():
         except Exception as exc:  # triton missing or broken: the backend is just unavailable
             _triton_error = f"aniso_fast.kernels.subspace_triton cannot be imported ({type(exc).__name__}: {exc})"
     return _triton_module
+
+
+def _triton_block():
+    """The Triton block_combine kernels (they reuse subspace_triton's helpers, so they import with it)."""
+    return importlib.import_module("aniso_fast.kernels.block_triton")
 
 
 def _triton_interpreted() -> bool:
@@ -144,7 +149,10 @@ _ARGS = {
     "separable_dot": ("u", "v", "CH", "CW", "band", "K"),
     "lowrank_combine": ("u", "a", "v", "c", "base", "V", "vband", "ids"),
     "lowrank_dot": ("u", "v", "V", "vband", "ids", "K"),
+    "separable_block_combine": ("x", "v", "B", "base_x", "base_v", "CH", "CW", "band"),
+    "lowrank_block_combine": ("x", "v", "B", "base_x", "base_v", "V", "vband", "ids"),
 }
+_BLOCK_OPS = ("separable_block_combine", "lowrank_block_combine")  # Triton: kernels/block_triton.py
 
 
 def _python_kernel(module, op: str):
@@ -155,7 +163,7 @@ def _python_kernel(module, op: str):
 _KERNELS = {  # backend -> op name -> the function that runs it on prepared arguments
     "cpp": lambda op: getattr(_C, f"{op}_cpu"),
     "cuda": lambda op: getattr(_C, f"{op}_cuda"),
-    "triton": lambda op: _python_kernel(_triton(), op),
+    "triton": lambda op: _python_kernel(_triton_block() if op in _BLOCK_OPS else _triton(), op),
     "reference": lambda op: _python_kernel(reference, op),
 }
 
@@ -167,11 +175,14 @@ def _run(op: str, backend: str, *args):
 # ---------------------------------------------------------------- custom ops, fake implementations, autograd
 
 _COMBINE_ARGS = "Tensor u, Tensor a, Tensor? v, Tensor? c, Tensor? base"
+_BLOCK_ARGS = "Tensor x, Tensor v, Tensor B, Tensor? base_x, Tensor? base_v"
 _SCHEMAS = {
     "separable_combine": f"({_COMBINE_ARGS}, Tensor CH, Tensor CW, Tensor band, str backend) -> Tensor",
     "separable_dot": "(Tensor u, Tensor v, Tensor CH, Tensor CW, Tensor band, int K, str backend) -> Tensor",
     "lowrank_combine": f"({_COMBINE_ARGS}, Tensor V, Tensor vband, Tensor? ids, str backend) -> Tensor",
     "lowrank_dot": "(Tensor u, Tensor v, Tensor V, Tensor vband, Tensor? ids, int K, str backend) -> Tensor",
+    "separable_block_combine": f"({_BLOCK_ARGS}, Tensor CH, Tensor CW, Tensor band, str backend) -> (Tensor, Tensor)",
+    "lowrank_block_combine": f"({_BLOCK_ARGS}, Tensor V, Tensor vband, Tensor? ids, str backend) -> (Tensor, Tensor)",
 }
 
 
@@ -183,7 +194,8 @@ def _custom_op(op: str):
     return torch.library.custom_op(f"aniso_fast::{op}", run, mutates_args=(), schema=_SCHEMAS[op])
 
 
-_separable_combine_op, _separable_dot_op, _lowrank_combine_op, _lowrank_dot_op = map(_custom_op, _ARGS)
+(_separable_combine_op, _separable_dot_op, _lowrank_combine_op, _lowrank_dot_op, _separable_block_op,
+ _lowrank_block_op) = map(_custom_op, _ARGS)
 
 
 # Fake (meta) implementations: output shapes and dtypes only, for torch.compile / FakeTensor tracing.
@@ -199,6 +211,15 @@ for _op in (_separable_combine_op, _lowrank_combine_op):
     _op.register_fake(_combine_fake)
 for _op in (_separable_dot_op, _lowrank_dot_op):
     _op.register_fake(_dot_fake)
+
+
+def _block_fake(x, v, B, base_x, base_v, basis0, basis1, basis2, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+for _op in (_separable_block_op, _lowrank_block_op):
+    _op.register_fake(_block_fake)
 
 
 class _Family:
@@ -259,6 +280,37 @@ def _register_autograd(combine_op, dot_op, n_basis):
 
 _register_autograd(_separable_combine_op, _separable_dot_op, 3)
 _register_autograd(_lowrank_combine_op, _lowrank_dot_op, 3)
+
+
+def _register_block_autograd(block_op, dot_op, n_basis):
+    """DESIGN.md op 3: (d/dx, d/dv) = block_combine(gx, gv, B^T), d/dB[:, k, i, j] = dot(in_j, g_i)[:, k]
+    (in = (x, v), g = (gx, gv)), d/dbase_x = gx, d/dbase_v = gv; written with the custom ops (double backward)."""
+
+    def setup(ctx, inputs, output):
+        x, v, B = inputs[:3]
+        ctx.basis, ctx.backend = inputs[5:5 + n_basis], inputs[-1]
+        ctx.save_for_backward(x, v, B)
+
+    def backward(ctx, gx, gv):
+        x, v, B = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in (gx, gv)]
+        gin = [None, None]
+        if need[0] or need[1]:
+            gin = block_op(g[0], g[1], B.transpose(2, 3).contiguous(), None, None, *ctx.basis, ctx.backend)
+        gB = None
+        if need[2]:
+            K, inputs = B.shape[1], (x, v)
+            gB = torch.stack([torch.stack([dot_op(inputs[j], g[i], *ctx.basis, K, ctx.backend) for j in (0, 1)], -1)
+                              for i in (0, 1)], -2)
+        return (gin[0] if need[0] else None, gin[1] if need[1] else None, gB,
+                g[0] if need[3] else None, g[1] if need[4] else None) + (None,) * (n_basis + 1)
+
+    block_op.register_autograd(backward, setup_context=setup)
+
+
+_register_block_autograd(_separable_block_op, _separable_dot_op, 3)
+_register_block_autograd(_lowrank_block_op, _lowrank_dot_op, 3)
 
 
 # ---------------------------------------------------------------- validation and preparation
@@ -416,6 +468,21 @@ def _prepare_lowrank(u, V, vband, ids, K, dt):
     return V, vband, ids
 
 
+def _prepare_block(x, v, B, base_x, base_v):
+    """Checks and prepares block_combine's arguments: v, base_x, base_v like x; B [B, K>=1, 2, 2] in the compute
+    dtype."""
+    _check_image(x, "x")
+    v = _check_like("v", v, x, "x")
+    dt = reference.compute_dtype(x.dtype)
+    n = x.shape[0]
+    B = _check_floats("B", B, x, dt, f"a [B={n}, K>=1, 2, 2] floating tensor",
+                      lambda shape: len(shape) == 4 and shape[0] == n and shape[1] >= 1 and tuple(shape[2:]) == (2, 2),
+                      "x")
+    base_x = None if base_x is None else _check_like("base_x", base_x, x, "x")
+    base_v = None if base_v is None else _check_like("base_v", base_v, x, "x")
+    return x.contiguous(), v, B, base_x, base_v, dt
+
+
 def _prepare_dot(u, v, K, names=None):
     n = {**_NAMES, **(names or {})}
     _check_image(u, n["u"])
@@ -477,3 +544,37 @@ def isotropic_dot(u: Tensor, v: Tensor, *, names: dict[str, str] | None = None) 
     """`[B, 1]`: `<u_b, v_b>` in the compute dtype."""
     u, v, _, dt = _prepare_dot(u, v, 1, names)
     return (u.to(dt) * v.to(dt)).flatten(1).sum(1, keepdim=True)
+
+
+def separable_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                            base_v: Tensor | None = None, *, CH: Tensor, CW: Tensor, band: Tensor,
+                            backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """`(x', v')`: `x' = base_x + sum_k P_k (B[:, k, 0, 0] x + B[:, k, 0, 1] v)`, `v'` likewise with row 1 of B
+    [B, K, 2, 2], for the separable basis (CH, CW, band); both in x.dtype."""
+    x, v, B, base_x, base_v, dt = _prepare_block(x, v, B, base_x, base_v)
+    CH, CW, band = _prepare_separable(x, CH, CW, band, B.shape[1], dt)
+    return _separable_block_op(x, v, B, base_x, base_v, CH, CW, band, _resolve(backend, x.device))
+
+
+def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                          base_v: Tensor | None = None, *, V: Tensor, vband: Tensor, ids: Tensor | None = None,
+                          backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """`(x', v')` of `separable_block_combine` for the low-rank basis V[ids] (one call for all groups)."""
+    x, v, B, base_x, base_v, dt = _prepare_block(x, v, B, base_x, base_v)
+    V, vband, ids = _prepare_lowrank(x, V, vband, ids, B.shape[1], dt)
+    return _lowrank_block_op(x, v, B, base_x, base_v, V, vband, ids, _resolve(backend, x.device))
+
+
+def isotropic_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                            base_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """K = 1 (P_0 = I): `x' = base_x + B00 x + B01 v`, `v' = base_v + B10 x + B11 v`, elementwise in the compute
+    dtype; both in x.dtype."""
+    x, v, B, base_x, base_v, dt = _prepare_block(x, v, B, base_x, base_v)
+    if B.shape[1] != 1:
+        raise ValueError(f"B: expected one subspace ([B, 1, 2, 2]), got {tuple(B.shape)}")
+    xc, vc, m = x.to(dt), v.to(dt), B[:, 0, :, :, None, None, None]
+    outs = []
+    for i, base in enumerate((base_x, base_v)):
+        out = m[:, i, 0] * xc + m[:, i, 1] * vc
+        outs.append((out if base is None else out + base.to(dt)).to(x.dtype))
+    return tuple(outs)

@@ -7,7 +7,8 @@ orthogonal complement of all of them. Two families:
 - separable (DCT): coefficients Y = CH @ X @ CW.T per channel, CH [h, H], CW [w, W], band [h, w];
 - low-rank (PCA): coefficients z = V[id] @ x, V [G, r, d] with d = H*W (per channel) or C*H*W, vband [r].
 
-`combine(u, a, v, c, base) = base + sum_k P_k (a_k u + c_k v)` and `dot(u, v)[b, k] = <P_k u, v>`.
+`combine(u, a, v, c, base) = base + sum_k P_k (a_k u + c_k v)`, `dot(u, v)[b, k] = <P_k u, v>` and
+`block_combine(x, v, B, base_x, base_v) = (x', v')`, one 2x2 block B[b, k] per sample and subspace acting on (x, v).
 Everything here is differentiable by autograd and exact in float64; the fused backends are tested against it.
 
 The module also holds the authors' formulation (einsum onto the k basis images, a Python loop over labels,
@@ -24,6 +25,8 @@ __all__ = [
     "separable_dot",
     "lowrank_combine",
     "lowrank_dot",
+    "separable_block_combine",
+    "lowrank_block_combine",
     "authors_scale",
     "authors_scale_labelwise",
 ]
@@ -114,6 +117,42 @@ def lowrank_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | N
 def lowrank_dot(u: Tensor, v: Tensor, *, V: Tensor, vband: Tensor, K: int, ids: Tensor | None = None) -> Tensor:
     analysis, _ = _lowrank_maps(u.shape, V, ids, compute_dtype(u.dtype))
     return _dot(u, v, K, analysis, vband)
+
+
+def _block_combine(x, v, B, base_x, base_v, analysis, synthesis, label):
+    """Output i of `[x'; v'] = base + sum_k P_k (B_k [x; v])`, both from one analysis of x and of v."""
+    dt = compute_dtype(x.dtype)
+    B = B.to(dt)
+    xc, vc = x.to(dt), v.to(dt)
+    yx, yv = analysis(xc), analysis(vc)
+    outs = []
+    for i, base in enumerate((base_x, base_v)):
+        out = _bcast(B[:, -1, i, 0]) * xc + _bcast(B[:, -1, i, 1]) * vc
+        coeff = (_relative_weights(B[:, :, i, 0], label).unsqueeze(1) * yx
+                 + _relative_weights(B[:, :, i, 1], label).unsqueeze(1) * yv)
+        out = out + synthesis(coeff)
+        if base is not None:
+            out = out + base.to(dt)
+        outs.append(out.to(x.dtype))
+    return tuple(outs)
+
+
+def separable_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                            base_v: Tensor | None = None, *, CH: Tensor, CW: Tensor,
+                            band: Tensor) -> tuple[Tensor, Tensor]:
+    dt = compute_dtype(x.dtype)
+    CH_, CW_ = CH.to(dt), CW.to(dt)
+    return _block_combine(x, v, B, base_x, base_v,
+                          analysis=lambda t: CH_ @ t @ CW_.T,
+                          synthesis=lambda y: CH_.T @ y @ CW_,
+                          label=band)
+
+
+def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
+                          base_v: Tensor | None = None, *, V: Tensor, vband: Tensor,
+                          ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    analysis, synthesis = _lowrank_maps(x.shape, V, ids, compute_dtype(x.dtype))
+    return _block_combine(x, v, B, base_x, base_v, analysis, synthesis, vband)
 
 
 # ---- the authors' formulation (benchmark baseline only; METHOD §1.2 mat_mul, §7.4 mat_mul_labelwise) ----

@@ -20,10 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 FUSED = ("cpp", "cuda", "triton")
-OP_IMPLS = ("authors", "reference", "grouped", "cpp", "cuda", "triton")
+OP_IMPLS = ("authors", "reference", "grouped", "pair", "cpp", "cuda", "triton")
+OPS = ("scale", "heun", "dot", "block")
 OP_TITLES = {"scale": "scale: `y = sum_k s_k P_k x` (combine(u, a))",
              "heun": "Heun update: `combine(u, a, v, c, base)`",
-             "dot": "dot: `<P_k u, v>` [B, K]"}
+             "dot": "dot: `<P_k u, v>` [B, K]",
+             "block": "block_combine: `[x'; v'] = sum_k P_k (B_k [x; v])` (VSMD's phase-space op; `reference`, "
+                      "`grouped`: two plain-PyTorch combine calls; `pair`: two fused combine calls)"}
 BASIS_ORDER = ("dct2", "dct4", "pca", "pca_class")
 SIZE_ORDER = ("28x28x1", "32x32x3", "64x64x3")
 HEADLINE = {"size": "32x32x3", "batch": 256}  # the issue's CPU targets are stated at this size
@@ -291,13 +294,15 @@ def section_targets(res: Results) -> list[str]:
 def section_ops(res: Results, device: str) -> list[str]:
     out = [f"## Subspace ops on {device.upper()} (median ms per call; ratios = baseline time / fused time)", ""]
     gpu = _gpu_limits(res) if device == "cuda" else {}
-    for op in ("scale", "heun", "dot"):
+    for op in OPS:
         cases = res.cases("ops", op, device)
         if not cases:
             continue
         impls = [i for i in OP_IMPLS if any(res.get("ops", op, *c, device, i) for c in cases)]
         fused_impls = [i for i in impls if i in FUSED]
         header = ["basis", "size", "B"] + [f"`{i}`" for i in impls] + ["fused vs authors", "fused vs best plain"]
+        if "pair" in impls:
+            header.append("fused vs two fused combines")
         if gpu.get("copy_bw"):
             header.append("fused bandwidth / copy")
         rows = []
@@ -308,6 +313,8 @@ def section_ops(res: Results, device: str) -> list[str]:
             pi, pt = res.best(*key, PLAIN_ALL)
             row = [basis, size, str(B)] + [res.cell(*key, i) for i in impls]
             row += [fx(ratio(at, ft)), fx(ratio(pt, ft)) + (f" ({pi})" if pi and pt and ft else "")]
+            if "pair" in impls:
+                row.append(fx(ratio(res.median(*key, "pair"), ft)))
             if gpu.get("copy_bw"):
                 e = res.get(*key, fi)["extra_info"] if fi else None
                 row.append(f"{100 * e['bytes'] / ft / gpu['copy_bw']:.0f}%" if e else "–")
@@ -342,7 +349,7 @@ def section_memory(res: Results, device: str) -> list[str]:
     method = (info.get("memory_method") or {}).get(device, "?")
     out = [f"## Peak memory on {device.upper()} (bytes newly allocated and live at once during one call)", "",
            f"Method: {method}. The output is included (the fused ops' whole peak should be their output).", ""]
-    for op in ("scale", "heun", "dot"):
+    for op in OPS:
         cases = res.cases("ops", op, device)
         if not cases:
             continue

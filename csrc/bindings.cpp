@@ -10,12 +10,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("separable_dot_cpu", &separable_dot_cpu);
   m.def("lowrank_combine_cpu", &lowrank_combine_cpu);
   m.def("lowrank_dot_cpu", &lowrank_dot_cpu);
+  m.def("separable_block_combine_cpu", &separable_block_combine_cpu);
+  m.def("lowrank_block_combine_cpu", &lowrank_block_combine_cpu);
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("separable_combine_cuda", &separable_combine_cuda);
   m.def("separable_dot_cuda", &separable_dot_cuda);
   m.def("lowrank_combine_cuda", &lowrank_combine_cuda);
   m.def("lowrank_dot_cuda", &lowrank_dot_cuda);
+  m.def("separable_block_combine_cuda", &separable_block_combine_cuda);
+  m.def("lowrank_block_combine_cuda", &lowrank_block_combine_cuda);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -13,12 +13,16 @@
 //  - ids, when present, is [B] int64 contiguous on u's device with values in [0, G); when absent G == 1.
 //    (On CUDA the range check is a torch._assert_async, i.e. it fires asynchronously.)
 //  - K passed to the dot functions equals the K of the band labels' range (band values < K).
+//  - block_combine(x, v, B, base_x, base_v): x is u above; v, base_x and base_v (optional) have x's shape, dtype
+//    and device and are contiguous; B is [B, K, 2, 2], K >= 1, contiguous, in the compute dtype, on x's device.
 // Results: combine returns a new tensor of u's shape and dtype (never aliasing an input); dot returns a new
-// [B, K] tensor in the compute dtype.
+// [B, K] tensor in the compute dtype; block_combine returns two new tensors (x', v') of x's shape and dtype.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+
+#include <tuple>
 
 // Declared for each backend suffix: _cpu (csrc/cpu/*.cpp) and _cuda (csrc/cuda/*.cu, built only with a CUDA
 // toolkit and a CUDA build of torch; then WITH_CUDA is defined).
@@ -33,6 +37,13 @@ at::Tensor lowrank_combine_cpu(const at::Tensor& u, const at::Tensor& a, const c
                                 const at::Tensor& V, const at::Tensor& vband, const c10::optional<at::Tensor>& ids);
 at::Tensor lowrank_dot_cpu(const at::Tensor& u, const at::Tensor& v, const at::Tensor& V, const at::Tensor& vband,
                             const c10::optional<at::Tensor>& ids, int64_t K);
+std::tuple<at::Tensor, at::Tensor> separable_block_combine_cpu(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band);
+std::tuple<at::Tensor, at::Tensor> lowrank_block_combine_cpu(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& V, const at::Tensor& vband,
+    const c10::optional<at::Tensor>& ids);
 
 at::Tensor separable_combine_cuda(const at::Tensor& u, const at::Tensor& a, const c10::optional<at::Tensor>& v,
                                   const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& base,
@@ -44,3 +55,10 @@ at::Tensor lowrank_combine_cuda(const at::Tensor& u, const at::Tensor& a, const 
                                 const at::Tensor& V, const at::Tensor& vband, const c10::optional<at::Tensor>& ids);
 at::Tensor lowrank_dot_cuda(const at::Tensor& u, const at::Tensor& v, const at::Tensor& V, const at::Tensor& vband,
                             const c10::optional<at::Tensor>& ids, int64_t K);
+std::tuple<at::Tensor, at::Tensor> separable_block_combine_cuda(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band);
+std::tuple<at::Tensor, at::Tensor> lowrank_block_combine_cuda(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& V, const at::Tensor& vband,
+    const c10::optional<at::Tensor>& ids);

@@ -40,10 +40,10 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _tuned(configs, key):
-    """`triton.autotune` where a driver exists, otherwise the plain jit function."""
+def _tuned(configs, key, registry=_TUNING):
+    """`triton.autotune` where a driver exists, otherwise the plain jit function; recorded in `registry`."""
     def wrap(fn):
-        _TUNING[fn.__name__] = (fn, configs, key)
+        registry[fn.__name__] = (fn, configs, key)
         return triton.autotune(configs=configs, key=key)(fn) if _AUTOTUNE else fn
     return wrap
 

@@ -13,7 +13,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-ENTRY_POINTS = ["separable_combine_cuda", "separable_dot_cuda", "lowrank_combine_cuda", "lowrank_dot_cuda"]
+ENTRY_POINTS = ["separable_combine_cuda", "separable_dot_cuda", "lowrank_combine_cuda", "lowrank_dot_cuda",
+                "separable_block_combine_cuda", "lowrank_block_combine_cuda"]
 
 
 def find_nvcc():

@@ -1,4 +1,4 @@
-// Low-rank (PCA) subspace ops on CPU: combine and dot (docs/DESIGN.md, "The subspace op contract").
+// Low-rank (PCA) subspace ops on CPU: combine, dot and block_combine (docs/DESIGN.md, "The subspace op contract").
 //
 // A "unit" is one row the basis acts on: a channel image (spatial basis, d == H*W) or a whole image (joint basis,
 // d == C*H*W). Samples are stably sorted by group id (here) and cut into tiles of whole samples sharing one id, about
@@ -211,6 +211,77 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
   run_tiles(body, plan);
 }
 
+// block_combine: per tile, one analysis of x and of v (two GEMMs), their coefficients mixed in place by the relative
+// blocks B_k - B_{K-1}, then one synthesis GEMM and one epilogue per output.
+template <typename scalar_t, typename acc_t>
+void lowrank_block_kernel(const at::Tensor& x, const at::Tensor& v, const at::Tensor& B,
+                          const c10::optional<at::Tensor>& base_x, const c10::optional<at::Tensor>& base_v,
+                          const at::Tensor& V, const at::Tensor& vband, const c10::optional<at::Tensor>& ids,
+                          at::Tensor& out_x, at::Tensor& out_v) {
+  const int64_t K = B.size(1);
+  const LowrankPlan plan(x, V, vband, ids, K);
+  const int64_t d = plan.d, r = plan.r, rows = plan.rows;
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  const scalar_t* bases[2] = {base_x.has_value() ? base_x->data_ptr<scalar_t>() : nullptr,
+                              base_v.has_value() ? base_v->data_ptr<scalar_t>() : nullptr};
+  scalar_t* outs[2] = {out_x.data_ptr<scalar_t>(), out_v.data_ptr<scalar_t>()};
+  const acc_t* Bd = B.data_ptr<acc_t>();
+  const auto opts = V.options();
+
+  const auto body = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
+    TileBuffer<acc_t> xbuf, ybuf, obuf, zx, zv;  // x/y/o: only for tiles that cannot be used in place
+    std::vector<acc_t> rel(4 * K);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = plan.units(t);
+      const at::Tensor Vg = V.select(0, plan.tile_id[t]);
+      at::Tensor Z[2] = {zx.rows(plan, n, r, opts), zv.rows(plan, n, r, opts)};
+      at::mm_out(Z[0], tile_rows<scalar_t, acc_t>(xd, plan, t, xbuf, opts), Vg.t());  // analysis
+      at::mm_out(Z[1], tile_rows<scalar_t, acc_t>(vd, plan, t, ybuf, opts), Vg.t());
+      // mixing: (zx, zv)[i, j] <- (B_l - B_last) (zx, zv)[i, j], l the label of row j
+      acc_t* zx_d = Z[0].data_ptr<acc_t>();
+      acc_t* zv_d = Z[1].data_ptr<acc_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t* Bb = Bd + plan.unit(t, i) / rows * K * 4;
+        for (int64_t k = 0; k < K; ++k)
+          for (int ij = 0; ij < 4; ++ij) rel[k * 4 + ij] = Bb[k * 4 + ij] - Bb[(K - 1) * 4 + ij];
+        for (int64_t j = 0; j < r; ++j) {
+          const acc_t* m = rel.data() + plan.label[j] * 4;
+          const acc_t cx = zx_d[i * r + j], cv = zv_d[i * r + j];
+          zx_d[i * r + j] = m[0] * cx + m[1] * cv;
+          zv_d[i * r + j] = m[2] * cx + m[3] * cv;
+        }
+      }
+      const bool direct = std::is_same<scalar_t, acc_t>::value && plan.consecutive[t];
+      for (int out = 0; out < 2; ++out) {
+        scalar_t* od = outs[out];
+        const scalar_t* bd = bases[out];
+        at::Tensor O = direct ? at::from_blob(od + plan.first_unit(t) * d, {n, d}, opts) : obuf.rows(plan, n, d, opts);
+        at::mm_out(O, Z[out], Vg);  // synthesis, straight into the output when it is laid out as the tile
+        const acc_t* o_d = O.data_ptr<acc_t>();
+        for (int64_t i = 0; i < n; ++i) {  // epilogue: the complement's block row and the base, one write
+          const int64_t row = plan.unit(t, i), off = row * d;
+          const acc_t* last = Bd + (row / rows * K + K - 1) * 4 + 2 * out;
+          const acc_t l0 = last[0], l1 = last[1];
+          const acc_t* z = o_d + i * d;
+          const scalar_t* xr = xd + off;
+          const scalar_t* vr = vd + off;
+          scalar_t* o = od + off;
+          if (bd) {
+            for (int64_t k = 0; k < d; ++k)
+              o[k] = static_cast<scalar_t>(z[k] + l0 * static_cast<acc_t>(xr[k]) + l1 * static_cast<acc_t>(vr[k]) +
+                                           static_cast<acc_t>(bd[off + k]));
+          } else {
+            for (int64_t k = 0; k < d; ++k)
+              o[k] = static_cast<scalar_t>(z[k] + l0 * static_cast<acc_t>(xr[k]) + l1 * static_cast<acc_t>(vr[k]));
+          }
+        }
+      }
+    }
+  };
+  run_tiles(body, plan);
+}
+
 template <typename scalar_t, typename acc_t>
 void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tensor& V, const at::Tensor& vband,
                         const c10::optional<at::Tensor>& ids, int64_t K, at::Tensor& out) {
@@ -279,4 +350,16 @@ at::Tensor lowrank_dot_cpu(const at::Tensor& u, const at::Tensor& v, const at::T
     lowrank_dot_kernel<scalar_t, at::opmath_type<scalar_t>>(u, v, V, vband, ids, K, out);
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_block_combine_cpu(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& V, const at::Tensor& vband,
+    const c10::optional<at::Tensor>& ids) {
+  at::Tensor out_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out_v = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_block_combine_cpu", [&] {
+    lowrank_block_kernel<scalar_t, at::opmath_type<scalar_t>>(x, v, B, base_x, base_v, V, vband, ids, out_x, out_v);
+  });
+  return {out_x, out_v};
 }

@@ -1,4 +1,4 @@
-// Separable (DCT) subspace ops on CPU: combine and dot (docs/DESIGN.md, "The subspace op contract").
+// Separable (DCT) subspace ops on CPU: combine, dot and block_combine (docs/DESIGN.md, "The subspace op contract").
 //
 // One task per channel image (combine) or per sample (dot). Per image the truncated transform Y = CH X CW^T is
 // kept in a small per-thread scratch between analysis, weighting and synthesis, and the output is written once.
@@ -282,6 +282,80 @@ ANISO_FAST_INLINE void dot_samples(const SeparableCall<scalar_t, acc_t>& call, i
   }
 }
 
+// Everything one block_combine call needs: B [B, K, 2, 2]; base_x / base_v may be null.
+template <typename scalar_t, typename acc_t>
+struct SeparableBlockCall {
+  const SeparablePlan<acc_t>& plan;
+  int64_t C, K;
+  const scalar_t *x, *v, *base_x, *base_v;
+  const acc_t* B;
+  scalar_t *out_x, *out_v;
+};
+
+// One output row of the block over an image: o = z + l0 x + l1 y (+ base), written once.
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_INLINE void block_epilogue(const acc_t* __restrict Z, int64_t H, int64_t W, int64_t Wp, acc_t l0, acc_t l1,
+                                      const scalar_t* __restrict x, const scalar_t* __restrict y,
+                                      const scalar_t* __restrict bs, scalar_t* __restrict o) {
+  for (int64_t i = 0; i < H; ++i) {
+    const acc_t* z = Z + i * Wp;
+    const int64_t r0 = i * W;
+    if (bs) {
+      for (int64_t n = r0; n < r0 + W; ++n)
+        o[n] = static_cast<scalar_t>(z[n - r0] + l0 * static_cast<acc_t>(x[n]) + l1 * static_cast<acc_t>(y[n]) +
+                                     static_cast<acc_t>(bs[n]));
+    } else {
+      for (int64_t n = r0; n < r0 + W; ++n)
+        o[n] = static_cast<scalar_t>(z[n - r0] + l0 * static_cast<acc_t>(x[n]) + l1 * static_cast<acc_t>(y[n]));
+    }
+  }
+}
+
+// block_combine over channel images [begin, end): x and v are analysed once, their coefficients mixed in place by
+// the relative blocks B_k - B_{K-1}, then synthesised one output at a time into the same scratch Z.
+template <int VB, typename scalar_t, typename acc_t>
+ANISO_FAST_INLINE void block_images(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  const auto& plan = call.plan;
+  const int64_t C = call.C, K = call.K, H = plan.H, W = plan.W, hr = plan.hr, HW = H * W;
+  const int64_t wcp = plan.wcp, Wp = plan.Wp;
+  std::vector<acc_t> Xc(std::is_same_v<scalar_t, acc_t> ? 0 : HW), T(H * wcp), Yx(hr * wcp), Yv(hr * wcp),
+      S(hr * Wp), Z(H * Wp, acc_t(0)), rel(4 * K);
+  for (int64_t img = begin; img < end; ++img) {
+    const int64_t b = img / C;
+    const scalar_t* x = call.x + img * HW;
+    const scalar_t* y = call.v + img * HW;
+    const acc_t* Bb = call.B + b * K * 4;
+    const acc_t* last = Bb + (K - 1) * 4;
+    if (hr > 0) {
+      for (int64_t k = 0; k < K; ++k)  // rel[k * 4 + ij] = B[k, ij] - B[K-1, ij] (0 for the complement)
+        for (int ij = 0; ij < 4; ++ij) rel[k * 4 + ij] = k == K - 1 ? acc_t(0) : Bb[k * 4 + ij] - last[ij];
+      plan.template analyse<VB>(x, Xc.data(), T.data(), Yx.data());
+      plan.template analyse<VB>(y, Xc.data(), T.data(), Yv.data());
+      for (int64_t n = 0; n < hr * wcp; ++n) {
+        const acc_t* r = rel.data() + plan.label[n] * 4;
+        const acc_t cx = Yx[n], cv = Yv[n];
+        Yx[n] = r[0] * cx + r[1] * cv;
+        Yv[n] = r[2] * cx + r[3] * cv;
+      }
+      plan.template synthesise<VB>(Yx.data(), S.data(), Z.data());
+    }
+    block_epilogue(Z.data(), H, W, Wp, last[0], last[1], x, y, call.base_x ? call.base_x + img * HW : nullptr,
+                   call.out_x + img * HW);
+    if (hr > 0) plan.template synthesise<VB>(Yv.data(), S.data(), Z.data());
+    block_epilogue(Z.data(), H, W, Wp, last[2], last[3], x, y, call.base_v ? call.base_v + img * HW : nullptr,
+                   call.out_v + img * HW);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX void block_images_avx(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  block_images<32>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
+void block_images_base(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  block_images<16>(call, begin, end);
+}
+
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_AVX void combine_images_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
   combine_images<32>(call, begin, end);
@@ -330,7 +404,37 @@ void separable_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Te
   });
 }
 
+template <typename scalar_t, typename acc_t>
+void separable_block_kernel(const at::Tensor& x, const at::Tensor& v, const at::Tensor& B,
+                            const c10::optional<at::Tensor>& base_x, const c10::optional<at::Tensor>& base_v,
+                            const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band, at::Tensor& out_x,
+                            at::Tensor& out_v) {
+  const int64_t K = B.size(1);
+  const SeparablePlan<acc_t> plan(CH, CW, band, K);
+  const SeparableBlockCall<scalar_t, acc_t> call{
+      plan, x.size(1), K, x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+      base_x.has_value() ? base_x->data_ptr<scalar_t>() : nullptr,
+      base_v.has_value() ? base_v->data_ptr<scalar_t>() : nullptr, B.data_ptr<acc_t>(), out_x.data_ptr<scalar_t>(),
+      out_v.data_ptr<scalar_t>()};
+  const bool avx = cpu_has_avx_fma();
+  const int64_t grain = parallel_grain(2 * plan.H * plan.W * (plan.hr + plan.wc + 1));
+  at::parallel_for(0, x.size(0) * x.size(1), grain, [&](int64_t begin, int64_t end) {
+    avx ? block_images_avx(call, begin, end) : block_images_base(call, begin, end);
+  });
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> separable_block_combine_cpu(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band) {
+  at::Tensor out_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out_v = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "separable_block_combine_cpu", [&] {
+    separable_block_kernel<scalar_t, at::opmath_type<scalar_t>>(x, v, B, base_x, base_v, CH, CW, band, out_x, out_v);
+  });
+  return {out_x, out_v};
+}
 
 at::Tensor separable_combine_cpu(const at::Tensor& u, const at::Tensor& a, const c10::optional<at::Tensor>& v,
                                  const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& base,

@@ -8,6 +8,9 @@
 //   (+ base), written once. CW rows use an odd pitch so both its row and its column walks are bank-conflict free.
 // low-rank: one block per (sample, row); x tiles through shared memory while each warp owns rows of V[ids[b]]
 //   (coalesced along d), the coefficients stay in shared memory for the synthesis pass over d.
+// block_combine (op 3): the same blocks, x and v analysed once; the coefficients are mixed by the relative 2x2
+//   blocks B_k - B_{K-1} (separable: a second [h, w] buffer; low-rank: in place in zu/zv) and each output is
+//   synthesised and written once (low-rank: both outputs in one pass over V[ids[b]]).
 // dot: per (b, c) or (b, row) block sums into a [B, R, K] workspace, then one thread per sample sums over R in
 //   order: deterministic, no atomics. The complement is <u, v> - sum_{k<K-1} <P_k u, v>.
 #include "../subspace.h"
@@ -160,6 +163,83 @@ __global__ void __launch_bounds__(kThreads) separable_combine_kernel(
     if (base) acc += static_cast<acc_t>(base[offset + idx]);
     out[offset + idx] = static_cast<scalar_t>(acc);
   }
+}
+
+// B[b, label, ij] - B[b, K-1, ij]: the relative block entry ij (0: 00, 1: 01, 2: 10, 3: 11); zero for the complement.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_weight(const acc_t* __restrict__ Bb, int64_t label, int K, int ij) {
+  return Bb[label * 4 + ij] - Bb[(K - 1) * 4 + ij];
+}
+
+// sm.z <- Y(img) (raw coefficients, no weights).
+template <typename scalar_t, typename acc_t>
+__device__ void separable_coefficients(const SeparableSmem<acc_t>& sm, const SeparableDims& s,
+                                       const scalar_t* __restrict__ img, acc_t* __restrict__ dst) {
+  __syncthreads();  // sm.x / sm.t free
+  load_image(sm.x, img, s.H * s.W);
+  __syncthreads();
+  left_analysis(sm, s);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < s.h * s.w; idx += blockDim.x) dst[idx] = coefficient(sm, s, idx / s.w, idx % s.w);
+}
+
+// out = CH^T (coef CW) + l0 x + l1 y (+ base), written once; sm.t is the half-synthesis scratch.
+template <typename scalar_t, typename acc_t>
+__device__ void separable_block_output(const SeparableSmem<acc_t>& sm, const SeparableDims& s,
+                                       const acc_t* __restrict__ coef, acc_t l0, acc_t l1,
+                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                                       const scalar_t* __restrict__ base, scalar_t* __restrict__ out) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < s.h * s.W; idx += blockDim.x) {
+    const int i = idx / s.W, col = idx % s.W;
+    const acc_t* zi = coef + i * s.w;
+    acc_t acc = 0;
+    for (int j = 0; j < s.w; ++j) acc += zi[j] * sm.cw[j * s.pitch() + col];
+    sm.t[idx] = acc;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < s.H * s.W; idx += blockDim.x) {
+    const int row = idx / s.W, col = idx % s.W;
+    acc_t acc = 0;
+    for (int i = 0; i < s.h; ++i) acc += sm.ch[i * s.H + row] * sm.t[i * s.W + col];
+    acc += l0 * static_cast<acc_t>(x[idx]) + l1 * static_cast<acc_t>(y[idx]);
+    if (base) acc += static_cast<acc_t>(base[idx]);
+    out[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Shared memory of separable_block_kernel: SeparableSmem, then a second [h, w] coefficient buffer.
+template <typename acc_t>
+size_t separable_block_smem_elements(const SeparableDims& s) {
+  return SeparableSmem<acc_t>::elements(s) + size_t(s.h) * s.w;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) separable_block_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ v, const scalar_t* __restrict__ base_x,
+    const scalar_t* __restrict__ base_v, scalar_t* __restrict__ out_x, scalar_t* __restrict__ out_v,
+    const acc_t* __restrict__ B, const acc_t* __restrict__ CH, const acc_t* __restrict__ CW,
+    const int64_t* __restrict__ band, SeparableDims s) {
+  const SeparableSmem<acc_t> sm(s);
+  acc_t* zv = sm.z + s.h * s.w;
+  const int64_t img = blockIdx.x;
+  const int64_t offset = img * s.H * s.W;
+  const acc_t* Bb = B + img / s.C * s.K * 4;
+
+  load_separable_basis(sm, s, CH, CW);
+  separable_coefficients(sm, s, x + offset, sm.z);
+  separable_coefficients(sm, s, v + offset, zv);
+  for (int idx = threadIdx.x; idx < s.h * s.w; idx += blockDim.x) {  // each thread mixes the entries it wrote
+    const int64_t label = band[idx];
+    const acc_t cx = sm.z[idx], cv = zv[idx];
+    sm.z[idx] = block_weight(Bb, label, s.K, 0) * cx + block_weight(Bb, label, s.K, 1) * cv;
+    zv[idx] = block_weight(Bb, label, s.K, 2) * cx + block_weight(Bb, label, s.K, 3) * cv;
+  }
+  const acc_t* last = Bb + (s.K - 1) * 4;
+  separable_block_output(sm, s, sm.z, last[0], last[1], x + offset, v + offset, base_x ? base_x + offset : nullptr,
+                         out_x + offset);
+  separable_block_output(sm, s, zv, last[2], last[3], x + offset, v + offset, base_v ? base_v + offset : nullptr,
+                         out_v + offset);
 }
 
 // partial[img, k] = <P_k u, v> over one channel image for k < K-1, partial[img, K-1] = <u, v>.
@@ -337,6 +417,46 @@ __global__ void __launch_bounds__(kThreads) lowrank_combine_kernel(
   }
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) lowrank_block_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ v, const scalar_t* __restrict__ base_x,
+    const scalar_t* __restrict__ base_v, scalar_t* __restrict__ out_x, scalar_t* __restrict__ out_v,
+    const acc_t* __restrict__ B, const acc_t* __restrict__ V, const int64_t* __restrict__ vband,
+    const int64_t* __restrict__ ids, LowrankDims s) {
+  const LowrankSmem<acc_t> sm(s);
+  const int64_t row = blockIdx.x;  // (sample, channel) for a spatial basis, sample for a joint one
+  const int64_t b = row / s.rows;
+  const int64_t g = ids ? ids[b] : 0;
+  const acc_t* Vg = V + g * s.r * s.d;
+  const int64_t offset = row * s.d;
+  const acc_t* Bb = B + b * s.K * 4;
+
+  lowrank_analysis(sm, s, x + offset, v + offset, Vg);
+  for (int i = threadIdx.x; i < s.r; i += blockDim.x) {
+    const int64_t label = vband[i];
+    const acc_t cx = sm.zu[i], cv = sm.zv[i];
+    sm.zu[i] = block_weight(Bb, label, s.K, 0) * cx + block_weight(Bb, label, s.K, 1) * cv;
+    sm.zv[i] = block_weight(Bb, label, s.K, 2) * cx + block_weight(Bb, label, s.K, 3) * cv;
+  }
+  __syncthreads();
+  const acc_t* last = Bb + (s.K - 1) * 4;
+  for (int64_t t = threadIdx.x; t < s.d; t += blockDim.x) {
+    acc_t ax = 0, av = 0;
+    for (int i = 0; i < s.r; ++i) {  // one read of V[g] for both outputs, coalesced along d
+      const acc_t vv = Vg[int64_t(i) * s.d + t];
+      ax += vv * sm.zu[i];
+      av += vv * sm.zv[i];
+    }
+    const acc_t xv = static_cast<acc_t>(x[offset + t]), yv = static_cast<acc_t>(v[offset + t]);
+    ax += last[0] * xv + last[1] * yv;
+    av += last[2] * xv + last[3] * yv;
+    if (base_x) ax += static_cast<acc_t>(base_x[offset + t]);
+    if (base_v) av += static_cast<acc_t>(base_v[offset + t]);
+    out_x[offset + t] = static_cast<scalar_t>(ax);
+    out_v[offset + t] = static_cast<scalar_t>(av);
+  }
+}
+
 // partial[row, k] = sum_{i: vband[i] == k} zu[i] zv[i] for k < K-1, partial[row, K-1] = <x, y> over the row.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) lowrank_dot_kernel(
@@ -465,4 +585,53 @@ at::Tensor lowrank_dot_cuda(const at::Tensor& u, const at::Tensor& v, const at::
     launch_reduce_partials<acc_t>(partial, out, stream);
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> separable_block_combine_cuda(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out_x = at::empty_like(x);
+  auto out_v = at::empty_like(x);
+  if (x.numel() == 0) return {out_x, out_v};
+  const SeparableDims s = separable_dims(x, CH, CW, B.size(1));
+  const auto blocks = static_cast<unsigned int>(x.size(0) * x.size(1));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "separable_block_combine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = separable_block_smem_elements<acc_t>(s) * sizeof(acc_t);
+    auto kernel = separable_block_kernel<scalar_t, acc_t>;
+    prepare_dynamic_smem(kernel, smem, "separable_block_combine_cuda");
+    kernel<<<blocks, kThreads, smem, stream>>>(
+        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), optional_ptr<scalar_t>(base_x),
+        optional_ptr<scalar_t>(base_v), out_x.data_ptr<scalar_t>(), out_v.data_ptr<scalar_t>(), B.data_ptr<acc_t>(),
+        CH.data_ptr<acc_t>(), CW.data_ptr<acc_t>(), band.data_ptr<int64_t>(), s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out_x, out_v};
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_block_combine_cuda(
+    const at::Tensor& x, const at::Tensor& v, const at::Tensor& B, const c10::optional<at::Tensor>& base_x,
+    const c10::optional<at::Tensor>& base_v, const at::Tensor& V, const at::Tensor& vband,
+    const c10::optional<at::Tensor>& ids) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out_x = at::empty_like(x);
+  auto out_v = at::empty_like(x);
+  if (x.numel() == 0) return {out_x, out_v};
+  const LowrankDims s = lowrank_dims(x, V, B.size(1));
+  const auto blocks = static_cast<unsigned int>(x.size(0) * s.rows);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_block_combine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = LowrankSmem<acc_t>::elements(s) * sizeof(acc_t);
+    auto kernel = lowrank_block_kernel<scalar_t, acc_t>;
+    prepare_dynamic_smem(kernel, smem, "lowrank_block_combine_cuda");
+    kernel<<<blocks, kThreads, smem, stream>>>(
+        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), optional_ptr<scalar_t>(base_x),
+        optional_ptr<scalar_t>(base_v), out_x.data_ptr<scalar_t>(), out_v.data_ptr<scalar_t>(), B.data_ptr<acc_t>(),
+        V.data_ptr<acc_t>(), vband.data_ptr<int64_t>(), optional_ptr<int64_t>(ids), s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out_x, out_v};
 }

@@ -101,6 +101,28 @@ int main() {
                      base32.to(at::kDouble);
   expect_close(fused.to(at::kDouble), parts, 1e-5, "separable fused fp32 = sum of fp64 parts");
 
+  // block_combine (op 3): each output equals one combine with a row of the 2x2 blocks as (a, c)
+  const auto Bk = at::randn({B, K, 2, 2}, f64);
+  const auto vv = v32.to(at::kDouble), bx = base32.to(at::kDouble);
+  const auto row = [&](int64_t i, int64_t j) { return Bk.select(2, i).select(2, j).contiguous(); };
+  const auto sep_block = separable_block_combine_cpu(x, vv, Bk, bx, c10::nullopt, CH, CW, band);
+  expect_close(std::get<0>(sep_block), separable_combine_cpu(x, row(0, 0), vv, row(0, 1), bx, CH, CW, band), 1e-12,
+               "separable block_combine x' = combine(x, B00, v, B01, base_x)");
+  expect_close(std::get<1>(sep_block),
+               separable_combine_cpu(x, row(1, 0), vv, row(1, 1), c10::nullopt, CH, CW, band), 1e-12,
+               "separable block_combine v' = combine(x, B10, v, B11)");
+  {
+    const auto V = std::get<0>(at::linalg_qr(at::randn({2, H * W, 9}, f64))).transpose(1, 2).contiguous();
+    const auto vband = at::randint(0, K, {9}, i64);
+    const auto ids = at::tensor(std::vector<int64_t>{1, 0, 1}, i64);
+    const auto low_block = lowrank_block_combine_cpu(x, vv, Bk, c10::nullopt, bx, V, vband, ids);
+    expect_close(std::get<0>(low_block),
+                 lowrank_combine_cpu(x, row(0, 0), vv, row(0, 1), c10::nullopt, V, vband, ids), 1e-12,
+                 "low-rank block_combine x' = combine(x, B00, v, B01)");
+    expect_close(std::get<1>(low_block), lowrank_combine_cpu(x, row(1, 0), vv, row(1, 1), bx, V, vband, ids), 1e-12,
+                 "low-rank block_combine v' = combine(x, B10, v, B11, base_v)");
+  }
+
   std::printf(failures ? "%d check(s) FAILED\n" : "all checks passed\n", failures);
   return failures ? 1 : 0;
 }
