@@ -77,20 +77,21 @@ def _dot(u, v, K, analysis, label):
     return torch.cat([per_band[:, :-1], last[:, None]], dim=1)
 
 
+def _separable_maps(CH: Tensor, CW: Tensor, dt: torch.dtype):
+    """(analysis X -> CH X CW^T, synthesis Y -> CH^T Y CW), per channel image, in the compute dtype."""
+    CH_, CW_ = CH.to(dt), CW.to(dt)
+    return (lambda x: CH_ @ x @ CW_.T), (lambda y: CH_.T @ y @ CW_)
+
+
 def separable_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
                       base: Tensor | None = None, *, CH: Tensor, CW: Tensor, band: Tensor) -> Tensor:
-    dt = compute_dtype(u.dtype)
-    CH_, CW_ = CH.to(dt), CW.to(dt)
-    return _combine(u, a, v, c, base,
-                    analysis=lambda x: CH_ @ x @ CW_.T,
-                    synthesis=lambda y: CH_.T @ y @ CW_,
-                    label=band)
+    analysis, synthesis = _separable_maps(CH, CW, compute_dtype(u.dtype))
+    return _combine(u, a, v, c, base, analysis, synthesis, band)
 
 
 def separable_dot(u: Tensor, v: Tensor, *, CH: Tensor, CW: Tensor, band: Tensor, K: int) -> Tensor:
-    dt = compute_dtype(u.dtype)
-    CH_, CW_ = CH.to(dt), CW.to(dt)
-    return _dot(u, v, K, analysis=lambda x: CH_ @ x @ CW_.T, label=band)
+    analysis, _ = _separable_maps(CH, CW, compute_dtype(u.dtype))
+    return _dot(u, v, K, analysis, band)
 
 
 def _lowrank_maps(shape, V: Tensor, ids: Tensor | None, dt: torch.dtype):
@@ -140,12 +141,8 @@ def _block_combine(x, v, B, base_x, base_v, analysis, synthesis, label):
 def separable_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
                             base_v: Tensor | None = None, *, CH: Tensor, CW: Tensor,
                             band: Tensor) -> tuple[Tensor, Tensor]:
-    dt = compute_dtype(x.dtype)
-    CH_, CW_ = CH.to(dt), CW.to(dt)
-    return _block_combine(x, v, B, base_x, base_v,
-                          analysis=lambda t: CH_ @ t @ CW_.T,
-                          synthesis=lambda y: CH_.T @ y @ CW_,
-                          label=band)
+    analysis, synthesis = _separable_maps(CH, CW, compute_dtype(x.dtype))
+    return _block_combine(x, v, B, base_x, base_v, analysis, synthesis, band)
 
 
 def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
