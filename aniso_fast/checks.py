@@ -1,4 +1,5 @@
-"""Value checks on tensors that the API boundaries share: class labels and group ids in range, times in [0, T].
+"""Value checks that the API boundaries share: class labels and group ids in range, times in [0, T], ints and
+finite numbers (process constants).
 
 On CPU tensors a failed check raises ValueError naming the argument and the offending values. On accelerator
 tensors, and while `torch.compile` traces, it is a `torch._assert_async`: no host-device sync in the
@@ -7,10 +8,13 @@ end of a table).
 """
 from __future__ import annotations
 
+import math
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_index", "check_in_range", "check_int"]
+__all__ = ["check_index", "check_in_range", "check_int", "check_number"]
 
 
 def _deferred(t: Tensor) -> bool:
@@ -51,3 +55,10 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected {'None or ' if optional else ''}an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_number(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> float:
+    """A finite Python int or float (not a bool) for which `ok` holds, returned as float; `expected` words the rule."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)

@@ -1,0 +1,372 @@
+"""The VSMD process family (Variational Schrödinger Momentum Diffusion, ../shared/RELATED.md §2, §3.2) on an
+engine basis, and its velocity-score network.
+
+Phase space z = (x, v), images of C channels each. Forward SDE (VSMD's `LinearMomentumSchrodingerBridge`), with
+a, c diagonal in a basis (one pair (a_k, c_k) per subspace) and a constant beta:
+
+    dx = 1/2 beta v dt,    dv = 1/2 beta [-x - gamma v + 2 gamma (a x + c v)] dt + sqrt(gamma beta) dW.
+
+Only c is learned; a is tied to it by VSMD's damping transform a = (1 - p^2 / (4 zeta)) / (2 gamma) with
+p = gamma (1 - 2c), so each subspace's 2x2 drift block is (beta/2) N, N = [[0, 1], [-q, -p]], q = p^2 / (4 zeta):
+zeta = 1 gives a repeated eigenvalue -p/2 (critical damping), zeta < 1 the complex pair -p/2 +- i omega,
+omega = kappa p with kappa = sqrt(1/zeta - 1) / 2 (under-damped). With s = beta t / 2 and x = p s, the transition
+z_t = E z_0 + L eps is closed-form per subspace (C = cos(kappa x), S = s sinc(kappa x); C = 1, S = s at zeta = 1):
+
+    E = e^{-x/2} [[C + p S / 2, S], [-q S, C - p S / 2]]                           (= expm(s N))
+    Sigma_xx = 2 gamma s^3 K(x),  K(x) = int_0^1 w^2 sinc^2(kappa x w) e^{-x w} dw
+    Sigma_xv = gamma e^{-x} S^2,  Sigma_vv = 2 gamma e^{-x} S C + q Sigma_xx
+
+and L its lower Cholesky factor. VSMD's code gets E and Sigma from [N, 4, 4] matrix exponentials (§2.4); here
+they are a few elementwise ops on [B, K]. Defaults as VSMD's code: gamma = 2, beta = 10 (its beta_max; VSMD
+returns it for every t), T = 1, zeta = 1, c = 0 (then a = 0 and N(0, I) is the stationary law), and the velocity
+prior v_0 ~ N(0, prior_v I) with prior_v = 1.
+
+The network (§2.3): VSMD trains a velocity-only score, `VelocityScoreNet` (2C channels in, C out) inside
+`VSMDPrecond`, score_v = -net(z, 999 t) / L_vv per subspace.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .bases import SubspaceBasis
+from .checks import check_in_range, check_index, check_int, check_number
+from .networks import SongUNet
+from .schedules import _as_time
+
+__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond"]
+
+_F64 = torch.float64
+
+
+def _moment(n: int, x: Tensor) -> Tensor:
+    """J_n(x) = int_0^1 w^n e^{-x w} dw for x >= 0, without cancellation: the positive series
+    e^{-x} sum_k x^k / ((n+1)...(n+k+1)) below 1, n! P(n+1, x) / x^{n+1} (regularised incomplete gamma) above."""
+    small = x < 1
+    xs = torch.where(small, x, torch.zeros_like(x))  # each branch sees only safe values: no nan in the gradient
+    term = torch.full_like(x, 1.0 / (n + 1))
+    total = term
+    for k in range(1, 24):  # x < 1: the k-th term is below 1/k!
+        term = term * xs / (n + 1 + k)
+        total = total + term
+    xl = torch.where(small, torch.ones_like(x), x)
+    large = math.factorial(n) * torch.special.gammainc(torch.tensor(n + 1.0, dtype=x.dtype, device=x.device), xl) \
+        / xl ** (n + 1)
+    return torch.where(small, torch.exp(-xs) * total, large)
+
+
+def _sinc2_moment(x: Tensor, kappa: float) -> Tensor:
+    """K(x) = int_0^1 w^2 sinc^2(kappa x w) e^{-x w} dw (J_2 at kappa = 0). Near kappa x = 0 the closed form
+    (J_0(x) - int e^{-x w} cos(2 kappa x w) dw) / (2 (kappa x)^2) cancels, so there the series
+    sum_m (-1)^{m+1} 2^{2m-1} / (2m)! (kappa x)^{2m-2} J_{2m}(x) (each ratio below (2 kappa x)^2 / ((2m+1)(2m+2)))."""
+    if kappa == 0:
+        return _moment(2, x)
+    y = kappa * x
+    near = 2 * y < 1
+    ys = torch.where(near, y, torch.zeros_like(y))
+    series = torch.zeros_like(x)
+    for m in range(1, 11):
+        series = series + (-1) ** (m + 1) * 2.0 ** (2 * m - 1) / math.factorial(2 * m) * ys ** (2 * m - 2) \
+            * _moment(2 * m, x)
+    xf = torch.where(near, torch.full_like(x, 1 / kappa), x)
+    yf, decay = kappa * xf, torch.exp(-xf)
+    cosine = (1 - decay * torch.cos(2 * yf) + 2 * kappa * decay * torch.sin(2 * yf)) / (xf * (1 + 4 * kappa ** 2))
+    return torch.where(near, series, (_moment(0, xf) - cosine) / (2 * yf ** 2))
+
+
+def _check_c(c: Any, shape: tuple[int, int]) -> Tensor:
+    try:
+        values = torch.as_tensor(c, dtype=_F64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"c: expected a number or an array of damping values, got {type(c).__name__}") from None
+    try:
+        values = values.expand(shape)
+    except RuntimeError:
+        per_class = ", per class" if shape[0] > 1 else ""
+        raise ValueError(f"c: expected values of shape [{shape[1]}] or [{shape[0]}, {shape[1]}] (one per "
+                         f"subspace{per_class}), got {tuple(values.shape)}") from None
+    bad = values[~(torch.isfinite(values) & (1 - 2 * values > 0))]
+    if bad.numel():
+        raise ValueError(f"c: expected finite c_k with 1 - 2 c_k > 0 (the drift's eigenvalues have real part "
+                         f"-beta gamma (1 - 2 c_k) / 4: at 1/2 the process stops contracting, above it explodes), "
+                         f"got {', '.join(f'{v:g}' for v in bad[:4].tolist())}")
+    return values
+
+
+def _images(name: str, x: Any) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{name}: expected images [B, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return x
+
+
+class VSMDProcess(nn.Module):
+    """VSMD's forward process with learnable damping values c [S, K] (S = num_classes, 1 if None), K subspaces.
+
+    Parameterisation: `log_damping = ln(1 - 2c)`, unconstrained, so c < 1/2 (every eigenvalue has real part
+    -beta gamma (1 - 2c) / 4 < 0) whatever the optimiser does. The block methods take t [B] or a scalar in
+    [0, T] and labels [B] (or None) and return float64 [B, K, 2, 2] ([1, K, 2, 2] for a scalar t without
+    labels), the first index for x, the second for v; gradients reach c.
+    """
+
+    def __init__(self, num_subspaces: int, num_classes: int | None = None, c: Any = 0.0, *, zeta: float = 1.0,
+                 gamma: float = 2.0, beta: float = 10.0, T: float = 1.0, prior_v: float = 1.0):
+        super().__init__()
+        check_int("num_subspaces", num_subspaces)
+        check_int("num_classes", num_classes, optional=True)
+        self.zeta = check_number("zeta", zeta, "a number in (0, 1] (1: critically damped, below: under-damped)",
+                                 lambda v: 0 < v <= 1)
+        self.gamma = check_number("gamma", gamma, "a finite number > 0", lambda v: v > 0)
+        self.beta = check_number("beta", beta, "a finite number > 0 (beta < 0 reverses the drift)", lambda v: v > 0)
+        self.T = check_number("T", T, "a finite number > 0", lambda v: v > 0)
+        self.prior_v = check_number("prior_v", prior_v, "a finite variance > 0 (v_0 ~ N(0, prior_v I))",
+                                    lambda v: v > 0)
+        self.kappa = math.sqrt(1 / self.zeta - 1) / 2  # omega / p
+        self.num_subspaces, self.num_classes = num_subspaces, num_classes
+        values = _check_c(c, (num_classes or 1, num_subspaces))
+        self._c_init = float(c) if isinstance(c, (int, float)) else torch.as_tensor(c).tolist()
+        self.log_damping = nn.Parameter(torch.log1p(-2 * values).clone())
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments; the trained c lives in `state_dict()`."""
+        return {"num_subspaces": self.num_subspaces, "num_classes": self.num_classes, "c": self._c_init,
+                "zeta": self.zeta, "gamma": self.gamma, "beta": self.beta, "T": self.T, "prior_v": self.prior_v}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "VSMDProcess":
+        return cls(**cfg)
+
+    @property
+    def c(self) -> Tensor:
+        """c [S, K]."""
+        return (1 - self.log_damping.exp()) / 2
+
+    @property
+    def a(self) -> Tensor:
+        """a [S, K], tied to c: a = (1 - (gamma - 2 gamma c)^2 / (4 zeta)) / (2 gamma)."""
+        p = self.gamma * self.log_damping.exp()
+        return (1 - p ** 2 / (4 * self.zeta)) / (2 * self.gamma)
+
+    @property
+    def velocity_std(self) -> float:
+        """sqrt(prior_v): the velocity prior v_0 ~ N(0, prior_v I) that pairs with the data at t = 0."""
+        return math.sqrt(self.prior_v)
+
+    def sample_velocity(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """v_0 ~ N(0, prior_v I) like x0 (VSMD's `augment_data`)."""
+        x0 = _images("x0", x0)
+        return self.velocity_std * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+
+    def _damping(self, t: Any, labels: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """t [B] float64 in [0, T] (None when t is None) and p = gamma (1 - 2c) [B, K] (or [1, K])."""
+        log_damping = self.log_damping
+        # a state dict can carry non-finite values past the constructor's check
+        check_in_range("c", log_damping.detach(), -math.inf, math.inf, "finite values with 1 - 2 c > 0")
+        B = None
+        if t is not None:
+            t = _as_time(t, log_damping.device)
+            check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
+            if t.dim() > 1:
+                raise ValueError(f"t: expected shape [B] or a scalar, got {tuple(t.shape)}")
+            B = t.shape[0] if t.dim() == 1 else None
+        if self.num_classes is not None:
+            if labels is None:
+                raise ValueError(f"labels: required, this process has per-class c ({self.num_classes} classes)")
+            if not isinstance(labels, Tensor) or labels.dim() != 1:
+                raise ValueError(f"labels: expected an integer tensor [B], got "
+                                 f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+            log_damping = log_damping[check_index("labels", labels, self.num_classes, "class labels")]
+            if B is not None and B != labels.shape[0]:
+                raise ValueError(f"t: batch size {B} does not match labels' {labels.shape[0]}")
+        p = self.gamma * log_damping.exp()
+        if t is None:
+            return None, p
+        t = t.expand(p.shape[0]) if t.dim() == 0 else t
+        return t, p.expand(t.shape[0], -1)
+
+    def drift_blocks(self, labels: Tensor | None = None) -> Tensor:
+        """(beta/2) [[0, 1], [-(1 - 2 gamma a), -gamma (1 - 2c)]] = (beta/2) [[0, 1], [-q, -p]] [B, K, 2, 2]."""
+        _, p = self._damping(None, labels)
+        q = p ** 2 / (4 * self.zeta)
+        zero, one = torch.zeros_like(p), torch.ones_like(p)
+        return self.beta / 2 * torch.stack([torch.stack([zero, one], -1), torch.stack([-q, -p], -1)], -2)
+
+    def _transition(self, t: Any, labels: Tensor | None) -> tuple[Tensor, ...]:
+        """s = beta t / 2 [B, 1], p, q, x = p s, C, S and e^{-x} [B, K] (the module docstring's names)."""
+        t, p = self._damping(t, labels)
+        s = (self.beta / 2 * t)[:, None]
+        x = p * s
+        C = torch.cos(self.kappa * x)
+        S = s * torch.sinc(self.kappa * x / math.pi)
+        return s, p, p ** 2 / (4 * self.zeta), x, C, S, torch.exp(-x)
+
+    def mean_blocks(self, t: Any, labels: Tensor | None = None) -> Tensor:
+        """E(t) = expm(t (beta/2) N) [B, K, 2, 2]: E[0, 0] x0 + E[0, 1] v0 is the mean of x_t, row 1 that of v_t."""
+        _, p, q, x, C, S, _ = self._transition(t, labels)
+        half = torch.exp(-x / 2)
+        return half[..., None, None] * torch.stack([torch.stack([C + p * S / 2, S], -1),
+                                                    torch.stack([-q * S, C - p * S / 2], -1)], -2)
+
+    def cov_blocks(self, t: Any, labels: Tensor | None = None) -> Tensor:
+        """Sigma(t) = int_0^t e^{F r} Q e^{F^T r} dr [B, K, 2, 2], Q = gamma beta e_v e_v^T: the covariance of
+        z_t given (x0, v0)."""
+        s, _, q, x, C, S, decay = self._transition(t, labels)
+        xx = 2 * self.gamma * s ** 3 * _sinc2_moment(x, self.kappa)
+        xv = self.gamma * decay * S ** 2
+        vv = 2 * self.gamma * decay * S * C + q * xx  # int (g')^2 by parts, g'' = -p g' - q g
+        return torch.stack([torch.stack([xx, xv], -1), torch.stack([xv, vv], -1)], -2)
+
+    def chol_blocks(self, t: Any, labels: Tensor | None = None) -> Tensor:
+        """L(t) [B, K, 2, 2], lower triangular with L L^T = Sigma(t) (zero at t = 0); L[..., 1, 1] is VSMD's L_vv."""
+        cov = self.cov_blocks(t, labels)
+        xx, xv, vv = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+        positive = xx > 0
+        lxx = torch.where(positive, xx, torch.ones_like(xx)).sqrt()
+        lvx = torch.where(positive, xv / lxx, torch.zeros_like(xv))
+        lxx = torch.where(positive, lxx, torch.zeros_like(lxx))
+        rest = (vv - lvx ** 2).clamp_min(0)
+        lvv = torch.where(rest > 0, rest, torch.ones_like(rest)).sqrt() * (rest > 0)
+        return torch.stack([torch.stack([lxx, torch.zeros_like(lxx)], -1), torch.stack([lvx, lvv], -1)], -2)
+
+    def _fit(self, basis: SubspaceBasis, blocks: Tensor, **images: Tensor) -> Tensor:
+        """blocks expanded to the images' batch, after checking the basis's K and the images."""
+        if not isinstance(basis, SubspaceBasis):
+            raise ValueError(f"basis: expected a SubspaceBasis, got {type(basis).__name__}")
+        if basis.num_subspaces != self.num_subspaces:
+            raise ValueError(f"basis: expected {self.num_subspaces} subspaces (one c each), got a basis with "
+                             f"{basis.num_subspaces}")
+        first = None
+        for name, x in images.items():
+            x = _images(name, x)
+            if first is not None and x.shape != first.shape:
+                raise ValueError(f"{name}: expected the shape of the other images {tuple(first.shape)}, got "
+                                 f"{tuple(x.shape)}")
+            first = x
+        if blocks.shape[0] not in (1, first.shape[0]):
+            raise ValueError(f"t: batch size {blocks.shape[0]} does not match the images' {first.shape[0]}")
+        return blocks.expand(first.shape[0], -1, -1, -1)
+
+    def perturb(self, basis: SubspaceBasis, x0: Tensor, v0: Tensor, eps_x: Tensor, eps_v: Tensor, t: Any,
+                labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t, v_t) = E(t) (x0, v0) + L(t) (eps_x, eps_v) per subspace: two `block_combine` calls."""
+        E = self._fit(basis, self.mean_blocks(t, labels), x0=x0, v0=v0, eps_x=eps_x, eps_v=eps_v)
+        L = self.chol_blocks(t, labels).expand_as(E)
+        ids = basis.group_ids(labels)
+        mean_x, mean_v = basis.block_combine(x0, v0, E, ids=ids)
+        return basis.block_combine(eps_x, eps_v, L, mean_x, mean_v, ids=ids)
+
+    def prior_sample(self, basis: SubspaceBasis, eps_x: Tensor, eps_v: Tensor,
+                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z_T = L(T) (eps_x, eps_v): VSMD's prior N(0, Sigma(T)), the transition from z = 0 (the data's share
+        E(T) Sigma_0 E(T)^T is left out, as in VSMD's `prior_sampling`)."""
+        L = self._fit(basis, self.chol_blocks(self.T, labels), eps_x=eps_x, eps_v=eps_v)
+        return basis.block_combine(eps_x, eps_v, L, ids=basis.group_ids(labels))
+
+    def extra_repr(self) -> str:
+        return (f"num_subspaces={self.num_subspaces}, num_classes={self.num_classes}, zeta={self.zeta}, "
+                f"gamma={self.gamma}, beta={self.beta}, T={self.T}, prior_v={self.prior_v}")
+
+
+class VelocityScoreNet(nn.Module):
+    """A SongUNet on the phase space: z = (x, v) [B, 2C, H, W] in, C channels out (VSMD's `get_model('unet')`).
+
+    `forward(z, noise_labels, class_labels=None)` has SongUNet's signature. `from_edm(net)` starts from an EDM
+    network on x (C in, C out): every weight copied, the v input channels zero, so its output on (x, v) is the
+    EDM network's on x.
+    """
+
+    def __init__(self, net: SongUNet):
+        super().__init__()
+        if not isinstance(net, SongUNet):
+            raise ValueError(f"net: expected a SongUNet, got {type(net).__name__}")
+        cfg = net.config()
+        if cfg["in_channels"] != 2 * cfg["out_channels"]:
+            raise ValueError(f"in_channels: expected 2 x out_channels = {2 * cfg['out_channels']} (the phase space "
+                             f"z = (x, v)), got {cfg['in_channels']}")
+        self.net = net
+        self.channels = cfg["out_channels"]
+        self.label_dim = cfg["label_dim"]
+
+    def config(self) -> dict:
+        return self.net.config()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "VelocityScoreNet":
+        return cls(SongUNet.from_config(dict(cfg)))
+
+    @classmethod
+    def from_edm(cls, net: SongUNet) -> "VelocityScoreNet":
+        """The phase-space net whose start is `net` (e.g. `models.build_model(...)[0].net` of `fmnist-edm`)."""
+        if not isinstance(net, SongUNet):
+            raise ValueError(f"net: expected an EDM SongUNet, got {type(net).__name__}")
+        cfg = net.config()
+        C = cfg["out_channels"]
+        if cfg["in_channels"] != C:
+            raise ValueError(f"in_channels: expected an EDM network with as many input as output channels "
+                             f"({C}), got {cfg['in_channels']}")
+        phase = SongUNet(**dict(cfg, in_channels=2 * C))
+        source = net.state_dict()
+        state = {}
+        for name, value in phase.state_dict().items():
+            src = source[name]
+            if value.shape == src.shape:
+                state[name] = src.clone()
+            else:  # a layer that reads the raw input (first conv; skip/residual encoder taps): v columns zero
+                state[name] = torch.cat([src, torch.zeros_like(src)], dim=1)
+        phase.load_state_dict(state)
+        ref = next(net.parameters())
+        return cls(phase.to(device=ref.device, dtype=ref.dtype)).train(net.training)
+
+    def forward(self, z: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != 2 * self.channels:
+            raise ValueError(f"z: expected the phase space [B, {2 * self.channels}, H, W] (x and v stacked on "
+                             f"channels), got {tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        return self.net(z, noise_labels, class_labels, augment_labels)
+
+
+class VSMDPrecond(nn.Module):
+    """VSMD's preconditioning (`PrecondGeneral`, RELATED.md §2.3): the velocity score
+
+        grad_v log p_t(z) = sum_k P_k (-net(z, time_scale t) / L_vv,k(t)),
+
+    so the network regresses the velocity noise (VSMD's loss |L_vv s + eps_v|^2 makes net -> eps_v). The noise
+    label is VSMD's 999 t, not EDM's c_noise = ln(sigma)/4: a net from `VelocityScoreNet.from_edm` starts as
+    the EDM function of x, but under noise labels it never saw. t in (0, T] (L_vv(0) = 0).
+    """
+
+    def __init__(self, net: VelocityScoreNet, process: VSMDProcess, basis: SubspaceBasis,
+                 time_scale: float = 999.0):
+        super().__init__()
+        if not isinstance(net, VelocityScoreNet):
+            raise ValueError(f"net: expected a VelocityScoreNet, got {type(net).__name__}")
+        if not isinstance(process, VSMDProcess):
+            raise ValueError(f"process: expected a VSMDProcess, got {type(process).__name__}")
+        if not isinstance(basis, SubspaceBasis) or basis.num_subspaces != process.num_subspaces:
+            raise ValueError(f"basis: expected a SubspaceBasis with the process's {process.num_subspaces} "
+                             f"subspaces, got {basis!r}")
+        self.net, self.process, self.basis = net, process, basis
+        self.time_scale = check_number("time_scale", time_scale, "a finite number > 0", lambda v: v > 0)
+
+    def forward(self, z: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
+        """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
+        tt = _as_time(t, self.process.log_damping.device)
+        check_in_range("t", tt, torch.finfo(_F64).tiny, self.process.T,
+                       f"finite times in (0, T={self.process.T:g}] (L_vv(0) = 0)")
+        with torch.no_grad():
+            lvv = self.process.chol_blocks(tt, labels)[..., 1, 1]
+        B = _images("z", z).shape[0]
+        if lvv.shape[0] not in (1, B):
+            raise ValueError(f"t: batch size {lvv.shape[0]} does not match z's {B}")
+        onehot = None
+        if self.net.label_dim:
+            if labels is None:
+                raise ValueError(f"labels: the network is class-conditional ({self.net.label_dim} classes); "
+                                 f"pass labels")
+            onehot = nn.functional.one_hot(labels, self.net.label_dim).to(torch.float32)
+        noise = (self.time_scale * tt).expand(B).to(torch.float32)
+        out = self.net(z.to(torch.float32), noise, onehot).to(z.dtype)
+        return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=self.basis.group_ids(labels))
