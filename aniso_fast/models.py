@@ -11,6 +11,8 @@ the safetensors metadata) as `assets/NAME.safetensors`, and registers it in `ass
 name is replaced only with `--force`. A shipped name then works wherever a model name does (`load_model`,
 `load_schedule('learned', ...)`, `--model NAME`), and so does the path of a shipped model's file.
 The manifest entry marked `default: true` becomes the default model; while none is, `gmm-fmnist` is.
+The manifest's `defaults` map NFE -> the best measured (model, solver, grid, secondary, order), recorded by
+`python -m aniso_fast.evaluate table --set-default`; `python -m aniso_fast.sample` uses the nearest one.
 `ANISO_FAST_ASSETS` points the shipped-model registry at another folder holding a manifest.json (tests use a
 temporary one); the package's own folder is written only by an explicit `export`, `set-default` or `build-gmm`.
 """
@@ -39,7 +41,7 @@ from .schedules import MatrixSchedule
 __all__ = ["MODELS", "SCHEDULES", "load_model", "load_schedule", "load_trained", "build_gmm_asset", "ASSET_DIR",
            "assets_dir", "read_manifest", "shipped_models", "export_model", "set_default", "default_model",
            "has_learned_schedule", "is_model_file", "shipped_path", "is_shipped_file", "read_shipped", "build_model",
-           "check_assets", "ShippedModelExists"]
+           "check_assets", "ShippedModelExists", "sampler_defaults", "default_for_nfe", "set_sampler_defaults"]
 
 ASSET_DIR = Path(__file__).parent / "assets"
 ASSETS_ENV = "ANISO_FAST_ASSETS"
@@ -118,7 +120,24 @@ def read_manifest(assets: str | os.PathLike | None = None) -> dict:
         problem = _entry_problem(entry)
         if problem:
             raise ValueError(f"{path}: corrupt manifest (model {name!r}: {problem})")
+    for nfe, choice in doc.get("defaults", {}).items():
+        problem = _default_problem(nfe, choice)
+        if problem:
+            raise ValueError(f"{path}: corrupt manifest (defaults for NFE {nfe!r}: {problem})")
     return doc
+
+
+def _default_problem(nfe, choice) -> str | None:
+    if not (isinstance(nfe, str) and nfe.isdigit() and int(nfe) >= 1):
+        return "the NFE is not a positive integer"
+    if not isinstance(choice, dict) or not all(isinstance(choice.get(k), str) for k in ("model", "solver", "grid")):
+        return "expected an object with model, solver and grid"
+    if choice.get("secondary") not in (None, "end", "mid"):
+        return f"secondary {choice.get('secondary')!r} is not 'end', 'mid' or null"
+    order = choice.get("order")
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+        return f"order {order!r} is not an integer or null"
+    return None
 
 
 def shipped_models(assets: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -221,6 +240,45 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
     }
     _write_manifest(doc, assets)
     return path
+
+
+_CHOICE_KEYS = ("model", "solver", "grid", "secondary", "order")
+
+
+def sampler_defaults(assets: str | os.PathLike | None = None) -> dict[int, dict]:
+    """NFE -> the recorded best (model, solver, grid, secondary, order) and its FD, in increasing NFE."""
+    doc = read_manifest(assets)
+    return {int(k): v for k, v in sorted(doc.get("defaults", {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict | None:
+    """The recorded choice of the NFE nearest `nfe` (the lower one on a tie), or None when none is recorded."""
+    recorded = sampler_defaults(assets)
+    if not recorded:
+        return None
+    return recorded[min(recorded, key=lambda k: (abs(k - nfe), k))]
+
+
+def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | None = None) -> None:
+    """Record, per NFE, the (model, solver, grid, secondary, order) to sample with (replacing earlier records);
+    each model must be shipped (or embedded) and each sampler able to spend its NFE. ValueError otherwise."""
+    from .solvers import resolve_sampler
+
+    assets = Path(assets if assets is not None else assets_dir())
+    if not (assets / "manifest.json").is_file():
+        raise ValueError(f"assets: {assets} holds no manifest.json (no shipped models to choose from)")
+    doc = read_manifest(assets)
+    out = {}
+    for nfe, choice in sorted(choices.items()):
+        if choice["model"] not in doc["models"] and choice["model"] not in EMBEDDED:
+            raise ValueError(f"choices: NFE {nfe}: {choice['model']!r} is not a shipped model")
+        try:
+            resolve_sampler(choice["solver"], choice["grid"], choice.get("secondary"), nfe, choice.get("order"))
+        except ValueError as e:
+            raise ValueError(f"choices: NFE {nfe}: {e}") from None
+        out[str(nfe)] = {k: choice.get(k) for k in _CHOICE_KEYS} | {k: choice[k] for k in ("fd", "se") if k in choice}
+    doc["defaults"] = out
+    _write_manifest(doc, assets)
 
 
 def set_default(name: str, assets: str | os.PathLike | None = None) -> None:
@@ -499,8 +557,8 @@ def main(argv=None) -> int:
             set_default(args.name, _option_folder(args.assets))
         else:
             check_assets()
-            print(json.dumps({"models": dict(MODELS), "default": default_model(), "schedules": SCHEDULES},
-                             indent=2))
+            print(json.dumps({"models": dict(MODELS), "default": default_model(), "schedules": SCHEDULES,
+                              "defaults_per_nfe": sampler_defaults()}, indent=2))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {_in_cli_words(err, _OPTIONS.get(cmd, {}))}", file=sys.stderr)
         return 2

@@ -18,16 +18,25 @@ from typing import Callable, Sequence
 
 from . import models
 from .checkpoint import latest_checkpoint, read_meta
-from .solvers import SAMPLER_NAMES
+from .solvers import MAX_NFE, Sampler, resolve_sampler
 
-__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "select_rows", "resolve_row", "train_recipe"]
+__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
+_EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional")
+
+
+def sampler_for(cfg: dict, nfe: int = MAX_NFE - 1) -> Sampler:
+    """The sampler of an `eval` entry or a results-table cell at `nfe` (default: one every sampler can spend,
+    for checking the entry alone); ValueError naming the argument (solver, grid, secondary, order, nfe)."""
+    return resolve_sampler(cfg["solver"], cfg["grid"], cfg.get("secondary"), nfe, cfg.get("order"))
 
 
 def sampler_key(cfg: dict) -> tuple:
-    """(solver, grid, secondary) of an `eval` entry or a results-table cell, as `solvers.SAMPLER_NAMES` keys it."""
-    return (cfg["solver"], cfg["grid"], cfg["secondary"])
+    """(solver, grid, secondary, order) of an `eval` entry or a results-table cell: secondary None for Euler and
+    the multistep solvers, order None except for the multistep solvers (their default order filled in)."""
+    plan = sampler_for(cfg)
+    return (plan.solver, plan.grid, plan.secondary, plan.order)
 
 
 def _stage_argv(row: dict) -> list[str]:
@@ -65,9 +74,23 @@ def _check_row(row, path: Path, seen: set) -> None:
         raise ValueError(f"{path}: row {name!r}: --out, --init-from and --resume are set by the runner")
     if not isinstance(row["eval"], list) or not row["eval"]:
         raise ValueError(f"{path}: row {name!r}: 'eval' must be a non-empty list of samplers")
+    keys = set()
     for cfg in row["eval"]:
-        if not isinstance(cfg, dict) or tuple(cfg.get(k) for k in ("solver", "grid", "secondary")) not in SAMPLER_NAMES:
-            raise ValueError(f"{path}: row {name!r}: unknown sampler {cfg}")
+        if not isinstance(cfg, dict) or not {"solver", "grid"} <= set(cfg) or set(cfg) - set(_EVAL_KEYS):
+            raise ValueError(f"{path}: row {name!r}: unknown sampler {cfg} (expected solver, grid and optionally "
+                             f"secondary, order, optional)")
+        try:
+            key = sampler_key(cfg)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: row {name!r}: sampler {cfg}: {e}") from None
+        if key in keys:
+            raise ValueError(f"{path}: row {name!r}: sampler {cfg} appears twice")
+        keys.add(key)
+        for k, v in zip(("secondary", "order"), key[2:]):  # normalised: one spelling per sampler
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
     if row["eval"][0].get("optional"):
         raise ValueError(f"{path}: row {name!r}: the first sampler is the row's own and cannot be optional")
     try:

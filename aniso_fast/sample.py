@@ -1,7 +1,10 @@
 """Fast low-NFE generation: `python -m aniso_fast.sample`.
 
-With no arguments: the default model (`python -m aniso_fast.models list`) with its schedule, 64 samples at NFE 9
-with the paper's solver (midpoint Heun on the uniform t grid), written as a PNG grid whose path is printed.
+With no arguments: 64 samples at NFE 9 with the best measured (model, solver, grid) for that NFE, recorded from
+the results table (`python -m aniso_fast.evaluate table --set-default`; the recorded NFE nearest --nfe), written
+as a PNG grid whose path is printed. While none is recorded, or when --model or a sampler option (--solver,
+--grid, --secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models
+list`) with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
 Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
@@ -57,25 +60,64 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one (None defaults are explained in the help text)."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one (None defaults are explained in the help text); the description
+    and the per-NFE defaults keep their line breaks."""
 
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+def _describe(choice: dict) -> str:
+    order = f" order {choice['order']}" if choice.get("order") is not None else ""
+    secondary = f" ({choice['secondary']} point)" if choice.get("secondary") else ""
+    fd = f", FD {choice['fd']:.2f}" if isinstance(choice.get("fd"), (int, float)) else ""
+    return f"{choice['model']}, {choice['solver']}{order}{secondary} on {choice['grid']}{fd}"
+
+
+def _defaults_epilog() -> str:
+    """The recorded choice per NFE, as --help shows it."""
+    try:
+        recorded = models.sampler_defaults()
+    except ValueError as e:
+        return f"Per-NFE defaults: unreadable ({e})."
+    if not recorded:
+        return (f"Per-NFE defaults: none recorded; the default model ({models.default_model()}) with midpoint Heun "
+                f"on the uniform t grid.")
+    return "Per-NFE defaults (from the results table; the recorded NFE nearest --nfe is used):\n" + "\n".join(
+        f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items())
+
+
+def _apply_defaults(args) -> None:
+    """Fill --model, --solver, --grid (and secondary, order) from the recorded choice nearest --nfe where the
+    user gave none of them; explicit options always win."""
+    sampler_given = any(getattr(args, k) is not None for k in ("solver", "grid", "secondary", "order"))
+    choice = models.default_for_nfe(args.nfe) if isinstance(args.nfe, int) else None
+    if choice is not None and choice["model"] not in models.MODELS:
+        choice = None  # a recorded model that is no longer shipped
+    if choice is not None and args.model is None and not sampler_given:
+        args.model, args.solver, args.grid = choice["model"], choice["solver"], choice["grid"]
+        args.secondary, args.order = choice.get("secondary"), choice.get("order")
+        return
+    args.model = args.model or (choice["model"] if choice is not None else models.default_model())
+    args.solver = args.solver or "heun"
+    args.grid = args.grid or "uniform_t"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m aniso_fast.sample", description=__doc__, formatter_class=_HelpFormatter)
+    p = _Parser(prog="python -m aniso_fast.sample", description=__doc__, epilog=_defaults_epilog(),
+                formatter_class=_HelpFormatter)
     p.add_argument("--model", default=None,
                    help="an embedded or shipped model name (`python -m aniso_fast.models list`; default: the "
-                        "manifest's default model), or a .safetensors file: a training checkpoint or a shipped "
-                        "model's file")
+                        "recorded model for the NFE, else the manifest's default model), or a .safetensors file: a "
+                        "training checkpoint or a shipped model's file")
     p.add_argument("--schedule", default=None,
                    help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a shipped model "
                         f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model")
-    p.add_argument("--solver", default="heun", choices=SOLVERS)
-    p.add_argument("--grid", default="uniform_t", choices=GRIDS,
-                   help="uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
+    p.add_argument("--solver", default=None, choices=SOLVERS,
+                   help="default: the recorded solver for the NFE (see below), else heun")
+    p.add_argument("--grid", default=None, choices=GRIDS,
+                   help="default: the recorded grid for the NFE, else uniform_t. uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid)")
     p.add_argument("--secondary", default=None, choices=("end", "mid"),
@@ -134,7 +176,7 @@ def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]
 def _validate(args):
     """Every check that can fail without the model runs before any sampling work (and before loading it)."""
     models.check_assets()
-    args.model = args.model or models.default_model()
+    _apply_defaults(args)
     _check_model(args.model)
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
     if args.schedule is None:
@@ -191,6 +233,9 @@ def _load(args):
             schedule = models.load_schedule(args.schedule, model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
+    if args.grid in ("edm_sigma", "logsnr") and not hasattr(schedule, "invert_geometric_mean"):
+        raise ValueError(f"--grid: {args.grid} is placed on the geometric mean of the schedule, and the schedule of "
+                         f"{args.model} has no inverse of it; use uniform_t or karras")
     return model, schedule.to(args.device)
 
 

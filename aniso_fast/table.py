@@ -3,10 +3,13 @@
 
 For every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
 NFE with each of the row's samplers, scored by the Frechet distance to the test set in a feature space
-(`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra).
+(`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
+bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
+cached per (model, sampler, NFE, N, seed set), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,13 +18,21 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write, atomic_write_text
 from .features import FrechetScorer, machine_description
-from .figures import plot_samples, plot_schedule
-from .recipes import resolve_row, sampler_key
-from .solvers import SAMPLER_CODES, SAMPLER_NAMES, sample
+from .figures import plot_fd_vs_nfe, plot_samples, plot_schedule
+from .metrics import feature_statistics
+from .recipes import resolve_row, sampler_for, sampler_key
+from .solvers import SAMPLER_CODES, sample
 
-__all__ = ["row_samplers", "results_table", "results_markdown", "write_table", "best_row"]
+__all__ = ["DEFAULT_NFES", "row_samplers", "results_table", "results_markdown", "write_table", "best_row",
+           "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+
+DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
+CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
+_SOLVER_CODES = {"euler": "E", "heun": "H", "dpmpp-2m": "2M", "dpmpp-3m": "3M", "unipc": "UniPC", "ipndm": "iPNDM",
+                 "deis": "DEIS"}
+_GRID_CODES = {"uniform_t": "u", "edm_sigma": "e", "karras": "K", "logsnr": "λ"}
 
 
 def row_samplers(row: dict, optional: bool = True) -> list[dict]:
@@ -29,16 +40,30 @@ def row_samplers(row: dict, optional: bool = True) -> list[dict]:
     return [cfg for cfg in row["eval"] if optional or not cfg.get("optional")]
 
 
+def sampler_code(cfg: dict) -> str:
+    """A short code for compact tables: the solvers' one-letter codes, else solver, order and grid letter."""
+    solver, grid, secondary, order = sampler_key(cfg)
+    code = SAMPLER_CODES.get((solver, grid, secondary or "end"))
+    return code if code is not None and order is None else \
+        f"{_SOLVER_CODES[solver]}{order or ''}-{_GRID_CODES[grid]}"
+
+
+def _cell_key(cfg: dict) -> dict:
+    solver, grid, secondary, order = sampler_key(cfg)
+    return {"solver": solver, "grid": grid, "secondary": secondary, "order": order}
+
+
 def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int) -> torch.Tensor:
     from .data import to_uint8
 
     out = []
     num_classes = model.num_classes
+    key = _cell_key(cfg)
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
-        x, _, _ = sample(model, schedule, nfe=nfe, solver=cfg["solver"], grid=cfg["grid"],
-                         secondary=cfg["secondary"], seeds=chunk, labels=labels)
+        x, _, _ = sample(model, schedule, nfe=nfe, solver=key["solver"], grid=key["grid"],
+                         secondary=key["secondary"], order=key["order"], seeds=chunk, labels=labels)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -48,24 +73,115 @@ def _seed_list(index: int, n: int) -> list[int]:
     return list(range(index * n, (index + 1) * n))
 
 
-def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 3, nfes: Sequence[int] = (5, 7, 9, 11, 13, 15, 17, 35),
+def bootstrap_se(feature_sets: Sequence[np.ndarray], mu_ref: np.ndarray, sigma_ref: np.ndarray, draws: int = 200,
+                 seed: int = 0) -> float:
+    """Bootstrap standard error of the mean Frechet distance over seed sets: each set's feature rows resampled
+    with replacement `draws` times (the reference statistics held fixed), the FD recomputed each time.
+
+    tr((S1 S_ref)^(1/2)) is computed as the sum of sqrt(eig(R S1 R)), R = S_ref^(1/2) factored once: the same
+    value as metrics.frechet_distance_from_statistics, about ten times faster than a general sqrtm per draw."""
+    if draws < 2:
+        raise ValueError(f"draws: expected at least 2 bootstrap draws, got {draws}")
+    sigma_ref = np.atleast_2d(np.asarray(sigma_ref, dtype=np.float64))
+    mu_ref = np.atleast_1d(np.asarray(mu_ref, dtype=np.float64))
+    w, V = np.linalg.eigh(sigma_ref)
+    root = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for b in range(draws):
+        total = 0.0
+        for feats in feature_sets:
+            mu, sigma = feature_statistics(feats[rng.integers(0, len(feats), len(feats))])
+            ev = np.linalg.eigvalsh(root @ sigma @ root)
+            total += float(((mu - mu_ref) ** 2).sum() + np.trace(sigma) + np.trace(sigma_ref)
+                           - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+        values[b] = total / len(feature_sets)
+    return float(values.std(ddof=1))
+
+
+class _Cache:
+    """uint8 samples and their features, one .npz per (model id, sampler, NFE, N, seed set) in `folder` (None:
+    no cache). Features are stored per feature space, so a new scorer reuses the samples."""
+
+    def __init__(self, folder: str | Path | None, fresh: bool = False):
+        self.folder = None if folder is None else Path(folder)
+        self.fresh = fresh
+
+    def path(self, what: dict) -> Path | None:
+        if self.folder is None:
+            return None
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.npz"
+
+    def features(self, what: dict, scorer, make_images: Callable[[], torch.Tensor]) -> np.ndarray:
+        feat_key = "features_" + hashlib.sha256(scorer.id.encode()).hexdigest()[:16]
+        path = self.path(what)
+        arrays = {}
+        if path is not None and path.is_file() and not self.fresh:
+            with np.load(path) as f:
+                arrays = dict(f)
+            if feat_key in arrays:
+                return arrays[feat_key]
+        if "images" not in arrays:
+            arrays["images"] = make_images().numpy()
+        arrays[feat_key] = scorer._features(torch.from_numpy(arrays["images"]))
+        if path is not None:
+            arrays["what"] = np.array(json.dumps(what, sort_keys=True))
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as fh:  # a file object: np.savez would append '.npz' to the temporary name
+                    np.savez_compressed(fh, **arrays)
+
+            atomic_write(path, write)
+        return arrays[feat_key]
+
+
+def _score(feature_sets: list[np.ndarray], scorer, draws: int) -> dict:
+    from .metrics import frechet_distance_from_statistics
+
+    fds = [frechet_distance_from_statistics(*feature_statistics(f), scorer.mu, scorer.sigma) for f in feature_sets]
+    return {"fd": fds, "min": min(fds), "mean": float(np.mean(fds)),
+            "se": bootstrap_se(feature_sets, scorer.mu, scorer.sigma, draws), "bootstrap": draws}
+
+
+def _floor(floor_images: torch.Tensor, scorer, n: int, seeds: int, draws: int, cache: _Cache) -> dict:
+    """FD of n random training images per seed set against the reference, scored like a cell."""
+    sets = []
+    for s in range(seeds):
+        idx = np.random.default_rng([s, 2]).permutation(len(floor_images))[:n]
+        what = {"model": "data-floor", "images": len(floor_images), "n": n, "seed_set": s}
+        sets.append(cache.features(what, scorer, lambda: floor_images[torch.from_numpy(idx)]))
+    return {"n": n, "images": len(floor_images), **_score(sets, scorer, draws)}
+
+
+def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: Sequence[int] = DEFAULT_NFES,
                   source: str = "auto", optional: bool = True, batch: int = 250, previous: dict | None = None,
+                  cache: str | Path | None = None, fresh: bool = False, bootstrap: int = 200,
+                  floor_images: torch.Tensor | None = None,
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
                   inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
                   on_update: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """Frechet distances of every row's samplers at every NFE over `seeds` seed sets of n samples each.
+    """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
+    every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
-    Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused.
+    Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused, and
+    samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
     Returns (the result document, {row name: (model, schedule, uint8 samples at `sample_nfe`)} for the figures).
     """
+    store = _Cache(cache, fresh)
     protocol = {"n": n, "seeds": seeds, "nfes": list(nfes), "scorer": scorer.id, "source": source,
-                "num_reference": getattr(scorer, "num_reference", None),
+                "num_reference": getattr(scorer, "num_reference", None), "bootstrap": bootstrap,
                 "scorer_accuracy": getattr(scorer, "accuracy", None), "sample_nfe": sample_nfe}
     if inception is not None:
         protocol.update(inception=inception.id, inception_n=inception_n,
                         inception_nfes=list(inception_nfes or nfes), inception_reference=len(inception_ref))
     old_rows = {r["name"]: r for r in (previous or {}).get("rows", [])}
     result = {"protocol": protocol, "machine": machine_description(), "rows": []}
+    if floor_images is not None:
+        result["floor"] = _floor(floor_images, scorer, n, seeds, bootstrap, store)
+        if progress:
+            print(f"data floor: FD {result['floor']['mean']:.3f} ± {result['floor']['se']:.3f}", flush=True)
     extras, inception_scorer = {}, None
     for row in recipe["rows"]:
         found = resolve_row(row, source)
@@ -80,26 +196,31 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 3, nfes: 
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]
                            and (previous or {}).get("protocol", {}).get("scorer") == scorer.id) else None
-        old_cells = {(c["solver"], c["grid"], c["secondary"], c["nfe"]): c for c in (reusable or {}).get("cells", [])
-                     if c.get("n") == n and len(c["fd"]) >= seeds}
+        old_cells = {(sampler_key(c), c["nfe"]): c for c in (reusable or {}).get("cells", [])
+                     if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds}
         configs = row_samplers(row, optional)
         for cfg in configs:
             for nfe in nfes:
-                key = (*sampler_key(cfg), nfe)
+                key = (sampler_key(cfg), nfe)
+                try:
+                    sampler_for(cfg, nfe)
+                except ValueError as e:
+                    entry["cells"].append({**_cell_key(cfg), "nfe": nfe, "n": n, "skipped": str(e)})
+                    continue
                 if key in old_cells:
-                    cell = dict(old_cells[key], fd=old_cells[key]["fd"][:seeds])
-                    cell.update(min=min(cell["fd"]), mean=float(np.mean(cell["fd"])))
+                    cell = old_cells[key]
                 else:
-                    t0, fds = time.perf_counter(), []
+                    t0, sets = time.perf_counter(), []
                     for s in range(seeds):
-                        fds.append(scorer.score(_generate(model, schedule, cfg, nfe, _seed_list(s, n), batch)))
-                    cell = {"solver": cfg["solver"], "grid": cfg["grid"], "secondary": cfg["secondary"], "nfe": nfe,
-                            "n": n, "fd": fds, "min": min(fds), "mean": float(np.mean(fds)),
+                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s}
+                        sets.append(store.features(what, scorer, lambda s=s: _generate(
+                            model, schedule, cfg, nfe, _seed_list(s, n), batch)))
+                    cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **_score(sets, scorer, bootstrap),
                             "seconds": round(time.perf_counter() - t0, 1)}
                 entry["cells"].append(cell)
                 if progress:
-                    print(f"{row['name']:10s} {SAMPLER_CODES[sampler_key(cfg)]:2s} NFE {nfe:3d}  FD min {cell['min']:.3f} "
-                          f"mean {cell['mean']:.3f}", flush=True)
+                    print(f"{row['name']:10s} {sampler_code(cfg):9s} NFE {nfe:3d}  FD {cell['mean']:.3f} ± "
+                          f"{cell['se']:.3f}", flush=True)
                 if on_update is not None:
                     on_update(result)
         primary = configs[0]
@@ -112,11 +233,20 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 3, nfes: 
             old_inc = {(c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)}
             for nfe in inception_nfes or nfes:
+                try:
+                    sampler_for(primary, nfe)
+                except ValueError:
+                    continue
                 cell = old_inc.get((nfe, inception_n))
                 if cell is None:
-                    images = _generate(model, schedule, primary, nfe, _seed_list(0, inception_n), batch)
-                    cell = {**{k: primary[k] for k in ("solver", "grid", "secondary")}, "nfe": nfe, "n": inception_n,
-                            "fid": inception_scorer.score(images), "scorer": inception.id,
+                    what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0}
+                    feats = store.features(what, inception_scorer, lambda: _generate(
+                        model, schedule, primary, nfe, _seed_list(0, inception_n), batch))
+                    from .metrics import frechet_distance_from_statistics
+
+                    fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
+                                                           inception_scorer.sigma)
+                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, "fid": fid, "scorer": inception.id,
                             "reference": len(inception_ref)}
                 entry["inception"].append(cell)
                 if progress:
@@ -126,17 +256,58 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 3, nfes: 
     return result, extras
 
 
-def _fmt(cell: dict | None) -> str:
-    return "—" if cell is None else f"{cell['min']:.2f} / {cell['mean']:.2f}"
+def _lines(result: dict) -> list[tuple[dict, tuple, dict[int, dict]]]:
+    """(row, sampler key, {nfe: scored cell}) per evaluated (row, sampler), in the document's order."""
+    out = []
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            continue
+        by_key: dict[tuple, dict[int, dict]] = {}
+        for c in row["cells"]:
+            by_key.setdefault(sampler_key(c), {})
+            if "skipped" not in c:
+                by_key[sampler_key(c)][c["nfe"]] = c
+        out += [(row, key, cells) for key, cells in by_key.items()]
+    return out
+
+
+def nfe_to_converge(cells: dict[int, dict], nfes: Sequence[int]) -> int | None:
+    """The lowest NFE whose mean FD is within 5% of the line's FD at the largest NFE of the table (None when that
+    cell is missing)."""
+    ref = cells.get(max(nfes))
+    if ref is None:
+        return None
+    return min(k for k in nfes if k in cells and cells[k]["mean"] <= CONVERGED * ref["mean"])
+
+
+def _winners(result: dict, nfes: Sequence[int]) -> dict[int, float]:
+    best = {}
+    for _, _, cells in _lines(result):
+        for k, c in cells.items():
+            best[k] = min(best.get(k, np.inf), c["mean"])
+    return best
+
+
+def _fmt(cell: dict | None, bold: bool = False) -> str:
+    if cell is None:
+        return "—"
+    text = f"{cell['mean']:.2f} ± {cell['se']:.2f}"
+    return f"**{text}**" if bold else text
+
+
+def _sampler_name(key: tuple) -> str:
+    solver, grid, secondary, order = key
+    return sampler_for({"solver": solver, "grid": grid, "secondary": secondary, "order": order}).name
 
 
 def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str]) -> str:
     p = result["protocol"]
     nfes = p["nfes"]
-    head = "| model | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |"
-    rule = "|---|---|" + "---|" * len(nfes)
+    head = "| model | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " | NFE to converge |"
+    rule = "|---|---|" + "---|" * len(nfes) + "---|"
     recipe_rows = {r["name"]: r for r in recipe["rows"]}
     acc = p.get("scorer_accuracy")
+    floor = result.get("floor")
     lines = [f"# Results: {recipe.get('title', 'trained models')}", "",
              f"Regenerate: `{command}` (after `{recipe.get('train_command', 'python -m aniso_fast.evaluate train-recipe')}`).",
              "",
@@ -144,55 +315,63 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
              f"and of the {p['num_reference'] or 'reference'} test images"
              + (f"; features: the 128-d penultimate layer of the shipped Fashion-MNIST classifier (test accuracy "
                 f"{100 * acc:.2f}%, `docs/classifier.md`)" if acc is not None else f"; features: `{p['scorer']}`")
-             + f". Each cell: **min / mean** over {p['seeds']} seed sets of N = {p['n']} samples (seed set s uses "
-               f"sample seeds s·N … s·N+N−1; sample seed i has class i mod 10, so classes are balanced). "
-               "Samples are quantised to uint8 first, as saved images are. Lower is better. Not comparable with "
-               "Inception FIDs.",
-             "",
-             "**Samplers.** NFE counts network calls. EDM row: Heun on the Karras ρ=7 grid (EDM's Algorithm 2, last "
-             "step Euler; the schedule is not used). Learned rows: the paper's sampler, midpoint Heun on the uniform "
-             "t grid over the learned schedule (METHOD §6.4, §6.5, without the reference's wasted last call), and "
-             "where listed the end-point Heun on EDM's σ grid placed on the geometric mean of the learned schedule "
-             "(METHOD §6.3). The EDM row's second sampler is an ablation: the same EDM network on the paper's sampler "
-             "over its untrained, Karras-initialised schedule, which separates the sampler's gain from the learned "
-             "schedule's.",
-             "", f"Machine: {result['machine']}.", ""]
-    sections = [("primary", "Frechet distance, each row's own sampler (the recipe's first)", 0),
-                ("alternative", "Frechet distance, each row's second sampler (ablations)", 1)]
-    for _, title, idx in sections:
-        body = []
-        for row in result["rows"]:
-            evals = recipe_rows[row["name"]]["eval"] if row["name"] in recipe_rows else []
-            if row["status"] != "ok":
-                if idx == 0:
-                    body.append(f"| {row['label']} | not evaluated: {row['where']} |" + " |" * (len(nfes) - 1) + " |")
-                continue
-            if idx >= len(evals):
-                continue
-            key = sampler_key(evals[idx])
-            cells = {c["nfe"]: c for c in row["cells"] if sampler_key(c) == key}
-            if not cells:
-                continue
-            body.append(f"| {row['label']} | {SAMPLER_NAMES[key]} | " + " | ".join(_fmt(cells.get(k)) for k in nfes) + " |")
-        if body:
-            lines += [f"## {title}", "", head, rule, *body, ""]
-    best = []
+             + f". Each cell: **FD ± SE**, the mean over {p['seeds']} seed set(s) of N = {p['n']} samples (seed set s "
+               f"uses sample seeds s·N … s·N+N−1; sample seed i has class i mod 10, so classes are balanced) and its "
+               f"bootstrap standard error ({p.get('bootstrap', '?')} draws resampling the generated features, the "
+               "test statistics held fixed). Samples are quantised to uint8 first, as saved images are. Lower is "
+               "better; **bold**: the lowest FD at that NFE over all rows. Not comparable with Inception FIDs.",
+             ""]
+    if floor:
+        lines += [f"**Data floor: FD {floor['mean']:.2f} ± {floor['se']:.2f}**: N = {floor['n']} random training "
+                  "images (of the "
+                  f"{floor['images']}) against the test set, same features and seed sets: no sampler can be expected "
+                  "to go below it at this N.", ""]
+    lines += ["**Samplers.** NFE counts network calls. Heun on the Karras grid is EDM's Algorithm 2 (last step "
+              "Euler; the schedule is not used). Learned rows: the paper's sampler, midpoint Heun on the uniform t "
+              "grid over the learned schedule (METHOD §6.4, §6.5), and the anisotropic multistep solvers "
+              "(`aniso_fast/multistep.py`, docs/SOLVERS.md) on the grids that measured best on the exact mixture. "
+              "EDM and control rows: the peer solvers, each on its own harness's grid (the recipe's notes). "
+              f"**NFE to converge**: the lowest NFE whose FD is within {100 * (CONVERGED - 1):.0f}% of the same "
+              f"line's FD at NFE {max(nfes)}.", "", f"Machine: {result['machine']}.", ""]
+    winners = _winners(result, nfes)
+    body, skipped = [], {}
     for row in result["rows"]:
         if row["status"] != "ok":
+            body.append(f"| {row['label']} | not evaluated: {row['where']} |" + " |" * len(nfes) + " |")
+    for row, key, cells in _lines(result):
+        conv = nfe_to_converge(cells, nfes)
+        body.append(f"| {row['label']} | {_sampler_name(key)} | " + " | ".join(
+            _fmt(cells.get(k), k in cells and cells[k]["mean"] == winners.get(k)) for k in nfes)
+            + f" | {conv if conv is not None else '—'} |")
+        for c in row["cells"]:
+            if "skipped" in c and sampler_key(c) == key:
+                skipped.setdefault((_sampler_name(key), c["skipped"]), []).append(c["nfe"])
+    lines += ["## Frechet distance (FD ± bootstrap SE)", "", head, rule, *body, ""]
+    if skipped:
+        lines += ["Cells shown as — (the sampler cannot spend that NFE):", ""]
+        lines += [f"- {name}, NFE {', '.join(map(str, sorted(set(ks))))}: {why}"
+                  for (name, why), ks in skipped.items()]
+        lines.append("")
+    if figures.get("fd"):
+        lines += ["![FD against NFE](" + figures["fd"] + ")", ""]
+    best = []
+    for row in result["rows"]:
+        per_row = [(key, cells) for r, key, cells in _lines(result) if r is row]
+        if len(per_row) < 2:
             continue
         by_nfe = {}
-        for c in row["cells"]:
-            if c["nfe"] not in by_nfe or c["mean"] < by_nfe[c["nfe"]]["mean"]:
-                by_nfe[c["nfe"]] = c
-        if len({sampler_key(c) for c in row["cells"]}) < 2:
-            continue
+        for key, cells in per_row:
+            for k, c in cells.items():
+                if k not in by_nfe or c["mean"] < by_nfe[k]["mean"]:
+                    by_nfe[k] = c
         best.append(f"| {row['label']} | best per cell | " + " | ".join(
-            "—" if k not in by_nfe else f"{_fmt(by_nfe[k])} ({SAMPLER_CODES[sampler_key(by_nfe[k])]})" for k in nfes)
-            + " |")
+            "—" if k not in by_nfe else f"{_fmt(by_nfe[k])} ({sampler_code(by_nfe[k])})" for k in nfes) + " | |")
     if best:
-        lines += ["## Best of the evaluated samplers per cell (by mean)", "",
-                  "Sampler codes: u = midpoint Heun on the uniform t grid, e = end-point Heun on the EDM σ grid, "
-                  "K = Heun on the Karras grid.", "", head, rule, *best, ""]
+        codes = sorted({(sampler_code(c), _sampler_name(sampler_key(c))) for row in result["rows"]
+                        for c in row["cells"]})
+        lines += ["## Best of the evaluated samplers per cell (by FD)", "",
+                  "Sampler codes: " + "; ".join(f"{c} = {name}" for c, name in codes) + ".", "", head, rule,
+                  *best, ""]
     inc = [row for row in result["rows"] if row.get("inception")]
     if inc:
         inc_nfes = p["inception_nfes"]
@@ -217,7 +396,7 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
         lines += [f"## Samples at NFE {p.get('sample_nfe', 9)}", "",
                   "Each block: one class per line (T-shirt/top … ankle boot), the same seeds in every block, each "
                   "row's own sampler.", "", f"![samples]({figures['samples']})", ""]
-    sched = [(k, v) for k, v in figures.items() if k != "samples"]
+    sched = [(k, v) for k, v in figures.items() if k not in ("samples", "fd")]
     if sched:
         lines += ["## Learned schedules", "",
                   "Left: g_k(t) per subspace on a log scale (grey: the EDM/Karras initialisation). Right: the "
@@ -236,6 +415,14 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
     figures = {}
     labels = {r["name"]: r["label"] for r in recipe["rows"]}
     nfe = result["protocol"].get("sample_nfe", 9)
+    plotted = [(f"{row['label']}: {sampler_code(next(iter(cells.values())))}", sorted(cells),
+                [cells[k]["mean"] for k in sorted(cells)], [cells[k]["se"] for k in sorted(cells)])
+               for row, _, cells in _lines(result) if cells]
+    if plotted:
+        floor = result.get("floor")
+        plot_fd_vs_nfe(plotted, figdir / "fd-vs-nfe.png", f"FD against NFE ({recipe.get('title', '')})",
+                       (floor["mean"], floor["se"]) if floor else None)
+        figures["fd"] = "figures/fd-vs-nfe.png"
     if extras:
         blocks = [(labels[name], images, model.num_classes or 1) for name, (model, _, images, _) in extras.items()]
         plot_samples(blocks, figdir / f"samples-nfe{nfe}.png", f"Samples at NFE {nfe}, each row's own sampler")
@@ -253,5 +440,19 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
 def best_row(result: dict, nfe: int = 9) -> str | None:
     """The evaluated row with the lowest mean FD at `nfe` (over its samplers), or None."""
     scored = [(c["mean"], row["name"]) for row in result["rows"] if row["status"] == "ok"
-              for c in row["cells"] if c["nfe"] == nfe]
+              for c in row["cells"] if c["nfe"] == nfe and "skipped" not in c]
     return min(scored)[1] if scored else None
+
+
+def best_samplers(result: dict, rows: Sequence[str] | None = None) -> dict[int, dict]:
+    """Per NFE of the table, the (row, solver, grid, secondary, order) with the lowest mean FD among `rows`
+    (default: every evaluated row), with its FD and SE."""
+    out = {}
+    for row, key, cells in _lines(result):
+        if rows is not None and row["name"] not in rows:
+            continue
+        for k, c in cells.items():
+            if k not in out or c["mean"] < out[k]["fd"]:
+                out[k] = {"row": row["name"], **dict(zip(("solver", "grid", "secondary", "order"), key)),
+                          "fd": c["mean"], "se": c["se"]}
+    return dict(sorted(out.items()))

@@ -116,7 +116,10 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--recipe": [["--recipe", MISSING + ".json"], ["--recipe", "a_file"]],
         "--n": [["--n", "0"]],
         "--seeds": [["--seeds", "0"]],
-        "--nfe": [["--nfe", "abc"], ["--nfe", "100000000000"]],
+        "--nfe": [["--nfe", "abc"], ["--nfe", "100000000000"],
+                  ["--nfe", "1"]],  # issue 11: no sampler of the recipe can spend it
+        "--bootstrap": [["--bootstrap", "1"], ["--bootstrap", "abc"]],
+        "--cache": [["--cache", UNDER_A_FILE]],
         "--source": [["--source", "bogus"]],
         "--classifier": [["--classifier", MISSING + ".safetensors"]],
         "--inception-n": [["--inception-n", "0"]],

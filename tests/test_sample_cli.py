@@ -269,3 +269,58 @@ def test_schedule_help_states_the_default_the_code_uses(tmp_path):
         sample_cli._validate(args)
         assert args.schedule == schedule
     assert f"at most {MAX_SAMPLES:,}" in help_text and "--force" in help_text
+
+
+def test_table_set_default_round_trip(tmp_path, monkeypatch, capsys):  # issue 11, item 5
+    """`table --set-default` records the best shipped (model, solver, grid, order) per NFE; `sample` without
+    --model and sampler options uses the one of the nearest NFE, --help lists them, explicit options win."""
+    import shutil
+
+    from aniso_fast import evaluate
+
+    entry = models.read_manifest(models.ASSET_DIR)["models"]["fmnist-iso"]
+    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {"fmnist-iso": entry}}))
+    shutil.copy(models.ASSET_DIR / entry["file"], tmp_path / "assets")
+
+    def cell(solver, grid, nfe, fd, secondary=None, order=None):
+        return {"solver": solver, "grid": grid, "secondary": secondary, "order": order, "nfe": nfe, "mean": fd,
+                "se": 0.1}
+
+    recipe = {"rows": [{"name": "iso", "export": "fmnist-iso"}, {"name": "run", "export": "not-shipped"}]}
+    result = {"rows": [
+        {"name": "iso", "status": "ok", "model_id": f"shipped:{entry['sha256']}", "cells": [
+            cell("dpmpp-2m", "logsnr", 3, 2.0, order=2), cell("heun", "uniform_t", 3, 3.0, "mid"),
+            cell("heun", "uniform_t", 9, 1.0, "mid"), cell("ipndm", "uniform_t", 9, 1.5, order=4),
+            {**cell("ipndm", "uniform_t", 3, 0, order=4), "skipped": "nfe: too few"}]},
+        {"name": "run", "status": "ok", "model_id": "checkpoint:abc", "cells": [cell("euler", "uniform_t", 3, 0.1)]}]}
+    evaluate._set_defaults(result, recipe)  # what `table --set-default` runs after the table
+    recorded = models.sampler_defaults()
+    assert {k: (v["model"], v["solver"], v["grid"], v["order"]) for k, v in recorded.items()} == {
+        3: ("fmnist-iso", "dpmpp-2m", "logsnr", 2), 9: ("fmnist-iso", "heun", "uniform_t", None)}
+    assert models.default_model() == "fmnist-iso"
+    help_text = build_parser().format_help()
+    assert "NFE 3: fmnist-iso, dpmpp-2m order 2 on logsnr, FD 2.00" in help_text
+    assert "NFE 9: fmnist-iso, heun (mid point) on uniform_t, FD 1.00" in help_text
+
+    def run(*argv):
+        capsys.readouterr()
+        assert main(["--count", "2", "--outdir", str(tmp_path / "out"), "--no-progress", "--force", *argv]) == 0
+        return os.path.basename(capsys.readouterr().out.strip())
+
+    assert run("--nfe", "4") == "fmnist-iso_learned_dpmpp-2m-2_logsnr_nfe4.png"  # nearest recorded NFE: 3
+    assert run("--nfe", "3", "--solver", "euler") == "fmnist-iso_learned_euler-euler_uniform_t_nfe3.png"
+    assert run("--nfe", "4", "--grid", "uniform_t") == "fmnist-iso_learned_heun-mid_uniform_t_nfe4.png"
+    assert run("--nfe", "3", "--model", "gmm-fmnist") == "gmm-fmnist_edm_heun-mid_uniform_t_nfe3.png"
+
+
+def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  # issue 11, item 5
+    """A grid placed on the geometric mean needs the schedule's inverse: refused naming --grid, nothing written."""
+    class NoInverse:
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr(models, "load_schedule", lambda *a, **k: NoInverse())
+    assert main(["--model", "gmm-fmnist", "--grid", "logsnr", "--solver", "dpmpp-2m", "--outdir",
+                 str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "--grid", "logsnr")
+    assert not (tmp_path / "out").exists()
