@@ -15,7 +15,8 @@ import torch
 
 from .atomic import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_samples", "plot_fd_vs_nfe"]
+__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_samples", "plot_points",
+           "plot_fd_vs_nfe"]
 
 
 def _as_uint8_array(images) -> np.ndarray:
@@ -132,6 +133,35 @@ def plot_samples(blocks: Sequence[tuple[str, torch.Tensor, int]], path: str | os
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path, dpi=110)
+
+
+def plot_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, title: str,
+                cols: int | None = None, bounds: tuple[float, float, float, float] | None = None) -> Path:
+    """2-D point clouds and paths, one panel each: an array [n, 2] is drawn as dots, [steps, n, 2] as n paths
+    (start marked grey, end black). `bounds` = (xmin, xmax, ymin, ymax) for every panel (aspect not forced)."""
+    plt = _plt()
+    cols = cols or min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, pts) in zip(axes.flat, panels):
+        pts = np.asarray(pts)
+        if pts.ndim == 2:
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="C0", linewidths=0)
+        else:
+            for i in range(pts.shape[1]):
+                ax.plot(pts[:, i, 0], pts[:, i, 1], lw=0.5, alpha=0.6)
+            ax.scatter(pts[0, :, 0], pts[0, :, 1], s=3, color="0.6", linewidths=0)
+            ax.scatter(pts[-1, :, 0], pts[-1, :, 1], s=3, color="k", linewidths=0)
+        if bounds is not None:
+            ax.set_xlim(bounds[0], bounds[1])
+            ax.set_ylim(bounds[2], bounds[3])
+        ax.set_title(label, fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, path, dpi=100)
 
 
 def plot_fd_vs_nfe(lines: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],

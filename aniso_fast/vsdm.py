@@ -28,9 +28,12 @@ from torch import Tensor, nn
 
 from .bases import SubspaceBasis
 from .checks import check_in_range, check_index, check_int
+from .losses import forward_process
 from .schedules import _as_time
+from .solvers import MAX_NFE, check_seeds, seeded_labels
 
-__all__ = ["PowerBeta", "VSDMProcess", "VESchedule"]
+__all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
+           "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em"]
 
 _F64 = torch.float64
 
@@ -243,6 +246,35 @@ class VESchedule(nn.Module):
     def forward(self, s: Any, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         g, gdot = self.process.g(self.process_time(s), labels)
         return g, gdot * ((self.T - self.process.t0) / self.T)
+
+    def geometric_mean(self, s: Any, labels: Tensor | None = None) -> Tensor:
+        """exp(mean_k ln g_k(s)) [B]: what the grids on the geometric mean (EDM's sigma grid, logSNR) step in."""
+        return self(s, labels)[0].log().mean(-1).exp()
+
+    def invert_geometric_mean(self, y: Tensor, labels: Tensor | None = None, iterations: int = 48) -> Tensor:
+        """s with geometric_mean(s) = y by bisection on [0, T] (every g_k grows with s), detached, as
+        `MatrixSchedule.invert_geometric_mean`: [N], or [B, N] (one grid per sample) with per-class rates.
+        Targets outside [geometric_mean(0), geometric_mean(T)] land on the nearer end."""
+        check_int("iterations", iterations)
+        if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() != 1:
+            raise ValueError(f"y: expected a floating tensor [N] of variances, got "
+                             f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
+        target = y.to(_F64).to(self.process.log_decay.device)
+        if self.num_classes is None:
+            labels = None
+        else:
+            if not isinstance(labels, Tensor) or labels.dim() != 1:
+                raise ValueError(f"labels: required as an integer tensor [B], the rates are per class "
+                                 f"({self.num_classes} classes)")
+            target = target.expand(labels.shape[0], -1)
+            labels = labels[:, None].expand_as(target).reshape(-1)
+        with torch.no_grad():
+            lo, hi = torch.zeros_like(target), torch.full_like(target, self.T)
+            for _ in range(iterations):
+                mid = (lo + hi) / 2
+                below = self.geometric_mean(mid.reshape(-1), labels).reshape(mid.shape) < target
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            return (lo + hi) / 2
 
 
 def _per_sample(values: Tensor, B: int) -> Tensor:
