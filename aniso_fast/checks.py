@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["check_index", "check_in_range", "check_int", "check_number"]
+__all__ = ["check_index", "check_in_range", "check_int", "check_subspace_values", "check_number"]
 
 
 def _deferred(t: Tensor) -> bool:
@@ -62,3 +62,23 @@ def check_number(name: str, value: Any, expected: str, ok: Callable[[float], boo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return float(value)
+
+
+def check_subspace_values(name: str, value: Any, shape: tuple[int, int], what: str, rule: str,
+                          ok: Callable[[Tensor], Tensor]) -> Tensor:
+    """A number or array of per-subspace values (`what`), broadcast to [S, K] float64 (S classes, K subspaces);
+    every value finite and `ok` (elementwise), else ValueError naming `name` and the `rule`."""
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a number or an array of {what}, got {type(value).__name__}") from None
+    try:
+        values = values.expand(shape)
+    except RuntimeError:
+        per_class = ", per class" if shape[0] > 1 else ""
+        raise ValueError(f"{name}: expected {what} of shape [{shape[1]}] or [{shape[0]}, {shape[1]}] (one per "
+                         f"subspace{per_class}), got {tuple(values.shape)}") from None
+    bad = values[~(torch.isfinite(values) & ok(values))]
+    if bad.numel():
+        raise ValueError(f"{name}: expected {rule}, got {', '.join(f'{v:g}' for v in bad[:4].tolist())}")
+    return values

@@ -17,35 +17,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .schedules import MatrixSchedule
 
 if TYPE_CHECKING:  # solvers.py dispatches to this module, so no import of it at run time
     from .solvers import Grid
 
-__all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm", "logsnr_grid",
+__all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm",
            "min_nfe", "unipc"]
 
 _F64 = torch.float64
 # Adams-Bashforth weights on F at the current point and the previous ones (iPNDM, uniform steps)
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
-# ---- grid ----
-
-def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
-                sigma_min: float = 0.002, sigma_max: float = 80.0, iterations: int = 48) -> Tensor:
-    """Times at which the geometric-mean sigma is uniform in log sigma (DPM-Solver's 'logSNR' grid), then t = 0.
-
-    Returned like `solvers.edm_sigma_t`: [N+1], or [B, N+1] for a class-conditional schedule.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sigma_min, sigma_max)) \
-            or not 0 < sigma_min < sigma_max < math.inf:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=_F64).exp()
-    t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
-    return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
 
 
 # ---- shared pieces ----

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .checks import check_in_range, check_index, check_int
 
-__all__ = ["karras_sigmas", "KnotSchedule", "MatrixSchedule"]
+__all__ = ["karras_sigmas", "KnotSchedule", "MatrixSchedule", "as_time"]
 
 _F64 = torch.float64
 _INCREMENT_EPS = 1e-8  # added to every softplus increment (§2.1)
@@ -104,7 +104,7 @@ def _locate(knot_times: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return j, (t - t0) / (t1 - t0), t1 - t0
 
 
-def _as_time(t: Any, device: torch.device) -> Tensor:
+def as_time(t: Any, device: torch.device) -> Tensor:
     if isinstance(t, Tensor):
         if not t.is_floating_point():
             raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
@@ -144,7 +144,7 @@ class KnotSchedule(nn.Module):
         return self.knot_log_values().exp()
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = _as_time(t, self.psi.device)
+        t = as_time(t, self.psi.device)
         check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
         ell = self.knot_log_values()
         j, w, dt = _locate(self.knot_times, t)
@@ -260,7 +260,7 @@ class MatrixSchedule(nn.Module):
         """t [B] or 0-d and labels [B] or None -> t [B] float64 and per-sample class ids (None if global).
 
         t must be finite and in [0, T]: outside it the knots would be extrapolated."""
-        t = _as_time(t, self.psi.device)
+        t = as_time(t, self.psi.device)
         check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
         labels = self.check_labels(labels)
         if t.dim() > 1:

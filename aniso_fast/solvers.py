@@ -8,6 +8,7 @@ for the midpoint Heun step. Small named functions build grids; the solvers are l
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,8 +22,8 @@ from . import multistep
 from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
-    "Grid", "uniform_t", "edm_sigma_t", "schedule_grid", "karras_grid", "euler", "heun", "seeded_noise",
-    "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
+    "Grid", "uniform_t", "edm_sigma_t", "logsnr_grid", "geometric_sigma_span", "schedule_grid", "karras_grid",
+    "euler", "heun", "seeded_noise", "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
     "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS",
 ]
 
@@ -63,16 +64,51 @@ def uniform_t(num_steps: int, T: float = 6400.0) -> Tensor:
     return torch.linspace(T, 0.0, num_steps + 1, dtype=torch.float64)
 
 
+def geometric_sigma_span(schedule, labels: Tensor | None = None, sigma_min: float = 0.002,
+                         sigma_max: float = 80.0) -> tuple[float, float]:
+    """[sigma_min, sigma_max] clipped to the geometric-mean sigma the schedule spans on [0, T] (for every class in
+    `labels`): a grid placed on the geometric mean must stay inside it, or its end points would repeat."""
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sigma_min, sigma_max)) \
+            or not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    n = 1 if labels is None or schedule.num_classes is None else labels.shape[0]
+    with torch.no_grad():
+        lo = schedule.geometric_mean(torch.zeros(n, dtype=torch.float64), labels).sqrt().max()
+        hi = schedule.geometric_mean(torch.full((n,), float(schedule.T), dtype=torch.float64), labels).sqrt().min()
+    tol = 1e-9  # exp(mean log g) rounds: a schedule that reaches sigma_max leaves it exact
+    lo = sigma_min if float(lo) <= sigma_min * (1 + tol) else float(lo)
+    hi = sigma_max if float(hi) >= sigma_max * (1 - tol) else float(hi)
+    if not lo < hi:
+        raise ValueError(f"grid: the schedule's geometric-mean sigma lies outside [{sigma_min:g}, {sigma_max:g}]")
+    return lo, hi
+
+
+def _on_geometric_mean(schedule, sig: Tensor, labels: Tensor | None, iterations: int) -> Tensor:
+    t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
+    return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
+
+
 def edm_sigma_t(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                 iterations: int = 48) -> Tensor:
     """Times at which the geometric-mean noise level follows EDM's sigma grid, then t = 0 (METHOD §6.3).
 
-    One grid per sample ([B, N+1]) for class-conditional schedules (the reference used class 0's, §10.7).
+    One grid per sample ([B, N+1]) for class-conditional schedules (the reference used class 0's, §10.7). The
+    sigma range is clipped to the schedule's (`geometric_sigma_span`).
     """
-    sig = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
-    return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
+    lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
+    return _on_geometric_mean(schedule, karras_sigmas(num_steps, lo, hi, rho), labels, iterations)
+
+
+def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean sigma is uniform in log sigma (DPM-Solver's 'logSNR' grid), then t = 0;
+    returned like `edm_sigma_t`."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
+    sig = torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
+    return _on_geometric_mean(schedule, sig, labels, iterations)
 
 
 def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = None,
@@ -314,7 +350,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     else:
         times = {"uniform_t": lambda: uniform_t(plan.steps, schedule.T),
                  "edm_sigma": lambda: edm_sigma_t(schedule, plan.steps, labels),
-                 "logsnr": lambda: multistep.logsnr_grid(schedule, plan.steps, labels)}
+                 "logsnr": lambda: logsnr_grid(schedule, plan.steps, labels)}
         t = times[grid]()
         g = schedule_grid(schedule, t, labels, plan.secondary or "end")
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)

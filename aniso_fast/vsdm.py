@@ -21,27 +21,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .bases import SubspaceBasis
-from .checks import check_in_range, check_index, check_int
+from .checks import (
+    check_in_range,
+    check_int,
+    check_number,
+    check_subspace_values,
+)
 from .losses import forward_process
-from .schedules import _as_time
+from .process import ProcessFamily
+from .schedules import as_time
 from .solvers import MAX_NFE, check_seeds, seeded_labels
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em"]
 
 _F64 = torch.float64
-
-
-def _check_number(name: str, value: Any, expected: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ class PowerBeta:
     def __post_init__(self):
         # beta(t) lies between beta_min and beta_max, so both positive <=> beta > 0 on [0, T]
         for name in ("beta_min", "beta_max"):
-            _check_number(name, getattr(self, name), "a finite number > 0 (beta must stay positive)", lambda v: v > 0)
-        _check_number("beta_r", self.beta_r, "a finite number >= 0", lambda v: v >= 0)
-        _check_number("T", self.T, "a finite number > 0", lambda v: v > 0)
+            check_number(name, getattr(self, name), "a finite number > 0 (beta must stay positive)", lambda v: v > 0)
+        check_number("beta_r", self.beta_r, "a finite number >= 0", lambda v: v >= 0)
+        check_number("T", self.T, "a finite number > 0", lambda v: v > 0)
 
     def beta(self, t: Tensor) -> Tensor:
         return self.beta_min + (t / self.T) ** self.beta_r * (self.beta_max - self.beta_min)
@@ -77,24 +77,12 @@ def _one_minus_exp_ratio(z: Tensor) -> Tensor:
 
 
 def _check_rates(rates: Any, shape: tuple[int, int]) -> Tensor:
-    try:
-        values = torch.as_tensor(rates, dtype=_F64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"rates: expected a number or an array of lambda values, got {type(rates).__name__}") from None
-    try:
-        values = values.expand(shape)
-    except RuntimeError:
-        per_class = ", per class" if shape[0] > 1 else ""
-        raise ValueError(f"rates: expected lambda values of shape [{shape[1]}] or [{shape[0]}, {shape[1]}] "
-                         f"(one per subspace{per_class}), got {tuple(values.shape)}") from None
-    bad = values[~(torch.isfinite(values) & (1 - 2 * values > 0))]
-    if bad.numel():
-        raise ValueError(f"rates: expected finite lambda_k with 1 - 2 lambda_k > 0 (at 1/2 the drift vanishes, "
-                         f"above it the process explodes), got {', '.join(f'{v:g}' for v in bad[:4].tolist())}")
-    return values
+    return check_subspace_values("rates", rates, shape, "lambda values",
+                                 "finite lambda_k with 1 - 2 lambda_k > 0 (at 1/2 the drift vanishes, above it the "
+                                 "process explodes)", lambda v: 1 - 2 * v > 0)
 
 
-class VSDMProcess(nn.Module):
+class VSDMProcess(ProcessFamily):
     """VSDM's forward process with learnable rates lambda [S, K] (S = num_classes, 1 if None) in a K-subspace basis.
 
     Parameterisation: `log_decay = ln(1 - 2 lambda)`, unconstrained, so lambda = (1 - e^{log_decay}) / 2 < 1/2
@@ -111,11 +99,11 @@ class VSDMProcess(nn.Module):
         check_int("num_classes", num_classes, optional=True)
         self.beta = PowerBeta(beta_min, beta_max, beta_r, T)
         self.T = self.beta.T
-        self.t0 = _check_number("t0", t0, f"a finite number in (0, T={self.T:g})", lambda v: 0 < v < self.T)
+        self.t0 = check_number("t0", t0, f"a finite number in (0, T={self.T:g})", lambda v: 0 < v < self.T)
         self.num_subspaces, self.num_classes = num_subspaces, num_classes
         values = _check_rates(rates, (num_classes or 1, num_subspaces))
         self._rates_init = float(rates) if isinstance(rates, (int, float)) else torch.as_tensor(rates).tolist()
-        self.log_decay = nn.Parameter(torch.log1p(-2 * values).clone())
+        self.log_decay = self.contracting_parameter(values)
 
     def config(self) -> dict:
         """JSON-able constructor arguments; the trained rates live in `state_dict()`."""
@@ -123,33 +111,14 @@ class VSDMProcess(nn.Module):
         return {"num_subspaces": self.num_subspaces, "num_classes": self.num_classes, "rates": self._rates_init,
                 "beta_min": b.beta_min, "beta_max": b.beta_max, "beta_r": b.beta_r, "T": b.T, "t0": self.t0}
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "VSDMProcess":
-        return cls(**cfg)
-
     @property
     def rates(self) -> Tensor:
         """lambda [S, K]."""
-        return (1 - self.log_decay.exp()) / 2
+        return self.contracting_values(self.log_decay)
 
     def _batch(self, t: Any, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """t [B] float64 in [0, T] and the decay rates r = 1 - 2 lambda [B, K] (or [1, K])."""
-        t = _as_time(t, self.log_decay.device)
-        check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
-        if t.dim() > 1:
-            raise ValueError(f"t: expected shape [B] or a scalar, got {tuple(t.shape)}")
-        decay = self.log_decay.exp()
-        if self.num_classes is not None:
-            if labels is None:
-                raise ValueError(f"labels: required, this process has per-class rates ({self.num_classes} classes)")
-            if not isinstance(labels, Tensor) or labels.dim() != 1:
-                raise ValueError(f"labels: expected an integer tensor [B], got "
-                                 f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-            decay = decay[check_index("labels", labels, self.num_classes, "class labels")]
-            if t.dim() == 1 and t.shape[0] != labels.shape[0]:
-                raise ValueError(f"t: batch size {t.shape[0]} does not match labels' {labels.shape[0]}")
-        t = t.expand(decay.shape[0]) if t.dim() == 0 else t
-        return t, decay.expand(t.shape[0], -1)
+        return self.per_sample(self.log_decay.exp(), t, labels, "rates")
 
     def _parts(self, t: Any, labels: Tensor | None):
         t, r = self._batch(t, labels)
@@ -239,7 +208,7 @@ class VESchedule(nn.Module):
         self.T, self.num_classes, self.num_subspaces = process.T, process.num_classes, process.num_subspaces
 
     def process_time(self, s: Any) -> Tensor:
-        s = _as_time(s, self.process.log_decay.device)
+        s = as_time(s, self.process.log_decay.device)
         check_in_range("s", s, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
         return self.process.t0 + s * ((self.T - self.process.t0) / self.T)
 
@@ -340,7 +309,7 @@ def dsm_loss(process: VSDMProcess, model, x0: Tensor, labels: Tensor | None = No
     ids = basis.group_ids(labels)
     with torch.no_grad():
         a, s = process._coefficients(basis, x0, t, labels, process.alpha, process.sigma)
-        g, weight = (s / a).square(), process.beta.beta(_as_time(t, x0.device)).reshape(-1, 1) / s.square()
+        g, weight = (s / a).square(), process.beta.beta(as_time(t, x0.device)).reshape(-1, 1) / s.square()
     y = forward_process(basis, x0, noise, g, ids)
     F = model.flow(y, g, labels)
     return (weight * basis.sqnorms(F + noise, ids=ids).to(_F64)).sum(1).mean()
@@ -433,7 +402,7 @@ def forward_sb_loss(process: VSDMProcess, basis: SubspaceBasis, paths: Trajector
     with the divergence exact (`forward_score_divergence`). Only the rates get gradient (z_b, x are data).
     zeta is VSDM's `interact_coef` (0.75 by default there).
     """
-    zeta = _check_number("zeta", zeta, "a finite number", lambda v: True)
+    zeta = check_number("zeta", zeta, "a finite number", lambda v: True)
     if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0:
         raise ValueError("paths: expected Trajectories recorded by simulate_backward(record=True)")
     N, B = paths.x.shape[:2]

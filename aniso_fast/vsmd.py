@@ -33,9 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from .bases import SubspaceBasis
-from .checks import check_in_range, check_index, check_int, check_number
+from .checks import (
+    check_in_range,
+    check_int,
+    check_number,
+    check_subspace_values,
+)
 from .networks import SongUNet
-from .schedules import _as_time
+from .process import ProcessFamily
+from .schedules import as_time
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond"]
 
@@ -78,22 +84,10 @@ def _sinc2_moment(x: Tensor, kappa: float) -> Tensor:
 
 
 def _check_c(c: Any, shape: tuple[int, int]) -> Tensor:
-    try:
-        values = torch.as_tensor(c, dtype=_F64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"c: expected a number or an array of damping values, got {type(c).__name__}") from None
-    try:
-        values = values.expand(shape)
-    except RuntimeError:
-        per_class = ", per class" if shape[0] > 1 else ""
-        raise ValueError(f"c: expected values of shape [{shape[1]}] or [{shape[0]}, {shape[1]}] (one per "
-                         f"subspace{per_class}), got {tuple(values.shape)}") from None
-    bad = values[~(torch.isfinite(values) & (1 - 2 * values > 0))]
-    if bad.numel():
-        raise ValueError(f"c: expected finite c_k with 1 - 2 c_k > 0 (the drift's eigenvalues have real part "
-                         f"-beta gamma (1 - 2 c_k) / 4: at 1/2 the process stops contracting, above it explodes), "
-                         f"got {', '.join(f'{v:g}' for v in bad[:4].tolist())}")
-    return values
+    return check_subspace_values("c", c, shape, "damping values",
+                                 "finite c_k with 1 - 2 c_k > 0 (the drift's eigenvalues have real part "
+                                 "-beta gamma (1 - 2 c_k) / 4: at 1/2 the process stops contracting, above it "
+                                 "explodes)", lambda v: 1 - 2 * v > 0)
 
 
 def _images(name: str, x: Any) -> Tensor:
@@ -103,7 +97,7 @@ def _images(name: str, x: Any) -> Tensor:
     return x
 
 
-class VSMDProcess(nn.Module):
+class VSMDProcess(ProcessFamily):
     """VSMD's forward process with learnable damping values c [S, K] (S = num_classes, 1 if None), K subspaces.
 
     Parameterisation: `log_damping = ln(1 - 2c)`, unconstrained, so c < 1/2 (every eigenvalue has real part
@@ -128,21 +122,17 @@ class VSMDProcess(nn.Module):
         self.num_subspaces, self.num_classes = num_subspaces, num_classes
         values = _check_c(c, (num_classes or 1, num_subspaces))
         self._c_init = float(c) if isinstance(c, (int, float)) else torch.as_tensor(c).tolist()
-        self.log_damping = nn.Parameter(torch.log1p(-2 * values).clone())
+        self.log_damping = self.contracting_parameter(values)
+
+    @property
+    def c(self) -> Tensor:
+        """c [S, K]."""
+        return self.contracting_values(self.log_damping)
 
     def config(self) -> dict:
         """JSON-able constructor arguments; the trained c lives in `state_dict()`."""
         return {"num_subspaces": self.num_subspaces, "num_classes": self.num_classes, "c": self._c_init,
                 "zeta": self.zeta, "gamma": self.gamma, "beta": self.beta, "T": self.T, "prior_v": self.prior_v}
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "VSMDProcess":
-        return cls(**cfg)
-
-    @property
-    def c(self) -> Tensor:
-        """c [S, K]."""
-        return (1 - self.log_damping.exp()) / 2
 
     @property
     def a(self) -> Tensor:
@@ -165,27 +155,8 @@ class VSMDProcess(nn.Module):
         log_damping = self.log_damping
         # a state dict can carry non-finite values past the constructor's check
         check_in_range("c", log_damping.detach(), -math.inf, math.inf, "finite values with 1 - 2 c > 0")
-        B = None
-        if t is not None:
-            t = _as_time(t, log_damping.device)
-            check_in_range("t", t, 0.0, self.T, f"finite times in [0, T={self.T:g}]")
-            if t.dim() > 1:
-                raise ValueError(f"t: expected shape [B] or a scalar, got {tuple(t.shape)}")
-            B = t.shape[0] if t.dim() == 1 else None
-        if self.num_classes is not None:
-            if labels is None:
-                raise ValueError(f"labels: required, this process has per-class c ({self.num_classes} classes)")
-            if not isinstance(labels, Tensor) or labels.dim() != 1:
-                raise ValueError(f"labels: expected an integer tensor [B], got "
-                                 f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-            log_damping = log_damping[check_index("labels", labels, self.num_classes, "class labels")]
-            if B is not None and B != labels.shape[0]:
-                raise ValueError(f"t: batch size {B} does not match labels' {labels.shape[0]}")
-        p = self.gamma * log_damping.exp()
-        if t is None:
-            return None, p
-        t = t.expand(p.shape[0]) if t.dim() == 0 else t
-        return t, p.expand(t.shape[0], -1)
+        t, log_damping = self.per_sample(log_damping, t, labels, "c")
+        return t, self.gamma * log_damping.exp()
 
     def drift_blocks(self, labels: Tensor | None = None) -> Tensor:
         """(beta/2) [[0, 1], [-(1 - 2 gamma a), -gamma (1 - 2c)]] = (beta/2) [[0, 1], [-q, -p]] [B, K, 2, 2]."""
@@ -353,7 +324,7 @@ class VSMDPrecond(nn.Module):
 
     def forward(self, z: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
         """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
-        tt = _as_time(t, self.process.log_damping.device)
+        tt = as_time(t, self.process.log_damping.device)
         check_in_range("t", tt, torch.finfo(_F64).tiny, self.process.T,
                        f"finite times in (0, T={self.process.T:g}] (L_vv(0) = 0)")
         with torch.no_grad():

@@ -211,7 +211,7 @@ def test_tied_schedule_equals_isotropic_basis(gmm, name, kw):
     a tied schedule's grid ending at g0."""
     fn = MS.MULTISTEP[name]
     tied = MatrixSchedule(2, tied=True)
-    for grid in (S.karras_grid(6, 2), S.schedule_grid(tied, MS.logsnr_grid(tied, 6))):
+    for grid in (S.karras_grid(6, 2), S.schedule_grid(tied, S.logsnr_grid(tied, 6))):
         iso = S.Grid(g=grid.g[..., :1].contiguous())
         x = _start(gmm, grid, B=3)
         assert torch.allclose(fn(gmm, x, grid, **kw), fn(IsotropicView(gmm), x, iso, **kw), rtol=0, atol=1e-12)
@@ -237,7 +237,7 @@ def _observed_order(gmm, fn, make_grid, n, **kw):
 
 def test_dpmpp_2m_is_second_order(gmm, aniso_schedule):
     def learned(n):  # the learned-like schedule on the logSNR grid, without the final jump to t = 0
-        return S.schedule_grid(aniso_schedule, MS.logsnr_grid(aniso_schedule, n + 1)[:-1])
+        return S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, n + 1)[:-1])
 
     assert 1.7 < _observed_order(gmm, MS.dpmpp_2m, learned, 32, lower_order_final=False) < 2.5
     assert 1.7 < _observed_order(gmm, MS.dpmpp_2m, _smooth_grid, 32, lower_order_final=False) < 2.5
@@ -279,7 +279,7 @@ def test_deis_order(gmm):
 
 @pytest.mark.parametrize("name,kw", SOLVERS)
 def test_one_network_call_per_step_none_at_sigma_zero(gmm, aniso_schedule, name, kw):
-    for grid in (S.karras_grid(5, 2), S.schedule_grid(aniso_schedule, MS.logsnr_grid(aniso_schedule, 5))):
+    for grid in (S.karras_grid(5, 2), S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, 5))):
         model = CountingModel(gmm)
         x = MS.MULTISTEP[name](model, _start(gmm, grid, B=2), grid, **kw)
         assert model.calls == 5 and torch.isfinite(x).all()
@@ -293,7 +293,7 @@ def test_one_grid_per_sample_for_class_schedules(name):
     with torch.no_grad():
         sched.psi[1, 0] += 0.5
     labels = torch.tensor([0, 1, 1])
-    grid = S.schedule_grid(sched, MS.logsnr_grid(sched, 6, labels), labels)
+    grid = S.schedule_grid(sched, S.logsnr_grid(sched, 6, labels), labels)
     x = _start(gm, S.Grid(g=grid.g[:1]), B=3)
     both = MS.MULTISTEP[name](gm, x, grid, labels)
     for i in range(3):
@@ -303,7 +303,7 @@ def test_one_grid_per_sample_for_class_schedules(name):
 
 
 def test_float32_images(gmm, aniso_schedule):
-    grid = S.schedule_grid(aniso_schedule, MS.logsnr_grid(aniso_schedule, 8))
+    grid = S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, 8))
     x = _start(gmm, grid, B=2)
     for name, fn in MS.MULTISTEP.items():
         out = fn(gmm, x.float(), grid)
@@ -312,14 +312,14 @@ def test_float32_images(gmm, aniso_schedule):
 
 
 def test_logsnr_grid_is_log_uniform_in_the_geometric_mean(aniso_schedule):
-    t = MS.logsnr_grid(aniso_schedule, 6)
+    t = S.logsnr_grid(aniso_schedule, 6)
     assert t.shape == (7,) and t[-1] == 0
     g = S.schedule_grid(aniso_schedule, t).g[0]
     log_sigma = g[:-1].log().mean(1) / 2
     expected = torch.linspace(math.log(80), math.log(0.002), 6, dtype=f64)
     assert torch.allclose(log_sigma, expected, atol=1e-6)
     per_class = MatrixSchedule(2, num_classes=3)
-    assert MS.logsnr_grid(per_class, 4, torch.tensor([0, 2])).shape == (2, 5)
+    assert S.logsnr_grid(per_class, 4, torch.tensor([0, 2])).shape == (2, 5)
 
 
 def test_min_nfe():
@@ -356,8 +356,8 @@ def test_bad_inputs(gmm, aniso_schedule):
     with pytest.raises(TypeError, match="grid"):
         MS.unipc(gmm, x, grid.g)
     with pytest.raises(ValueError, match="num_steps"):
-        MS.logsnr_grid(aniso_schedule, 0)
+        S.logsnr_grid(aniso_schedule, 0)
     with pytest.raises(ValueError, match="sigma_min"):
-        MS.logsnr_grid(aniso_schedule, 4, sigma_min=90.0)
+        S.logsnr_grid(aniso_schedule, 4, sigma_min=90.0)
     with pytest.raises(ValueError, match="sigma_min"):
-        MS.logsnr_grid(aniso_schedule, 4, sigma_max=None)
+        S.logsnr_grid(aniso_schedule, 4, sigma_max=None)

@@ -214,7 +214,7 @@ def test_sample_dispatches_multistep_solvers_with_exact_nfe(gmm, aniso_schedule,
     # the same solver called on the same grid and start point by hand
     plan = S.resolve_sampler(solver, grid, None, 6)
     t = {"karras": None, "uniform_t": S.uniform_t(6, aniso_schedule.T),
-         "edm_sigma": S.edm_sigma_t(aniso_schedule, 6), "logsnr": multistep.logsnr_grid(aniso_schedule, 6)}[grid]
+         "edm_sigma": S.edm_sigma_t(aniso_schedule, 6), "logsnr": S.logsnr_grid(aniso_schedule, 6)}[grid]
     g = S.karras_grid(6, 2) if t is None else S.schedule_grid(aniso_schedule, t)
     x0 = gmm.basis.scale(S.seeded_noise([0, 1], gmm.image_shape, dtype=f64), g.g[:, 0].expand(2, -1).sqrt())
     expected = multistep.MULTISTEP[solver](gmm, x0, g, order=plan.order)
@@ -236,13 +236,32 @@ def test_multistep_rules_in_resolve_sampler():
             S.resolve_sampler(*args)
 
 
-def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm):
-    """Grids on the geometric mean need its inverse; VSDM's VE view has none (issue 11, bad input)."""
+def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm, aniso_schedule):
+    """Grids on the geometric mean need its inverse (issue 11, bad input)."""
+
+    class NoInverse(torch.nn.Module):  # a schedule with values but no geometric-mean inverse
+        T, num_classes = aniso_schedule.T, None
+
+        def forward(self, t, labels=None):
+            return aniso_schedule(t, labels)
+
+    for grid in ("logsnr", "edm_sigma"):
+        with pytest.raises(ValueError, match=f"^grid: '{grid}' is placed on the geometric mean"):
+            S.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid=grid)
+    x, _, info = S.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid="uniform_t")
+    assert info["nfe"] == 5 and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp-2m", "dpmpp-3m", "unipc", "deis"])
+@pytest.mark.parametrize("grid", ["logsnr", "edm_sigma"])
+def test_geometric_mean_grids_stay_inside_a_narrow_schedule(gmm, solver, grid):
+    """VSDM's view spans sigma in about [0.03, 16], inside EDM's [0.002, 80]: the grid is clipped to the schedule's
+    span (it used to repeat its end points, and the zero-length steps gave NaN)."""
     from aniso_fast.vsdm import VSDMProcess
 
     view = VSDMProcess(2).ve_schedule()
-    for grid in ("logsnr", "edm_sigma"):
-        with pytest.raises(ValueError, match=f"^grid: '{grid}' is placed on the geometric mean"):
-            S.sample(gmm, view, nfe=5, solver="dpmpp-2m", grid=grid)
-    x, _, info = S.sample(gmm, view, nfe=5, solver="dpmpp-2m", grid="uniform_t")
-    assert info["nfe"] == 5 and torch.isfinite(x).all()
+    lo, hi = S.geometric_sigma_span(view)
+    assert 0.002 < lo < hi < 80
+    x, _, info = S.sample(gmm, view, nfe=7, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
+    assert torch.isfinite(x).all() and info["nfe"] == 7
+    assert S.geometric_sigma_span(MatrixSchedule(2)) == (0.002, 80.0)  # the engine's schedules: EDM's range
