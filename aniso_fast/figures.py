@@ -165,21 +165,28 @@ def plot_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLik
 
 
 def plot_fd_vs_nfe(lines: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
-                   path: str | os.PathLike, title: str, floor: tuple[float, float] | None = None) -> Path:
-    """Frechet distance against NFE (log x axis), one line per (label, nfes, fds, standard errors) with error
-    bars, and the data floor (value, standard error) as a grey band."""
+                   path: str | os.PathLike, title: str, floor: tuple[float, float] | None = None,
+                   groups: Sequence[str] | None = None) -> Path:
+    """Frechet distance against NFE (log axes), one line per (label, nfes, fds, standard errors) with error bars,
+    and the data floor (value, standard error) as a dashed line over a grey band. Lines of the same `groups`
+    entry (e.g. the model) share a colour and differ in line style and marker; the legend sits outside."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    cmap = plt.get_cmap("tab20")
-    styles = ["-", "--", ":", "-."]
+    groups = list(groups) if groups is not None else [label for label, *_ in lines]
+    colours = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    cmap = plt.get_cmap("tab10" if len(colours) <= 10 else "tab20")
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "v", "D", "x", "+"]
+    fig, ax = plt.subplots(figsize=(13, 6.5))
+    seen: dict[str, int] = {}
     all_nfes = sorted({int(k) for _, nfes, _, _ in lines for k in nfes})
-    for i, (label, nfes, fds, ses) in enumerate(lines):
-        ax.errorbar(list(nfes), list(fds), yerr=list(ses), color=cmap(i % 20), ls=styles[(i // 20) % 4],
-                    marker="o", ms=3, lw=1.2, capsize=2, label=label)
+    for (label, nfes, fds, ses), group in zip(lines, groups):
+        j = seen[group] = seen.get(group, -1) + 1
+        ax.errorbar(list(nfes), list(fds), yerr=list(ses), color=cmap(colours[group] % cmap.N),
+                    ls=styles[j % len(styles)], marker=markers[j % len(markers)], ms=3.5, lw=1.2, capsize=2,
+                    label=label)
     if floor is not None:
         value, se = floor
-        ax.axhline(value, color="k", lw=1, ls="--", label=f"data floor {value:.2f}")
-        ax.axhspan(value - se, value + se, color="0.8", alpha=0.6)
+        ax.axhline(value, color="k", lw=1, ls="--", label=f"data floor {value:.2f} ± {se:.2f}")
+        ax.axhspan(value - se, value + se, color="0.85", alpha=0.7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     if all_nfes:
@@ -187,9 +194,9 @@ def plot_fd_vs_nfe(lines: Sequence[tuple[str, Sequence[int], Sequence[float], Se
         ax.set_xticklabels([str(k) for k in all_nfes])
         ax.minorticks_off()
     ax.set_xlabel("NFE (network calls per sample)")
-    ax.set_ylabel("Frechet distance (log)")
+    ax.set_ylabel("Frechet distance (log scale)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
-    fig.suptitle(title, fontsize=10)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(lines) <= 40 else 2)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path, dpi=110)

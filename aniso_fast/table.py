@@ -421,7 +421,8 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
     if plotted:
         floor = result.get("floor")
         plot_fd_vs_nfe(plotted, figdir / "fd-vs-nfe.png", f"FD against NFE ({recipe.get('title', '')})",
-                       (floor["mean"], floor["se"]) if floor else None)
+                       (floor["mean"], floor["se"]) if floor else None,
+                       groups=[row["name"] for row, _, cells in _lines(result) if cells])
         figures["fd"] = "figures/fd-vs-nfe.png"
     if extras:
         blocks = [(labels[name], images, model.num_classes or 1) for name, (model, _, images, _) in extras.items()]
