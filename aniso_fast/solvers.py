@@ -71,7 +71,9 @@ def geometric_sigma_span(schedule, labels: Tensor | None = None, sigma_min: floa
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sigma_min, sigma_max)) \
             or not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    n = 1 if labels is None or schedule.num_classes is None else labels.shape[0]
+    if schedule.num_classes is None:
+        labels = None  # a global schedule: one span
+    n = 1 if labels is None else labels.shape[0]
     with torch.no_grad():
         lo = schedule.geometric_mean(torch.zeros(n, dtype=torch.float64), labels).sqrt().max()
         hi = schedule.geometric_mean(torch.full((n,), float(schedule.T), dtype=torch.float64), labels).sqrt().min()
