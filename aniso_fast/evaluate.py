@@ -322,7 +322,7 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
     from .data import load_fashion_mnist
 
     scorer = FrechetScorer.classifier(args.classifier)
-    floor_images = load_fashion_mnist("train")[0]
+    floor_images, floor_labels = load_fashion_mnist("train")
     inception = ref = None
     if args.inception:
         inception = InceptionFeatures()
@@ -331,7 +331,7 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
     result, extras = results_table(
         recipe, scorer, n=args.n, seeds=args.seeds, nfes=args.nfe, source=args.source, optional=not args.no_optional,
         batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
-        floor_images=floor_images, inception=inception, inception_n=args.inception_n,
+        floor_images=floor_images, floor_labels=floor_labels, inception=inception, inception_n=args.inception_n,
         inception_nfes=args.inception_nfe, inception_ref=ref,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
     print(write_table(result, extras, recipe, Path(args.out), json_path, command))

@@ -145,26 +145,43 @@ def _score(feature_sets: list[np.ndarray], scorer, draws: int) -> dict:
             "se": bootstrap_se(feature_sets, scorer.mu, scorer.sigma, draws), "bootstrap": draws}
 
 
-def _floor(floor_images: torch.Tensor, scorer, n: int, seeds: int, draws: int, cache: _Cache) -> dict:
-    """FD of n random training images per seed set against the reference, scored like a cell."""
+def _floor_pick(n: int, count: int, labels: torch.Tensor | None, rng: np.random.Generator) -> np.ndarray:
+    """n random indices of `count` images; with labels, image i of class i mod num_classes (as the generated
+    sets are balanced, so the floor is not raised by unbalanced classes)."""
+    if labels is None:
+        return rng.permutation(count)[:n]
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    if n > min(len(ix) for ix in per_class) * len(classes):
+        raise ValueError(f"floor_labels: {n} class-balanced images need more images per class than the set has")
+    return np.array([per_class[i % len(classes)][i // len(classes)] for i in range(n)])
+
+
+def _floor(floor_images: torch.Tensor, floor_labels: torch.Tensor | None, scorer, n: int, seeds: int, draws: int,
+           cache: _Cache) -> dict:
+    """FD of n random (class-balanced when labelled) training images per seed set, scored like a cell."""
     sets = []
     for s in range(seeds):
-        idx = np.random.default_rng([s, 2]).permutation(len(floor_images))[:n]
-        what = {"model": "data-floor", "images": len(floor_images), "n": n, "seed_set": s}
+        idx = _floor_pick(n, len(floor_images), floor_labels, np.random.default_rng([s, 2]))
+        what = {"model": "data-floor", "images": len(floor_images), "n": n, "seed_set": s,
+                "balanced": floor_labels is not None}
         sets.append(cache.features(what, scorer, lambda: floor_images[torch.from_numpy(idx)]))
-    return {"n": n, "images": len(floor_images), **_score(sets, scorer, draws)}
+    return {"n": n, "images": len(floor_images), "balanced": floor_labels is not None,
+            **_score(sets, scorer, draws)}
 
 
 def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: Sequence[int] = DEFAULT_NFES,
                   source: str = "auto", optional: bool = True, batch: int = 250, previous: dict | None = None,
                   cache: str | Path | None = None, fresh: bool = False, bootstrap: int = 200,
-                  floor_images: torch.Tensor | None = None,
+                  floor_images: torch.Tensor | None = None, floor_labels: torch.Tensor | None = None,
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
                   inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
                   on_update: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
     every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
+    `floor_images` (and their `floor_labels`, for class-balanced sets) give the data floor.
     Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused, and
     samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
     Returns (the result document, {row name: (model, schedule, uint8 samples at `sample_nfe`)} for the figures).
@@ -179,7 +196,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
     old_rows = {r["name"]: r for r in (previous or {}).get("rows", [])}
     result = {"protocol": protocol, "machine": machine_description(), "rows": []}
     if floor_images is not None:
-        result["floor"] = _floor(floor_images, scorer, n, seeds, bootstrap, store)
+        result["floor"] = _floor(floor_images, floor_labels, scorer, n, seeds, bootstrap, store)
         if progress:
             print(f"data floor: FD {result['floor']['mean']:.3f} ± {result['floor']['se']:.3f}", flush=True)
     extras, inception_scorer = {}, None
@@ -322,10 +339,10 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
                "better; **bold**: the lowest FD at that NFE over all rows. Not comparable with Inception FIDs.",
              ""]
     if floor:
+        balanced = ", class-balanced as the generated sets" if floor.get("balanced") else ""
         lines += [f"**Data floor: FD {floor['mean']:.2f} ± {floor['se']:.2f}**: N = {floor['n']} random training "
-                  "images (of the "
-                  f"{floor['images']}) against the test set, same features and seed sets: no sampler can be expected "
-                  "to go below it at this N.", ""]
+                  f"images (of the {floor['images']}{balanced}) against the test set, same features, seed sets and "
+                  "bootstrap: no sampler can be expected to go below it at this N.", ""]
     lines += ["**Samplers.** NFE counts network calls. Heun on the Karras grid is EDM's Algorithm 2 (last step "
               "Euler; the schedule is not used). Learned rows: the paper's sampler, midpoint Heun on the uniform t "
               "grid over the learned schedule (METHOD §6.4, §6.5), and the anisotropic multistep solvers "

@@ -273,10 +273,12 @@ def test_table_floor_winners_skips_cache_and_figure(gmm_recipe, tmp_path, monkey
     scorer.features = lambda u8: feature_calls.append(len(u8)) or raw(u8)
     monkeypatch.setattr(table, "_generate", lambda *a, _g=table._generate: gen_calls.append(a[3]) or _g(*a))
     kw = dict(n=12, seeds=2, batch=12, per_class=1, progress=False, bootstrap=20, cache=tmp_path / "cache",
-              floor_images=images)
+              floor_images=images, floor_labels=torch.arange(64) % 4)
     result, extras = table.results_table(recipe, scorer, nfes=[3, 5], **kw)
     floor = result["floor"]
-    assert floor["n"] == 12 and len(floor["fd"]) == 2 and floor["se"] > 0
+    assert floor["n"] == 12 and len(floor["fd"]) == 2 and floor["se"] > 0 and floor["balanced"]
+    picked = table._floor_pick(12, 64, torch.arange(64) % 4, np.random.default_rng(0))
+    assert len(set(picked)) == 12 and ((torch.arange(64) % 4)[picked].tolist() == [0, 1, 2, 3] * 3)
     cells = {(r["name"], c["solver"], c["nfe"]): c for r in result["rows"] for c in r["cells"]}
     assert "skipped" in cells[("b", "ipndm", 3)] and "at least 4" in cells[("b", "ipndm", 3)]["skipped"]
     cell = cells[("b", "heun", 5)]
