@@ -396,6 +396,35 @@ def section_train(res: Results) -> list[str]:
                "vs the fused backend"], rows) + [""]
 
 
+def section_solvers(res: Results) -> list[str]:
+    """Every solver at equal NFE on a shipped network (bench/test_bench_solvers.py): time per sample with the
+    network, and the solver's own share (the same call with a stand-in flow)."""
+    runs = {}
+    for b in res.bench:
+        e = b["extra_info"]
+        if e.get("suite") == "solvers":
+            runs[(e["model"], e["solver"], e["grid"], e["run"])] = b
+    if not runs:
+        return []
+    rows = []
+    for model, solver, grid in sorted({k[:3] for k in runs}, key=lambda k: (k[0], k[1])):
+        net, alone = runs.get((model, solver, grid, "network")), runs.get((model, solver, grid, "solver"))
+        e = (net or alone)["extra_info"]
+        per = (lambda b: None if b is None else b["stats"]["median"] / e["batch"])
+        share = ratio(per(alone), per(net))
+        overhead = "–" if share is None else f"{100 * share:.2f}%"
+        rows.append([f"`{model}`", solver, grid, ms(per(net)), ms(per(alone)), overhead,
+                     status(share, 0.03, higher=False)])
+    e = next(iter(runs.values()))["extra_info"]
+    return ["## Solvers at equal NFE", "",
+            f"`solvers.sample` at NFE {e['nfe']}, batch {e['batch']} of 28x28x1 (`bench/test_bench_solvers.py`). "
+            "`with network`: the shipped model; `solver alone`: the same call with a stand-in whose flow returns a "
+            "precomputed tensor (grid, start point and the solver's `combine` algebra). Overhead = solver alone / "
+            "with network; target: at most 3%.", ""] + \
+        table(["model", "solver", "grid", "ms per sample, with network", "ms per sample, solver alone",
+               "overhead", "target <= 3%"], rows) + [""]
+
+
 def section_gpu_limits(res: Results) -> list[str]:
     gpu = _gpu_limits(res)
     if not gpu:
@@ -436,6 +465,7 @@ def render(data: dict, skips: list[dict], source: str) -> str:
             lines += section_ops(res, device)
             lines += section_step(res, device)
     lines += section_train(res)
+    lines += section_solvers(res)
     for device in res.devices():
         if device in ("cpu", "cuda"):
             lines += section_memory(res, device)
@@ -460,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="pytest-benchmark JSON to write (and read)")
     p.add_argument("--out", type=Path, default=BENCH / "RESULTS.md", help="Markdown to write")
     p.add_argument("--no-run", action="store_true", help="only rewrite the Markdown from the existing JSON")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="more pytest-benchmark JSON files whose cases join the report (e.g. a separate run of "
+                        "bench/test_bench_solvers.py); their sources are listed")
     args = p.parse_args(argv)
     skips_path = args.json.with_name(args.json.stem + "-skips.json")
     rc = 0
@@ -470,11 +503,16 @@ def main(argv: list[str] | None = None) -> int:
             return rc or 1
     data = json.loads(args.json.read_text())
     skips = json.loads(skips_path.read_text()) if skips_path.exists() else []
-    try:
-        source = args.json.resolve().relative_to(ROOT)
-    except ValueError:
-        source = args.json
-    args.out.write_text(render(data, skips, str(source)))
+    sources = []
+    for path in [args.json, *args.also]:
+        try:
+            sources.append(str(path.resolve().relative_to(ROOT)))
+        except ValueError:
+            sources.append(str(path))
+    for path in args.also:
+        more = json.loads(path.read_text())
+        data["benchmarks"] += more["benchmarks"]
+    args.out.write_text(render(data, skips, " + ".join(sources)))
     print(f"wrote {args.out}")
     if rc:
         print(f"warning: pytest exited with {rc} (failed cases are missing from the tables)", file=sys.stderr)
