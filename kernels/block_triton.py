@@ -18,8 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .subspace_triton import (_AUTOTUNE, _ANALYSIS_CONFIGS, _FIXED_ANALYSIS, _FIXED_SYNTHESIS, _SYNTHESIS_CONFIGS,
-                              _launch_lowrank, _load_basis, _lowrank_setup, _separable_coeffs, _separable_setup,
-                              _tuned)
+                              _launch_lowrank, _load_basis, _lowrank_expand, _lowrank_project, _lowrank_row,
+                              _lowrank_setup, _separable_coeffs, _separable_setup, _tuned)
 
 __all__ = ["separable_block_combine", "lowrank_block_combine"]
 
@@ -98,26 +98,10 @@ def _lowrank_block_analysis_kernel(x_ptr, v_ptr, B_ptr, V_ptr, vband_ptr, ids_pt
                                    rows, r, d, K,
                                    HAS_IDS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """Per (sample, row) and r-tile: z_x = V[g] x, z_v = V[g] v; stores z[row, i] = (B_l - B_last)[i] . (z_x, z_v)."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // rows
-    if HAS_IDS:
-        g = tl.load(ids_ptr + b)
-    else:
-        g = 0
-    Vg = V_ptr + g * r * d
+    row, b, Vg = _lowrank_row(V_ptr, ids_ptr, rows, r, d, HAS_IDS)
     rr = tl.program_id(1) * BR + tl.arange(0, BR)
     rmask = rr < r
-    cdt = V_ptr.dtype.element_ty
-    zx = tl.zeros([BR], dtype=cdt)
-    zv = tl.zeros([BR], dtype=cdt)
-    for d0 in range(0, d, BD):
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd < d
-        Vt = tl.load(Vg + rr[:, None] * d + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        x = tl.load(x_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
-        y = tl.load(v_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
-        zx += tl.sum(Vt * x[None, :], axis=1)
-        zv += tl.sum(Vt * y[None, :], axis=1)
+    zx, zv = _lowrank_project(Vg, x_ptr, v_ptr, row, rr, rmask, d, True, BR, BD)
     label = tl.load(vband_ptr + rr, mask=rmask, other=K - 1)
     w00, _ = _block_weights(B_ptr, b, label, rmask, K, 0)
     w01, _ = _block_weights(B_ptr, b, label, rmask, K, 1)
@@ -134,26 +118,12 @@ def _lowrank_block_synthesis_kernel(x_ptr, v_ptr, bx_ptr, bv_ptr, ox_ptr, ov_ptr
                                     HAS_BX: tl.constexpr, HAS_BV: tl.constexpr, HAS_IDS: tl.constexpr,
                                     BR: tl.constexpr, BD: tl.constexpr):
     """Per (sample, row) and d-tile: both outputs from one pass over V[g]: o_i = V[g].T z_i + B_last[i] . (x, v)."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // rows
-    if HAS_IDS:
-        g = tl.load(ids_ptr + b)
-    else:
-        g = 0
-    Vg = V_ptr + g * r * d
+    row, b, Vg = _lowrank_row(V_ptr, ids_ptr, rows, r, d, HAS_IDS)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     dmask = dd < d
     cdt = V_ptr.dtype.element_ty
-    acc_x = tl.zeros([BD], dtype=cdt)
-    acc_v = tl.zeros([BD], dtype=cdt)
-    for r0 in range(0, r, BR):
-        rr = r0 + tl.arange(0, BR)
-        rmask = rr < r
-        Vt = tl.load(Vg + rr[:, None] * d + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        zx = tl.load(z_ptr + (row * 2) * r + rr, mask=rmask, other=0.0)
-        zv = tl.load(z_ptr + (row * 2 + 1) * r + rr, mask=rmask, other=0.0)
-        acc_x += tl.sum(Vt * zx[:, None], axis=0)
-        acc_v += tl.sum(Vt * zv[:, None], axis=0)
+    acc_x, acc_v = _lowrank_expand(Vg, z_ptr + (row * 2) * r, z_ptr + (row * 2 + 1) * r, dd, dmask, r, d, True,
+                                   BR, BD)
     x = tl.load(x_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
     y = tl.load(v_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
     last = B_ptr + (b * K + K - 1) * 4

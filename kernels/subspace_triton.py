@@ -188,24 +188,23 @@ _SYNTHESIS_CONFIGS = [triton.Config({"BR": br, "BD": bd}, num_warps=nw)
                       for br, bd, nw in ((16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4))]
 
 
-@_tuned(_ANALYSIS_CONFIGS, key=["r", "d", "HAS_V", "DOT"])
 @triton.jit
-def _lowrank_analysis_kernel(u_ptr, v_ptr, a_ptr, c_ptr, V_ptr, vband_ptr, ids_ptr, z_ptr,
-                             rows, r, d, K,
-                             HAS_V: tl.constexpr, HAS_IDS: tl.constexpr, DOT: tl.constexpr,
-                             BR: tl.constexpr, BD: tl.constexpr):
-    """Per (sample, row) and r-tile: z_u = V[g] x_u (and z_v). Stores weighted coefficients for combine
-    (w_a z_u + w_c z_v) or the products z_u * z_v for dot."""
+def _lowrank_row(V_ptr, ids_ptr, rows, r, d, HAS_IDS: tl.constexpr):
+    """This program's (sample, row): (row, sample b, pointer to the basis V[ids[b]])."""
     row = tl.program_id(0).to(tl.int64)
     b = row // rows
     if HAS_IDS:
         g = tl.load(ids_ptr + b)
     else:
         g = 0
-    Vg = V_ptr + g * r * d
-    rr = tl.program_id(1) * BR + tl.arange(0, BR)
-    rmask = rr < r
-    cdt = V_ptr.dtype.element_ty
+    return row, b, V_ptr + g * r * d
+
+
+@triton.jit
+def _lowrank_project(Vg, u_ptr, v_ptr, row, rr, rmask, d, HAS_V: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr):
+    """The r-tile rr of the coefficients V[g] x_u and (HAS_V) V[g] x_v of one row, one pass over V[g]."""
+    cdt = Vg.dtype.element_ty
     zu = tl.zeros([BR], dtype=cdt)
     zv = tl.zeros([BR], dtype=cdt)
     for d0 in range(0, d, BD):
@@ -217,6 +216,37 @@ def _lowrank_analysis_kernel(u_ptr, v_ptr, a_ptr, c_ptr, V_ptr, vband_ptr, ids_p
         if HAS_V:
             y = tl.load(v_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
             zv += tl.sum(Vt * y[None, :], axis=1)
+    return zu, zv
+
+
+@triton.jit
+def _lowrank_expand(Vg, z0_ptr, z1_ptr, dd, dmask, r, d, TWO: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """The d-tile dd of V[g].T z0 and (TWO) V[g].T z1, one pass over V[g]."""
+    cdt = Vg.dtype.element_ty
+    acc0 = tl.zeros([BD], dtype=cdt)
+    acc1 = tl.zeros([BD], dtype=cdt)
+    for r0 in range(0, r, BR):
+        rr = r0 + tl.arange(0, BR)
+        rmask = rr < r
+        Vt = tl.load(Vg + rr[:, None] * d + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc0 += tl.sum(Vt * tl.load(z0_ptr + rr, mask=rmask, other=0.0)[:, None], axis=0)
+        if TWO:
+            acc1 += tl.sum(Vt * tl.load(z1_ptr + rr, mask=rmask, other=0.0)[:, None], axis=0)
+    return acc0, acc1
+
+
+@_tuned(_ANALYSIS_CONFIGS, key=["r", "d", "HAS_V", "DOT"])
+@triton.jit
+def _lowrank_analysis_kernel(u_ptr, v_ptr, a_ptr, c_ptr, V_ptr, vband_ptr, ids_ptr, z_ptr,
+                             rows, r, d, K,
+                             HAS_V: tl.constexpr, HAS_IDS: tl.constexpr, DOT: tl.constexpr,
+                             BR: tl.constexpr, BD: tl.constexpr):
+    """Per (sample, row) and r-tile: z_u = V[g] x_u (and z_v). Stores weighted coefficients for combine
+    (w_a z_u + w_c z_v) or the products z_u * z_v for dot."""
+    row, b, Vg = _lowrank_row(V_ptr, ids_ptr, rows, r, d, HAS_IDS)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
+    rmask = rr < r
+    zu, zv = _lowrank_project(Vg, u_ptr, v_ptr, row, rr, rmask, d, HAS_V, BR, BD)
     if DOT:
         z = zu * zv
     else:
@@ -236,23 +266,11 @@ def _lowrank_synthesis_kernel(u_ptr, v_ptr, base_ptr, out_ptr, a_ptr, c_ptr, V_p
                               HAS_V: tl.constexpr, HAS_BASE: tl.constexpr, HAS_IDS: tl.constexpr,
                               BR: tl.constexpr, BD: tl.constexpr):
     """Per (sample, row) and d-tile: out = a_last u + c_last v + V[g].T z + base."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // rows
-    if HAS_IDS:
-        g = tl.load(ids_ptr + b)
-    else:
-        g = 0
-    Vg = V_ptr + g * r * d
+    row, b, Vg = _lowrank_row(V_ptr, ids_ptr, rows, r, d, HAS_IDS)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     dmask = dd < d
     cdt = V_ptr.dtype.element_ty
-    acc = tl.zeros([BD], dtype=cdt)
-    for r0 in range(0, r, BR):
-        rr = r0 + tl.arange(0, BR)
-        rmask = rr < r
-        Vt = tl.load(Vg + rr[:, None] * d + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        z = tl.load(z_ptr + row * r + rr, mask=rmask, other=0.0)
-        acc += tl.sum(Vt * z[:, None], axis=0)
+    acc, _ = _lowrank_expand(Vg, z_ptr + row * r, z_ptr, dd, dmask, r, d, False, BR, BD)
     x = tl.load(u_ptr + row * d + dd, mask=dmask, other=0.0).to(cdt)
     acc += tl.load(a_ptr + b * K + K - 1) * x
     if HAS_V:
