@@ -2,3 +2,53 @@ import os
 
 # Triton kernels run under the interpreter on machines without a GPU (CI); set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import numpy  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import aniso_fast.train  # noqa: E402
+from aniso_fast.gmm import GaussianMixture  # noqa: E402
+from aniso_fast.schedules import MatrixSchedule  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: OpenMP threads only contend (10x slower, 100x for the dense
+    matrix_exp references). Files that want it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    """A small exact Gaussian mixture (6x6, two subspaces, three components) for the solver tests."""
+    return GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def aniso_schedule():
+    """A K = 2 schedule whose second subspace differs from the first, so the solver tests are anisotropic."""
+    sched = MatrixSchedule(2)
+    with torch.no_grad():
+        sched.psi[0, 1] += 0.3 * torch.randn(sched.psi.shape[-1], generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.float64)
+    return sched
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, one_thread):
+    """A 2-step class-conditional run on 8x8 data with a per-class PCA basis (float64 V in the checkpoint); its data
+    set is `tiny.npz` two folders up (64 uint8 images, labels 0 and 1)."""
+    root = tmp_path_factory.mktemp("tiny")
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
+    numpy.savez(root / "tiny.npz", images=images, labels=numpy.arange(64) % 2)
+    argv = ["--stage", "iso", "--data", str(root / "tiny.npz"), "--out", str(root / "run"), "--steps", "2",
+            "--batch", "8", "--model-channels", "8", "--channel-mult", "1,1", "--basis", "pca", "--pca-rank", "16",
+            "--pca-per", "class", "--class-schedules", "--no-progress", "--sample-every", "0", "--plot-every", "0"]
+    assert aniso_fast.train.main(argv) == 0
+    return sorted((root / "run").glob("checkpoint-*.safetensors"))[-1]

@@ -9,9 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from aniso_fast import evaluate, models, sample, train
 
@@ -19,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "fmnist.json")
 UNDER_A_FILE = "a_file/sub"  # a path whose parent is a regular file: never creatable
 MISSING = "/nonexistent/x"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # options with no bad value: flags (given or not) and free text
 NO_BAD_VALUE = {"--no-progress", "--progress", "--force", "--cond", "--no-cond", "--xflip",
@@ -154,21 +154,9 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny npz data set and a 1-step training checkpoint (the valid parts of the command lines)."""
-    root = tmp_path_factory.mktemp("cli")
-    gen = torch.Generator().manual_seed(0)
-    images = (torch.rand(16, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
-    np.savez(root / "tiny.npz", images=images, labels=np.arange(16) % 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train.main(["--stage", "edm", "--data", str(root / "tiny.npz"), "--out", str(root / "run"),
-                           "--steps", "1", "--batch", "8", "--model-channels", "8", "--channel-mult", "1,1",
-                           "--no-progress", "--sample-every", "0", "--plot-every", "0"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return {"npz": str(root / "tiny.npz"), "ckpt": str(sorted((root / "run").glob("checkpoint-*"))[-1])}
+def tiny(tiny_checkpoint):
+    """The valid parts of the command lines: a tiny npz data set and a training checkpoint (tests/conftest.py)."""
+    return {"npz": str(tiny_checkpoint.parents[1] / "tiny.npz"), "ckpt": str(tiny_checkpoint)}
 
 
 def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:

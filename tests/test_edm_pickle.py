@@ -46,12 +46,7 @@ PRECOND = dict(img_resolution=32, img_channels=3, label_dim=10, use_fp16=False, 
                sigma_data=0.5, model_type="SongUNet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EDMPrecond(torch.nn.Module):

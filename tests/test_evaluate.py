@@ -38,13 +38,7 @@ import torch  # noqa: E402
 from aniso_fast import evaluate, features, models, recipes, table, train  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: OpenMP threads only contend (10x slower with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path, array, code):

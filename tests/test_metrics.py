@@ -12,13 +12,7 @@ from aniso_fast.metrics import (FashionMNISTClassifier, FrechetClassifierDistanc
                                 sliced_wasserstein, train_classifier)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: one intra-op thread avoids oversubscribing a shared 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_spd(rng, d, scale=1.0):

@@ -6,31 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast import models, train
+from aniso_fast import models
 from aniso_fast.sample import main as sample_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: OpenMP threads only contend (10x slower with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A 2-step class-conditional run on 8x8 data with a per-class PCA basis (float64 V in the checkpoint)."""
-    root = tmp_path_factory.mktemp("tiny")
-    gen = torch.Generator().manual_seed(0)
-    images = (torch.rand(64, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
-    np.savez(root / "tiny.npz", images=images, labels=np.arange(64) % 2)
-    assert train.main(["--stage", "iso", "--data", str(root / "tiny.npz"), "--out", str(root / "run"), "--steps", "2",
-                       "--batch", "8", "--model-channels", "8", "--channel-mult", "1,1", "--basis", "pca",
-                       "--pca-rank", "16", "--pca-per", "class", "--class-schedules", "--no-progress",
-                       "--sample-every", "0", "--plot-every", "0"]) == 0
-    return sorted((root / "run").glob("checkpoint-*.safetensors"))[-1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -20,19 +20,6 @@ f64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def aniso_schedule():
-    sched = MatrixSchedule(2)
-    with torch.no_grad():  # make h differ from g so the test is anisotropic (as tests/test_solvers.py)
-        sched.psi[0, 1] += 0.3 * torch.randn(sched.psi.shape[-1], generator=torch.Generator().manual_seed(0), dtype=f64)
-    return sched
-
-
-@pytest.fixture(scope="module")
 def kdiffusion():
     """k_diffusion/sampling.py on its own: the package __init__ imports heavy optional deps, and its utils.py
     needs torchvision, so sampling.py runs against a stub package holding the one helper it uses."""

@@ -61,13 +61,7 @@ CIFAR_ABSENT = ["map_augment.weight", "map_noise.freqs", "enc.16x16_block0.skip.
                 "enc.16x16_down.conv1.resample_filter", "dec.16x16_block3.qkv.weight", "enc.32x32_block0.qkv.weight"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions gain little from a second thread, and OpenMP threads spin badly on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,6 @@ from aniso_fast.schedules import MatrixSchedule, karras_sigmas
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def aniso_schedule():
-    sched = MatrixSchedule(2)
-    with torch.no_grad():  # make h differ from g so the test is anisotropic
-        sched.psi[0, 1] += 0.3 * torch.randn(sched.psi.shape[-1], generator=torch.Generator().manual_seed(0), dtype=f64)
-    return sched
-
-
 class CountingModel:
     def __init__(self, model):
         self.model, self.calls = model, 0

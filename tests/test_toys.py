@@ -19,12 +19,7 @@ from aniso_fast.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_los
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _point_model(seed=0):

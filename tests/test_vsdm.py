@@ -30,13 +30,7 @@ def _pca_basis(groups=1, seed=0):
     return PCABasis(V, SHAPE, [3, 4, 3], torch.arange(groups) if groups > 1 else None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the dense reference is many 32x32 matrix_exp calls: threads contending for them cost 100x on a busy CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASES = {"identity": _identity_basis, "dct": lambda: DCTBasis(4, 4, bands=(1, 2)), "pca": _pca_basis}

@@ -18,13 +18,7 @@ TIMES = [0.0, 1e-6, 1e-3, 0.05, 0.3, 0.55, 1.0]
 ZETAS = [1.0, 0.8]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the dense reference is many 64x64 matrix_exp calls: threads contending for them cost 100x on a busy CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pca_basis(groups=1, seed=0):
