@@ -32,21 +32,27 @@ import torch
 
 from . import models
 from .atomic import atomic_write_text, check_writable_file, check_writable_folder
+from .cli import Parser
 from .data import fashion_mnist_files
-from .features import CLASSIFIER_ASSET, FrechetScorer, InceptionFeatures, train_fmnist_classifier
+from .features import (
+    CLASSIFIER_ASSET,
+    FrechetScorer,
+    InceptionFeatures,
+    train_fmnist_classifier,
+)
 from .recipes import load_recipe, sampler_for, select_rows, train_recipe
 from .solver_accuracy import solver_accuracy, write_report
 from .solvers import MAX_NFE, resolve_sampler
-from .table import DEFAULT_NFES, best_row, best_samplers, results_table, row_samplers, write_table
+from .table import (
+    DEFAULT_NFES,
+    best_row,
+    best_samplers,
+    results_table,
+    row_samplers,
+    write_table,
+)
 
 __all__ = ["main"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors raise instead of exiting, so that main() reports every bad input alike: one line, exit 2."""
-
-    def error(self, message):
-        raise ValueError(message)
 
 
 def _int_at_least(low: int):
@@ -100,7 +106,7 @@ _positive, _non_negative, _at_least_two = _int_at_least(1), _int_at_least(0), _i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m aniso_fast.evaluate", description=__doc__,
+    parser = Parser(prog="python -m aniso_fast.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("solvers", help="solver accuracy on the exact mixture")

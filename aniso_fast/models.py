@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save as save_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_write, atomic_write_bytes, check_writable_folder
 from .bases import PCABasis
 from .checkpoint import CheckpointError, load_checkpoint, read_header, strip_prefix
+from .cli import Parser
 from .gmm import GaussianMixture
 from .schedules import MatrixSchedule
 
@@ -467,13 +468,6 @@ def load_schedule(name: str, model, checkpoint: str | None = None) -> MatrixSche
     raise ValueError(f"schedule: unknown schedule {name!r}; available: {', '.join(SCHEDULES)}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors raise instead of exiting, so that main() reports every bad input alike: one line, exit 2."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 # the library names its parameters; each command's message names the option instead
 _OPTIONS = {"build-gmm": {"rank, split": "--rank, --split"},
             "export": {"name": "--name", "net_dtype": "--net-dtype", "assets": "--assets"},
@@ -499,7 +493,7 @@ def _option_folder(value: str | None) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m aniso_fast.models", description=__doc__,
+    parser = Parser(prog="python -m aniso_fast.models", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-gmm", help="refit the embedded Fashion-MNIST mixture")

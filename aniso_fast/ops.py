@@ -17,6 +17,7 @@ double backward works. Outputs are always fresh tensors.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import weakref
@@ -156,8 +157,8 @@ _BLOCK_OPS = ("separable_block_combine", "lowrank_block_combine")  # Triton: ker
 
 
 def _python_kernel(module, op: str):
-    fn, names = getattr(module, op), _ARGS[op]
-    return lambda *args: fn(**dict(zip(names, args)))
+    names = _ARGS[op]
+    return lambda *args: getattr(module, op)(**dict(zip(names, args)))  # looked up per call: tests may patch it
 
 
 _KERNELS = {  # backend -> op name -> the function that runs it on prepared arguments
@@ -168,8 +169,14 @@ _KERNELS = {  # backend -> op name -> the function that runs it on prepared argu
 }
 
 
+@functools.cache
+def _kernel(backend: str, op: str):
+    """The function of `_KERNELS`, looked up once per (backend, op): no attribute lookups or closures per call."""
+    return _KERNELS[backend](op)
+
+
 def _run(op: str, backend: str, *args):
-    return _KERNELS[backend](op)(*args)
+    return _kernel(backend, op)(*args)
 
 
 # ---------------------------------------------------------------- custom ops, fake implementations, autograd

@@ -20,9 +20,10 @@ import torch
 
 from . import models
 from .atomic import atomic_write, check_writable_folder
+from .cli import Parser
 from .data import to_uint8
 from .figures import save_image_grid
-from .solvers import GRIDS, SOLVERS, check_seeds, resolve_sampler, sample
+from .solvers import GRIDS, SOLVERS, check_grid, check_seeds, resolve_sampler, sample
 
 __all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
 
@@ -51,13 +52,6 @@ def parse_seeds(text: str) -> list[int]:
         return check_seeds([s for lo, hi in ranges for s in range(lo, hi + 1)])
     except ValueError as e:
         raise ValueError(f"--{e}") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors raise instead of exiting, so that main() reports every bad input alike: one line, exit 2."""
-
-    def error(self, message):
-        raise ValueError(message)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -105,7 +99,7 @@ def _apply_defaults(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m aniso_fast.sample", description=__doc__, epilog=_defaults_epilog(),
+    p = Parser(prog="python -m aniso_fast.sample", description=__doc__, epilog=_defaults_epilog(),
                 formatter_class=_HelpFormatter)
     p.add_argument("--model", default=None,
                    help="an embedded or shipped model name (`python -m aniso_fast.models list`; default: the "
@@ -233,9 +227,10 @@ def _load(args):
             schedule = models.load_schedule(args.schedule, model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
-    if args.grid in ("edm_sigma", "logsnr") and not hasattr(schedule, "invert_geometric_mean"):
-        raise ValueError(f"--grid: {args.grid} is placed on the geometric mean of the schedule, and the schedule of "
-                         f"{args.model} has no inverse of it; use uniform_t or karras")
+    try:
+        check_grid(args.grid, schedule)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     return model, schedule.to(args.device)
 
 

@@ -22,7 +22,7 @@ from . import multistep
 from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
-    "Grid", "uniform_t", "edm_sigma_t", "logsnr_grid", "geometric_sigma_span", "schedule_grid", "karras_grid",
+    "Grid", "check_grid", "uniform_t", "edm_sigma_t", "logsnr_grid", "geometric_sigma_span", "schedule_grid", "karras_grid",
     "euler", "heun", "seeded_noise", "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
     "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS",
 ]
@@ -44,6 +44,14 @@ GRID_LABELS = {"uniform_t": "uniform t grid", "edm_sigma": "EDM sigma grid on th
                "karras": "Karras grid", "logsnr": "log-SNR grid on the geometric mean"}
 # grids placed on the schedule's geometric mean need its inverse (a MatrixSchedule has one)
 _NEEDS_INVERSE = ("edm_sigma", "logsnr")
+
+
+def check_grid(grid: str, schedule) -> None:
+    """ValueError naming `grid` when the grid does not apply to the schedule: the grids placed on the geometric mean
+    need its inverse."""
+    if grid in _NEEDS_INVERSE and not hasattr(schedule, "invert_geometric_mean"):
+        raise ValueError(f"grid: {grid!r} is placed on the geometric mean of the schedule, and this "
+                         f"{type(schedule).__name__} has no inverse of it; use 'uniform_t' or 'karras'")
 
 
 @dataclass
@@ -332,9 +340,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     plan = resolve_sampler(solver, grid, secondary, nfe, order)
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
-    if grid in _NEEDS_INVERSE and not hasattr(schedule, "invert_geometric_mean"):
-        raise ValueError(f"grid: {grid!r} is placed on the geometric mean of the schedule, and this "
-                         f"{type(schedule).__name__} has no inverse of it; use 'uniform_t' or 'karras'")
+    check_grid(grid, schedule)
     seeds = check_seeds(seeds)
     num_classes = getattr(model, "num_classes", None)
     if num_classes:

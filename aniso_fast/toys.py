@@ -26,12 +26,25 @@ import torch
 from torch import Tensor, nn
 
 from . import figures
-from .atomic import atomic_write_bytes, atomic_write_text, check_writable_file, check_writable_folder
+from .atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable_file,
+    check_writable_folder,
+)
 from .bases import PCABasis
+from .cli import Parser
 from .losses import edm_loss, trajectory_loss
 from .precond import AnisoPrecond
 from .schedules import MatrixSchedule
-from .solvers import heun, resolve_sampler, sample, schedule_grid, seeded_noise, uniform_t
+from .solvers import (
+    heun,
+    resolve_sampler,
+    sample,
+    schedule_grid,
+    seeded_noise,
+    uniform_t,
+)
 from .vsdm import VSDMProcess, dsm_loss, forward_sb_loss, sample_em, simulate_backward
 
 __all__ = ["DATASETS", "METHODS", "draw", "axis_basis", "PointMLP", "histogram_rmse", "mmd_rbf", "wasserstein2",
@@ -573,13 +586,6 @@ def report(args) -> None:
 
 # ---- CLI ----
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors raise instead of exiting, so main() reports every bad input alike: one line, exit 2."""
-
-    def error(self, message):
-        raise ValueError(message.removeprefix("argument "))
-
-
 def _names(kind: str, choices) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [s for s in text.split(",") if s]
@@ -605,8 +611,8 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m aniso_fast.toys", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="python -m aniso_fast.toys", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="train, sample and score; write docs/toys/*.json and *.npz")
     r.add_argument("--data", type=_names("data", list(DATASETS)), default=list(DATASETS))
     r.add_argument("--methods", type=_names("methods", list(METHODS)), default=list(METHODS))

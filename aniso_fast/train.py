@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from . import distributed, figures, optim, solvers
 from .atomic import atomic_write_text, check_writable_folder
 from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
+from .cli import Parser
 from .data import ImageDataset, InfiniteBatchSampler, load_dataset, to_uint8
 from .ema import EMA, ema_beta
 from .networks import SongUNet
@@ -70,13 +71,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-class _Parser(argparse.ArgumentParser):
-    """Raises ValueError on bad input instead of exiting, so that each caller chooses how to report it."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where the help text does not already explain it."""
 
@@ -87,7 +81,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m aniso_fast.train",
         description="Train an EDM network with a learned isotropic or anisotropic (matrix) noise schedule. "
                     "Typical chain: --stage edm -> --stage iso --init-from ... -> --stage aniso --init-from ... "
