@@ -27,7 +27,7 @@ The network (§2.3): VSMD trains a velocity-only score, `VelocityScoreNet` (2C c
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ from .networks import SongUNet
 from .process import ProcessFamily
 from .schedules import as_time
 
-__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond"]
+__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond", "dsm_loss"]
 
 _F64 = torch.float64
 
@@ -107,7 +107,7 @@ class VSMDProcess(ProcessFamily):
     """
 
     def __init__(self, num_subspaces: int, num_classes: int | None = None, c: Any = 0.0, *, zeta: float = 1.0,
-                 gamma: float = 2.0, beta: float = 10.0, T: float = 1.0, prior_v: float = 1.0):
+                 gamma: float = 2.0, beta: float = 10.0, T: float = 1.0, prior_v: float = 1.0, t0: float = 1e-3):
         super().__init__()
         check_int("num_subspaces", num_subspaces)
         check_int("num_classes", num_classes, optional=True)
@@ -118,6 +118,7 @@ class VSMDProcess(ProcessFamily):
         self.T = check_number("T", T, "a finite number > 0", lambda v: v > 0)
         self.prior_v = check_number("prior_v", prior_v, "a finite variance > 0 (v_0 ~ N(0, prior_v I))",
                                     lambda v: v > 0)
+        self.t0 = check_number("t0", t0, f"a finite number in (0, T={self.T:g})", lambda v: 0 < v < self.T)
         self.kappa = math.sqrt(1 / self.zeta - 1) / 2  # omega / p
         self.num_subspaces, self.num_classes = num_subspaces, num_classes
         values = _check_c(c, (num_classes or 1, num_subspaces))
@@ -132,13 +133,21 @@ class VSMDProcess(ProcessFamily):
     def config(self) -> dict:
         """JSON-able constructor arguments; the trained c lives in `state_dict()`."""
         return {"num_subspaces": self.num_subspaces, "num_classes": self.num_classes, "c": self._c_init,
-                "zeta": self.zeta, "gamma": self.gamma, "beta": self.beta, "T": self.T, "prior_v": self.prior_v}
+                "zeta": self.zeta, "gamma": self.gamma, "beta": self.beta, "T": self.T, "prior_v": self.prior_v,
+                "t0": self.t0}
 
     @property
     def a(self) -> Tensor:
         """a [S, K], tied to c: a = (1 - (gamma - 2 gamma c)^2 / (4 zeta)) / (2 gamma)."""
-        p = self.gamma * self.log_damping.exp()
+        return self._tied_a(self.gamma * self.log_damping.exp())
+
+    def _tied_a(self, p: Tensor) -> Tensor:
         return (1 - p ** 2 / (4 * self.zeta)) / (2 * self.gamma)
+
+    def forward_coefficients(self, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(a, c) [B, K] ([1, K] without labels): the variational score a x + c v per subspace; gradients reach c."""
+        _, p = self._damping(None, labels)
+        return self._tied_a(p), (1 - p / self.gamma) / 2
 
     @property
     def velocity_std(self) -> float:
@@ -202,8 +211,8 @@ class VSMDProcess(ProcessFamily):
         lvv = torch.where(rest > 0, rest, torch.ones_like(rest)).sqrt() * (rest > 0)
         return torch.stack([torch.stack([lxx, torch.zeros_like(lxx)], -1), torch.stack([lvx, lvv], -1)], -2)
 
-    def _fit(self, basis: SubspaceBasis, blocks: Tensor, **images: Tensor) -> Tensor:
-        """blocks expanded to the images' batch, after checking the basis's K and the images."""
+    def check_images(self, basis: SubspaceBasis, **images: Tensor) -> int:
+        """The images' batch size, after checking the basis's K and that the images are alike [B, C, H, W]."""
         if not isinstance(basis, SubspaceBasis):
             raise ValueError(f"basis: expected a SubspaceBasis, got {type(basis).__name__}")
         if basis.num_subspaces != self.num_subspaces:
@@ -216,9 +225,14 @@ class VSMDProcess(ProcessFamily):
                 raise ValueError(f"{name}: expected the shape of the other images {tuple(first.shape)}, got "
                                  f"{tuple(x.shape)}")
             first = x
-        if blocks.shape[0] not in (1, first.shape[0]):
-            raise ValueError(f"t: batch size {blocks.shape[0]} does not match the images' {first.shape[0]}")
-        return blocks.expand(first.shape[0], -1, -1, -1)
+        return first.shape[0]
+
+    def _fit(self, basis: SubspaceBasis, blocks: Tensor, **images: Tensor) -> Tensor:
+        """blocks expanded to the images' batch, after `check_images`."""
+        B = self.check_images(basis, **images)
+        if blocks.shape[0] not in (1, B):
+            raise ValueError(f"t: batch size {blocks.shape[0]} does not match the images' {B}")
+        return blocks.expand(B, -1, -1, -1)
 
     def perturb(self, basis: SubspaceBasis, x0: Tensor, v0: Tensor, eps_x: Tensor, eps_v: Tensor, t: Any,
                 labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -238,7 +252,7 @@ class VSMDProcess(ProcessFamily):
 
     def extra_repr(self) -> str:
         return (f"num_subspaces={self.num_subspaces}, num_classes={self.num_classes}, zeta={self.zeta}, "
-                f"gamma={self.gamma}, beta={self.beta}, T={self.T}, prior_v={self.prior_v}")
+                f"gamma={self.gamma}, beta={self.beta}, T={self.T}, prior_v={self.prior_v}, t0={self.t0}")
 
 
 class VelocityScoreNet(nn.Module):
@@ -322,6 +336,16 @@ class VSMDPrecond(nn.Module):
         self.net, self.process, self.basis = net, process, basis
         self.time_scale = check_number("time_scale", time_scale, "a finite number > 0", lambda v: v > 0)
 
+    @property
+    def num_classes(self) -> int | None:
+        return self.net.label_dim or None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the samples: the network's output channels and resolution."""
+        cfg = self.net.config()
+        return (cfg["out_channels"], cfg["img_resolution"], cfg["img_resolution"])
+
     def forward(self, z: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
         """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
         tt = as_time(t, self.process.log_damping.device)
@@ -341,3 +365,39 @@ class VSMDPrecond(nn.Module):
         noise = (self.time_scale * tt).expand(B).to(torch.float32)
         out = self.net(z.to(torch.float32), noise, onehot).to(z.dtype)
         return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=self.basis.group_ids(labels))
+
+
+def _velocity_score(precond, x: Tensor, v: Tensor, t: Any, labels: Tensor | None) -> Tensor:
+    """The model's velocity score at z = (x, v), stacked on channels as VSMD's network reads it."""
+    return precond(torch.cat([x, v], dim=1), t, labels)
+
+
+def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = None,
+             generator: torch.Generator | None = None, *, t: Tensor | None = None,
+             noise: Sequence[Tensor] | None = None) -> Tensor:
+    """VSMD's `linear_sb_loss`: denoising score matching on the velocity block with closed-form labels, c frozen.
+
+    t ~ U(t0, T) (`process.t0` = VSMD's delta = 1e-3 of T=1), v0 ~ N(0, prior_v I), (x_t, v_t) = E (x0, v0) +
+    L (eps_x, eps_v) per subspace; loss = |sum_k P_k L_vv,k s + eps_v|^2 over pixels, mean over the batch, with s
+    the model's velocity score: for `VSMDPrecond` (s = sum_k P_k (-net / L_vv,k)) that is |eps_v - net|^2. Its
+    minimum, at the exact score, is E Var(eps_v | z_t) > 0. Only the model gets gradient. Random draws, in order,
+    from `generator`: t [B], v0, eps_x, eps_v (each like x0); `t` and `noise` = (v0, eps_x, eps_v) override them.
+    """
+    x0 = _images("x0", x0)
+    B = x0.shape[0]
+    if t is None:
+        t = process.t0 + (process.T - process.t0) * torch.rand(B, generator=generator, dtype=_F64, device=x0.device)
+    if noise is None:
+        v0 = process.sample_velocity(x0, generator)
+        eps_x, eps_v = (torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) for _ in "xv")
+    elif isinstance(noise, (tuple, list)) and len(noise) == 3:
+        v0, eps_x, eps_v = noise
+    else:
+        raise ValueError(f"noise: expected (v0, eps_x, eps_v), three images like x0, got {type(noise).__name__}")
+    basis = precond.basis
+    with torch.no_grad():
+        x_t, v_t = process.perturb(basis, x0, v0, eps_x, eps_v, t, labels)
+        lvv = process.chol_blocks(t, labels)[..., 1, 1].expand(B, -1)
+    score = _velocity_score(precond, x_t, v_t, t, labels)
+    residual = basis.combine(score, lvv, base=eps_v, ids=basis.group_ids(labels), names={"u": "score", "base": "eps_v"})
+    return residual.square().flatten(1).sum(1).to(_F64).mean()
