@@ -15,7 +15,7 @@ import torch
 
 from .atomic import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_samples", "plot_points",
+__all__ = ["image_grid", "save_image_grid", "plot_schedule", "plot_subspace_values", "plot_samples", "plot_points",
            "plot_fd_vs_nfe"]
 
 
@@ -113,6 +113,28 @@ def plot_schedule(schedule, path: str | os.PathLike, title: str,
     ax0.legend(fontsize=7, ncol=2)
     if S > 1:
         ax1.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path, dpi=90)
+
+
+def plot_subspace_values(values, path: str | os.PathLike, title: str, ylabel: str,
+                         class_names: Sequence[str] | None = None) -> Path:
+    """A learned per-subspace value [S, K] (one line per class) against the subspace index k: the process
+    families' rates (VSDM's lambda_k, VSMD's c_k)."""
+    plt = _plt()
+    values = values.detach().double().cpu()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    cmap = plt.get_cmap("tab10")
+    for s, row in enumerate(values):
+        name = "global" if len(values) == 1 else (class_names[s] if class_names else f"class {s}")
+        ax.plot(range(len(row)), row, color=cmap(s % 10), lw=1.2, marker="." if len(row) <= 64 else None,
+                label=name)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("subspace k")
+    ax.set_ylabel(ylabel)
+    if len(values) > 1:
+        ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path, dpi=90)

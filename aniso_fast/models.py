@@ -32,6 +32,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors_bytes
 
+from . import families
 from .atomic import atomic_write, atomic_write_bytes, check_writable_folder
 from .bases import PCABasis
 from .checkpoint import CheckpointError, load_checkpoint, read_header, strip_prefix
@@ -219,11 +220,12 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
                 for k, v in strip_prefix("basis", tensors).items()})
     out.update({f"schedule.{k}": v for k, v in strip_prefix("schedule", tensors).items()})
     out = {k: v.contiguous() for k, v in out.items()}
-    info = {"name": name, "description": description, "stage": meta.get("stage"), "step": meta.get("step"),
+    info = {"name": name, "description": description, "family": families.family_of(meta),
+            "stage": meta.get("stage"), "step": meta.get("step"),
             "kimg": meta.get("kimg"), "source": checkpoint.name, "source_sha256": meta.get("tensor_sha256"),
             "args": meta.get("args"), "data": meta.get("data"), "net_dtype": net_dtype,
             "versions": meta.get("versions")}
-    header = {"format": SHIPPED_FORMAT, "net_config": json.dumps(meta["net_config"]),
+    header = {"format": SHIPPED_FORMAT, "family": info["family"], "net_config": json.dumps(meta["net_config"]),
               "basis_config": json.dumps(meta["basis_config"]),
               "schedule_config": json.dumps(meta["schedule_config"]), "info": json.dumps(info, sort_keys=True)}
     blob = save_safetensors_bytes(out, metadata=header)
@@ -233,7 +235,8 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
             entry["default"] = False
     previous = doc["models"].get(name, {})
     doc["models"][name] = {
-        "file": path.name, "description": description, "stage": info["stage"], "step": info["step"],
+        "file": path.name, "description": description, "family": info["family"], "stage": info["stage"],
+        "step": info["step"],
         "kimg": info["kimg"], "source": info["source"], "source_sha256": info["source_sha256"],
         "basis": meta["basis_config"].get("type"), "class_schedules": meta["schedule_config"].get("num_classes")
         is not None, "net_dtype": net_dtype, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
@@ -348,6 +351,7 @@ def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], di
     try:
         tensors = load_safetensors_bytes(blob)
         meta = {key: json.loads(header[key]) for key in ("net_config", "basis_config", "schedule_config", "info")}
+        meta["family"] = families.family_of(header)  # models shipped before the process families have none
     except Exception as e:  # safetensors raises its own error type; a key or JSON error is a corrupt header
         raise CheckpointError(f"{path}: corrupt shipped model ({type(e).__name__}: {e})") from None
     out = {f"ema.{k[4:]}": (v.float() if v.is_floating_point() else v)
@@ -357,21 +361,22 @@ def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], di
 
 
 def build_model(tensors: dict[str, torch.Tensor], meta: dict, weights: str = "ema"):
-    """(AnisoPrecond around the network, MatrixSchedule) from tensors and meta in a training checkpoint's shape
-    (`net_config`, `basis_config`, `schedule_config`; tensors `<weights>.*`, `basis.*`, `schedule.*`).
+    """(the model, its forward path) from tensors and meta in a training checkpoint's shape (`net_config`,
+    `basis_config`, `schedule_config`, `family`; tensors `<weights>.*`, `basis.*`, `schedule.*`): for the core
+    family (AnisoPrecond, MatrixSchedule), for VSDM (AnisoPrecond, VSDMProcess), for VSMD (VSMDPrecond,
+    VSMDProcess) (`families`).
 
     The one builder of a model from stored state: shipped models, training checkpoints and the trainer use it.
     """
     from .bases import basis_from_config
-    from .networks import SongUNet
-    from .precond import AnisoPrecond
 
-    net = SongUNet.from_config(meta["net_config"])
+    family = families.family_of(meta)
+    net = families.network_from_config(family, meta["net_config"])
     net.load_state_dict(strip_prefix(weights, tensors))
     basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
-    schedule = MatrixSchedule.from_config(meta["schedule_config"])
-    schedule.load_state_dict(strip_prefix("schedule", tensors))
-    return AnisoPrecond(net, basis), schedule
+    process = families.process_from_config(family, meta["schedule_config"])
+    process.load_state_dict(strip_prefix("schedule", tensors))
+    return families.wrap_network(family, net, basis, process), process
 
 
 def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):

@@ -40,18 +40,31 @@ from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .cli import Parser
 from .data import ImageDataset, InfiniteBatchSampler, load_dataset, to_uint8
 from .ema import EMA, ema_beta
+from .families import FAMILIES, VSDM_RULES, is_alternating, wrap_network
 from .networks import SongUNet
-from .precond import AnisoPrecond
 from .schedules import MatrixSchedule
 
 __all__ = ["STAGES", "build_parser", "config_from_argv", "parse_args", "loss_function", "Trainer", "run", "main"]
 
 STAGES = ("edm", "iso", "aniso")
-_STAGE_DEFAULTS = {  # (loss c, loss reduction, schedule lr): METHOD §9 table
+_STAGE_DEFAULTS = {  # (loss c, loss reduction, schedule lr): METHOD §9 table; the families' own below
     "edm": (1.0, "mean", 0.0),
     "iso": (1.0, "mean", 1e-2),
     "aniso": (0.5, "sum", 1e-4),
+    ("vsdm", "trajectory"): (0.5, "sum", 3e-3),  # the aniso stage's loss; the fine-tuning recipes' schedule lr
+    ("vsdm", "alternate"): (1.0, "mean", 1e-3),  # the forward update's lr (VSDM's toy config)
+    ("vsmd", None): (1.0, "mean", 1e-3),
 }
+_FAMILY_OPTIONS = {  # option -> (families it applies to, default)
+    "beta_max": {"vsdm": 20.0, "vsmd": 10.0},
+    "zeta": {"vsmd": 1.0},
+    "forward_every": {"vsdm-alternate": 50, "vsmd": 50},
+    "forward_path_steps": {"vsdm-alternate": 50, "vsmd": 50},
+    "forward_steps": {"vsdm-alternate": 10, "vsmd": 10},
+    "sb_zeta": {"vsdm-alternate": 0.75, "vsmd": 0.75},
+    "forward_paths": {"vsdm-alternate": None, "vsmd": None},
+}
+_FORWARD_CHUNK = 2 ** 31  # the chunk index of the forward update's path seeds (the data chunks count from 0)
 # options that may change between a run and its --resume (everything else must match the checkpoint)
 _RESUME_FREE = {"out", "resume", "kimg", "steps", "snapshot_every", "keep", "sample_every", "sample_n",
                 "sample_nfe", "plot_every", "progress", "device"}
@@ -88,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Outputs in --out: log.jsonl, checkpoint-*.safetensors, samples-*.png, schedule-*.png.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--stage", required=True, choices=STAGES,
-                   help="edm: network only, with EDM's loss (log-normal sigma; the schedule stays the frozen Karras "
+    g.add_argument("--family", default="core", choices=FAMILIES,
+                   help="the process family: core (the engine's matrix schedule, trained in --stage), vsdm (VSDM's "
+                        "multivariate OU process, rates learned by --vsdm-rule) or vsmd (VSMD's phase-space process "
+                        "with a velocity-score network; c learned by the alternating rule)")
+    g.add_argument("--stage", default=None, choices=STAGES,
+                   help="family core only, required there. edm: network only, with EDM's loss (log-normal sigma; the schedule stays the frozen Karras "
                         "initialisation); iso: learn a "
                         "tied (isotropic) schedule + network with iso_loss (METHOD 4.1); aniso: learn one schedule "
                         "per subspace with trajectory_loss + estimator (METHOD 4.2, 5)")
@@ -153,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-estimator", action="store_true",
                    help="aniso: backpropagate through the network's conditioning instead of the schedule-gradient "
                         "estimator of METHOD 5")
+
+    g = p.add_argument_group("process families (--family vsdm / vsmd)")
+    g.add_argument("--vsdm-rule", default=None, choices=VSDM_RULES,
+                   help="how VSDM learns its rates: alternate (VSDM's rule: network steps by denoising score "
+                        "matching with the rates frozen, and every --forward-every steps a forward SB update of the "
+                        "rates on backward Euler-Maruyama paths) or trajectory (the trajectory loss with the "
+                        "schedule-gradient estimator on the VE view, network and rates together). Default: alternate")
+    g.add_argument("--beta-max", type=float, default=None,
+                   help="vsdm: beta_max of VSDM's power schedule (default 20); vsmd: VSMD's constant beta "
+                        "(default 10)")
+    g.add_argument("--zeta", type=float, default=None,
+                   help="vsmd: the damping ratio, in (0, 1] (1: critically damped, VSMD's default; below: "
+                        "under-damped)")
+    g.add_argument("--forward-every", type=int, default=None,
+                   help="alternating rule: network steps between forward updates of the process (default 50)")
+    g.add_argument("--forward-paths", type=int, default=None,
+                   help="alternating rule: backward paths simulated per forward update (default: --batch)")
+    g.add_argument("--forward-path-steps", type=int, default=None,
+                   help="alternating rule: Euler-Maruyama steps of each backward path (default 50)")
+    g.add_argument("--forward-steps", type=int, default=None,
+                   help="alternating rule: Adam steps on the process per forward update (default 10)")
+    g.add_argument("--sb-zeta", type=float, default=None,
+                   help="alternating rule: the weight of the divergence in the forward SB loss (VSDM's "
+                        "interact_coef; default 0.75)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=int, default=64, help="global batch size (images per optimiser step)")
@@ -239,11 +280,11 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--class-schedules: the edm stage has no learned schedule")
     if args.init_from and args.edm_pickle:
         raise ValueError("--init-from and --edm-pickle are exclusive: pick where the network comes from")
-    c, reduction, glr = _STAGE_DEFAULTS[args.stage]
+    c, reduction, glr = _STAGE_DEFAULTS[_resolve_family(args)]
     args.loss_c = c if args.loss_c is None else args.loss_c
     args.reduction = reduction if args.reduction is None else args.reduction
     args.glr = glr if args.glr is None else args.glr
-    args.basis = args.basis or ("dct" if args.stage == "aniso" else "iso")
+    args.basis = args.basis or ("iso" if args.stage in ("edm", "iso") else "dct")
     if args.basis == "pca" and args.pca_rank is None:
         raise ValueError("--basis pca needs --pca-rank")
     if args.basis == "pca" and args.pca_per == "cluster" and args.pca_clusters is None:
@@ -255,6 +296,39 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     distributed.resolve_device(args.device, name="--device")
     _check_out(args.out)
     return args
+
+
+def _resolve_family(args: argparse.Namespace):
+    """Check --family, --stage, --vsdm-rule and the families' options (each only where it applies) and fill their
+    defaults; returns the key of the loss defaults in `_STAGE_DEFAULTS`."""
+    if args.family == "core":
+        if args.stage is None:
+            raise ValueError("--stage: required with --family core (edm, iso or aniso)")
+    elif args.stage is not None:
+        raise ValueError(f"--stage: only with --family core; --family {args.family} trains its own process")
+    if args.vsdm_rule is not None and args.family != "vsdm":
+        raise ValueError(f"--vsdm-rule: only with --family vsdm, got --family {args.family}")
+    if args.family == "vsdm":
+        args.vsdm_rule = args.vsdm_rule or "alternate"
+    variants = {args.family, f"{args.family}-{args.vsdm_rule}"}
+    for name, defaults in _FAMILY_OPTIONS.items():
+        applies = sorted(variants & defaults.keys())
+        value = getattr(args, name)
+        if not applies:
+            _expect(value is None, name, f"no value here: it applies to {' / '.join(sorted(defaults))} only",
+                    f"{value} with --family {args.family}")
+        elif value is None:
+            setattr(args, name, defaults[applies[0]])
+    if args.forward_paths is None and args.forward_every is not None:
+        args.forward_paths = args.batch
+    for name in ("forward_every", "forward_paths", "forward_path_steps", "forward_steps"):
+        v = getattr(args, name)
+        _expect(v is None or 1 <= v <= solvers.MAX_NFE, name, f"an integer in [1, {solvers.MAX_NFE}]", v)
+    _expect(_finite(args.beta_max, 0, strict=True), "beta_max", "a finite number > 0", args.beta_max)
+    _expect(args.zeta is None or (math.isfinite(args.zeta) and 0 < args.zeta <= 1), "zeta",
+            "a damping ratio in (0, 1] (1: critically damped)", args.zeta)
+    _expect(_finite(args.sb_zeta, 0), "sb_zeta", "a finite number >= 0", args.sb_zeta)
+    return args.stage if args.family == "core" else (args.family, args.vsdm_rule)
 
 
 def _attn_resolutions(text: str | None) -> list[int] | None:
@@ -409,8 +483,8 @@ class Trainer:
         else:
             net, basis, schedule, ema_state = self._from_args()
         self._set_basis(basis)
-        self._set_network(net, ema_state)
         self._set_schedule(schedule)
+        self._set_network(net, ema_state)
         self._build_optim()
         if resume:
             self._load_state(tensors, meta)
@@ -473,17 +547,34 @@ class Trainer:
         model, schedule = build_model(tensors, meta, weights="net")
         return model.net, model.basis, schedule, ckpt.strip_prefix("ema", tensors)
 
+    def _new_process(self, basis: SubspaceBasis):
+        """The forward path of a new run: a MatrixSchedule (core; tied except in the aniso stage), or the family's
+        process with VSDM's rates / VSMD's c at 0 (VP / the stationary N(0, I) law), per class with
+        --class-schedules."""
+        args = self.args
+        classes = self.num_classes if args.class_schedules else None
+        if args.family == "vsdm":
+            from .vsdm import VSDMProcess
+
+            return VSDMProcess(basis.num_subspaces, classes, beta_max=args.beta_max)
+        if args.family == "vsmd":
+            from .vsmd import VSMDProcess
+
+            return VSMDProcess(basis.num_subspaces, classes, zeta=args.zeta, beta=args.beta_max)
+        return MatrixSchedule(num_subspaces=basis.num_subspaces, num_classes=classes, tied=args.stage != "aniso",
+                              num_knots=args.num_knots)
+
     def _from_args(self):
         """(network, basis, schedule, EMA state or None) of a new run: the basis from the options; the network new,
-        from --init-from (with its schedule, METHOD §2.2) or from --edm-pickle."""
+        from --init-from (with its schedule, METHOD §2.2, or its process when the family is the same) or from
+        --edm-pickle. A VSMD run starting from an EDM network gets its phase-space twin (`from_edm`: the velocity
+        inputs start at zero), and so does the EMA."""
         from .models import build_model
 
         args = self.args
         _, C, H, _ = self.data.images.shape
         basis = _basis_from_args(args, self.data)
-        schedule = MatrixSchedule(num_subspaces=basis.num_subspaces,
-                                  num_classes=self.num_classes if args.class_schedules else None,
-                                  tied=args.stage != "aniso", num_knots=args.num_knots)
+        schedule = self._new_process(basis)
         torch.manual_seed(args.seed)
         ema_state = None
         if args.init_from:
@@ -491,10 +582,18 @@ class Trainer:
             if args.init_weights == "net" and not any(k.startswith("net.") for k in tensors):
                 raise ValueError(f"--init-weights net: {args.init_from} is a shipped model, which holds only the "
                                  f"EMA network")
+            source_family = meta.get("family") or "core"
+            if source_family != args.family and (source_family != "core" or args.family == "core"):
+                raise ValueError(f"--init-from {args.init_from}: a {source_family} model cannot start a "
+                                 f"--family {args.family} run (only a core network can start another family)")
             # fine-tuning starts from the averaged weights: the raw network of a constant-lr run is far noisier
             model, source_schedule = build_model(tensors, meta, weights=args.init_weights)
             net, ema_state = model.net, ckpt.strip_prefix("ema", tensors)
-            if args.stage != "edm":
+            if source_family != args.family:
+                net, ema_state = self._adopt_network(net, meta, tensors)
+            elif args.family != "core":
+                schedule.load_state_dict(source_schedule.state_dict())
+            elif args.stage != "edm":
                 _copy_schedule(schedule, source_schedule)
         elif args.edm_pickle:
             from .edm_pickle import load_edm_network
@@ -506,8 +605,30 @@ class Trainer:
             net.train()  # official pickles hold only the EMA: the raw net starts as a copy (METHOD §2.2)
         else:
             cond = args.cond if args.cond is not None else self.data.labels is not None
-            net = SongUNet(**_network_config(args, C, H, self.num_classes if cond else 0))
+            cfg = _network_config(args, C, H, self.num_classes if cond else 0)
+            if args.family == "vsmd":  # the phase space z = (x, v) in, the velocity score out
+                from .vsmd import VelocityScoreNet
+
+                net = VelocityScoreNet(SongUNet(**dict(cfg, in_channels=2 * C)))
+            else:
+                net = SongUNet(**cfg)
+        if args.edm_pickle:
+            net = self._adopt_network(net, None, None)[0]
         return net, basis, schedule, ema_state
+
+    def _adopt_network(self, net: SongUNet, meta: dict | None, tensors: dict | None):
+        """(network, EMA state) of a family run from a core network: unchanged for VSDM (it denoises the VE view
+        like the core family); VSMD's phase-space twin of both the network and, when given, its EMA."""
+        if self.args.family != "vsmd":
+            return net, None if tensors is None else ckpt.strip_prefix("ema", tensors)
+        from .vsmd import VelocityScoreNet
+
+        ema_state = None
+        if tensors is not None:
+            ema = SongUNet.from_config(meta["net_config"])
+            ema.load_state_dict(ckpt.strip_prefix("ema", tensors))
+            ema_state = VelocityScoreNet.from_edm(ema).state_dict()
+        return VelocityScoreNet.from_edm(net), ema_state
 
     def _set_basis(self, basis: SubspaceBasis) -> None:
         H, W = self.data.images.shape[-2:]
@@ -522,9 +643,13 @@ class Trainer:
         args = self.args
         _, C, H, _ = self.data.images.shape
         cfg = net.config()
-        if (cfg["img_resolution"], cfg["in_channels"]) != (H, C):
-            raise ValueError(f"the network is for {cfg['in_channels']}x{cfg['img_resolution']}x"
+        if (cfg["img_resolution"], cfg["out_channels"]) != (H, C):
+            raise ValueError(f"the network is for {cfg['out_channels']}x{cfg['img_resolution']}x"
                              f"{cfg['img_resolution']} images, the data is {C}x{H}x{H}")
+        phase = 2 * C if args.family == "vsmd" else C  # VSMD's network reads z = (x, v)
+        if cfg["in_channels"] != phase:
+            raise ValueError(f"the network reads {cfg['in_channels']} channels, --family {args.family} feeds it "
+                             f"{phase}")
         label_dim = cfg.get("label_dim", 0) or 0
         if label_dim and self.data.labels is None:
             raise ValueError(f"the network is class-conditional ({label_dim} classes) and {args.data} has no labels")
@@ -533,11 +658,12 @@ class Trainer:
         if args.cond is not None and bool(label_dim) != args.cond:
             raise ValueError(f"--{'' if args.cond else 'no-'}cond contradicts the loaded network "
                              f"(label_dim={label_dim})")
-        if getattr(net, "map_augment", None) is not None:
+        inner = getattr(net, "net", net)  # VSMD's VelocityScoreNet wraps a SongUNet
+        if getattr(inner, "map_augment", None) is not None:
             # no augmentation pipe passes augment labels: these weights get no gradient, and DDP must not wait for them
-            net.map_augment.requires_grad_(False)
+            inner.map_augment.requires_grad_(False)
         self.net = net.to(self.device).train()
-        self.loss_model = AnisoPrecond(self.net, self.basis)
+        self.loss_model = wrap_network(args.family, self.net, self.basis, self.schedule)
         self.ddp = None
         if self.dist.enabled:
             import inspect
@@ -555,18 +681,23 @@ class Trainer:
         if ema_state is not None:
             self.ema.module.load_state_dict(ema_state)
 
-    def _set_schedule(self, schedule: MatrixSchedule) -> None:
+    def _set_schedule(self, schedule) -> None:
+        """The forward path (MatrixSchedule, or the family's process): one parameter [S, K...], class rows first."""
         if schedule.num_subspaces != self.basis.num_subspaces:
             raise ValueError(f"the schedule has {schedule.num_subspaces} subspaces, the basis "
                              f"{self.basis.num_subspaces}")
         self.schedule = schedule.to(self.device)
+        self.schedule_param, = self.schedule.parameters()
         self.learn_schedule = self.args.stage != "edm"
+        # the alternating rules move the process only in their forward updates, apart from the network's steps
+        self.alternating = is_alternating(self.args.family, self.args.vsdm_rule)
         self.schedule.requires_grad_(self.learn_schedule)
-        self.dist.broadcast_([self.schedule.psi.data])
+        self.dist.broadcast_([self.schedule_param.data])
 
     def _build_optim(self) -> None:
         self.opt_net = torch.optim.Adam(self.net.parameters(), lr=self.args.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.opt_sched = (optim.ClassMaskedAdam([self.schedule.psi], lr=self.args.glr) if self.learn_schedule else None)
+        self.opt_sched = (optim.ClassMaskedAdam([self.schedule_param], lr=self.args.glr) if self.learn_schedule
+                          else None)
 
     # ---- checkpoint state ----
 
@@ -589,7 +720,7 @@ class Trainer:
             if "cuda" in st:
                 tensors[f"rng.{r}.cuda"] = st.pop("cuda")
         meta = {
-            "stage": self.args.stage, "step": self.step, "nimg": self.nimg, "kimg": self.nimg / 1000,
+            "family": self.args.family, "stage": self.args.stage, "step": self.step, "nimg": self.nimg, "kimg": self.nimg / 1000,
             "args": vars(self.args), "net_config": self.net.config(), "basis_config": self.basis.config(),
             "schedule_config": self.schedule.config(), "optim": optim, "sampler": self.sampler.state_dict(),
             "rng": rngs, "world_size": self.dist.world_size, "versions": _versions(),
@@ -628,13 +759,9 @@ class Trainer:
         idx = next(self.sampler) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         A, W, B = args.grad_accum, dist.world_size, idx.numel()
         chunks = idx.reshape(A, W, -1)
-        loss_fn = loss_function(args.stage)
-        kwargs = dict(reduction=args.reduction)
-        if args.stage != "edm":
-            kwargs["c"] = args.loss_c
-        if args.stage == "aniso":
-            kwargs["estimator"] = not args.no_estimator
-        S = self.schedule.psi.shape[0]
+        loss_fn = self._loss_function()
+        step_schedule = self.learn_schedule and not self.alternating
+        S = self.schedule_param.shape[0]
         present = torch.zeros(S, dtype=torch.bool)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         stats_total: dict[str, Tensor] = {}
@@ -651,7 +778,7 @@ class Trainer:
             gen = torch.Generator(self.device).manual_seed(seed)
             sync = a == A - 1 or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss, stats = loss_fn(self.loss_model, self.schedule, x0, labels, generator=gen, **kwargs)
+                loss, stats = loss_fn(x0, labels, gen)
                 (loss / A).backward()
             loss_total += loss.detach().double()
             for k, v in (stats or {}).items():  # per-subspace summaries; per-sample ones ("t") are skipped
@@ -661,10 +788,10 @@ class Trainer:
 
         net_grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         sched_grads = []
-        if self.learn_schedule:
-            if self.schedule.psi.grad is None:
-                self.schedule.psi.grad = torch.zeros_like(self.schedule.psi)
-            sched_grads = [self.schedule.psi.grad]
+        if step_schedule:
+            if self.schedule_param.grad is None:
+                self.schedule_param.grad = torch.zeros_like(self.schedule_param)
+            sched_grads = [self.schedule_param.grad]
             dist.all_reduce_mean_(sched_grads)  # network gradients were averaged by DDP in backward
         bad_net, bad_sched = optim.sanitize_grads_(net_grads), optim.sanitize_grads_(sched_grads)
 
@@ -673,7 +800,7 @@ class Trainer:
         for group in self.opt_net.param_groups:
             group["lr"] = args.lr * f
         self.opt_net.step()
-        if self.opt_sched is not None:
+        if step_schedule:
             present = dist.any_over_ranks(present.to(self.device)) if S > 1 else torch.ones(1, dtype=torch.bool)
             for group in self.opt_sched.param_groups:
                 group["lr"] = args.glr * f
@@ -689,33 +816,106 @@ class Trainer:
         loss_mean = (loss_total / A).reshape(1)
         dist.all_reduce_mean_([loss_mean])
         record = {"step": self.step, "kimg": self.nimg / 1000, "loss": float(loss_mean),
-                  "lr": args.lr * f, "glr": args.glr * f if self.learn_schedule else 0.0,
+                  "lr": args.lr * f, "glr": args.glr * f if step_schedule else 0.0,
                   "grad_norm_net": float(grad_norm_net), "grad_norm_schedule": float(grad_norm_sched),
                   "nonfinite_net": int(bad_net), "nonfinite_schedule": int(bad_sched)}
         if S > 1:
             record["classes_present"] = int(present.sum())
         record.update({k: v.tolist() for k, v in stats_total.items()})
+        if self.alternating and self.step % args.forward_every == 0:
+            record.update(self.forward_update(f))
         record["sec_per_step"] = time.perf_counter() - t0
         return record
+
+    def _loss_function(self) -> Callable:
+        """(x0, labels, generator) -> (loss, stats) of this run's network step: the core stage's loss, VSDM's
+        DSM (alternate) or trajectory loss on the VE view (trajectory), VSMD's velocity DSM."""
+        from . import losses
+
+        args, model, process = self.args, self.loss_model, self.schedule
+        if args.family == "core":
+            fn, kwargs = loss_function(args.stage), dict(reduction=args.reduction)
+            if args.stage != "edm":
+                kwargs["c"] = args.loss_c
+            if args.stage == "aniso":
+                kwargs["estimator"] = not args.no_estimator
+            return lambda x0, labels, gen: fn(model, process, x0, labels, generator=gen, **kwargs)
+        if args.family == "vsdm" and args.vsdm_rule == "trajectory":
+            return lambda x0, labels, gen: losses.trajectory_loss(
+                model, process.ve_schedule(), x0, labels, generator=gen, c=args.loss_c, reduction=args.reduction,
+                estimator=not args.no_estimator)
+        family = self._family_module()
+        return lambda x0, labels, gen: (family.dsm_loss(process, model, x0, labels, gen), {})
+
+    def _family_module(self):
+        from . import vsdm, vsmd
+
+        return {"vsdm": vsdm, "vsmd": vsmd}[self.args.family]
+
+    def forward_update(self, lr_factor: float) -> dict:
+        """The alternating rule's process update (VSDM, VSMD): --forward-paths backward Euler-Maruyama paths of the
+        EMA network, seeded from (seed, step) so that a resume repeats them, each rank simulating its share; then
+        --forward-steps Adam steps on the forward SB loss over them (gradients averaged over ranks)."""
+        args, dist, process = self.args, self.dist, self.schedule
+        t0 = time.perf_counter()
+        family = self._family_module()
+        model = wrap_network(args.family, self.ema.module, self.basis, process)
+        base = _chunk_seed(args.seed, self.step, _FORWARD_CHUNK)
+        seeds = [(base + i) % 2 ** 32 for i in range(dist.rank, args.forward_paths, dist.world_size)]
+        classes = process.num_classes or getattr(model, "num_classes", None)
+        labels = solvers.seeded_labels(seeds, classes, self.device) if classes else None
+        paths = family.simulate_backward(process, model, seeds, args.forward_path_steps, labels)
+        S = self.schedule_param.shape[0]
+        present = torch.ones(S, dtype=torch.bool, device=self.device)
+        if S > 1:
+            present = dist.any_over_ranks(torch.bincount(labels, minlength=S)[:S] > 0)
+        for group in self.opt_sched.param_groups:
+            group["lr"] = args.glr * lr_factor
+        total = 0.0
+        for _ in range(args.forward_steps):
+            loss = family.forward_sb_loss(process, self.basis, paths, args.sb_zeta)
+            loss.backward()
+            grads = [self.schedule_param.grad]
+            dist.all_reduce_mean_(grads)
+            optim.sanitize_grads_(grads)
+            self.opt_sched.step(present)
+            self.opt_sched.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+        loss_mean = torch.tensor([total / args.forward_steps], dtype=torch.float64, device=self.device)
+        dist.all_reduce_mean_([loss_mean])
+        return {"forward_loss": float(loss_mean), "forward_sec": time.perf_counter() - t0}
 
     # ---- outputs ----
 
     def save_samples(self, path: Path) -> None:
-        """A grid of the EMA network's samples (uniform-t midpoint Heun), one class per column when conditional."""
+        """A grid of the EMA network's samples (uniform-t midpoint Heun; VSMD's Heun with a last Euler step),
+        one class per column when conditional."""
         args = self.args
-        model = AnisoPrecond(self.ema.module, self.basis)
+        model = wrap_network(args.family, self.ema.module, self.basis, self.schedule)
         labels, cols = None, None
         if model.num_classes:
             labels = torch.arange(args.sample_n, device=self.device) % model.num_classes
             cols = min(model.num_classes, args.sample_n)
+        seeds = range(args.sample_n)
         with torch.no_grad():
-            x, _, _ = solvers.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
-                             seeds=range(args.sample_n), labels=labels, device=self.device)
+            if args.family == "core":
+                x = solvers.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
+                                   seeds=seeds, labels=labels, device=self.device)[0]
+            else:
+                x = self._family_module().sample_ode(self.schedule, model, seeds, args.sample_nfe, labels=labels,
+                                                     device=self.device)[0]
         figures.save_image_grid(to_uint8(x), path, cols=cols)
 
     def plot_schedule(self, path: Path) -> None:
-        title = f"{self.args.stage} schedule, step {self.step}, {self.nimg / 1000:.1f} kimg"
-        figures.plot_schedule(self.schedule, path, title, class_names=self.data.class_names)
+        """The learned forward path: g_k(t) (core), VSDM's rates lambda_k, VSMD's c_k per subspace."""
+        args = self.args
+        title = f"{args.stage or args.family} schedule, step {self.step}, {self.nimg / 1000:.1f} kimg"
+        if args.family == "core":
+            figures.plot_schedule(self.schedule, path, title, class_names=self.data.class_names)
+        else:
+            values, name = ((self.schedule.rates, "lambda_k (VSDM rate)") if args.family == "vsdm"
+                            else (self.schedule.c, "c_k (VSMD damping value)"))
+            figures.plot_subspace_values(values.detach(), path, title, name, class_names=self.data.class_names)
 
     def _truncate_log(self, log_path: Path) -> None:
         """Drop log records after the current step: a resumed run's lost tail, or a dead run that never reached

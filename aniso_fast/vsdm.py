@@ -36,10 +36,10 @@ from .checks import (
 from .losses import forward_process
 from .process import ProcessFamily
 from .schedules import as_time
-from .solvers import MAX_NFE, check_seeds, seeded_labels
+from .solvers import MAX_NFE, check_seeds, sample, seeded_labels
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
-           "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em"]
+           "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]
 
 _F64 = torch.float64
 
@@ -392,6 +392,23 @@ def sample_em(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 10
     paths = simulate_backward(process, model, seeds, steps, labels, image_shape, dtype, record=False,
                               progress=progress)
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
+
+
+def sample_ode(process: VSDMProcess, model, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
+               grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
+               labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
+               device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """The probability-flow ODE through any engine solver: `solvers.sample` on `process.ve_schedule()` (the VE
+    view starts at y_T = x_T / alpha(T) ~ N(0, M(T)), the adaptive prior's image), then x = alpha(t0) y.
+    Same seeds, labels and NFE accounting as `solvers.sample`; returns (x in VSDM's variable, labels, info)."""
+    if grid == "karras":  # the Karras grid is EDM's isotropic sigma grid: it would ignore the process
+        raise ValueError("grid: 'karras' ignores the process (EDM's isotropic grid); use 'uniform_t', 'edm_sigma' "
+                         "or 'logsnr'")
+    y, labels, info = sample(model, process.ve_schedule(), nfe=nfe, solver=solver, grid=grid, secondary=secondary,
+                             order=order, seeds=seeds, labels=labels, image_shape=image_shape, dtype=dtype,
+                             device=device, progress=progress)
+    with torch.no_grad():
+        return process.from_ve(model.basis, y, process.t0, labels), labels, info
 
 
 def forward_sb_loss(process: VSDMProcess, basis: SubspaceBasis, paths: Trajectories, zeta: float = 0.75) -> Tensor:

@@ -88,6 +88,16 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--sample-n": [["--sample-n", "0"]],
         "--sample-nfe": [["--sample-nfe", "0"]],
         "--plot-every": [["--plot-every", "-1"]],
+        # the process families' options (the base command is --family core; their ranges: test_train_families.py)
+        "--family": [["--family", "bogus"]],
+        "--vsdm-rule": [["--vsdm-rule", "bogus"], ["--vsdm-rule", "trajectory"]],
+        "--beta-max": [["--beta-max", "10"]],
+        "--zeta": [["--zeta", "abc"], ["--zeta", "0.5"]],
+        "--forward-every": [["--forward-every", "5"]],
+        "--forward-paths": [["--forward-paths", "5"]],
+        "--forward-path-steps": [["--forward-path-steps", "5"]],
+        "--forward-steps": [["--forward-steps", "5"]],
+        "--sb-zeta": [["--sb-zeta", "1"]],
     },
     "evaluate solvers": {
         "--model": [["--model", "bogus"]],

@@ -1,0 +1,162 @@
+"""`python -m aniso_fast.train --family vsdm|vsmd`: options, both VSDM rules, resume, DDP, checkpoints that build,
+export and sample as their family.
+
+Tiny runs on 8x8 one-channel images (tests/test_train.py's data and network) for a handful of steps.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from aniso_fast import checkpoint as ckpt
+from aniso_fast import models, train, vsdm
+from aniso_fast.vsdm import VSDMProcess
+
+from test_ddp import _free_port
+from test_train import NET, make_npz
+
+torch.set_num_threads(1)
+FORWARD = ["--forward-every", "2", "--forward-paths", "2", "--forward-path-steps", "3", "--forward-steps", "2"]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    return make_npz(tmp_path / "tiny.npz")
+
+
+def fam_argv(data, out, family="vsdm", steps=4, *extra) -> list[str]:
+    return ["--family", family, "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch", "4",
+            "--no-progress", "--sample-every", "0", "--snapshot-every", "0", "--rampup-kimg", "0", "--lr", "1e-3",
+            "--basis", "dct", "--dct-bands", "3", *NET, *map(str, extra)]
+
+
+def _process_state(trainer: train.Trainer) -> dict:
+    out = {f"net.{k}": v.detach().clone() for k, v in trainer.net.state_dict().items()}
+    out["process"] = trainer.schedule_param.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--stage", "aniso", "--family", "vsdm"], "--stage: only with --family core"),
+    (["--family", "core"], "--stage: required with --family core"),
+    (["--family", "vsmd", "--vsdm-rule", "alternate"], "--vsdm-rule: only with --family vsdm"),
+    (["--family", "vsmd", "--zeta", "0"], r"--zeta: expected a damping ratio in \(0, 1\]"),
+    (["--family", "vsmd", "--zeta", "1.01"], "--zeta"),
+    (["--family", "vsmd", "--zeta", "nan"], "--zeta"),
+    (["--family", "vsdm", "--zeta", "1"], "--zeta: expected no value here"),
+    (["--family", "vsdm", "--beta-max", "0"], "--beta-max: expected a finite number > 0"),
+    (["--family", "vsdm", "--beta-max", "inf"], "--beta-max"),
+    (["--family", "vsdm", "--forward-every", "0"], "--forward-every"),
+    (["--family", "vsdm", "--vsdm-rule", "trajectory", "--forward-every", "5"], "--forward-every: expected no value"),
+    (["--family", "vsmd", "--forward-paths", "0"], "--forward-paths"),
+    (["--family", "vsdm", "--sb-zeta", "-1"], "--sb-zeta"),
+])
+def test_family_options_are_checked_before_any_work(tmp_path, argv, match):
+    """Issue 12/13 bad input: each option only where it applies, in range; nothing is read or written."""
+    base = ["--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=match):
+        train.config_from_argv(base + argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_family_defaults():
+    a = train.config_from_argv(["--family", "vsdm", "--data", "x", "--out", "/tmp/never-written"])
+    assert (a.vsdm_rule, a.beta_max, a.forward_every, a.forward_paths, a.sb_zeta, a.basis) == \
+        ("alternate", 20.0, 50, 64, 0.75, "dct")
+    b = train.config_from_argv(["--family", "vsmd", "--data", "x", "--out", "/tmp/never-written"])
+    assert (b.beta_max, b.zeta, b.vsdm_rule) == (10.0, 1.0, None)
+    c = train.config_from_argv(["--family", "vsdm", "--vsdm-rule", "trajectory", "--data", "x", "--out", "/t/n"])
+    assert (c.forward_every, c.loss_c, c.reduction) == (None, 0.5, "sum")
+
+
+def test_vsdm_alternate_moves_the_rates_only_in_forward_updates(tmp_path, npz):
+    """Rule (a): DSM steps leave the rates bit-identical; each forward update moves them; logged as forward_loss."""
+    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 3, *FORWARD, "--glr", "1e-2"))
+    trainer = train.Trainer(args)
+    start = trainer.schedule_param.detach().clone()
+    record = trainer.train_step()  # step 1: no forward update
+    assert torch.equal(trainer.schedule_param, start) and "forward_loss" not in record
+    record = trainer.train_step()  # step 2: the forward update
+    assert "forward_loss" in record and torch.isfinite(torch.tensor(record["forward_loss"]))
+    moved = trainer.schedule_param.detach().clone()
+    assert not torch.equal(moved, start)
+    trainer.train_step()
+    assert torch.equal(trainer.schedule_param, moved)
+
+
+def test_vsdm_trajectory_rule_learns_rates_with_the_network(tmp_path, npz):
+    """Rule (b): the trajectory loss with the estimator on the VE view moves the rates at every step."""
+    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 2, "--vsdm-rule", "trajectory", "--glr", "1e-2"))
+    trainer = train.Trainer(args)
+    start = trainer.schedule_param.detach().clone()
+    record = trainer.train_step()
+    assert record["grad_norm_schedule"] > 0 and not torch.equal(trainer.schedule_param, start)
+
+
+def test_vsdm_resume_is_bit_identical(tmp_path, npz):
+    """4 steps in one go == 2 steps, then --resume to 4 (forward updates at steps 2 and 4 included)."""
+    common = [*FORWARD, "--glr", "1e-2", "--snapshot-every", "2", "--decay-start-kimg", "inf"]  # lr set by step
+    full = train.run(train.parse_args(fam_argv(npz, tmp_path / "a", "vsdm", 4, *common)))
+    train.run(train.parse_args(fam_argv(npz, tmp_path / "b", "vsdm", 2, *common)))
+    resumed = train.run(train.parse_args(fam_argv(npz, tmp_path / "b", "vsdm", 4, *common, "--resume")))
+    a, b = _process_state(full), _process_state(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_vsdm_checkpoint_builds_exports_and_samples(tmp_path, npz, monkeypatch):
+    """The checkpoint names its family; build_model gives the VSDM process; the export keeps it; the PF-ODE and
+    Euler-Maruyama samplers run on the shipped file."""
+    train.run(train.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 2, *FORWARD, "--class-schedules")))
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    tensors, meta = ckpt.load_checkpoint(path)
+    assert meta["family"] == "vsdm" and meta["stage"] is None
+    model, process = models.build_model(tensors, meta)
+    assert isinstance(process, VSDMProcess) and process.num_classes == 3
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')
+    monkeypatch.setenv(models.ASSETS_ENV, str(assets))
+    models.export_model(path, "tiny-vsdm")
+    assert models.shipped_models()["tiny-vsdm"]["family"] == "vsdm"
+    model, process, info = models.load_shipped("tiny-vsdm")
+    assert isinstance(process, VSDMProcess) and info["family"] == "vsdm"
+    x, labels, _ = vsdm.sample_ode(process, model, [0, 1], 5)
+    y, _, _ = vsdm.sample_em(process, model, [0, 1], 4)
+    assert x.shape == y.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and torch.isfinite(y).all()
+
+
+def test_init_from_refuses_a_family_it_cannot_start_from(tmp_path, npz):
+    """A VSDM checkpoint cannot start a core or VSMD run (only a core network starts another family)."""
+    train.run(train.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 1)))
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    argv = ["--stage", "iso", "--data", str(npz), "--out", str(tmp_path / "core"), "--init-from", str(path)]
+    with pytest.raises(ValueError, match="a vsdm model cannot start a --family core run"):
+        train.Trainer(train.parse_args(argv))
+
+
+def _rank(rank: int, world: int, port: int, args: list, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.save(_process_state(train.run(train.parse_args(args))), f"{result}.rank{rank}.pt")
+
+
+def test_vsdm_alternate_under_ddp_matches_one_process(tmp_path, npz):
+    """Two gloo ranks (each simulating half of the forward paths) end identical, and equal one process with twice
+    the accumulation, up to summation order: the forward update's gradient is averaged over ranks."""
+    common = ["--grad-accum", "2", *FORWARD, "--glr", "1e-2", "--class-schedules", "--device", "cpu"]
+    mp.start_processes(_rank, args=(2, _free_port(), fam_argv(npz, tmp_path / "ddp", "vsdm", 2, *common),
+                                    str(tmp_path / "ddp")), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"ddp.rank{r}.pt") for r in range(2))
+    common[1] = "4"
+    single = _process_state(train.run(train.parse_args(fam_argv(npz, tmp_path / "one", "vsdm", 2, *common))))
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+        # float32 summation order only: VSDM's DSM weights beta / sigma^2 make the gradients large (max |diff|
+        # measured 2e-7 on weights of size 0.1; the process parameter agrees to 1e-8)
+        torch.testing.assert_close(r0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(single["process"], VSDMProcess(3, 3).log_decay.detach())
