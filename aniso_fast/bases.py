@@ -376,6 +376,16 @@ class PCABasis(SubspaceBasis):
 
     # ---- fitting ----
     @classmethod
+    def pixels(cls, image_shape: Sequence[int]) -> "PCABasis":
+        """Every pixel and channel its own subspace, K = C*H*W (VSDM's image code: one OU rate per pixel): the
+        identity's first d - 1 rows as one-direction bands, the last coordinate as the complement."""
+        C, H, W = (int(s) for s in image_shape)
+        d = C * H * W
+        if d < 2:
+            raise ValueError(f"image_shape: expected at least 2 pixels, got {(C, H, W)}")
+        return cls(torch.eye(d, dtype=torch.float64)[:-1], (C, H, W), [1] * (d - 1))
+
+    @classmethod
     def fit(cls, images: Tensor, labels: Tensor | None = None, *, rank: int, per: str = "global",
             num_clusters: int | None = None, band_sizes: Sequence[int] | None = None, joint: bool = False,
             max_per_group: int | None = None, seed: int = 0) -> "PCABasis":

@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.1, help="dropout probability, in [0, 1)")
 
     g = p.add_argument_group("basis (subspaces of the matrix schedule)")
-    g.add_argument("--basis", choices=("iso", "dct", "pca"), default=None,
+    g.add_argument("--basis", choices=("iso", "dct", "pca", "pixel"), default=None,
                    help="iso: one subspace; dct: DCT frequency bands (METHOD 7.1); pca: principal subspaces "
-                        "(METHOD 7.2-7.3). Default: iso for the edm/iso stages, dct for aniso")
+                        "(METHOD 7.2-7.3); pixel: every pixel and channel its own subspace (VSDM's image code). "
+                        "Default: iso for the edm/iso stages, dct for aniso and the process families")
     g.add_argument("--dct-bands", type=_int_list, default=None,
                    help="band edges: '14' = frequencies max(u,v)<14 vs the rest (K=2); '7,14' gives K=3. "
                         "Default: half the image size")
@@ -362,6 +363,8 @@ def _basis_from_args(args, data) -> SubspaceBasis:
     _, C, H, W = data.images.shape
     if args.basis == "iso":
         return IsotropicBasis((H, W))
+    if args.basis == "pixel":
+        return PCABasis.pixels((C, H, W))
     if args.basis == "dct":
         bands = args.dct_bands or [max(H, W) // 2]
         try:

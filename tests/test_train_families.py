@@ -160,3 +160,18 @@ def test_vsdm_alternate_under_ddp_matches_one_process(tmp_path, npz):
         # measured 2e-7 on weights of size 0.1; the process parameter agrees to 1e-8)
         torch.testing.assert_close(r0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(single["process"], VSDMProcess(3, 3).log_decay.detach())
+
+
+def test_pixel_basis_gives_one_rate_per_pixel(tmp_path, npz):
+    """--basis pixel: K = C*H*W subspaces, and scaling by per-subspace values is the elementwise product (VSDM's
+    image code: one OU rate per pixel)."""
+    from aniso_fast.bases import PCABasis
+
+    basis = PCABasis.pixels((2, 3, 3))
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    s = torch.rand(4, basis.num_subspaces, dtype=torch.float64)
+    assert basis.num_subspaces == 18
+    torch.testing.assert_close(basis.scale(x, s), x * s.reshape(4, 2, 3, 3))
+    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 1, "--basis", "pixel"))
+    trainer = train.Trainer(args)
+    assert trainer.schedule.rates.shape == (1, 64)
