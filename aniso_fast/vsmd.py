@@ -18,32 +18,44 @@ z_t = E z_0 + L eps is closed-form per subspace (C = cos(kappa x), S = s sinc(ka
 
 and L its lower Cholesky factor. VSMD's code gets E and Sigma from [N, 4, 4] matrix exponentials (§2.4); here
 they are a few elementwise ops on [B, K]. Defaults as VSMD's code: gamma = 2, beta = 10 (its beta_max; VSMD
-returns it for every t), T = 1, zeta = 1, c = 0 (then a = 0 and N(0, I) is the stationary law), and the velocity
-prior v_0 ~ N(0, prior_v I) with prior_v = 1.
+returns it for every t), T = 1, zeta = 1, c = 0 (then a = 0 and N(0, I) is the stationary law), the velocity
+prior v_0 ~ N(0, prior_v I) with prior_v = 1, and t0 = 1e-3 (its delta: the loss's and the samplers' end time).
 
 The network (§2.3): VSMD trains a velocity-only score, `VelocityScoreNet` (2C channels in, C out) inside
 `VSMDPrecond`, score_v = -net(z, 999 t) / L_vv per subspace.
+
+Learning, VSMD's alternating rule (§2.5): `dsm_loss` for the network with c frozen, then `forward_sb_loss` for c
+on paths that `simulate_backward` draws from the current model. Sampling, the sample being x: `sample_ode` (the
+PF-ODE, Heun with a last Euler step as VSMD's sampler, or iPNDM) or `sample_em` (the reverse SDE).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .bases import SubspaceBasis
 from .checks import (
     check_in_range,
+    check_index,
     check_int,
     check_number,
     check_subspace_values,
 )
+from .multistep import _AB
 from .networks import SongUNet
 from .process import ProcessFamily
 from .schedules import as_time
+from .solvers import check_seeds, resolve_sampler, seeded_labels
+from .vsdm import _check_steps, _time_column
 
-__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond", "dsm_loss"]
+__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
+           "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",
+           "forward_sb_loss"]
 
 _F64 = torch.float64
 
@@ -389,7 +401,8 @@ def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = 
         t = process.t0 + (process.T - process.t0) * torch.rand(B, generator=generator, dtype=_F64, device=x0.device)
     if noise is None:
         v0 = process.sample_velocity(x0, generator)
-        eps_x, eps_v = (torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) for _ in "xv")
+        eps_x = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        eps_v = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif isinstance(noise, (tuple, list)) and len(noise) == 3:
         v0, eps_x, eps_v = noise
     else:
@@ -401,3 +414,224 @@ def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = 
     score = _velocity_score(precond, x_t, v_t, t, labels)
     residual = basis.combine(score, lvv, base=eps_v, ids=basis.group_ids(labels), names={"u": "score", "base": "eps_v"})
     return residual.square().flatten(1).sum(1).to(_F64).mean()
+
+
+@dataclass
+class Trajectories:
+    """Backward Euler-Maruyama paths of the phase space (the forward rule's training data, RELATED.md §2.5).
+
+    t [N] process times, descending from T; dt [N] their step sizes; x, v [N, B, C, H, W] the states at t and
+    z_b [N, B, C, H, W] the frozen policy there, sqrt(gamma beta) score_v (detached); final, final_v: (x, v) at t0.
+    x, v and z_b are empty ([0, ...]) when the paths were not recorded.
+    """
+    t: Tensor
+    dt: Tensor
+    x: Tensor
+    v: Tensor
+    z_b: Tensor
+    final: Tensor
+    final_v: Tensor
+    labels: Tensor | None
+
+
+def _sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels: Tensor | None,
+                     image_shape: Sequence[int] | None, device) -> tuple[list[int], Tensor | None, tuple[int, ...]]:
+    """Checked seeds, labels (one per seed: drawn by `solvers.seeded_labels` when the model or the process is
+    class-conditional and none are given) and image shape (C, H, W) (the model's when None)."""
+    seeds = check_seeds(seeds)
+    classes = [n for n in (process.num_classes, getattr(precond, "num_classes", None)) if n]
+    if labels is None and classes:
+        labels = seeded_labels(seeds, min(classes), device)
+    elif labels is not None:
+        if not classes:
+            raise ValueError("labels: the model and the process are unconditional; pass no labels")
+        if not isinstance(labels, Tensor) or labels.shape != (len(seeds),):
+            raise ValueError(f"labels: expected one class label per seed, shape ({len(seeds)},), got "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        labels = check_index("labels", labels, min(classes), "class labels").to(device)
+    if image_shape is None:
+        image_shape = getattr(precond, "image_shape", None)
+        if image_shape is None:
+            raise ValueError("image_shape: required, the model reports no image shape")
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list, torch.Size)) else ()
+    if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"image_shape: expected (C, H, W), three ints >= 1, got {image_shape!r}")
+    return seeds, labels, shape
+
+
+def _draw(gens: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> Tensor:
+    """One standard normal image per seed, each from its seed's generator (in float64, as `solvers.seeded_noise`)."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=_F64) for g in gens]).to(device, dtype)
+
+
+def _prior(process: VSMDProcess, basis: SubspaceBasis, gens: list[torch.Generator], shape: tuple[int, ...],
+           labels: Tensor | None, device, dtype) -> tuple[Tensor, Tensor]:
+    """z_T = L(T) (eps_x, eps_v): eps_x is each seed's first draw (`solvers.seeded_noise`'s), eps_v its second."""
+    eps_x = _draw(gens, shape, device, dtype)
+    return process.prior_sample(basis, eps_x, _draw(gens, shape, device, dtype), labels)
+
+
+def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 100,
+                      labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
+                      record: bool = True, progress: bool = False) -> Trajectories:
+    """The reverse SDE of the phase space, Euler-Maruyama on `steps` uniform steps from T to t0, one path per seed,
+    from VSMD's prior N(0, Sigma(T)). Only v is noised: per step h, z <- (I - h F) z + (0, h gamma beta s +
+    sqrt(h gamma beta) xi), F the drift blocks and s the model's velocity score (one `block_combine`).
+
+    Per seed one generator: eps_x (`solvers.seeded_noise`'s draw, so `sample_ode` starts from the same point), eps_v,
+    then the step noises: a path depends on its seed only, never on the rest of the batch.
+    """
+    steps = _check_steps(steps)
+    device = process.log_damping.device
+    seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
+    basis, B = precond.basis, len(seeds)
+    ids = basis.group_ids(labels)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    g2 = process.gamma * process.beta  # G G^T on the v block
+    ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
+    xs, vs, zs = [], [], []
+    with torch.no_grad():
+        x, v = _prior(process, basis, gens, shape, labels, device, dtype)
+        F, eye = process.drift_blocks(labels).expand(B, -1, -1, -1), torch.eye(2, dtype=_F64, device=device)
+        for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
+            h = float(ts[i] - ts[i + 1])
+            s = _velocity_score(precond, x, v, _time_column(ts[i], B, device), labels)
+            if record:
+                xs.append(x)
+                vs.append(v)
+                zs.append(math.sqrt(g2) * s)
+            noise = math.sqrt(h * g2) * _draw(gens, shape, device, dtype)
+            x, v = basis.block_combine(x, v, eye - h * F, base_v=h * g2 * s + noise, ids=ids)
+    empty = x.new_zeros((0, *x.shape))
+    return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
+                        v=torch.stack(vs) if record else empty, z_b=torch.stack(zs) if record else empty,
+                        final=x, final_v=v, labels=labels)
+
+
+def sample_em(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 100, labels: Tensor | None = None,
+              image_shape: Sequence[int] | None = None, dtype=torch.float32,
+              progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """The reverse SDE by Euler-Maruyama (`simulate_backward` without recording), per-seed deterministic.
+    Returns (x at t0 [B, C, H, W], labels, info) like `solvers.sample`."""
+    paths = simulate_backward(process, precond, seeds, steps, labels, image_shape, dtype, record=False,
+                              progress=progress)
+    return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
+
+
+ODE_SOLVERS = ("heun", "ipndm")
+
+
+def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tensor, Tensor]:
+    """Heun on the grid ts, the last step Euler (VSMD's sampler; EDM's convention): 2N - 1 calls for N steps."""
+    N = len(ts) - 1
+    for i in tqdm(range(N), disable=not progress, desc="Heun", leave=False):
+        h = float(ts[i + 1] - ts[i])
+        dx, dv = flow(x, v, ts[i])
+        x_e, v_e = x + h * dx, v + h * dv  # Euler step
+        if i == N - 1:
+            x, v = x_e, v_e
+        else:
+            dx_e, dv_e = flow(x_e, v_e, ts[i + 1])
+            x, v = x + h / 2 * (dx + dx_e), v + h / 2 * (dv + dv_e)  # trapezoidal correction
+    return x, v
+
+
+def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -> tuple[Tensor, Tensor]:
+    """Adams-Bashforth on the uniform grid ts, orders warming up 1, 2, .. `order` (iPNDM): one call per step."""
+    hist: list[tuple[Tensor, Tensor]] = []
+    for i in tqdm(range(len(ts) - 1), disable=not progress, desc="iPNDM", leave=False):
+        h = float(ts[i + 1] - ts[i])
+        hist = [flow(x, v, ts[i])] + hist[:order - 1]
+        weights = _AB[len(hist)]
+        x = x + h * sum(w * d[0] for w, d in zip(weights, hist))
+        v = v + h * sum(w * d[1] for w, d in zip(weights, hist))
+    return x, v
+
+
+def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
+               order: int | None = None, labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
+               dtype=torch.float32, device: torch.device | str | None = None,
+               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """VSMD's sampler: the probability-flow ODE dz = [F z - 1/2 G G^T grad log p] dt (G nonzero on v only, so
+    dv gets -1/2 gamma beta score_v) on a uniform t grid from T to t0, from VSMD's prior; the sample is x.
+
+    solver 'heun' (VSMD's `sample(prob_flow=True)`: Heun, last step Euler, nfe = 2 steps - 1) or 'ipndm'
+    (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps). The engine's other multistep solvers
+    (DPM-Solver++, UniPC, DEIS) are exponential integrators of the VE data-prediction form and do not apply to
+    the phase-space ODE. The NFE rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same
+    start point). Returns (x at t0 [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"solver: expected one of {', '.join(ODE_SOLVERS)} (the phase-space ODE solvers), "
+                         f"got {solver!r}")
+    plan = resolve_sampler(solver, "uniform_t", "end" if solver == "heun" else None, nfe, order)
+    device = process.log_damping.device if device is None else torch.device(device)
+    seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
+    basis, B = precond.basis, len(seeds)
+    ids = basis.group_ids(labels)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    half_g2 = process.gamma * process.beta / 2
+    ts = torch.linspace(process.T, process.t0, plan.steps + 1, dtype=_F64)
+    with torch.no_grad():
+        x, v = _prior(process, basis, gens, shape, labels, device, dtype)
+        F = process.drift_blocks(labels).expand(B, -1, -1, -1)
+
+        def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            s = _velocity_score(precond, x, v, _time_column(t, B, device), labels)
+            return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
+
+        if solver == "heun":
+            x, v = _heun(flow, x, v, ts, progress)
+        else:
+            x, v = _ipndm(flow, x, v, ts, plan.order, progress)
+    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order}
+
+
+def forward_score(process: VSMDProcess, basis: SubspaceBasis, x: Tensor, v: Tensor,
+                  labels: Tensor | None = None) -> Tensor:
+    """VSMD's forward policy on the v block, z_f = sqrt(gamma beta) sum_k P_k (a_k x + c_k v) (its
+    `alternate_sb_loss`: sqrt(beta) forward_score times sqrt(gamma)); gradients reach c, and a through c."""
+    B = process.check_images(basis, x=x, v=v)
+    a, c = process.forward_coefficients(labels)
+    if a.shape[0] not in (1, B):
+        raise ValueError(f"labels: expected one label per image ({B}), got {a.shape[0]}")
+    g = math.sqrt(process.gamma * process.beta)
+    return basis.combine(x, (g * a).expand(B, -1), v, (g * c).expand(B, -1), ids=basis.group_ids(labels),
+                         names={"u": "x", "v": "v"})
+
+
+def forward_score_divergence(process: VSMDProcess, basis: SubspaceBasis, image_shape: Sequence[int],
+                             labels: Tensor | None = None) -> Tensor:
+    """div_v (g z_f) = gamma beta sum_k n_k c_k [B] ([1] without labels), n_k = dim P_k; exact: z_f is linear in
+    v and fixed in the basis, so VSMD's Hutchinson probe is not needed (RELATED.md §3.2)."""
+    C, H, W = image_shape
+    dims = basis.subspace_dims(C)
+    if sum(dims) != C * H * W:
+        raise ValueError(f"basis: its subspaces span {sum(dims)} dimensions, not the images' C*H*W = {C * H * W} "
+                         f"(an IsotropicBasis needs image_size)")
+    _, c = process.forward_coefficients(labels)
+    return process.gamma * process.beta * (c * torch.tensor(dims, dtype=_F64, device=c.device)).sum(1)
+
+
+def forward_sb_loss(process: VSMDProcess, basis: SubspaceBasis, paths: Trajectories,
+                    zeta_sb: float = 1.0) -> Tensor:
+    """VSMD's forward (c) update, its `alternate_sb_loss` on backward paths (RELATED.md §2.5):
+
+        L = sum_i dt_i mean_b [ z_f . (1/2 z_f + z_b) + zeta_sb div_v(g z_f) ],  g = sqrt(gamma beta) on v,
+
+    with the divergence exact (`forward_score_divergence`). Only c gets gradient (paths are data). zeta_sb is
+    VSDM's `interact_coef`; VSMD's code has none (1). z_b is VSMD's frozen policy sqrt(gamma beta) score_v, i.e.
+    g grad_v log p, not VSDM's g grad log p - z_f (`vsdm.Trajectories`): at zeta_sb = 1 on exact marginals the
+    expectation is then 1/2 E|z_f|^2 (by parts, E[g grad log p . z_f] = -E[div(g z_f)]).
+    """
+    zeta_sb = check_number("zeta_sb", zeta_sb, "a finite number", lambda v: True)
+    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0:
+        raise ValueError("paths: expected Trajectories recorded by vsmd.simulate_backward(record=True)")
+    N, B = paths.x.shape[:2]
+    labels = None if paths.labels is None else paths.labels.repeat(N)
+    x, v, z_b = paths.x.flatten(0, 1), paths.v.flatten(0, 1), paths.z_b.flatten(0, 1)
+    z_f = forward_score(process, basis, x, v, labels)
+    energy = (z_f * (0.5 * z_f + z_b)).flatten(1).sum(1).to(_F64)
+    div = forward_score_divergence(process, basis, x.shape[1:], labels)
+    per_time = (energy + zeta_sb * div).reshape(N, B).mean(1)
+    return (paths.dt.to(per_time.device) * per_time).sum()
