@@ -146,7 +146,7 @@ def _prior_draws(process, basis, seeds):
 
 def _flow_map(process, oracle, M=2048):
     """Phi [K, 2, 2]: the exact PF-ODE map from T to t0 of each subspace, dz/dt = (F + 1/2 gamma beta e_v e_v^T
-    Cov_t^-1) z, by RK4 on M steps (1e-11 from M/2 steps)."""
+    Cov_t^-1) z, by RK4 on M steps (within 1e-9 of M/2 steps)."""
     ts = torch.linspace(process.T, process.t0, 2 * M + 1, dtype=F64)
     with torch.no_grad():
         F = process.drift_blocks()[0]
