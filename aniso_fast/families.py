@@ -13,18 +13,26 @@ path, its network wrapper, its training loss and its sampler (train.py, models.p
 
 A stored model keeps its forward path under the `schedule.*` tensors and `schedule_config`, whatever the family,
 and names the family in `family` (absent: core).
+
+Samplers (`sample`, checked by `check_sampler`, the one rule of which (solver, grid) a family takes): core, every
+engine solver on every grid (`solvers.resolve_sampler`); vsdm, `em` on uniform t steps (its own sampler in x
+space) or the PF-ODE through any engine solver on the VE view (not the Karras grid, which ignores the process);
+vsmd, `em`, Heun (end point, last step Euler) or iPNDM, all on the uniform t grid.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "VSDM_RULES", "EM", "family_of", "process_from_config", "network_from_config", "wrap_network", "is_alternating"]
+from . import solvers
+from .solvers import EM, Sampler
+
+__all__ = ["FAMILIES", "VSDM_RULES", "EM", "family_of", "process_from_config", "network_from_config", "wrap_network",
+           "is_alternating", "family_of_process", "check_sampler", "resolve_sampler", "sample"]
 
 FAMILIES = ("core", "vsdm", "vsmd")
 VSDM_RULES = ("alternate", "trajectory")
-EM = "em"  # the families' reverse-SDE sampler (Euler-Maruyama, one network call per step)
 
 
 def family_of(meta: Mapping[str, Any]) -> str:
@@ -75,3 +83,81 @@ def wrap_network(family: str, net: nn.Module, basis, process: nn.Module) -> nn.M
 def is_alternating(family: str, vsdm_rule: str | None) -> bool:
     """The forward path is learned by its own update on backward paths, apart from the network's steps."""
     return family == "vsmd" or (family == "vsdm" and vsdm_rule == "alternate")
+
+
+def family_of_process(process) -> str:
+    """The family of a forward path: vsdm for a VSDMProcess, vsmd for a VSMDProcess, else core (a MatrixSchedule,
+    or None on the Karras grid)."""
+    from .vsdm import VSDMProcess
+    from .vsmd import VSMDProcess
+
+    return "vsdm" if isinstance(process, VSDMProcess) else "vsmd" if isinstance(process, VSMDProcess) else "core"
+
+
+def check_sampler(family: str, plan: Sampler) -> None:
+    """ValueError naming `solver`, `grid` or `secondary` when the family does not take the resolved sampler."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}")
+    if not isinstance(plan, Sampler):
+        raise ValueError(f"plan: expected a solvers.Sampler (solvers.resolve_sampler), got {type(plan).__name__}")
+    if family == "core":
+        return
+    from .vsmd import ODE_SOLVERS
+
+    if family == "vsmd" and plan.solver not in (EM, *ODE_SOLVERS):
+        raise ValueError(f"solver: a vsmd model samples with {EM}, {' or '.join(ODE_SOLVERS)} (the other solvers "
+                         f"integrate the VE form, not the phase space), got {plan.solver!r}")
+    if (plan.solver == EM or family == "vsmd") and plan.grid != "uniform_t":
+        what = "Euler-Maruyama" if plan.solver == EM else f"{plan.solver} on the phase space"
+        raise ValueError(f"grid: a {family} model's {what} runs on the uniform t grid ('uniform_t'), "
+                         f"got {plan.grid!r}")
+    if family == "vsmd" and plan.secondary == "mid":
+        raise ValueError("secondary: a vsmd model's Heun steps to the end point (VSMD's sampler), got 'mid'")
+    if family == "vsdm" and plan.grid == "karras":
+        raise ValueError("grid: 'karras' ignores the process (EDM's isotropic grid); a vsdm model takes "
+                         "'uniform_t', 'edm_sigma' or 'logsnr'")
+
+
+def resolve_sampler(family: str, solver: str = "heun", grid: str = "uniform_t", secondary: str | None = None,
+                    nfe: int = 9, order: int | None = None) -> Sampler:
+    """`solvers.resolve_sampler` with the family's default secondary point (VSMD's Heun: the end point), then
+    `check_sampler`; ValueError naming the argument."""
+    if family == "vsmd" and solver == "heun" and secondary is None:
+        secondary = "end"
+    plan = solvers.resolve_sampler(solver, grid, secondary, nfe, order)
+    check_sampler(family, plan)
+    return plan
+
+
+def sample(model, process, plan: Sampler, seeds: Sequence[int], labels: Tensor | None = None, *,
+           device="cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """One sample per seed from a model of any family with its forward path (`models.load_trained`'s pair) and a
+    resolved sampler: core, `solvers.sample`; vsdm, `vsdm.sample_em` for 'em' else `vsdm.sample_ode`; vsmd,
+    `vsmd.sample_em` or `vsmd.sample_ode`. Per-seed deterministic. Returns (x, labels, info with the NFE spent,
+    solver and grid)."""
+    family = family_of_process(process)
+    check_sampler(family, plan)
+    if family == "core":
+        return solvers.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
+                              secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels, device=device,
+                              progress=progress)
+    if family == "vsdm":
+        from . import vsdm
+
+        if plan.solver == EM:  # vsdm.sample_em checks no labels (and runs on the process's device)
+            seeds = solvers.check_seeds(seeds)
+            labels = solvers.check_labels(labels, seeds, getattr(model, "num_classes", None), device)
+            x, labels, info = vsdm.sample_em(process, model, seeds, plan.steps, labels, progress=progress)
+        else:
+            x, labels, info = vsdm.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, grid=plan.grid,
+                                              secondary=plan.secondary, order=plan.order, labels=labels,
+                                              device=device, progress=progress)
+    else:
+        from . import vsmd
+
+        if plan.solver == EM:
+            x, labels, info = vsmd.sample_em(process, model, seeds, plan.steps, labels, progress=progress)
+        else:
+            x, labels, info = vsmd.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, order=plan.order,
+                                              labels=labels, device=device, progress=progress)
+    return x, labels, {**info, "solver": plan.solver, "grid": plan.grid}

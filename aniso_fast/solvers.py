@@ -4,7 +4,8 @@ A *grid* is data: the per-subspace variances g along the path, `[G, N+1, K]` (G 
 for class-conditional schedules), descending to the end point, plus optional secondary variances `[G, N, K]`
 for the midpoint Heun step. Small named functions build grids; the solvers are loops over them and accept any
 `model` with `.basis` and `.flow(x, g, labels)` (an `AnisoPrecond`-wrapped network, or the exact
-`GaussianMixture`). The flow ODE run in reverse is `dx = -dS F` with `S = M^{1/2}` (§6.2).
+`GaussianMixture`). The flow ODE run in reverse is `dx = -dS F` with `S = M^{1/2}` (§6.2); `em` integrates the
+reverse SDE instead (Euler-Maruyama, docs/SOLVERS.md).
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
     "Grid", "check_grid", "uniform_t", "edm_sigma_t", "logsnr_grid", "geometric_sigma_span", "schedule_grid", "karras_grid",
-    "euler", "heun", "seeded_noise", "seeded_labels", "check_seeds", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
+    "euler", "heun", "em", "seeded_noise", "seeded_labels", "check_seeds", "check_labels", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS", "ODE_SOLVERS",
     "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS",
 ]
 
-SOLVERS = ("euler", "heun", *multistep.MULTISTEP)
+EM = "em"  # Euler-Maruyama on the reverse SDE: the one stochastic solver, on any grid (it uses only the variances)
+SOLVERS = ("euler", "heun", EM, *multistep.MULTISTEP)
+ODE_SOLVERS = tuple(s for s in SOLVERS if s != EM)  # the probability-flow ODE solvers (deterministic)
+_ONE_CALL_PER_STEP = ("euler", EM, *multistep.MULTISTEP)  # N steps, N network calls, no secondary point
 GRIDS = ("uniform_t", "edm_sigma", "karras", "logsnr")
 # (solver, grid, secondary) -> the name the docs and tables use, and a one-letter code for compact tables
 SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
@@ -38,8 +42,8 @@ SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
 SAMPLER_CODES = {("heun", "karras", "end"): "K", ("heun", "uniform_t", "mid"): "u", ("heun", "uniform_t", "end"): "ue",
                  ("heun", "edm_sigma", "end"): "e", ("euler", "uniform_t", "end"): "E"}
 # names of the other (solver, grid) pairs are composed from these
-SOLVER_LABELS = {"euler": "Euler", "heun": "Heun", "dpmpp-2m": "DPM-Solver++(2M)", "dpmpp-3m": "DPM-Solver++(3M)",
-                 "unipc": "UniPC-bh2", "ipndm": "iPNDM", "deis": "DEIS-tAB"}
+SOLVER_LABELS = {"euler": "Euler", "heun": "Heun", EM: "Euler-Maruyama", "dpmpp-2m": "DPM-Solver++(2M)",
+                 "dpmpp-3m": "DPM-Solver++(3M)", "unipc": "UniPC-bh2", "ipndm": "iPNDM", "deis": "DEIS-tAB"}
 GRID_LABELS = {"uniform_t": "uniform t grid", "edm_sigma": "EDM sigma grid on the geometric mean",
                "karras": "Karras grid", "logsnr": "log-SNR grid on the geometric mean"}
 # grids placed on the schedule's geometric mean need its inverse (a MatrixSchedule has one)
@@ -205,6 +209,29 @@ def heun(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, final_eu
     return x
 
 
+def em(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, noise: Callable[[], Tensor] | None = None,
+       progress: bool = False, callback: Callable[[dict], None] | None = None) -> Tensor:
+    """Euler-Maruyama on the reverse SDE of the matrix VE process, dx = -gdot score ds + sqrt(gdot) dW with
+    score = M^{-1/2} F per subspace, each step's gdot ds taken as the grid's g_a - g_b:
+    x_b = x_a + (g_a - g_b) g_a^{-1/2} F(x_a) + (g_a - g_b)^{1/2} xi. One network call per step, on any grid.
+
+    `noise()` draws each step's standard normal xi like x (default `torch.randn_like`; `sample` passes per-seed
+    generators, so a sample does not depend on the rest of the batch).
+    """
+    if grid.g_sec is not None:
+        raise ValueError("grid: Euler-Maruyama uses no secondary points; build the grid with secondary='end'")
+    basis, ids, B = model.basis, model.basis.group_ids(labels), x.shape[0]
+    draw = noise if noise is not None else lambda: torch.randn_like(x)
+    for i in _progress(grid.num_steps, not progress):
+        g_a, g_b = _at(grid.g, i, B), _at(grid.g, i + 1, B)
+        F_a = model.flow(x, g_a, labels)
+        dg = g_a - g_b
+        x = basis.combine(F_a, dg * g_a.rsqrt(), draw(), dg.sqrt(), base=x, ids=ids)
+        if callback is not None:
+            callback({"i": i, "x": x, "g": g_b, "flow": F_a})
+    return x
+
+
 # ---- per-seed randomness (the same seed gives the same sample whatever else is in the batch) ----
 
 MAX_SEED = 2 ** 32 - 1  # torch's CPU generator keeps only a seed's low 32 bits: 2**32 would repeat seed 0
@@ -224,11 +251,21 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return out
 
 
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in check_seeds(seeds)]
+
+
+def _draw(gens: Sequence[torch.Generator], shape: Sequence[int], dtype, device) -> Tensor:
+    """The next standard normal image of each seed's stream (drawn in float64 on the CPU, so any device and dtype
+    sees the same numbers)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in gens]).to(
+        device=device, dtype=dtype)
+
+
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], *, dtype=torch.float32,
                  device: torch.device | str = "cpu") -> Tensor:
-    out = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-           for s in check_seeds(seeds)]
-    return torch.stack(out).to(device=device, dtype=dtype)
+    """The first draw of each seed's stream: the start noise of every sampler."""
+    return _draw(_generators(seeds), shape, dtype, device)
 
 
 def seeded_labels(seeds: Sequence[int], num_classes: int, device: torch.device | str = "cpu") -> Tensor:
@@ -238,19 +275,33 @@ def seeded_labels(seeds: Sequence[int], num_classes: int, device: torch.device |
     return torch.tensor(out, dtype=torch.long, device=device)
 
 
+def check_labels(labels, seeds: Sequence[int], num_classes: int | None,
+                 device: torch.device | str = "cpu") -> Tensor | None:
+    """One class label per seed (drawn by `seeded_labels` when None) for a model with `num_classes`, else None;
+    ValueError naming `labels` otherwise."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError("labels: this model is unconditional")
+        return None
+    if labels is None:
+        return seeded_labels(seeds, num_classes, device)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if labels.shape != (len(seeds),):
+        raise ValueError(f"labels: expected one label per seed ({len(seeds)}), got shape {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels: expected classes in [0, {num_classes}), got {labels.tolist()}")
+    return labels
+
+
 def steps_for_nfe(nfe: int, solver: str, secondary: str = "end") -> tuple[int, bool]:
     """(number of steps, final_euler) that spend exactly `nfe` network calls (no wasted call, METHOD §10.6)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     if not isinstance(nfe, int) or isinstance(nfe, bool):
         raise ValueError(f"nfe: expected an int, got {nfe!r}")
-    if solver == "euler":
+    if solver in _ONE_CALL_PER_STEP:  # the order of a multistep solver is checked by resolve_sampler
         if nfe < 1:
-            raise ValueError(f"nfe: Euler needs at least 1 network call, got {nfe}")
-        return nfe, False
-    if solver in multistep.MULTISTEP:  # one call per step; the order is checked by resolve_sampler
-        if nfe < 1:
-            raise ValueError(f"nfe: {solver} needs at least 1 network call, got {nfe}")
+            raise ValueError(f"nfe: {SOLVER_LABELS[solver]} needs at least 1 network call, got {nfe}")
         return nfe, False
     if secondary == "end":
         if nfe < 3 or nfe % 2 == 0:
@@ -291,8 +342,10 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
                     nfe: int = 9, order: int | None = None) -> Sampler:
     """Check a (solver, grid, secondary, nfe) choice and work out its steps; ValueError naming the argument.
 
-    Defaults: Heun's secondary point is the midpoint on the uniform t grid and the end point elsewhere; the
-    Karras grid is EDM's, end-point Heun only.
+    Defaults: Heun's secondary point is the midpoint on the uniform t grid and the end point elsewhere; on the
+    Karras grid (EDM's) Heun takes the end point only. Euler, Euler-Maruyama ('em') and the multistep solvers
+    spend one call per step, take no secondary point and run on every grid. Which samplers a process family
+    accepts: `families.check_sampler`.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -303,9 +356,9 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
     multi = solver in multistep.MULTISTEP
     if order is not None and not multi:
         raise ValueError(f"order: only the multistep solvers ({', '.join(multistep.MULTISTEP)}) take an order")
-    if multi and secondary == "mid":
+    if solver in _ONE_CALL_PER_STEP and secondary == "mid":
         raise ValueError(f"secondary: {solver} uses no secondary point")
-    if solver == "euler" or multi:
+    if solver in _ONE_CALL_PER_STEP:
         secondary = None
     elif secondary is None:
         secondary = "mid" if grid == "uniform_t" else "end"
@@ -331,8 +384,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
            device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """Generate one sample per seed: build the grid, draw x_T = M(T)^{1/2} z, run the solver.
 
-    solver: 'euler', 'heun' (matrix Heun, METHOD §6) or a multistep solver of `multistep.MULTISTEP` (with its
-    `order`). grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
+    solver: 'euler', 'heun' (matrix Heun, METHOD §6), 'em' (Euler-Maruyama on the reverse SDE, per-seed step
+    noises) or a multistep solver of `multistep.MULTISTEP` (with its `order`). grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
     geometric mean, end-point Heun), 'logsnr' (the geometric-mean sigma uniform in log sigma), 'karras' (the
     isotropic EDM baseline; the schedule is not used).
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
@@ -342,17 +395,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
     check_grid(grid, schedule)
     seeds = check_seeds(seeds)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes:
-        if labels is None:
-            labels = seeded_labels(seeds, num_classes, device)
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        if labels.shape != (len(seeds),):
-            raise ValueError(f"labels: expected one label per seed ({len(seeds)}), got shape {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"labels: expected classes in [0, {num_classes}), got {labels.tolist()}")
-    elif labels is not None:
-        raise ValueError("labels: this model is unconditional")
+    labels = check_labels(labels, seeds, getattr(model, "num_classes", None), device)
     if grid == "karras":
         g = karras_grid(plan.steps, model.basis.num_subspaces)
     else:
@@ -363,7 +406,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
         g = schedule_grid(schedule, t, labels, plan.secondary or "end")
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
     shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
-    z = seeded_noise(seeds, shape, dtype=dtype, device=device)
+    gens = _generators(seeds)
+    z = _draw(gens, shape, dtype, device)
     ids = model.basis.group_ids(labels)
     x = model.basis.scale(z, _at(g.g, 0, len(seeds)).sqrt(), ids=ids)
     with torch.no_grad():
@@ -371,6 +415,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
             x = multistep.MULTISTEP[solver](model, x, g, labels, order=plan.order, progress=progress)
         elif solver == "euler":
             x = euler(model, x, g, labels, progress=progress)
+        elif solver == EM:  # the step noises continue each seed's stream after its start noise
+            x = em(model, x, g, labels, noise=lambda: _draw(gens, shape, dtype, device), progress=progress)
         else:
             x = heun(model, x, g, labels, final_euler=plan.final_euler, progress=progress)
     return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "grid": grid,

@@ -252,3 +252,135 @@ def test_geometric_mean_grids_stay_inside_a_narrow_schedule(gmm, solver, grid):
     x, _, info = S.sample(gmm, view, nfe=7, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
     assert torch.isfinite(x).all() and info["nfe"] == 7
     assert S.geometric_sigma_span(MatrixSchedule(2)) == (0.002, 80.0)  # the engine's schedules: EDM's range
+
+
+# ---- Euler-Maruyama on the reverse SDE (issues 12 and 13: the families' stochastic sampler, also in the engine) ----
+
+def _second_moments(gm):
+    """Exact E|P_k x0|^2 per diffusion subspace of a mixture: sum_m w_m (|P_k mu_m|^2 + sum_{j in k} n_j lam_mj)."""
+    comp, w = gm.comp[0], gm.log_weights.exp()[0]
+    var = torch.zeros(len(comp), gm.basis.num_subspaces, dtype=f64).index_add_(1, gm.parent,
+                                                                                gm.variances[comp] * gm.dims)
+    return (w[:, None] * (gm.basis.sqnorms(gm.means[comp]) + var)).sum(0)
+
+
+def test_em_weak_error_is_first_order(gmm, aniso_schedule):
+    """The second moment per subspace of 2000 EM samples against the mixture's exact one: the error falls like
+    1/steps (slope ~1 on a log-log scale, 1.1-1.3 measured), far above the Monte Carlo noise (~0.01)."""
+    exact = _second_moments(gmm)
+    errors = []
+    for steps in (16, 32, 64):
+        x, _, info = S.sample(gmm, aniso_schedule, nfe=steps, solver="em", seeds=range(2000), dtype=f64)
+        assert info["nfe"] == info["steps"] == steps
+        errors.append((gmm.basis.sqnorms(x).mean(0) - exact).abs())
+    slope = (errors[0] / errors[2]).log2() / 2
+    assert ((0.8 < slope) & (slope < 1.6)).all(), slope
+    assert (errors[1] < errors[0]).all() and (errors[2] < errors[1]).all()
+
+
+def test_em_sample_depends_on_its_seed_only(gmm, aniso_schedule):
+    """Start noise = `seeded_noise`'s draw, then the step noises from the same per-seed stream: a seed's sample is
+    the same alone or in any batch, and equals the solver run by hand with that stream."""
+    alone, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[5], dtype=f64)
+    batch, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[1, 5, 9], dtype=f64)
+    assert torch.equal(alone[0], batch[1]) and not torch.allclose(batch[0], batch[1])
+    ode, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="euler", seeds=[5], dtype=f64)
+    assert not torch.allclose(alone, ode)  # the step noises are really drawn
+    grid = S.schedule_grid(aniso_schedule, S.uniform_t(6))
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(gmm.image_shape, generator=gen, dtype=f64)[None]
+    assert torch.equal(z, S.seeded_noise([5], gmm.image_shape, dtype=f64))
+    x0 = gmm.basis.scale(z, grid.g[:, 0].sqrt())
+    by_hand = S.em(gmm, x0, grid, noise=lambda: torch.randn(gmm.image_shape, generator=gen, dtype=f64)[None])
+    assert torch.equal(by_hand, alone)
+
+
+@pytest.mark.parametrize("grid", ["uniform_t", "karras", "logsnr", "edm_sigma"])
+def test_em_runs_on_every_grid_with_one_call_per_step(gmm, aniso_schedule, grid):
+    counted = CountingModel(gmm)
+    x, _, info = S.sample(counted, aniso_schedule, nfe=7, solver="em", grid=grid, seeds=[0, 1], dtype=f64)
+    assert counted.calls == 7 == info["nfe"] and torch.isfinite(x).all()
+    assert S.resolve_sampler("em", grid, None, 7).name == f"Euler-Maruyama, {S.GRID_LABELS[grid]}"
+
+
+def test_em_rules_in_resolve_sampler(gmm, aniso_schedule):
+    for args, match in [(("em", "uniform_t", "mid", 9), "^secondary: em uses no secondary point"),
+                        (("euler", "uniform_t", "mid", 9), "^secondary: euler uses no secondary point"),
+                        (("em", "uniform_t", None, 9, 2), "^order: only the multistep solvers"),
+                        (("em", "uniform_t", None, 0), "^nfe: Euler-Maruyama needs at least 1")]:
+        with pytest.raises(ValueError, match=match):
+            S.resolve_sampler(*args)
+    with pytest.raises(ValueError, match="^grid: Euler-Maruyama uses no secondary points"):
+        S.em(gmm, torch.zeros(1, *gmm.image_shape), S.schedule_grid(aniso_schedule, S.uniform_t(3), None, "mid"))
+
+
+# ---- one sampler entry for every process family (families.sample, families.check_sampler) ----
+
+class PhaseStub:
+    """A VSMD precond stand-in: the velocity score -v (a N(0, I) velocity), on the mixture's basis."""
+
+    num_classes, image_shape = None, (1, 6, 6)
+
+    def __init__(self, basis):
+        self.basis = basis
+
+    def __call__(self, z, t, labels=None):
+        return -z[:, 1:]
+
+
+def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
+    from aniso_fast import families as F, vsdm, vsmd
+
+    def same(plan, process, expected, model=gmm):
+        x, _, info = F.sample(model, process, plan, [0, 3])
+        assert torch.equal(x, expected[0]) and info["nfe"] == plan.nfe and info["solver"] == plan.solver
+
+    core = F.resolve_sampler("core", "em", "karras", None, 5)
+    same(core, aniso_schedule, S.sample(gmm, aniso_schedule, nfe=5, solver="em", grid="karras", seeds=[0, 3]))
+    process = vsdm.VSDMProcess(2, rates=[[0.2, -0.5]])
+    same(F.resolve_sampler("vsdm", "em", "uniform_t", None, 4), process, vsdm.sample_em(process, gmm, [0, 3], 4))
+    same(F.resolve_sampler("vsdm", "dpmpp-2m", "logsnr", None, 5), process,
+         vsdm.sample_ode(process, gmm, [0, 3], 5, solver="dpmpp-2m", grid="logsnr"))
+    phase, stub = vsmd.VSMDProcess(2), PhaseStub(gmm.basis)
+    heun = F.resolve_sampler("vsmd", "heun", "uniform_t", None, 5)
+    assert heun.secondary == "end" and heun.steps == 3  # VSMD's Heun: end point, last step Euler
+    same(heun, phase, vsmd.sample_ode(phase, stub, [0, 3], 5), stub)
+    same(F.resolve_sampler("vsmd", "ipndm", "uniform_t", None, 4, 2), phase,
+         vsmd.sample_ode(phase, stub, [0, 3], 4, solver="ipndm", order=2), stub)
+    same(F.resolve_sampler("vsmd", "em", "uniform_t", None, 4), phase, vsmd.sample_em(phase, stub, [0, 3], 4), stub)
+
+
+@pytest.mark.parametrize("family,solver,grid,secondary,match", [
+    ("vsdm", "heun", "karras", "end", "^grid: 'karras' ignores the process"),
+    ("vsdm", "em", "logsnr", None, "^grid: a vsdm model's Euler-Maruyama runs on the uniform t grid"),
+    ("vsmd", "dpmpp-2m", "uniform_t", None, "^solver: a vsmd model samples with em, heun or ipndm"),
+    ("vsmd", "euler", "uniform_t", None, "^solver: a vsmd model"),
+    ("vsmd", "heun", "logsnr", None, "^grid: a vsmd model's heun on the phase space runs on the uniform t grid"),
+    ("vsmd", "em", "edm_sigma", None, "^grid: a vsmd model's Euler-Maruyama"),
+    ("vsmd", "heun", "uniform_t", "mid", "^secondary: a vsmd model's Heun steps to the end point"),
+])
+def test_families_refuse_samplers_they_do_not_take(gmm, family, solver, grid, secondary, match):
+    from aniso_fast import families as F, vsdm, vsmd
+
+    with pytest.raises(ValueError, match=match):
+        F.resolve_sampler(family, solver, grid, secondary, 9)
+    plan = S.resolve_sampler(solver, grid, secondary, 9)
+    F.check_sampler("core", plan)  # the engine takes every sampler
+    process = vsdm.VSDMProcess(2) if family == "vsdm" else vsmd.VSMDProcess(2)
+    with pytest.raises(ValueError, match=match):  # and families.sample checks at its own boundary
+        F.sample(gmm, process, plan, [0])
+
+
+def test_families_sample_bad_input(gmm):
+    from aniso_fast import families as F, vsdm
+
+    plan = S.resolve_sampler("em", "uniform_t", None, 3)
+    with pytest.raises(ValueError, match="^family: expected one of core, vsdm, vsmd"):
+        F.check_sampler("vp", plan)
+    with pytest.raises(ValueError, match="^plan: expected a solvers.Sampler"):
+        F.sample(gmm, vsdm.VSDMProcess(2), {"solver": "em"}, [0])
+    cond = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2)
+    with pytest.raises(ValueError, match="^labels: expected classes in"):
+        F.sample(cond, vsdm.VSDMProcess(2), plan, [0, 1], labels=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="^seeds"):
+        F.sample(gmm, vsdm.VSDMProcess(2), plan, [-1])
