@@ -61,7 +61,7 @@ _FAMILY_OPTIONS = {  # option -> (families it applies to, default)
     "forward_every": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_path_steps": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_steps": {"vsdm-alternate": 10, "vsmd": 10},
-    "sb_zeta": {"vsdm-alternate": 0.75, "vsmd": 0.75},
+    "sb_zeta": {"vsdm-alternate": 0.75, "vsmd": 1.0},  # VSDM's interact_coef; VSMD's loss has no such weight
     "forward_paths": {"vsdm-alternate": None, "vsmd": None},
 }
 _FORWARD_CHUNK = 2 ** 31  # the chunk index of the forward update's path seeds (the data chunks count from 0)
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternating rule: Adam steps on the process per forward update (default 10)")
     g.add_argument("--sb-zeta", type=float, default=None,
                    help="alternating rule: the weight of the divergence in the forward SB loss (VSDM's "
-                        "interact_coef; default 0.75)")
+                        "interact_coef; default 0.75 for vsdm, 1 for vsmd, whose loss has no such weight)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=int, default=64, help="global batch size (images per optimiser step)")

@@ -347,16 +347,18 @@ class VSMDPrecond(nn.Module):
                              f"subspaces, got {basis!r}")
         self.net, self.process, self.basis = net, process, basis
         self.time_scale = check_number("time_scale", time_scale, "a finite number > 0", lambda v: v > 0)
+        # kept here: the trainer may swap .net for its DistributedDataParallel wrapper, which has neither
+        self.label_dim, cfg = net.label_dim, net.config()
+        self._image_shape = (cfg["out_channels"], cfg["img_resolution"], cfg["img_resolution"])
 
     @property
     def num_classes(self) -> int | None:
-        return self.net.label_dim or None
+        return self.label_dim or None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the samples: the network's output channels and resolution."""
-        cfg = self.net.config()
-        return (cfg["out_channels"], cfg["img_resolution"], cfg["img_resolution"])
+        return self._image_shape
 
     def forward(self, z: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
         """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
@@ -369,11 +371,11 @@ class VSMDPrecond(nn.Module):
         if lvv.shape[0] not in (1, B):
             raise ValueError(f"t: batch size {lvv.shape[0]} does not match z's {B}")
         onehot = None
-        if self.net.label_dim:
+        if self.label_dim:
             if labels is None:
-                raise ValueError(f"labels: the network is class-conditional ({self.net.label_dim} classes); "
+                raise ValueError(f"labels: the network is class-conditional ({self.label_dim} classes); "
                                  f"pass labels")
-            onehot = nn.functional.one_hot(labels, self.net.label_dim).to(torch.float32)
+            onehot = nn.functional.one_hot(labels, self.label_dim).to(torch.float32)
         noise = (self.time_scale * tt).expand(B).to(torch.float32)
         out = self.net(z.to(torch.float32), noise, onehot).to(z.dtype)
         return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=self.basis.group_ids(labels))
