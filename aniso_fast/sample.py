@@ -5,6 +5,8 @@ the results table (`python -m aniso_fast.evaluate table --set-default`; the reco
 as a PNG grid whose path is printed. While none is recorded, or when --model or a sampler option (--solver,
 --grid, --secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models
 list`) with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
+A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
+path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em).
 Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import models
+from . import families, models
 from .atomic import atomic_write, check_writable_folder
+from .checkpoint import read_header, read_meta
 from .cli import Parser
 from .data import to_uint8
 from .figures import save_image_grid
-from .solvers import GRIDS, SOLVERS, check_grid, check_seeds, resolve_sampler, sample
+from .solvers import GRIDS, SOLVERS, check_grid, check_seeds
 
 __all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
 
@@ -107,9 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "training checkpoint or a shipped model's file")
     p.add_argument("--schedule", default=None,
                    help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a shipped model "
-                        f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model")
+                        f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model; not for a "
+                        f"vsdm or vsmd model (its forward path is its own)")
     p.add_argument("--solver", default=None, choices=SOLVERS,
-                   help="default: the recorded solver for the NFE (see below), else heun")
+                   help="default: the recorded solver for the NFE (see below), else heun. em: Euler-Maruyama on "
+                        "the reverse SDE (NFE = steps). A vsdm model takes em on uniform_t or any ODE solver off "
+                        "the karras grid; a vsmd model em, heun (end point) or ipndm on uniform_t")
     p.add_argument("--grid", default=None, choices=GRIDS,
                    help="default: the recorded grid for the NFE, else uniform_t. uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
@@ -151,6 +157,18 @@ def _check_model(name: str) -> None:
                      f".safetensors file (a training checkpoint or a shipped model's file)")
 
 
+def _family(name: str) -> str:
+    """The process family of --model from its manifest entry or its file's header (no tensor is read)."""
+    shipped = models.shipped_models()
+    if name in shipped:
+        return families.family_of(shipped[name])
+    if not models.is_model_file(name):
+        return "core"  # the embedded models
+    if models.is_shipped_file(name):
+        return families.family_of(read_header(name)[0]["__metadata__"])
+    return families.family_of(read_meta(name))
+
+
 def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]:
     """Every file the run writes, the main one first; refused if one is a directory, or exists without --force."""
     if args.format == "npz":
@@ -172,7 +190,14 @@ def _validate(args):
     models.check_assets()
     _apply_defaults(args)
     _check_model(args.model)
+    try:
+        family = _family(args.model)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"--model {args.model}: {e}") from None
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
+    if family != "core" and args.schedule is not None:
+        raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
+                         f"drop --schedule")
     if args.schedule is None:
         args.schedule = "learned" if learned else models.DEFAULT_SCHEDULE
     if args.schedule not in models.SCHEDULES:
@@ -180,7 +205,7 @@ def _validate(args):
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     try:
-        plan = resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
+        plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     if args.seeds is not None and args.count is not None:
@@ -206,7 +231,7 @@ def _validate(args):
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
     name = args.model if args.model in models.MODELS else Path(args.model).stem
-    variant = plan.secondary or plan.order or "euler"
+    variant = plan.secondary or plan.order or ("sde" if plan.solver == families.EM else "euler")
     stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
     try:
@@ -217,7 +242,8 @@ def _validate(args):
 
 
 def _load(args):
-    """(model, schedule) on the device; a missing or corrupt model file is an error naming --model."""
+    """(model, forward path) on the device: a MatrixSchedule for the core family, the model's own process for the
+    others; a missing or corrupt model file is an error naming --model."""
     try:
         if models.has_learned_schedule(args.model):
             model, learned, _ = models.load_trained(args.model, args.device)
@@ -227,10 +253,11 @@ def _load(args):
             schedule = models.load_schedule(args.schedule, model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
-    try:
-        check_grid(args.grid, schedule)
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
+    if families.family_of_process(schedule) == "core":  # the families' grids: families.check_sampler
+        try:
+            check_grid(args.grid, schedule)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
     return model, schedule.to(args.device)
 
 
@@ -249,10 +276,9 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
-        x, lab, _ = sample(model, schedule, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
-                           secondary=plan.secondary, order=plan.order, seeds=seeds[i:i + args.batch],
-                           labels=None if labels is None else labels[i:i + args.batch],
-                           device=args.device, progress=not args.no_progress)
+        x, lab, _ = families.sample(model, schedule, plan, seeds[i:i + args.batch],
+                                    None if labels is None else labels[i:i + args.batch], device=args.device,
+                                    progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))
         labs.append(lab.cpu() if lab is not None else None)
     seconds = time.perf_counter() - t0

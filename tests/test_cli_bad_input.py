@@ -28,15 +28,22 @@ NO_BAD_VALUE = {"--no-progress", "--progress", "--force", "--cond", "--no-cond",
 BAD: dict[str, dict[str, list[list[str]]]] = {
     "sample": {
         "--model": [["--model", "no-such-model"], ["--model", MISSING + ".safetensors"]],
-        "--schedule": [["--schedule", "bogus"]],
-        "--solver": [["--solver", "bogus"]],
-        "--grid": [["--grid", "bogus"]],
-        "--secondary": [["--secondary", "bogus"], ["--grid", "karras", "--secondary", "mid"]],
+        "--schedule": [["--schedule", "bogus"],
+                       ["--model", "VSDM_CKPT", "--schedule", "edm"]],  # a family samples on its own process
+        "--solver": [["--solver", "bogus"],
+                     ["--model", "VSMD_CKPT", "--solver", "dpmpp-2m"]],  # not a phase-space solver
+        "--grid": [["--grid", "bogus"],
+                   ["--model", "VSDM_CKPT", "--grid", "karras"],  # EDM's grid ignores VSDM's process
+                   ["--model", "VSDM_CKPT", "--solver", "em", "--grid", "logsnr"],  # VSDM's EM: uniform t steps
+                   ["--model", "VSMD_CKPT", "--grid", "logsnr"]],  # VSMD's samplers: uniform t only
+        "--secondary": [["--secondary", "bogus"], ["--grid", "karras", "--secondary", "mid"],
+                        ["--solver", "em", "--secondary", "mid"],  # Euler-Maruyama has no secondary point
+                        ["--model", "VSMD_CKPT", "--secondary", "mid"]],  # VSMD's Heun: the end point
         "--nfe": [["--nfe", "100000000000"], ["--nfe", "abc"], ["--nfe", "0"],
                   ["--solver", "dpmpp-3m", "--nfe", "4"],  # an NFE below the solver's minimum
                   ["--solver", "ipndm", "--order", "4", "--nfe", "3"]],  # an order higher than the steps allow
         "--order": [["--solver", "unipc", "--order", "5"], ["--solver", "ipndm", "--order", "abc"],
-                    ["--solver", "heun", "--order", "2"]],
+                    ["--solver", "heun", "--order", "2"], ["--solver", "em", "--order", "2"]],
         "--seeds": [["--seeds", "5-2"], ["--seeds", "abc"], ["--seeds", "-1"], ["--seeds", "0-100000000000"]],
         "--count": [["--count", "0"], ["--count", "100000000000"]],
         "--classes": [["--classes", "99"], ["--classes", "abc"], ["--classes", "-1"]],
@@ -164,16 +171,20 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    """The valid parts of the command lines: a tiny npz data set and a training checkpoint (tests/conftest.py)."""
-    return {"npz": str(tiny_checkpoint.parents[1] / "tiny.npz"), "ckpt": str(tiny_checkpoint)}
+def tiny(tiny_checkpoint, tmp_path_factory):
+    """The valid parts of the command lines: a tiny npz data set and a training checkpoint (tests/conftest.py),
+    and one-step VSDM and VSMD checkpoints (VSDM_CKPT, VSMD_CKPT in a fragment)."""
+    from test_sample_cli import family_checkpoint
+
+    return {"npz": str(tiny_checkpoint.parents[1] / "tiny.npz"), "ckpt": str(tiny_checkpoint),
+            **{f"{f.upper()}_CKPT": str(family_checkpoint(tmp_path_factory.mktemp(f), f)) for f in ("vsdm", "vsmd")}}
 
 
 def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:
     """(main, argv): a valid base command line with the bad fragment last (argparse keeps the last value)."""
     if cli == "sample":
         return sample.main, ["--model", "gmm-fmnist", "--count", "2", "--nfe", "3", "--outdir", "out",
-                             "--no-progress", *fragment]
+                             "--no-progress", *[tiny[a] if a.endswith("_CKPT") else a for a in fragment]]
     if cli == "train":
         return train.main, ["--stage", "edm", "--data", tiny["npz"], "--out", "run", "--steps", "1", "--batch", "8",
                             "--model-channels", "8", "--channel-mult", "1,1", "--no-progress", *fragment]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aniso_fast import models
+from aniso_fast import families, models
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
 from aniso_fast.solvers import sample
@@ -119,7 +119,7 @@ def no_work(monkeypatch):
 
     for name in ("load_model", "load_trained", "load_shipped"):
         monkeypatch.setattr(models, name, work)
-    monkeypatch.setattr(sample_cli, "sample", work)
+    monkeypatch.setattr(families, "sample", work)
 
 
 def _one_line_error(capsys, *words):
@@ -324,3 +324,104 @@ def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  
                  str(tmp_path / "out")]) == 2
     _one_line_error(capsys, "--grid", "logsnr")
     assert not (tmp_path / "out").exists()
+
+
+# ---- models of the process families (issues 12 and 13: `sample --model fmnist-vsdm` works) ----
+
+def family_checkpoint(root, family: str):
+    """A one-step class-conditional run of `train --family <family>` on 8x8 data (tests/test_train_families.py)."""
+    from aniso_fast import train
+    from test_train import make_npz
+    from test_train_families import fam_argv
+
+    npz = make_npz(root / "tiny.npz")
+    assert train.main(fam_argv(npz, root / family, family, 1, "--forward-every", "5", "--class-schedules")) == 0
+    return sorted((root / family).glob("checkpoint-*.safetensors"))[-1]
+
+
+@pytest.fixture(scope="module")
+def fam_ckpt(tmp_path_factory, one_thread):
+    return {f: family_checkpoint(tmp_path_factory.mktemp(f), f) for f in ("vsdm", "vsmd")}
+
+
+def _npz_run(capsys, *argv):
+    capsys.readouterr()
+    assert main([*argv, "--format", "npz", "--no-progress"]) == 0, capsys.readouterr().err
+    path = capsys.readouterr().out.strip()
+    return path, np.load(path)
+
+
+@pytest.mark.parametrize("family,argv,stem,nfe", [
+    ("vsdm", ["--solver", "em", "--nfe", "6"], "learned_em-sde_uniform_t_nfe6", 6),  # VSDM's own sampler
+    ("vsdm", ["--nfe", "5"], "learned_heun-mid_uniform_t_nfe5", 5),  # the PF-ODE through the engine's Heun
+    ("vsdm", ["--solver", "dpmpp-2m", "--grid", "logsnr", "--nfe", "4"], "learned_dpmpp-2m-2_logsnr_nfe4", 4),
+    ("vsmd", ["--nfe", "5"], "learned_heun-end_uniform_t_nfe5", 5),  # VSMD's Heun: end point by default
+    ("vsmd", ["--solver", "ipndm", "--order", "2", "--nfe", "4"], "learned_ipndm-2_uniform_t_nfe4", 4),
+    ("vsmd", ["--solver", "em", "--nfe", "4"], "learned_em-sde_uniform_t_nfe4", 4),
+])
+def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ckpt, family, argv, stem, nfe):
+    """A VSDM / VSMD training checkpoint samples on its own process through families.sample: the CLI's images are
+    that function's for the same seeds and classes, and a seed's image does not depend on the batch."""
+    from aniso_fast.data import to_uint8
+
+    ckpt = str(fam_ckpt[family])
+    path, data = _npz_run(capsys, "--model", ckpt, "--seeds", "0,5", "--classes", "2", *argv, "--outdir",
+                          str(tmp_path / "a"))
+    assert path.endswith(f"checkpoint-00000001_{stem}.npz") and data["labels"].tolist() == [2, 2]
+    model, process, _ = models.load_trained(ckpt)
+    assert families.family_of_process(process) == family
+    args = sample_cli.build_parser().parse_args(["--model", ckpt, *argv, "--outdir", str(tmp_path / "c")])
+    plan = sample_cli._validate(args)[0]
+    assert plan.nfe == nfe
+    x, _, info = families.sample(model, process, plan, [0, 5], torch.tensor([2, 2]))
+    assert info["nfe"] == nfe and np.array_equal(data["images"], to_uint8(x).numpy())
+    _, other = _npz_run(capsys, "--model", ckpt, "--seeds", "5", "--classes", "2", *argv, "--outdir",
+                        str(tmp_path / "b"))
+    assert np.array_equal(other["images"][0], data["images"][1])
+
+
+def test_shipped_vsdm_model_samples_by_name_and_by_file(tmp_path, monkeypatch, capsys, fam_ckpt):
+    """`--model fmnist-vsdm` in miniature: a VSDM checkpoint exported to an assets folder samples by its name and by
+    its file, with em and with the PF-ODE; its family comes from the manifest entry / the file's header."""
+    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
+    shipped = models.export_model(fam_ckpt["vsdm"], "tiny-vsdm")
+    assert sample_cli._family("tiny-vsdm") == sample_cli._family(str(shipped)) == "vsdm"
+    assert sample_cli._family(str(fam_ckpt["vsmd"])) == "vsmd" and sample_cli._family("gmm-fmnist") == "core"
+    for model in ("tiny-vsdm", str(shipped)):
+        for argv in (["--solver", "em", "--nfe", "3"], ["--nfe", "3"]):
+            _, data = _npz_run(capsys, "--model", model, "--count", "2", *argv, "--outdir", str(tmp_path / "o"),
+                               "--force")
+            assert data["images"].shape == (2, 1, 8, 8)
+    assert main(["--model", "tiny-vsdm", "--schedule", "learned", "--outdir", str(tmp_path / "x")]) == 2
+    _one_line_error(capsys, "--schedule", "vsdm model")
+
+
+@pytest.mark.parametrize("family,argv,words", [
+    ("vsdm", ["--schedule", "edm"], ["--schedule", "is a vsdm model", "own forward path"]),
+    ("vsmd", ["--schedule", "learned"], ["--schedule", "is a vsmd model"]),
+    ("vsdm", ["--grid", "karras"], ["--grid", "'karras' ignores the process"]),
+    ("vsdm", ["--solver", "em", "--grid", "logsnr"], ["--grid", "Euler-Maruyama runs on the uniform t grid"]),
+    ("vsmd", ["--solver", "dpmpp-2m"], ["--solver", "em, heun or ipndm"]),
+    ("vsmd", ["--solver", "euler"], ["--solver", "em, heun or ipndm"]),
+    ("vsmd", ["--grid", "edm_sigma"], ["--grid", "uniform t grid"]),
+    ("vsmd", ["--secondary", "mid"], ["--secondary", "end point"]),
+    ("vsmd", ["--nfe", "4"], ["--nfe", "odd number"]),  # VSMD's Heun spends 2N - 1 calls
+    ("vsdm", ["--solver", "em", "--secondary", "mid"], ["--secondary", "em uses no secondary point"]),
+    ("vsdm", ["--solver", "em", "--order", "2"], ["--order", "only the multistep solvers"]),
+])
+def test_family_sampler_choice_refused_before_loading(tmp_path, capsys, no_work, fam_ckpt, family, argv, words):
+    """The family (from the checkpoint header) decides the samplers; a wrong one is refused before the network is
+    loaded, and nothing is written."""
+    assert main(["--model", str(fam_ckpt[family]), *argv, "--outdir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_core_models_take_em_on_every_grid(tmp_path, capsys):
+    """`--solver em` on the engine's family: the embedded mixture, NFE = steps, per-seed images."""
+    _, data = _npz_run(capsys, "--model", "gmm-fmnist", "--solver", "em", "--grid", "karras", "--nfe", "4",
+                       "--seeds", "1,2", "--outdir", str(tmp_path / "a"))
+    _, alone = _npz_run(capsys, "--model", "gmm-fmnist", "--solver", "em", "--grid", "karras", "--nfe", "4",
+                        "--seeds", "2", "--outdir", str(tmp_path / "b"))
+    assert np.array_equal(alone["images"][0], data["images"][1])
+    assert not np.array_equal(data["images"][0], data["images"][1])
