@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="the results table of a recipe's models -> docs/RESULTS.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--recipe", default="recipes/fmnist.json")
+    t.add_argument("--only", type=_names, default=None,
+                   help="comma-separated row names: a table of those rows only (default: all); their cells are "
+                        "cached like the full table's, which reuses them")
     t.add_argument("--n", type=_at_least_two, default=1000, help="generated samples per seed set")
     t.add_argument("--seeds", type=_positive, default=1, help="seed sets (their mean FD is reported)")
     t.add_argument("--nfe", type=_nfe_list, default=",".join(map(str, DEFAULT_NFES)),
@@ -256,6 +259,10 @@ def _check_classifier(args) -> None:
 def _check_table(args) -> tuple[dict, dict | None]:
     """The recipe and the previous results document (None with --fresh or when there is none)."""
     recipe = _load_recipe(args.recipe)
+    try:
+        recipe = dict(recipe, rows=select_rows(recipe, args.only))
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     _check_nfes("nfe", recipe, args.nfe, not args.no_optional)
     classifier = Path(args.classifier)
     if not (classifier.is_file() and classifier.with_suffix(".json").is_file()):
