@@ -3,7 +3,9 @@ behind `python -m aniso_fast.evaluate train-recipe`.
 
 A row names its training arguments (`python -m aniso_fast.train <train> --out <out>`), the row it fine-tunes
 from (`init_from`), the shipped model it becomes (`export`) and the samplers of its evaluation (`eval`, the
-first one the row's own).
+first one the row's own), each one its family takes (`families.check_sampler`; the family is the training
+arguments' `--family`). An `eval` entry runs at the table's NFEs, or at its own `nfes` (e.g. VSDM's
+Euler-Maruyama at 50 and 200 steps).
 """
 from __future__ import annotations
 
@@ -16,27 +18,41 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import models
+from . import families, models
 from .checkpoint import latest_checkpoint, read_meta
-from .solvers import MAX_NFE, Sampler, resolve_sampler
+from .solvers import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
-_EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional")
+_EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional", "nfes")
 
 
-def sampler_for(cfg: dict, nfe: int = MAX_NFE - 1) -> Sampler:
-    """The sampler of an `eval` entry or a results-table cell at `nfe` (default: one every sampler can spend,
-    for checking the entry alone); ValueError naming the argument (solver, grid, secondary, order, nfe)."""
-    return resolve_sampler(cfg["solver"], cfg["grid"], cfg.get("secondary"), nfe, cfg.get("order"))
+def sampler_for(cfg: dict, nfe: int | None = None, family: str = "core") -> Sampler:
+    """The sampler of an `eval` entry or a results-table cell for a model of `family` at `nfe` (None: the entry's
+    first own NFE, else one every sampler can spend, for checking the entry alone); an entry with its own `nfes`
+    spends no other. ValueError naming the argument (solver, grid, secondary, order, nfe)."""
+    own = cfg.get("nfes")
+    if nfe is None:
+        nfe = own[0] if own else MAX_NFE - 1
+    elif own and nfe not in own:
+        raise ValueError(f"nfe: this sampler runs at its own NFEs ({', '.join(map(str, own))}) only, got {nfe}")
+    return families.resolve_sampler(family, cfg["solver"], cfg["grid"], cfg.get("secondary"), nfe, cfg.get("order"))
 
 
-def sampler_key(cfg: dict) -> tuple:
-    """(solver, grid, secondary, order) of an `eval` entry or a results-table cell: secondary None for Euler and
-    the multistep solvers, order None except for the multistep solvers (their default order filled in)."""
-    plan = sampler_for(cfg)
+def sampler_key(cfg: dict, family: str = "core") -> tuple:
+    """(solver, grid, secondary, order) of an `eval` entry or a results-table cell: secondary None for Euler,
+    Euler-Maruyama and the multistep solvers, order None except for the multistep solvers (their default order
+    filled in)."""
+    plan = sampler_for(cfg, family=family)
     return (plan.solver, plan.grid, plan.secondary, plan.order)
+
+
+def _check_nfes(nfes) -> None:
+    """An entry's own NFEs: a non-empty list of distinct ints (each then resolved by the entry's sampler)."""
+    if not isinstance(nfes, list) or not nfes or len(set(nfes)) != len(nfes) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in nfes):
+        raise ValueError(f"nfes: expected a non-empty list of distinct integers, got {nfes!r}")
 
 
 def _stage_argv(row: dict) -> list[str]:
@@ -74,13 +90,21 @@ def _check_row(row, path: Path, seen: set) -> None:
         raise ValueError(f"{path}: row {name!r}: --out, --init-from and --resume are set by the runner")
     if not isinstance(row["eval"], list) or not row["eval"]:
         raise ValueError(f"{path}: row {name!r}: 'eval' must be a non-empty list of samplers")
+    try:
+        family = config_from_argv(_stage_argv(row)).family
+    except ValueError as e:
+        raise ValueError(f"{path}: row {name!r}: training arguments: {e}") from None
     keys = set()
     for cfg in row["eval"]:
         if not isinstance(cfg, dict) or not {"solver", "grid"} <= set(cfg) or set(cfg) - set(_EVAL_KEYS):
             raise ValueError(f"{path}: row {name!r}: unknown sampler {cfg} (expected solver, grid and optionally "
-                             f"secondary, order, optional)")
+                             f"secondary, order, optional, nfes)")
         try:
-            key = sampler_key(cfg)
+            if "nfes" in cfg:
+                _check_nfes(cfg["nfes"])
+                for nfe in cfg["nfes"]:
+                    sampler_for(cfg, nfe, family)
+            key = sampler_key(cfg, family)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: row {name!r}: sampler {cfg}: {e}") from None
         if key in keys:
@@ -91,12 +115,9 @@ def _check_row(row, path: Path, seen: set) -> None:
                 cfg.pop(k, None)
             else:
                 cfg[k] = v
-    if row["eval"][0].get("optional"):
-        raise ValueError(f"{path}: row {name!r}: the first sampler is the row's own and cannot be optional")
-    try:
-        config_from_argv(_stage_argv(row))
-    except ValueError as e:
-        raise ValueError(f"{path}: row {name!r}: training arguments: {e}") from None
+    if row["eval"][0].get("optional") or "nfes" in row["eval"][0]:
+        raise ValueError(f"{path}: row {name!r}: the first sampler is the row's own (its figure and Inception "
+                         f"cells use it at the table's NFEs): it cannot be optional or have its own nfes")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

@@ -2,7 +2,7 @@
 `docs/results.json` and `docs/figures/`.
 
 For every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
-NFE with each of the row's samplers, scored by the Frechet distance to the test set in a feature space
+NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`families.sample`: any family), scored by the Frechet distance to the test set in a feature space
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
 cached per (model, sampler, NFE, N, seed set), so an interrupted run resumes where it stopped.
@@ -18,19 +18,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import families
 from .atomic import atomic_write, atomic_write_text
 from .features import FrechetScorer, machine_description
 from .figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
-from .solvers import SAMPLER_CODES, sample
+from .solvers import SAMPLER_CODES
 
 __all__ = ["DEFAULT_NFES", "row_samplers", "results_table", "results_markdown", "write_table", "best_row",
            "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
-_SOLVER_CODES = {"euler": "E", "heun": "H", "dpmpp-2m": "2M", "dpmpp-3m": "3M", "unipc": "UniPC", "ipndm": "iPNDM",
+_SOLVER_CODES = {"euler": "E", "heun": "H", "em": "EM", "dpmpp-2m": "2M", "dpmpp-3m": "3M", "unipc": "UniPC", "ipndm": "iPNDM",
                  "deis": "DEIS"}
 _GRID_CODES = {"uniform_t": "u", "edm_sigma": "e", "karras": "K", "logsnr": "λ"}
 
@@ -54,16 +55,16 @@ def _cell_key(cfg: dict) -> dict:
 
 
 def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int) -> torch.Tensor:
+    """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler."""
     from .data import to_uint8
 
     out = []
     num_classes = model.num_classes
-    key = _cell_key(cfg)
+    plan = sampler_for(cfg, nfe, families.family_of_process(schedule))
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
-        x, _, _ = sample(model, schedule, nfe=nfe, solver=key["solver"], grid=key["grid"],
-                         secondary=key["secondary"], order=key["order"], seeds=chunk, labels=labels)
+        x, _, _ = families.sample(model, schedule, plan, chunk, labels)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -210,6 +211,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 print(f"{row['name']}: skipped ({found['where']})", flush=True)
             continue
         model, schedule = found["load"]()
+        family = families.family_of_process(schedule)
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]
                            and (previous or {}).get("protocol", {}).get("scorer") == scorer.id) else None
@@ -217,10 +219,10 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                      if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds}
         configs = row_samplers(row, optional)
         for cfg in configs:
-            for nfe in nfes:
+            for nfe in cfg.get("nfes") or nfes:
                 key = (sampler_key(cfg), nfe)
                 try:
-                    sampler_for(cfg, nfe)
+                    sampler_for(cfg, nfe, family)
                 except ValueError as e:
                     entry["cells"].append({**_cell_key(cfg), "nfe": nfe, "n": n, "skipped": str(e)})
                     continue
@@ -251,7 +253,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)}
             for nfe in inception_nfes or nfes:
                 try:
-                    sampler_for(primary, nfe)
+                    sampler_for(primary, nfe, family)
                 except ValueError:
                     continue
                 cell = old_inc.get((nfe, inception_n))
@@ -319,7 +321,7 @@ def _sampler_name(key: tuple) -> str:
 
 def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str]) -> str:
     p = result["protocol"]
-    nfes = p["nfes"]
+    nfes = sorted({*p["nfes"], *(c["nfe"] for row in result["rows"] for c in row["cells"])})  # and samplers' own
     head = "| model | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " | NFE to converge |"
     rule = "|---|---|" + "---|" * len(nfes) + "---|"
     recipe_rows = {r["name"]: r for r in recipe["rows"]}
@@ -348,15 +350,18 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
               "grid over the learned schedule (METHOD §6.4, §6.5), and the anisotropic multistep solvers "
               "(`aniso_fast/multistep.py`, docs/SOLVERS.md) on the grids that measured best on the exact mixture. "
               "EDM and control rows: the peer solvers, each on its own harness's grid (the recipe's notes). "
+              "Euler-Maruyama (the reverse SDE, one network call per step; VSDM's and VSMD's own sampler) runs at "
+              "its family's step counts, the only NFEs of its line. "
               f"**NFE to converge**: the lowest NFE whose FD is within {100 * (CONVERGED - 1):.0f}% of the same "
-              f"line's FD at NFE {max(nfes)}.", "", f"Machine: {result['machine']}.", ""]
+              f"line's FD at its largest NFE (NFE {max(p['nfes'])} at the table's NFEs).", "",
+              f"Machine: {result['machine']}.", ""]
     winners = _winners(result, nfes)
     body, skipped = [], {}
     for row in result["rows"]:
         if row["status"] != "ok":
             body.append(f"| {row['label']} | not evaluated: {row['where']} |" + " |" * len(nfes) + " |")
     for row, key, cells in _lines(result):
-        conv = nfe_to_converge(cells, nfes)
+        conv = nfe_to_converge(cells, sorted({c["nfe"] for c in row["cells"] if sampler_key(c) == key}))
         body.append(f"| {row['label']} | {_sampler_name(key)} | " + " | ".join(
             _fmt(cells.get(k), k in cells and cells[k]["mean"] == winners.get(k)) for k in nfes)
             + f" | {conv if conv is not None else '—'} |")

@@ -131,6 +131,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
     },
     "evaluate table": {
         "--recipe": [["--recipe", MISSING + ".json"], ["--recipe", "a_file"]],
+        "--only": [["--only", "nosuchrow"]],
         "--n": [["--n", "0"]],
         "--seeds": [["--seeds", "0"]],
         "--nfe": [["--nfe", "abc"], ["--nfe", "100000000000"],

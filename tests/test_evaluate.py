@@ -80,7 +80,10 @@ def test_fmnist_recipe_is_consistent():
     recipe = recipes.load_recipe("recipes/fmnist.json")
     rows = {r["name"]: r for r in recipe["rows"]}
     learned = ["iso", "iso-class", "dct", "dct-class", "pca"]
-    assert list(rows) == ["edm", "control", *learned]
+    assert list(rows)[:7] == ["edm", "control", *learned]
+    # issues 12 and 13: the VSDM row is also evaluated with VSDM's own sampler at its step counts
+    assert rows["vsdm"]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+    assert {"solver": "em", "grid": "uniform_t", "nfes": [50, 200]} in rows["vsdm"]["eval"]
     assert rows["edm"]["eval"][0] == {"solver": "heun", "grid": "karras", "secondary": "end"}
     for name in learned:
         assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
@@ -469,3 +472,86 @@ def test_train_recipe_failed_training_exits_1(monkeypatch, capsys):  # issue 10:
     assert main(["train-recipe", "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "exit status 3" in err[0]
+
+
+# ---- the process families in recipes and the table (issues 12 and 13) ----
+
+def _family_recipe(tmp_path, rows: list[dict]) -> Path:
+    good = json.loads(Path("recipes/fmnist.json").read_text())
+    vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None, **row} for row in rows]}))
+    return path
+
+
+VSMD_TRAIN = "--family vsmd --data fashion-mnist --batch 32 --kimg 8 --basis dct --dct-bands 14"
+HEUN_MID = {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+
+
+def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
+    """An entry is checked against the family of its row's training arguments (families.check_sampler); VSMD's
+    Heun is normalised to its end point; an entry's own `nfes` must be spendable and it spends no other NFE."""
+    em = {"solver": "em", "grid": "uniform_t", "nfes": [50, 200]}
+    recipe = recipes.load_recipe(_family_recipe(tmp_path, [
+        {"eval": [HEUN_MID, em]},
+        {"name": "vsmd", "train": VSMD_TRAIN, "eval": [{"solver": "heun", "grid": "uniform_t"}, em]}]))
+    vsdm_evals, vsmd_evals = (r["eval"] for r in recipe["rows"])
+    assert vsdm_evals[1] == em and vsmd_evals[0] == {"solver": "heun", "grid": "uniform_t", "secondary": "end"}
+    assert recipes.sampler_for(em).nfe == 50 and recipes.sampler_for(em, 200, "vsdm").steps == 200
+    with pytest.raises(ValueError, match=r"^nfe: this sampler runs at its own NFEs \(50, 200\) only, got 9"):
+        recipes.sampler_for(em, 9)
+    for rows, match in [
+        ([{"eval": [HEUN_MID, {"solver": "em", "grid": "logsnr"}]}], "grid: a vsdm model's Euler-Maruyama"),
+        ([{"eval": [HEUN_MID, {"solver": "heun", "grid": "karras", "secondary": "end"}]}], "'karras' ignores"),
+        ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [{"solver": "dpmpp-2m", "grid": "uniform_t"}]}],
+         "solver: a vsmd model samples with em, heun or ipndm"),
+        ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [HEUN_MID]}], "secondary: a vsmd model's Heun"),
+        ([{"eval": [HEUN_MID, {**em, "nfes": []}]}], "nfes: expected a non-empty list"),
+        ([{"eval": [HEUN_MID, {**em, "nfes": [50, 50]}]}], "nfes: expected a non-empty list of distinct"),
+        ([{"eval": [HEUN_MID, {**em, "nfes": ["50"]}]}], "nfes: expected"),
+        ([{"eval": [HEUN_MID, {**em, "nfes": [0]}]}], "nfe: Euler-Maruyama needs at least 1"),
+        ([{"eval": [HEUN_MID, {**HEUN_MID, "secondary": "end", "nfes": [4]}]}], "nfe: end-point Heun"),
+        ([{"eval": [em]}], "the first sampler is the row's own"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            recipes.load_recipe(_family_recipe(tmp_path, rows))
+
+
+def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypatch):
+    """A VSDM row (the mixture on a VSDM process) in the table: the PF-ODE at the table's NFEs, Euler-Maruyama at
+    its own NFEs only, each cell's samples from families.sample; the Markdown has a column for every NFE run."""
+    from aniso_fast import families
+    from aniso_fast.data import to_uint8
+    from aniso_fast.vsdm import VSDMProcess
+
+    model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
+    monkeypatch.setattr(table, "resolve_row", lambda row, source: {
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process)})
+    em = {"solver": "em", "grid": "uniform_t", "nfes": [4, 6]}
+    recipe = {"title": "tiny", "rows": [{"name": "v", "label": "VSDM row", "out": "-", "eval": [HEUN_MID, em],
+                                        "schedule_figure": False}]}
+    images = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1)[:, ::98].float().numpy() / 255, images, id="px8")
+    generated = {}
+    real = table._generate
+
+    def spy(model, schedule, cfg, nfe, seeds, batch):
+        out = real(model, schedule, cfg, nfe, seeds, batch)
+        generated[(cfg["solver"], nfe, tuple(seeds))] = out
+        return out
+
+    monkeypatch.setattr(table, "_generate", spy)
+    result, extras = table.results_table(recipe, scorer, n=6, seeds=1, nfes=[3, 5], batch=6, per_class=1,
+                                         progress=False, bootstrap=5)
+    cells = {(c["solver"], c["nfe"]): c for c in result["rows"][0]["cells"]}
+    assert sorted(cells) == [("em", 4), ("em", 6), ("heun", 3), ("heun", 5)]
+    assert not any("skipped" in c for c in cells.values())
+    plan = families.resolve_sampler("vsdm", "em", "uniform_t", None, 6)
+    x, _, _ = families.sample(model, process, plan, list(range(6)), torch.arange(6))
+    assert torch.equal(generated[("em", 6, tuple(range(6)))], to_uint8(x))
+    md = table.results_markdown(result, recipe, "cmd", {})
+    head = next(line for line in md.splitlines() if line.startswith("| model | sampler |"))
+    assert head == "| model | sampler | NFE 3 | NFE 4 | NFE 5 | NFE 6 | NFE to converge |"
+    em_line = next(line for line in md.splitlines() if "Euler-Maruyama, uniform t grid" in line).split(" | ")
+    assert em_line[2] == em_line[4] == "—" and "±" in em_line[3] and "±" in em_line[5]
+    assert em_line[6].rstrip(" |") in ("4", "6")  # converged within its own NFEs (4, 6), not the table's
