@@ -35,7 +35,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from . import families
 from .atomic import atomic_write, atomic_write_bytes, check_writable_folder
 from .bases import PCABasis
-from .checkpoint import CheckpointError, load_checkpoint, read_header, strip_prefix
+from .checkpoint import CheckpointError, load_checkpoint, read_header, read_meta, strip_prefix
 from .cli import Parser
 from .gmm import GaussianMixture
 from .schedules import MatrixSchedule
@@ -325,6 +325,18 @@ def _shipped_metadata(header: dict) -> dict | None:
     """The metadata of a shipped model from a safetensors header (checkpoint.read_header), else None."""
     meta = header.get("__metadata__") or {}
     return meta if meta.get("format") == SHIPPED_FORMAT else None
+
+
+def model_family(name: str) -> str:
+    """The process family of a model name or file (`families`), from its manifest entry or its file's header:
+    no tensor is read. The embedded models are core."""
+    shipped = shipped_models()
+    if name in shipped:
+        return families.family_of(shipped[name])
+    if not is_model_file(name):
+        return "core"
+    shipped_meta = _shipped_metadata(read_header(name)[0])
+    return families.family_of(shipped_meta if shipped_meta is not None else read_meta(name))
 
 
 def is_shipped_file(path: str | os.PathLike) -> bool:

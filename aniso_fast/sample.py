@@ -22,7 +22,6 @@ import torch
 
 from . import families, models
 from .atomic import atomic_write, check_writable_folder
-from .checkpoint import read_header, read_meta
 from .cli import Parser
 from .data import to_uint8
 from .figures import save_image_grid
@@ -157,18 +156,6 @@ def _check_model(name: str) -> None:
                      f".safetensors file (a training checkpoint or a shipped model's file)")
 
 
-def _family(name: str) -> str:
-    """The process family of --model from its manifest entry or its file's header (no tensor is read)."""
-    shipped = models.shipped_models()
-    if name in shipped:
-        return families.family_of(shipped[name])
-    if not models.is_model_file(name):
-        return "core"  # the embedded models
-    if models.is_shipped_file(name):
-        return families.family_of(read_header(name)[0]["__metadata__"])
-    return families.family_of(read_meta(name))
-
-
 def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]:
     """Every file the run writes, the main one first; refused if one is a directory, or exists without --force."""
     if args.format == "npz":
@@ -191,7 +178,7 @@ def _validate(args):
     _apply_defaults(args)
     _check_model(args.model)
     try:
-        family = _family(args.model)
+        family = models.model_family(args.model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file

@@ -385,8 +385,8 @@ def test_shipped_vsdm_model_samples_by_name_and_by_file(tmp_path, monkeypatch, c
     its file, with em and with the PF-ODE; its family comes from the manifest entry / the file's header."""
     _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
     shipped = models.export_model(fam_ckpt["vsdm"], "tiny-vsdm")
-    assert sample_cli._family("tiny-vsdm") == sample_cli._family(str(shipped)) == "vsdm"
-    assert sample_cli._family(str(fam_ckpt["vsmd"])) == "vsmd" and sample_cli._family("gmm-fmnist") == "core"
+    assert models.model_family("tiny-vsdm") == models.model_family(str(shipped)) == "vsdm"
+    assert models.model_family(str(fam_ckpt["vsmd"])) == "vsmd" and models.model_family("gmm-fmnist") == "core"
     for model in ("tiny-vsdm", str(shipped)):
         for argv in (["--solver", "em", "--nfe", "3"], ["--nfe", "3"]):
             _, data = _npz_run(capsys, "--model", model, "--count", "2", *argv, "--outdir", str(tmp_path / "o"),
