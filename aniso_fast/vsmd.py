@@ -290,6 +290,12 @@ class VelocityScoreNet(nn.Module):
     def config(self) -> dict:
         return self.net.config()
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the x half: the output channels and resolution."""
+        cfg = self.net.config()
+        return cfg["out_channels"], cfg["img_resolution"], cfg["img_resolution"]
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "VelocityScoreNet":
         return cls(SongUNet.from_config(dict(cfg)))
@@ -333,13 +339,21 @@ class VSMDPrecond(nn.Module):
     so the network regresses the velocity noise (VSMD's loss |L_vv s + eps_v|^2 makes net -> eps_v). The noise
     label is VSMD's 999 t, not EDM's c_noise = ln(sigma)/4: a net from `VelocityScoreNet.from_edm` starts as
     the EDM function of x, but under noise labels it never saw. t in (0, T] (L_vv(0) = 0).
+
+    `net` is a `VelocityScoreNet` or any module with the same contract that reports `label_dim` and
+    `image_shape` (C, H, W) of the x half (e.g. the toy study's point MLP); z must be [B, 2C, H, W].
     """
 
-    def __init__(self, net: VelocityScoreNet, process: VSMDProcess, basis: SubspaceBasis,
+    def __init__(self, net: nn.Module, process: VSMDProcess, basis: SubspaceBasis,
                  time_scale: float = 999.0):
         super().__init__()
-        if not isinstance(net, VelocityScoreNet):
-            raise ValueError(f"net: expected a VelocityScoreNet, got {type(net).__name__}")
+        shape = getattr(net, "image_shape", None) if isinstance(net, nn.Module) else None
+        label_dim = getattr(net, "label_dim", None)
+        if (not isinstance(shape, tuple) or len(shape) != 3
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape)
+                or isinstance(label_dim, bool) or not isinstance(label_dim, int) or label_dim < 0):
+            raise ValueError(f"net: expected a VelocityScoreNet (or a module reporting label_dim and image_shape "
+                             f"(C, H, W)), got {type(net).__name__}")
         if not isinstance(process, VSMDProcess):
             raise ValueError(f"process: expected a VSMDProcess, got {type(process).__name__}")
         if not isinstance(basis, SubspaceBasis) or basis.num_subspaces != process.num_subspaces:
@@ -348,8 +362,7 @@ class VSMDPrecond(nn.Module):
         self.net, self.process, self.basis = net, process, basis
         self.time_scale = check_number("time_scale", time_scale, "a finite number > 0", lambda v: v > 0)
         # kept here: the trainer may swap .net for its DistributedDataParallel wrapper, which has neither
-        self.label_dim, cfg = net.label_dim, net.config()
-        self._image_shape = (cfg["out_channels"], cfg["img_resolution"], cfg["img_resolution"])
+        self.label_dim, self._image_shape = label_dim, shape
 
     @property
     def num_classes(self) -> int | None:
@@ -367,7 +380,11 @@ class VSMDPrecond(nn.Module):
                        f"finite times in (0, T={self.process.T:g}] (L_vv(0) = 0)")
         with torch.no_grad():
             lvv = self.process.chol_blocks(tt, labels)[..., 1, 1]
-        B = _images("z", z).shape[0]
+        C, H, W = self._image_shape
+        if _images("z", z).shape[1:] != (2 * C, H, W):
+            raise ValueError(f"z: expected the phase space [B, {2 * C}, {H}, {W}] (x and v stacked on channels), "
+                             f"got {tuple(z.shape)}")
+        B = z.shape[0]
         if lvv.shape[0] not in (1, B):
             raise ValueError(f"t: batch size {lvv.shape[0]} does not match z's {B}")
         onehot = None

@@ -1,6 +1,8 @@
 """Issue 12, items 2-4: VSDM's learning rules and samplers (aniso_fast/vsdm.py) and the 2-D toy study
 (aniso_fast/toys.py): data scalings, metrics on known cases, the exact divergence, gradients to the rates,
-per-seed determinism and the CLI's bad-input checks."""
+per-seed determinism and the CLI's bad-input checks. Issue 13, item 5: VSMD's toy methods (a point network in
+VSMDPrecond, c learned by the alternating rule, the PF-ODE's recorded x paths)."""
+import json
 import math
 
 import numpy as np
@@ -12,9 +14,11 @@ from aniso_fast.bases import DCTBasis
 from aniso_fast.losses import trajectory_loss
 from aniso_fast.precond import AnisoPrecond
 from aniso_fast.schedules import karras_sigmas
-from aniso_fast.solvers import SOLVERS, edm_sigma_t, heun, sample, schedule_grid, seeded_noise
+from aniso_fast.solvers import ODE_SOLVERS, edm_sigma_t, heun, sample, schedule_grid, seeded_noise
+from aniso_fast.networks import SongUNet
 from aniso_fast.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
                              forward_score_divergence, sample_em, score, simulate_backward)
+from aniso_fast.vsmd import VSMDPrecond, VSMDProcess, sample_ode
 
 F64 = torch.float64
 
@@ -208,7 +212,7 @@ def test_pf_ode_through_every_engine_solver_on_the_view():
     seeds = range(16)
     with torch.no_grad():
         ref = sample(Exact(), view, nfe=200, seeds=seeds, image_shape=toys.SHAPE, dtype=F64)[0]
-        for solver in SOLVERS:
+        for solver in ODE_SOLVERS:  # em (solvers.em) samples the SDE, not the PF-ODE
             y = sample(Exact(), view, nfe=41, solver=solver, grid="uniform_t", seeds=seeds, image_shape=toys.SHAPE,
                        dtype=F64)[0]
             assert float((y - ref).abs().max()) < (0.2 if solver == "euler" else 0.01), solver
@@ -273,12 +277,100 @@ def test_bad_rule_inputs_raise_naming_them():
         forward_score(VSDMProcess(3), model.basis, torch.zeros(2, *toys.SHAPE), 0.5)
 
 
+# ---- VSMD (issue 13, item 5) ----
+
+@pytest.mark.parametrize("method", ["vsmd-crit", "vsmd-under"])
+def test_vsmd_methods_train_c_in_the_forward_stages_and_evaluate(method, monkeypatch):
+    monkeypatch.setattr(toys, "EM_STEPS", 4)  # the same code paths, fewer steps
+    monkeypatch.setattr(toys, "VSMD_NFE", 5)
+    trained = toys.train(method, "gaussian", steps=12)
+    assert isinstance(trained.model, VSMDPrecond) and isinstance(trained.process, VSMDProcess)
+    assert trained.process.zeta == toys.ZETA[method] and trained.schedule is None
+    # DSM never touches c (its gradient is cut); only the 20 forward stages move it from its start 0
+    assert len(trained.log["loss"]) == 12 and len(trained.log["forward_loss"]) == 20
+    assert all(abs(c) > 1e-4 for c in trained.log["c"])
+    result = toys.evaluate(trained, "gaussian", n=100, paths=20)
+    assert set(result["samples"]) == {"em", "ode"}
+    assert all(v.shape == (100, 2) and np.isfinite(v).all() for v in result["samples"].values())
+    assert result["paths"].shape == (3 + 1, 20, 2)  # NFE 5 = 3 Heun steps, the last Euler
+    np.testing.assert_array_equal(result["paths"][-1], result["samples"]["ode"][:20])
+    assert set(result["metrics"]) == {"em", "ode", "paths"}
+
+
+def test_vsmd_recorded_paths_are_the_heun_states():
+    """With a zero score the PF-ODE is dz = F z per axis: Heun's state after a step is (I + h F + h^2 F^2 / 2) z,
+    the last (Euler) step's (I + h F) z; the recorded x paths must follow it from VSMD's prior."""
+    process = VSMDProcess(2, c=[0.2, -0.4], zeta=0.9)
+    net = toys.PointMLP(width=8, depth=1, phase=True)
+    torch.nn.init.zeros_(net.body[-1].weight)
+    torch.nn.init.zeros_(net.body[-1].bias)
+    trained = toys.Trained(VSMDPrecond(net, process, toys.axis_basis(), time_scale=1.0), process, None, {})
+    seeds = [3, 8]
+    samples, paths = toys._vsmd_samples(trained, seeds)
+    steps = (toys.VSMD_NFE + 1) // 2
+    assert paths.shape == (steps + 1, 2, 2)
+    with torch.no_grad():
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        eps = [torch.stack([torch.randn(toys.SHAPE, generator=g, dtype=F64) for g in gens]) for _ in range(2)]
+        x, v = process.prior_sample(toys.axis_basis(), *(e.float() for e in eps))
+        z = torch.stack([x.reshape(2, 2), v.reshape(2, 2)], -1).double()  # [B, axis, (x, v)]
+        F = process.drift_blocks()[0]
+        ts = torch.linspace(process.T, process.t0, steps + 1, dtype=F64)
+        expected = [z[..., 0].numpy()]
+        for i in range(steps):
+            h = float(ts[i + 1] - ts[i])
+            step = torch.eye(2, dtype=F64) + h * F + (h * h / 2 * F @ F if i < steps - 1 else 0)
+            z = torch.einsum("kij,bkj->bki", step, z)
+            expected.append(z[..., 0].numpy())
+    np.testing.assert_allclose(paths, np.stack(expected), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(samples["ode"], paths[-1])
+    x_ode, _, _ = sample_ode(process, trained.model, seeds, toys.VSMD_NFE, image_shape=toys.SHAPE)
+    np.testing.assert_array_equal(paths[-1], x_ode.reshape(2, 2).numpy())
+
+
+def test_vsmd_prior_match_is_the_forward_x_std_at_T_over_the_prior():
+    c, std = [0.3, 0.1], np.array([5.0, 20.0])  # the data share E_xx s at T is of the order of the prior std
+    process = VSMDProcess(2, c=c, zeta=0.9)
+    basis = toys.axis_basis()
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(n, *toys.SHAPE, generator=gen, dtype=F64) * torch.as_tensor(std).reshape(1, 1, 1, 2)
+    noise = [torch.randn(n, *toys.SHAPE, generator=gen, dtype=F64) for _ in range(3)]
+    with torch.no_grad():
+        x_T, _ = process.perturb(basis, x0, noise[0], noise[1], noise[2], process.T)
+        prior_std = process.cov_blocks(process.T)[0, :, 0, 0].sqrt().numpy()
+    measured = x_T.reshape(n, 2).std(0).numpy() / prior_std
+    np.testing.assert_allclose(toys.prior_match("vsmd-under", c, std), measured, rtol=0.02)  # 3 sigma ~ 1%
+
+
+def test_vsmd_precond_takes_a_point_network_and_still_refuses_bad_ones():
+    process = VSMDProcess(2)
+    precond = VSMDPrecond(toys.PointMLP(width=8, depth=1, phase=True), process, toys.axis_basis())
+    assert precond.image_shape == toys.SHAPE and precond.num_classes is None
+    assert precond(torch.zeros(3, 2, 1, 2), 0.5).shape == (3, *toys.SHAPE)
+    with pytest.raises(ValueError, match=r"^z: expected the phase space \[B, 2, 1, 2\]"):
+        precond(torch.zeros(3, 1, 1, 2), 0.5)
+    unet = SongUNet(img_resolution=8, in_channels=2, out_channels=1, model_channels=8, channel_mult=[1, 1],
+                    num_blocks=1, attn_resolutions=[])
+    bad_shape = toys.PointMLP(width=8, depth=1, phase=True)
+    bad_shape.image_shape = (1, 2)
+    for net in (unet, bad_shape, toys.PointMLP):
+        with pytest.raises(ValueError, match=r"^net: expected a VelocityScoreNet"):
+            VSMDPrecond(net, process, toys.axis_basis())
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match=r"^method: expected one of .*vsmd-crit, vsmd-under, got 'vsmd'"):
+        toys.train("vsmd", "gaussian", 10)
+
+
 # ---- the CLI ----
 
 @pytest.mark.parametrize("argv, option", [
     (["run", "--steps", "0"], "--steps"), (["run", "--steps", "x"], "--steps"),
     (["run", "--samples", "10"], "--samples"), (["run", "--data", "moons"], "--data"),
     (["run", "--methods", "vp10,bogus"], "--methods"), (["run", "--methods", ""], "--methods"),
+    (["run", "--methods", "vsmd-crit,vsmd"], "--methods"),
     (["run", "--seed", "-1"], "--seed"), (["run", "--out", "a_file/sub"], "--out"),
     (["report", "--out", "missing"], "--out"), (["report", "--doc", "a_dir"], "--doc"),
     (["bogus"], "command"),
@@ -310,10 +402,14 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
 def test_cli_run_and_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(toys, "EM_STEPS", 10)  # the same code paths, fewer steps
     monkeypatch.setattr(toys, "ODE_NFE", 10)
+    monkeypatch.setattr(toys, "VSMD_NFE", 5)
     out, doc = tmp_path / "toys", tmp_path / "TOYS.md"
-    assert toys.main(["run", "--data", "gaussian", "--methods", "vp10,vsdm-a", "--steps", "12", "--samples", "100",
-                      "--out", str(out)]) == 0
+    assert toys.main(["run", "--data", "gaussian", "--methods", "vp10,vsdm-a,vsmd-crit", "--steps", "12",
+                      "--samples", "100", "--out", str(out)]) == 0
     assert toys.main(["report", "--out", str(out), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "python -m aniso_fast.toys run" in text.splitlines()[2] and "| vsdm-a:" in text
     assert (out / "gaussian-samples.png").stat().st_size > 0 and (out / "gaussian-paths.png").stat().st_size > 0
+    c = json.loads((out / "gaussian-vsmd-crit.json").read_text())["c"]
+    assert f"| {c[0]:.3f}, {c[1]:.3f} |" in text.split("| vsmd-crit:")[1].splitlines()[0]
+    assert "## VSMD against VSDM and isotropic diffusion" in text and "  - vsmd-crit: lower on" in text
