@@ -555,3 +555,22 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     em_line = next(line for line in md.splitlines() if "Euler-Maruyama, uniform t grid" in line).split(" | ")
     assert em_line[2] == em_line[4] == "—" and "±" in em_line[3] and "±" in em_line[5]
     assert em_line[6].rstrip(" |") in ("4", "6")  # converged within its own NFEs (4, 6), not the table's
+
+
+def test_table_only_evaluates_the_named_rows_in_recipe_order(tmp_path, monkeypatch):
+    """`table --only vsdm,edm`: the table sees those rows only, in the recipe's order (their cells go to the same
+    cache as the full table's)."""
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_table(recipe, scorer, **kw):
+        seen["rows"] = [row["name"] for row in recipe["rows"]]
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "results_table", fake_table)
+    with pytest.raises(Stop):
+        evaluate.main(["table", "--only", "vsdm,edm", "--out", str(tmp_path / "R.md"), "--json",
+                       str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
+    assert seen["rows"] == ["edm", "vsdm"]
