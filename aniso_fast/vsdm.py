@@ -36,7 +36,7 @@ from .checks import (
 from .losses import forward_process
 from .process import ProcessFamily
 from .schedules import as_time
-from .solvers import MAX_NFE, check_seeds, sample, seeded_labels
+from .solvers import MAX_NFE, check_seeds, resolve_sampler, sample, seeded_labels
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]
@@ -401,9 +401,9 @@ def sample_ode(process: VSDMProcess, model, seeds: Sequence[int], nfe: int = 9, 
     """The probability-flow ODE through any engine solver: `solvers.sample` on `process.ve_schedule()` (the VE
     view starts at y_T = x_T / alpha(T) ~ N(0, M(T)), the adaptive prior's image), then x = alpha(t0) y.
     Same seeds, labels and NFE accounting as `solvers.sample`; returns (x in VSDM's variable, labels, info)."""
-    if grid == "karras":  # the Karras grid is EDM's isotropic sigma grid: it would ignore the process
-        raise ValueError("grid: 'karras' ignores the process (EDM's isotropic grid); use 'uniform_t', 'edm_sigma' "
-                         "or 'logsnr'")
+    from .families import check_sampler  # the families' one rule of which samplers each takes
+
+    check_sampler("vsdm", resolve_sampler(solver, grid, secondary, nfe, order))
     y, labels, info = sample(model, process.ve_schedule(), nfe=nfe, solver=solver, grid=grid, secondary=secondary,
                              order=order, seeds=seeds, labels=labels, image_shape=image_shape, dtype=dtype,
                              device=device, progress=progress)
