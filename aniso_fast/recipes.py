@@ -107,7 +107,7 @@ def _check_row(row, path: Path, seen: set) -> None:
             key = sampler_key(cfg, family)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: row {name!r}: sampler {cfg}: {e}") from None
-        if key in keys:
+        if key in keys and "nfes" not in cfg:  # a repeat with its own nfes adds NFEs to that sampler's line
             raise ValueError(f"{path}: row {name!r}: sampler {cfg} appears twice")
         keys.add(key)
         for k, v in zip(("secondary", "order"), key[2:]):  # normalised: one spelling per sampler

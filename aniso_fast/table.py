@@ -218,9 +218,13 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
         old_cells = {(sampler_key(c), c["nfe"]): c for c in (reusable or {}).get("cells", [])
                      if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds}
         configs = row_samplers(row, optional)
+        done = set()
         for cfg in configs:
             for nfe in cfg.get("nfes") or nfes:
                 key = (sampler_key(cfg), nfe)
+                if key in done:  # a repeated sampler's own NFE that the table's NFEs already cover
+                    continue
+                done.add(key)
                 try:
                     sampler_for(cfg, nfe, family)
                 except ValueError as e:

@@ -574,3 +574,35 @@ def test_table_only_evaluates_the_named_rows_in_recipe_order(tmp_path, monkeypat
         evaluate.main(["table", "--only", "vsdm,edm", "--out", str(tmp_path / "R.md"), "--json",
                        str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
     assert seen["rows"] == ["edm", "vsdm"]
+
+
+def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeypatch):
+    """VSMD's own step count: the row's Heun at the table's NFEs, repeated with `nfes` [9, 5] (5 is a table NFE):
+    one line with NFE 3, 5 and 9, the shared cell computed once; a repeat without `nfes` is still refused."""
+    from aniso_fast.vsdm import VSDMProcess
+
+    model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
+    monkeypatch.setattr(table, "resolve_row", lambda row, source: {
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process)})
+    good = json.loads(Path("recipes/fmnist.json").read_text())
+    vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
+    path = tmp_path / "r.json"
+    for evals, ok in (([HEUN_MID, {**HEUN_MID, "nfes": [9, 5]}], True), ([HEUN_MID, HEUN_MID], False)):
+        path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None, "eval": evals}]}))
+        if not ok:
+            with pytest.raises(ValueError, match="appears twice"):
+                recipes.load_recipe(path)
+    path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None,
+                                                  "eval": [HEUN_MID, {**HEUN_MID, "nfes": [9, 5]}]}]}))
+    recipe = recipes.load_recipe(path)
+    images = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1)[:, ::98].float().numpy() / 255, images, id="px8")
+    calls = []
+    monkeypatch.setattr(table, "_generate", lambda *a, _g=table._generate: calls.append(a[3]) or _g(*a))
+    result, _ = table.results_table(recipe, scorer, n=6, seeds=1, nfes=[3, 5], batch=6, per_class=1,
+                                    progress=False, bootstrap=5)
+    assert sorted(c["nfe"] for c in result["rows"][0]["cells"]) == [3, 5, 9]
+    assert sorted(calls[:3]) == [3, 5, 9]  # then the figure's samples
+    md = table.results_markdown(result, recipe, "cmd", {})
+    row_lines = [line for line in md.splitlines() if line.startswith(f"| {vsdm_row['label']} |") and "±" in line]
+    assert len(row_lines) == 1 and row_lines[0].count("±") == 3

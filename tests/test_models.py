@@ -112,7 +112,9 @@ def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     assert {row["export"] for row in recipe["rows"]} == set(shipped)
     assert models.default_model(models.ASSET_DIR) in shipped
     total = sum((models.ASSET_DIR / entry["file"]).stat().st_size for entry in shipped.values())
-    assert total < 25e6  # the issue asks for about 20 MB of shipped checkpoints
+    # issue 5 asked for about 20 MB for the core table's models; the control (issue 11) and the two process
+    # families (issues 12, 13) add 2.5 MB each
+    assert total < 31e6
     for name in shipped:
         models.shipped_path(name, models.ASSET_DIR)  # raises on a missing file or a SHA mismatch
     model, schedule, info = models.load_shipped(models.default_model(models.ASSET_DIR), assets=models.ASSET_DIR)
