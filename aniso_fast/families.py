@@ -69,12 +69,14 @@ def network_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
     return SongUNet.from_config(cfg)
 
 
-def wrap_network(family: str, net: nn.Module, basis, process: nn.Module) -> nn.Module:
-    """The model the losses and samplers call: AnisoPrecond (core, vsdm) or VSMDPrecond (vsmd)."""
+def wrap_network(family: str, net: nn.Module, basis, process: nn.Module,
+                 precond_config: Mapping[str, Any] | None = None) -> nn.Module:
+    """The model the losses and samplers call: AnisoPrecond (core, vsdm) or VSMDPrecond (vsmd), with the stored
+    `precond_config` (VSMD's Gaussian skip `sigma_data`; absent: VSMD's own form)."""
     if family == "vsmd":
         from .vsmd import VSMDPrecond
 
-        return VSMDPrecond(net, process, basis)
+        return VSMDPrecond(net, process, basis, **dict(precond_config or {}))
     from .precond import AnisoPrecond
 
     return AnisoPrecond(net, basis)

@@ -226,6 +226,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
             "args": meta.get("args"), "data": meta.get("data"), "net_dtype": net_dtype,
             "versions": meta.get("versions")}
     header = {"format": SHIPPED_FORMAT, "family": info["family"], "net_config": json.dumps(meta["net_config"]),
+              "precond_config": json.dumps(meta.get("precond_config") or {}),
               "basis_config": json.dumps(meta["basis_config"]),
               "schedule_config": json.dumps(meta["schedule_config"]), "info": json.dumps(info, sort_keys=True)}
     blob = save_safetensors_bytes(out, metadata=header)
@@ -364,6 +365,7 @@ def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], di
         tensors = load_safetensors_bytes(blob)
         meta = {key: json.loads(header[key]) for key in ("net_config", "basis_config", "schedule_config", "info")}
         meta["family"] = families.family_of(header)  # models shipped before the process families have none
+        meta["precond_config"] = json.loads(header.get("precond_config", "{}"))
     except Exception as e:  # safetensors raises its own error type; a key or JSON error is a corrupt header
         raise CheckpointError(f"{path}: corrupt shipped model ({type(e).__name__}: {e})") from None
     out = {f"ema.{k[4:]}": (v.float() if v.is_floating_point() else v)
@@ -388,7 +390,7 @@ def build_model(tensors: dict[str, torch.Tensor], meta: dict, weights: str = "em
     basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
     process = families.process_from_config(family, meta["schedule_config"])
     process.load_state_dict(strip_prefix("schedule", tensors))
-    return families.wrap_network(family, net, basis, process), process
+    return families.wrap_network(family, net, basis, process, meta.get("precond_config")), process
 
 
 def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):

@@ -58,6 +58,7 @@ _STAGE_DEFAULTS = {  # (loss c, loss reduction, schedule lr): METHOD §9 table; 
 _FAMILY_OPTIONS = {  # option -> (families it applies to, default)
     "beta_max": {"vsdm": 20.0, "vsmd": 10.0},
     "zeta": {"vsmd": 1.0},
+    "sigma_data": {"vsmd": 0.5},  # EDM's sigma_data: images in [-1, 1]
     "forward_every": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_path_steps": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_steps": {"vsdm-alternate": 10, "vsmd": 10},
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zeta", type=float, default=None,
                    help="vsmd: the damping ratio, in (0, 1] (1: critically damped, VSMD's default; below: "
                         "under-damped)")
+    g.add_argument("--sigma-data", type=float, default=None,
+                   help="vsmd: the data std of the velocity score's Gaussian skip (CLD's mixed score; the net "
+                        "learns the departure from Gaussian data), 0 for VSMD's own form (default 0.5)")
     g.add_argument("--forward-every", type=int, default=None,
                    help="alternating rule: network steps between forward updates of the process (default 50)")
     g.add_argument("--forward-paths", type=int, default=None,
@@ -329,6 +333,7 @@ def _resolve_family(args: argparse.Namespace):
     _expect(args.zeta is None or (math.isfinite(args.zeta) and 0 < args.zeta <= 1), "zeta",
             "a damping ratio in (0, 1] (1: critically damped)", args.zeta)
     _expect(_finite(args.sb_zeta, 0), "sb_zeta", "a finite number >= 0", args.sb_zeta)
+    _expect(_finite(args.sigma_data, 0), "sigma_data", "a finite number >= 0 (0: VSMD's own form)", args.sigma_data)
     return args.stage if args.family == "core" else (args.family, args.vsdm_rule)
 
 
@@ -666,7 +671,9 @@ class Trainer:
             # no augmentation pipe passes augment labels: these weights get no gradient, and DDP must not wait for them
             inner.map_augment.requires_grad_(False)
         self.net = net.to(self.device).train()
-        self.loss_model = wrap_network(args.family, self.net, self.basis, self.schedule)
+        # VSMD's Gaussian skip (0: VSMD's own form); the other families' wrappers take no configuration
+        self.precond_config = ({"sigma_data": args.sigma_data or None} if args.family == "vsmd" else {})
+        self.loss_model = wrap_network(args.family, self.net, self.basis, self.schedule, self.precond_config)
         self.ddp = None
         if self.dist.enabled:
             import inspect
@@ -723,7 +730,8 @@ class Trainer:
             if "cuda" in st:
                 tensors[f"rng.{r}.cuda"] = st.pop("cuda")
         meta = {
-            "family": self.args.family, "stage": self.args.stage, "step": self.step, "nimg": self.nimg, "kimg": self.nimg / 1000,
+            "family": self.args.family, "precond_config": self.precond_config, "stage": self.args.stage,
+            "step": self.step, "nimg": self.nimg, "kimg": self.nimg / 1000,
             "args": vars(self.args), "net_config": self.net.config(), "basis_config": self.basis.config(),
             "schedule_config": self.schedule.config(), "optim": optim, "sampler": self.sampler.state_dict(),
             "rng": rngs, "world_size": self.dist.world_size, "versions": _versions(),
@@ -862,7 +870,7 @@ class Trainer:
         args, dist, process = self.args, self.dist, self.schedule
         t0 = time.perf_counter()
         family = self._family_module()
-        model = wrap_network(args.family, self.ema.module, self.basis, process)
+        model = wrap_network(args.family, self.ema.module, self.basis, process, self.precond_config)
         base = _chunk_seed(args.seed, self.step, _FORWARD_CHUNK)
         seeds = [(base + i) % 2 ** 32 for i in range(dist.rank, args.forward_paths, dist.world_size)]
         classes = process.num_classes or getattr(model, "num_classes", None)
@@ -894,7 +902,7 @@ class Trainer:
         """A grid of the EMA network's samples (uniform-t midpoint Heun; VSMD's Heun with a last Euler step),
         one class per column when conditional."""
         args = self.args
-        model = wrap_network(args.family, self.ema.module, self.basis, self.schedule)
+        model = wrap_network(args.family, self.ema.module, self.basis, self.schedule, self.precond_config)
         labels, cols = None, None
         if model.num_classes:
             labels = torch.arange(args.sample_n, device=self.device) % model.num_classes

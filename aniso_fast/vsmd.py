@@ -342,10 +342,16 @@ class VSMDPrecond(nn.Module):
 
     `net` is a `VelocityScoreNet` or any module with the same contract that reports `label_dim` and
     `image_shape` (C, H, W) of the x half (e.g. the toy study's point MLP); z must be [B, 2C, H, W].
+
+    `sigma_data` (None: VSMD's form above) adds a Gaussian skip, CLD's mixed score: the velocity score of z_t if
+    x0 were N(0, sigma_data^2 I), -(M^{-1} z)_v with M = E diag(sigma_data^2, prior_v) E^T + Sigma(t) per
+    subspace (one `block_combine`), plus -net / L_vv. The net then learns the data's departure from a Gaussian:
+    zero once the data are forgotten (large t) and at small t, where v is the prior's. With VSMD's form a short
+    fine-tune leaves the net's large-t score short of the restoring -v and the PF-ODE diverges (docs/DESIGN.md).
     """
 
     def __init__(self, net: nn.Module, process: VSMDProcess, basis: SubspaceBasis,
-                 time_scale: float = 999.0):
+                 time_scale: float = 999.0, sigma_data: float | None = None):
         super().__init__()
         shape = getattr(net, "image_shape", None) if isinstance(net, nn.Module) else None
         label_dim = getattr(net, "label_dim", None)
@@ -361,6 +367,8 @@ class VSMDPrecond(nn.Module):
                              f"subspaces, got {basis!r}")
         self.net, self.process, self.basis = net, process, basis
         self.time_scale = check_number("time_scale", time_scale, "a finite number > 0", lambda v: v > 0)
+        self.sigma_data = None if sigma_data is None else check_number(
+            "sigma_data", sigma_data, "a finite number > 0 or None (VSMD's form)", lambda v: v > 0)
         # kept here: the trainer may swap .net for its DistributedDataParallel wrapper, which has neither
         self.label_dim, self._image_shape = label_dim, shape
 
@@ -395,7 +403,21 @@ class VSMDPrecond(nn.Module):
             onehot = nn.functional.one_hot(labels, self.label_dim).to(torch.float32)
         noise = (self.time_scale * tt).expand(B).to(torch.float32)
         out = self.net(z.to(torch.float32), noise, onehot).to(z.dtype)
-        return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=self.basis.group_ids(labels))
+        ids = self.basis.group_ids(labels)
+        if self.sigma_data is None:
+            return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=ids)
+        with torch.no_grad():
+            skip = self._gaussian_score_blocks(tt, labels).expand(B, -1, -1, -1)
+            _, gaussian = self.basis.block_combine(z[:, :C], z[:, C:], skip, ids=ids)
+        return self.basis.combine(out, (-1 / lvv).expand(B, -1), base=gaussian, ids=ids)
+
+    def _gaussian_score_blocks(self, t: Tensor, labels: Tensor | None) -> Tensor:
+        """-M^{-1} [B, K, 2, 2], M = E diag(sigma_data^2, prior_v) E^T + Sigma(t): the score of z_t per subspace
+        for Gaussian data (its v row is the skip)."""
+        E = self.process.mean_blocks(t, labels)
+        D = torch.tensor([self.sigma_data ** 2, self.process.prior_v], dtype=E.dtype, device=E.device)
+        M = (E * D) @ E.transpose(-1, -2) + self.process.cov_blocks(t, labels)
+        return -torch.linalg.inv(M)
 
 
 def _velocity_score(precond, x: Tensor, v: Tensor, t: Any, labels: Tensor | None) -> Tensor:

@@ -105,6 +105,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--forward-path-steps": [["--forward-path-steps", "5"]],
         "--forward-steps": [["--forward-steps", "5"]],
         "--sb-zeta": [["--sb-zeta", "1"]],
+        "--sigma-data": [["--sigma-data", "0.5"], ["--sigma-data", "abc"]],
     },
     "evaluate solvers": {
         "--model": [["--model", "bogus"]],

@@ -208,3 +208,26 @@ def test_vsdm_sample_ode_takes_the_families_sampler_rule(tmp_path, npz):
     model, process = models.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
     with pytest.raises(ValueError, match="^grid: 'karras' ignores the process"):
         vsdm.sample_ode(process, model, [0], 5, grid="karras")
+
+
+def test_vsmd_checkpoint_and_export_keep_the_gaussian_skip(tmp_path, npz, monkeypatch):
+    """--sigma-data reaches VSMDPrecond in training, in the checkpoint and in the shipped file (0: VSMD's form);
+    the shipped model samples with Heun and Euler-Maruyama."""
+    from aniso_fast import vsmd
+
+    for sigma, expect in (("0.7", 0.7), ("0", None)):
+        out = tmp_path / f"run{sigma}"
+        trainer = train.run(train.parse_args(fam_argv(npz, out, "vsmd", 1, "--sigma-data", sigma)))
+        assert trainer.loss_model.sigma_data == expect
+        tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+        assert models.build_model(tensors, meta)[0].sigma_data == expect
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')
+    monkeypatch.setenv(models.ASSETS_ENV, str(assets))
+    models.export_model(ckpt.latest_checkpoint(tmp_path / "run0.7"), "tiny-vsmd")
+    model, process, info = models.load_shipped("tiny-vsmd")
+    assert model.sigma_data == 0.7 and info["family"] == "vsmd"
+    x, _, _ = vsmd.sample_ode(process, model, [0, 1], 5)
+    y, _, _ = vsmd.sample_em(process, model, [0, 1], 4)
+    assert x.shape == y.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and torch.isfinite(y).all()

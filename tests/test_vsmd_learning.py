@@ -49,14 +49,14 @@ class Oracle:
     num_classes = None
     image_shape = SHAPE
 
-    def __init__(self, process, basis, scale=1.0):
-        self.process, self.basis, self.scale = process, basis, scale
+    def __init__(self, process, basis, scale=1.0, var=VAR):
+        self.process, self.basis, self.scale, self.var = process, basis, scale, var
         self.calls = 0
 
     def cov(self, t):
         """Cov_t [B, K, 2, 2] of z_t per subspace."""
         E = self.process.mean_blocks(t)
-        start = torch.diag_embed(torch.stack([VAR, torch.full_like(VAR, self.process.prior_v)], -1))
+        start = torch.diag_embed(torch.stack([self.var, torch.full_like(self.var, self.process.prior_v)], -1))
         return E @ start @ E.mT + self.process.cov_blocks(t)
 
     def __call__(self, z, t, labels=None):
@@ -441,3 +441,29 @@ def test_the_velocity_network_trains_and_samples_through_vsmd_precond():
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all() and info["steps"] == 3
     x, _, _ = sample_em(process, precond, [0, 1], 3, labels=torch.tensor([1, 1]))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+class _ZeroNet(torch.nn.Module):
+    """A velocity network whose output is zero: the precond's score is then its Gaussian skip alone."""
+
+    label_dim = 0
+    image_shape = SHAPE
+
+    def forward(self, z, noise_labels, class_labels=None, augment_labels=None):
+        return torch.zeros_like(z[:, :SHAPE[0]])
+
+
+def test_gaussian_skip_is_the_exact_score_of_gaussian_data():
+    """VSMDPrecond(sigma_data=s) with a zero network is the exact velocity score when the data are N(0, s^2 I)
+    (the Oracle with every subspace's variance s^2), at small and large t; with sigma_data=None it is zero."""
+    process, basis = _process(), _basis()
+    oracle = Oracle(process, basis, var=torch.full_like(VAR, 0.7 ** 2))
+    z = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    for t in (1e-3, 0.05, 0.5, 1.0):
+        tt = torch.full((5,), t, dtype=F64)
+        exact = oracle(z, tt)
+        skip = VSMDPrecond(_ZeroNet(), process, basis, sigma_data=0.7)(z, tt)
+        torch.testing.assert_close(skip, exact, rtol=1e-9, atol=1e-9)
+    assert not VSMDPrecond(_ZeroNet(), process, basis)(z, tt).any()
+    with pytest.raises(ValueError, match="sigma_data"):
+        VSMDPrecond(_ZeroNet(), process, basis, sigma_data=0.0)
