@@ -109,7 +109,7 @@ def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
 
     recipe = recipes.load_recipe("recipes/fmnist.json")
     shipped = models.shipped_models(models.ASSET_DIR)
-    assert {row["export"] for row in recipe["rows"]} == set(shipped)
+    assert {row["export"] for row in recipe["rows"] if row.get("export")} == set(shipped)  # ablations ship none
     assert models.default_model(models.ASSET_DIR) in shipped
     total = sum((models.ASSET_DIR / entry["file"]).stat().st_size for entry in shipped.values())
     # issue 5 asked for about 20 MB for the core table's models; the control (issue 11) and the two process
