@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # solvers.py dispatches to this module, so no import of it at run time
     from .solvers import Grid
 
-__all__ = ["DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm",
+__all__ = ["AB_WEIGHTS", "DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm",
            "min_nfe", "unipc"]
 
 _F64 = torch.float64
 # Adams-Bashforth weights on F at the current point and the previous ones (iPNDM, uniform steps)
-_AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 # ---- shared pieces ----
@@ -239,7 +239,7 @@ def ipndm(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     for i in _progress(N, not progress):
         F = model.flow(x, grid.g[:, i].expand(B, -1), labels)
         hist = [F] + hist[:order - 1]
-        F_ab = sum(c * F_j for c, F_j in zip(_AB[min(order, i + 1)], hist))
+        F_ab = sum(c * F_j for c, F_j in zip(AB_WEIGHTS[min(order, i + 1)], hist))
         x = basis.combine(F_ab, -(sigma[:, i + 1] - sigma[:, i]), base=x, ids=ids)
         if callback is not None:
             callback({"i": i, "x": x, "g": grid.g[:, i + 1].expand(B, -1), "flow": F})

@@ -1,6 +1,6 @@
 """What the OU process families (`vsdm.VSDMProcess`, `vsmd.VSMDProcess`) share: per-subspace values x_k learned
 through `ln(1 - 2 x_k)`, so that `1 - 2 x_k > 0` (a contracting drift) holds whatever the optimiser does, and the
-config round trip."""
+config round trip, the samplers' step-count check and time column."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -10,8 +10,21 @@ from torch import Tensor, nn
 
 from .checks import check_in_range, check_index
 from .schedules import as_time
+from .solvers import MAX_NFE
 
-__all__ = ["ProcessFamily"]
+__all__ = ["ProcessFamily", "check_steps", "time_column"]
+
+
+def check_steps(steps: Any) -> int:
+    """A sampler's step count: an int in [1, MAX_NFE] (ValueError naming `steps`)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_NFE:
+        raise ValueError(f"steps: expected an int in [1, {MAX_NFE}], got {steps!r}")
+    return steps
+
+
+def time_column(t: float, B: int, device) -> Tensor:
+    """One process time per sample, [B] float64 (the families' samplers call their models per sample)."""
+    return torch.full((B,), float(t), dtype=torch.float64, device=device)
 
 
 class ProcessFamily(nn.Module):

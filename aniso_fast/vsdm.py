@@ -34,9 +34,9 @@ from .checks import (
     check_subspace_values,
 )
 from .losses import forward_process
-from .process import ProcessFamily
+from .process import ProcessFamily, check_steps, time_column
 from .schedules import as_time
-from .solvers import MAX_NFE, check_seeds, resolve_sampler, sample, seeded_labels
+from .solvers import check_seeds, resolve_sampler, sample, seeded_labels
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]
@@ -250,10 +250,6 @@ def _per_sample(values: Tensor, B: int) -> Tensor:
     return values.expand(B, -1)
 
 
-def _time_column(t: float, B: int, device) -> Tensor:
-    return torch.full((B,), float(t), dtype=_F64, device=device)
-
-
 def score(process: VSDMProcess, model, x: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
     """grad_x log p_t(x) from an engine model trained on the VE view: sum_k P_k F(x / alpha; g) / sigma_k.
 
@@ -331,12 +327,6 @@ class Trajectories:
     labels: Tensor | None
 
 
-def _check_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_NFE:
-        raise ValueError(f"steps: expected an int in [1, {MAX_NFE}], got {steps!r}")
-    return steps
-
-
 def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 100,
                       labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
                       dtype=torch.float32, record: bool = True, progress: bool = False) -> Trajectories:
@@ -349,7 +339,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     """
     from tqdm.auto import tqdm
 
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     seeds = check_seeds(seeds)
     num_classes = getattr(model, "num_classes", None)
     if num_classes and labels is None:
@@ -372,7 +362,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             t_a, h = float(ts[i]), float(ts[i] - ts[i + 1])
             beta = float(process.beta.beta(ts[i]))
-            s = score(process, model, x, _time_column(t_a, B, device), labels)
+            s = score(process, model, x, time_column(t_a, B, device), labels)
             if record:
                 xs.append(x)
                 zs.append(basis.combine(s, torch.full_like(r, math.sqrt(beta)), x, -math.sqrt(beta) * (1 - r) / 2,

@@ -46,12 +46,11 @@ from .checks import (
     check_number,
     check_subspace_values,
 )
-from .multistep import _AB
+from .multistep import AB_WEIGHTS
 from .networks import SongUNet
-from .process import ProcessFamily
+from .process import ProcessFamily, check_steps, time_column
 from .schedules import as_time
 from .solvers import check_seeds, resolve_sampler, seeded_labels
-from .vsdm import _check_steps, _time_column
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
            "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",
@@ -522,7 +521,7 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     Per seed one generator: eps_x (`solvers.seeded_noise`'s draw, so `sample_ode` starts from the same point), eps_v,
     then the step noises: a path depends on its seed only, never on the rest of the batch.
     """
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     device = process.log_damping.device
     seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
     basis, B = precond.basis, len(seeds)
@@ -536,7 +535,7 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
         F, eye = process.drift_blocks(labels).expand(B, -1, -1, -1), torch.eye(2, dtype=_F64, device=device)
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             h = float(ts[i] - ts[i + 1])
-            s = _velocity_score(precond, x, v, _time_column(ts[i], B, device), labels)
+            s = _velocity_score(precond, x, v, time_column(ts[i], B, device), labels)
             if record:
                 xs.append(x)
                 vs.append(v)
@@ -583,7 +582,7 @@ def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc="iPNDM", leave=False):
         h = float(ts[i + 1] - ts[i])
         hist = [flow(x, v, ts[i])] + hist[:order - 1]
-        weights = _AB[len(hist)]
+        weights = AB_WEIGHTS[len(hist)]
         x = x + h * sum(w * d[0] for w, d in zip(weights, hist))
         v = v + h * sum(w * d[1] for w, d in zip(weights, hist))
     return x, v
@@ -618,7 +617,7 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
         F = process.drift_blocks(labels).expand(B, -1, -1, -1)
 
         def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            s = _velocity_score(precond, x, v, _time_column(t, B, device), labels)
+            s = _velocity_score(precond, x, v, time_column(t, B, device), labels)
             return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
 
         if solver == "heun":
