@@ -598,7 +598,8 @@ class Trainer:
             model, source_schedule = build_model(tensors, meta, weights=args.init_weights)
             net, ema_state = model.net, ckpt.strip_prefix("ema", tensors)
             if source_family != args.family:
-                net, ema_state = self._adopt_network(net, meta, tensors)
+                if args.family == "vsmd":
+                    net, ema_state = self._phase_space_twin(net, meta["net_config"], ema_state)
             elif args.family != "core":
                 schedule.load_state_dict(source_schedule.state_dict())
             elif args.stage != "edm":
@@ -620,21 +621,19 @@ class Trainer:
                 net = VelocityScoreNet(SongUNet(**dict(cfg, in_channels=2 * C)))
             else:
                 net = SongUNet(**cfg)
-        if args.edm_pickle:
-            net = self._adopt_network(net, None, None)[0]
+        if args.edm_pickle and args.family == "vsmd":
+            net = self._phase_space_twin(net)[0]
         return net, basis, schedule, ema_state
 
-    def _adopt_network(self, net: SongUNet, meta: dict | None, tensors: dict | None):
-        """(network, EMA state) of a family run from a core network: unchanged for VSDM (it denoises the VE view
-        like the core family); VSMD's phase-space twin of both the network and, when given, its EMA."""
-        if self.args.family != "vsmd":
-            return net, None if tensors is None else ckpt.strip_prefix("ema", tensors)
+    @staticmethod
+    def _phase_space_twin(net: SongUNet, net_config: dict | None = None, ema_state: dict | None = None):
+        """VSMD's start from a core network (VSDM takes one as it is: it denoises the VE view like the core
+        family): the phase-space twin of the network and, when given, of its EMA weights."""
         from .vsmd import VelocityScoreNet
 
-        ema_state = None
-        if tensors is not None:
-            ema = SongUNet.from_config(meta["net_config"])
-            ema.load_state_dict(ckpt.strip_prefix("ema", tensors))
+        if ema_state is not None:
+            ema = SongUNet.from_config(net_config)
+            ema.load_state_dict(ema_state)
             ema_state = VelocityScoreNet.from_edm(ema).state_dict()
         return VelocityScoreNet.from_edm(net), ema_state
 

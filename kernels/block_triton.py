@@ -74,16 +74,22 @@ def _separable_block_kernel(x_ptr, v_ptr, bx_ptr, bv_ptr, ox_ptr, ov_ptr, B_ptr,
     tl.store(ov_ptr + offs, out.to(ov_ptr.dtype.element_ty), mask=xmask)
 
 
+def _block_operands(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None, base_v: Tensor | None, dt):
+    """Contiguous inputs, the blocks in the compute dtype, the bases (x as a dummy pointer when absent, with the
+    flags saying so) and the two outputs: what both block kernels take."""
+    x, v, B = x.contiguous(), v.contiguous(), B.to(dt).contiguous()
+    has_bx, has_bv = base_x is not None, base_v is not None
+    bx = base_x.contiguous() if has_bx else x
+    bv = base_v.contiguous() if has_bv else x
+    return x, v, B, bx, bv, has_bx, has_bv, torch.empty_like(x), torch.empty_like(x)
+
+
 def separable_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
                             base_v: Tensor | None = None, *, CH: Tensor, CW: Tensor,
                             band: Tensor) -> tuple[Tensor, Tensor]:
     dt, (n, C, H, W, h, w), CH, CW, band, blocks = _separable_setup(x, CH, CW, band)
     K = B.shape[1]
-    x, v, B = x.contiguous(), v.contiguous(), B.to(dt).contiguous()
-    has_bx, has_bv = base_x is not None, base_v is not None
-    bx = base_x.contiguous() if has_bx else x  # dummy pointers when absent
-    bv = base_v.contiguous() if has_bv else x
-    ox, ov = torch.empty_like(x), torch.empty_like(x)
+    x, v, B, bx, bv, has_bx, has_bv, ox, ov = _block_operands(x, v, B, base_x, base_v, dt)
     if n * C == 0:
         return ox, ov
     meta = {} if _AUTOTUNE else dict(num_warps=4)
@@ -142,11 +148,7 @@ def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None
                           ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     dt, (n, rows, r, d), V, vband, ids_t = _lowrank_setup(x, V, vband, ids)
     K = B.shape[1]
-    x, v, B = x.contiguous(), v.contiguous(), B.to(dt).contiguous()
-    has_bx, has_bv = base_x is not None, base_v is not None
-    bx = base_x.contiguous() if has_bx else x  # dummy pointers when absent
-    bv = base_v.contiguous() if has_bv else x
-    ox, ov = torch.empty_like(x), torch.empty_like(x)
+    x, v, B, bx, bv, has_bx, has_bv, ox, ov = _block_operands(x, v, B, base_x, base_v, dt)
     if n * rows == 0:
         return ox, ov
     z = torch.empty(n * rows, 2, r, dtype=dt, device=x.device)
