@@ -17,7 +17,8 @@ and names the family in `family` (absent: core).
 Samplers (`sample`, checked by `check_sampler`, the one rule of which (solver, grid) a family takes): core, every
 engine solver on every grid (`solvers.resolve_sampler`); vsdm, `em` on uniform t steps (its own sampler in x
 space) or the PF-ODE through any engine solver on the VE view (not the Karras grid, which ignores the process);
-vsmd, `em`, Heun (end point, last step Euler) or iPNDM, all on the uniform t grid.
+vsmd, `em`, Heun (end point, last step Euler) or iPNDM on the uniform t grid, and the phase-space DPM-Solver++(2M)
+(`phase_space.dpmpp_2m`, denoiser head only) on uniform_t, logsnr or edm_sigma.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from torch import Tensor, nn
 from . import solvers
 from .solvers import EM, Sampler
 
-__all__ = ["FAMILIES", "VSDM_RULES", "EM", "family_of", "process_from_config", "network_from_config", "wrap_network",
-           "is_alternating", "family_of_process", "check_sampler", "resolve_sampler", "sample"]
+__all__ = ["FAMILIES", "VSDM_RULES", "VSMD_HEADS", "EM", "family_of", "process_from_config", "network_from_config", "wrap_network",
+           "is_alternating", "family_of_process", "check_sampler", "default_sampler", "resolve_sampler", "sample"]
 
 FAMILIES = ("core", "vsdm", "vsmd")
 VSDM_RULES = ("alternate", "trajectory")
+VSMD_HEADS = ("denoiser", "velocity")
 
 
 def family_of(meta: Mapping[str, Any]) -> str:
@@ -59,10 +61,11 @@ def process_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
 
 
 def network_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
-    """A family's raw network from its stored config (the velocity net of VSMD has 2C input channels)."""
+    """A family's raw network from its stored config (VSMD's velocity head reads 2C input channels, its denoiser
+    head C, as every other family's network)."""
     from .networks import SongUNet
 
-    if family == "vsmd":
+    if family == "vsmd" and cfg["in_channels"] == 2 * cfg["out_channels"]:
         from .vsmd import VelocityScoreNet
 
         return VelocityScoreNet.from_config(cfg)
@@ -71,14 +74,20 @@ def network_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
 
 def wrap_network(family: str, net: nn.Module, basis, process: nn.Module,
                  precond_config: Mapping[str, Any] | None = None) -> nn.Module:
-    """The model the losses and samplers call: AnisoPrecond (core, vsdm) or VSMDPrecond (vsmd), with the stored
-    `precond_config` (VSMD's Gaussian skip `sigma_data`; absent: VSMD's own form)."""
+    """The model the losses and samplers call: AnisoPrecond (core, vsdm); for vsmd, with the stored
+    `precond_config`, `phase_space.VSMDDenoiser` around AnisoPrecond (`head: denoiser`) or `vsmd.VSMDPrecond`
+    (VSMD's velocity head: its Gaussian skip `sigma_data`; absent: VSMD's own form)."""
+    from .precond import AnisoPrecond
+
+    config = dict(precond_config or {})
+    if family == "vsmd" and config.pop("head", "velocity") == "denoiser":
+        from .phase_space import VSMDDenoiser
+
+        return VSMDDenoiser(AnisoPrecond(net, basis, **config), process)
     if family == "vsmd":
         from .vsmd import VSMDPrecond
 
-        return VSMDPrecond(net, process, basis, **dict(precond_config or {}))
-    from .precond import AnisoPrecond
-
+        return VSMDPrecond(net, process, basis, **config)
     return AnisoPrecond(net, basis)
 
 
@@ -107,9 +116,14 @@ def check_sampler(family: str, plan: Sampler) -> None:
     from .vsmd import ODE_SOLVERS
 
     if family == "vsmd" and plan.solver not in (EM, *ODE_SOLVERS):
-        raise ValueError(f"solver: a vsmd model samples with {EM}, {' or '.join(ODE_SOLVERS)} (the other solvers "
+        raise ValueError(f"solver: a vsmd model samples with {EM}, {', '.join(ODE_SOLVERS)} (the other solvers "
                          f"integrate the VE form, not the phase space), got {plan.solver!r}")
-    if (plan.solver == EM or family == "vsmd") and plan.grid != "uniform_t":
+    if family == "vsmd" and plan.solver == "dpmpp-2m":
+        from .phase_space import GRIDS
+
+        if plan.grid not in GRIDS:
+            raise ValueError(f"grid: a vsmd model's dpmpp-2m runs on {', '.join(GRIDS)}, got {plan.grid!r}")
+    elif (plan.solver == EM or family == "vsmd") and plan.grid != "uniform_t":
         what = "Euler-Maruyama" if plan.solver == EM else f"{plan.solver} on the phase space"
         raise ValueError(f"grid: a {family} model's {what} runs on the uniform t grid ('uniform_t'), "
                          f"got {plan.grid!r}")
@@ -118,6 +132,15 @@ def check_sampler(family: str, plan: Sampler) -> None:
     if family == "vsdm" and plan.grid == "karras":
         raise ValueError("grid: 'karras' ignores the process (EDM's isotropic grid); a vsdm model takes "
                          "'uniform_t', 'edm_sigma' or 'logsnr'")
+
+
+def default_sampler(family: str, solver: str | None = None, grid: str | None = None) -> tuple[str, str]:
+    """(solver, grid) with the unset ones filled: Heun on the uniform t grid, except a vsmd model's
+    phase-space DPM-Solver++(2M) on the logsnr grid (docs/families/RESULTS.md: FD 2.32 at NFE 9, Heun on uniform t
+    needs NFE 35 for 7.17)."""
+    if family == "vsmd" and solver in (None, "dpmpp-2m") and grid in (None, "logsnr", "edm_sigma"):
+        return "dpmpp-2m", grid or "logsnr"
+    return solver or "heun", grid or "uniform_t"
 
 
 def resolve_sampler(family: str, solver: str = "heun", grid: str = "uniform_t", secondary: str | None = None,
@@ -160,6 +183,6 @@ def sample(model, process, plan: Sampler, seeds: Sequence[int], labels: Tensor |
         if plan.solver == EM:
             x, labels, info = vsmd.sample_em(process, model, seeds, plan.steps, labels, progress=progress)
         else:
-            x, labels, info = vsmd.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, order=plan.order,
-                                              labels=labels, device=device, progress=progress)
+            x, labels, info = vsmd.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, grid=plan.grid,
+                                              order=plan.order, labels=labels, device=device, progress=progress)
     return x, labels, {**info, "solver": plan.solver, "grid": plan.grid}

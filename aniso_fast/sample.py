@@ -96,8 +96,7 @@ def _apply_defaults(args) -> None:
         args.secondary, args.order = choice.get("secondary"), choice.get("order")
         return
     args.model = args.model or (choice["model"] if choice is not None else models.default_model())
-    args.solver = args.solver or "heun"
-    args.grid = args.grid or "uniform_t"
+    # --solver / --grid left unset are the model family's defaults (`families.default_sampler`, in _validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model; not for a "
                         f"vsdm or vsmd model (its forward path is its own)")
     p.add_argument("--solver", default=None, choices=SOLVERS,
-                   help="default: the recorded solver for the NFE (see below), else heun. em: Euler-Maruyama on "
-                        "the reverse SDE (NFE = steps). A vsdm model takes em on uniform_t or any ODE solver off "
-                        "the karras grid; a vsmd model em, heun (end point) or ipndm on uniform_t")
+                   help="default: the recorded solver for the NFE (see below), else heun (dpmpp-2m for a vsmd model). "
+                        "em: Euler-Maruyama on the reverse SDE (NFE = steps). A vsdm model takes em on uniform_t or "
+                        "any ODE solver off the karras grid; a vsmd model em, heun (end point) or ipndm on "
+                        "uniform_t, or dpmpp-2m (the phase-space exponential integrator, denoiser head) on "
+                        "uniform_t, logsnr or edm_sigma")
     p.add_argument("--grid", default=None, choices=GRIDS,
-                   help="default: the recorded grid for the NFE, else uniform_t. uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
+                   help="default: the recorded grid for the NFE, else uniform_t (logsnr for a vsmd model's dpmpp-2m). uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid)")
     p.add_argument("--secondary", default=None, choices=("end", "mid"),
@@ -191,6 +192,7 @@ def _validate(args):
         raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
+    args.solver, args.grid = families.default_sampler(family, args.solver, args.grid)
     try:
         plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
     except ValueError as e:

@@ -40,7 +40,7 @@ from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .cli import Parser
 from .data import ImageDataset, InfiniteBatchSampler, load_dataset, to_uint8
 from .ema import EMA, ema_beta
-from .families import FAMILIES, VSDM_RULES, is_alternating, wrap_network
+from .families import FAMILIES, VSDM_RULES, VSMD_HEADS, is_alternating, wrap_network
 from .networks import SongUNet
 from .schedules import MatrixSchedule
 
@@ -58,7 +58,7 @@ _STAGE_DEFAULTS = {  # (loss c, loss reduction, schedule lr): METHOD §9 table; 
 _FAMILY_OPTIONS = {  # option -> (families it applies to, default)
     "beta_max": {"vsdm": 20.0, "vsmd": 10.0},
     "zeta": {"vsmd": 1.0},
-    "sigma_data": {"vsmd": 0.5},  # EDM's sigma_data: images in [-1, 1]
+    "sigma_data": {"vsmd-velocity": 0.5},  # EDM's sigma_data: images in [-1, 1]
     "forward_every": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_path_steps": {"vsdm-alternate": 50, "vsmd": 50},
     "forward_steps": {"vsdm-alternate": 10, "vsmd": 10},
@@ -185,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zeta", type=float, default=None,
                    help="vsmd: the damping ratio, in (0, 1] (1: critically damped, VSMD's default; below: "
                         "under-damped)")
+    g.add_argument("--vsmd-head", default=None, choices=VSMD_HEADS,
+                   help="vsmd: denoiser (default: a C-channel EDM network inside AnisoPrecond gives the velocity "
+                        "score exactly through the phase_space denoiser view; an EDM network starts it unchanged) "
+                        "or velocity (VSMD's own: a 2C-channel network regresses the velocity noise)")
     g.add_argument("--sigma-data", type=float, default=None,
-                   help="vsmd: the data std of the velocity score's Gaussian skip (CLD's mixed score; the net "
+                   help="vsmd --vsmd-head velocity: the data std of the velocity score's Gaussian skip (CLD's mixed score; the net "
                         "learns the departure from Gaussian data), 0 for VSMD's own form (default 0.5)")
     g.add_argument("--forward-every", type=int, default=None,
                    help="alternating rule: network steps between forward updates of the process (default 50)")
@@ -315,7 +319,11 @@ def _resolve_family(args: argparse.Namespace):
         raise ValueError(f"--vsdm-rule: only with --family vsdm, got --family {args.family}")
     if args.family == "vsdm":
         args.vsdm_rule = args.vsdm_rule or "alternate"
-    variants = {args.family, f"{args.family}-{args.vsdm_rule}"}
+    if args.vsmd_head is not None and args.family != "vsmd":
+        raise ValueError(f"--vsmd-head: only with --family vsmd, got --family {args.family}")
+    if args.family == "vsmd":
+        args.vsmd_head = args.vsmd_head or "denoiser"
+    variants = {args.family, f"{args.family}-{args.vsdm_rule}", f"{args.family}-{args.vsmd_head}"}
     for name, defaults in _FAMILY_OPTIONS.items():
         applies = sorted(variants & defaults.keys())
         value = getattr(args, name)
@@ -598,7 +606,7 @@ class Trainer:
             model, source_schedule = build_model(tensors, meta, weights=args.init_weights)
             net, ema_state = model.net, ckpt.strip_prefix("ema", tensors)
             if source_family != args.family:
-                if args.family == "vsmd":
+                if args.family == "vsmd" and args.vsmd_head == "velocity":
                     net, ema_state = self._phase_space_twin(net, meta["net_config"], ema_state)
             elif args.family != "core":
                 schedule.load_state_dict(source_schedule.state_dict())
@@ -615,13 +623,13 @@ class Trainer:
         else:
             cond = args.cond if args.cond is not None else self.data.labels is not None
             cfg = _network_config(args, C, H, self.num_classes if cond else 0)
-            if args.family == "vsmd":  # the phase space z = (x, v) in, the velocity score out
+            if args.vsmd_head == "velocity":  # the phase space z = (x, v) in, the velocity score out
                 from .vsmd import VelocityScoreNet
 
                 net = VelocityScoreNet(SongUNet(**dict(cfg, in_channels=2 * C)))
             else:
                 net = SongUNet(**cfg)
-        if args.edm_pickle and args.family == "vsmd":
+        if args.edm_pickle and args.vsmd_head == "velocity":
             net = self._phase_space_twin(net)[0]
         return net, basis, schedule, ema_state
 
@@ -653,7 +661,7 @@ class Trainer:
         if (cfg["img_resolution"], cfg["out_channels"]) != (H, C):
             raise ValueError(f"the network is for {cfg['out_channels']}x{cfg['img_resolution']}x"
                              f"{cfg['img_resolution']} images, the data is {C}x{H}x{H}")
-        phase = 2 * C if args.family == "vsmd" else C  # VSMD's network reads z = (x, v)
+        phase = 2 * C if args.vsmd_head == "velocity" else C  # VSMD's own network reads z = (x, v)
         if cfg["in_channels"] != phase:
             raise ValueError(f"the network reads {cfg['in_channels']} channels, --family {args.family} feeds it "
                              f"{phase}")
@@ -670,8 +678,10 @@ class Trainer:
             # no augmentation pipe passes augment labels: these weights get no gradient, and DDP must not wait for them
             inner.map_augment.requires_grad_(False)
         self.net = net.to(self.device).train()
-        # VSMD's Gaussian skip (0: VSMD's own form); the other families' wrappers take no configuration
-        self.precond_config = ({"sigma_data": args.sigma_data or None} if args.family == "vsmd" else {})
+        # VSMD's head (and the velocity head's Gaussian skip, 0: VSMD's own form); the other families' wrappers
+        # take no configuration
+        self.precond_config = ({} if args.family != "vsmd" else {"head": "denoiser"} if args.vsmd_head == "denoiser"
+                               else {"sigma_data": args.sigma_data or None})
         self.loss_model = wrap_network(args.family, self.net, self.basis, self.schedule, self.precond_config)
         self.ddp = None
         if self.dist.enabled:
@@ -898,7 +908,8 @@ class Trainer:
     # ---- outputs ----
 
     def save_samples(self, path: Path) -> None:
-        """A grid of the EMA network's samples (uniform-t midpoint Heun; VSMD's Heun with a last Euler step),
+        """A grid of the EMA network's samples (uniform-t midpoint Heun; VSMD's Heun with a last Euler step, or
+        the phase-space DPM-Solver++(2M) on the logsnr grid for its denoiser head),
         one class per column when conditional."""
         args = self.args
         model = wrap_network(args.family, self.ema.module, self.basis, self.schedule, self.precond_config)
@@ -912,8 +923,9 @@ class Trainer:
                 x = solvers.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
                                    seeds=seeds, labels=labels, device=self.device)[0]
             else:
+                phase_space = {"solver": "dpmpp-2m", "grid": "logsnr"} if args.vsmd_head == "denoiser" else {}
                 x = self._family_module().sample_ode(self.schedule, model, seeds, args.sample_nfe, labels=labels,
-                                                     device=self.device)[0]
+                                                     device=self.device, **phase_space)[0]
         figures.save_image_grid(to_uint8(x), path, cols=cols)
 
     def plot_schedule(self, path: Path) -> None:

@@ -558,7 +558,7 @@ def sample_em(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
 
 
-ODE_SOLVERS = ("heun", "ipndm")
+ODE_SOLVERS = ("heun", "ipndm", "dpmpp-2m")
 
 
 def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tensor, Tensor]:
@@ -589,22 +589,29 @@ def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -
 
 
 def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
-               order: int | None = None, labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
+               grid: str = "uniform_t", order: int | None = None, labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
                dtype=torch.float32, device: torch.device | str | None = None,
                progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """VSMD's sampler: the probability-flow ODE dz = [F z - 1/2 G G^T grad log p] dt (G nonzero on v only, so
     dv gets -1/2 gamma beta score_v) on a uniform t grid from T to t0, from VSMD's prior; the sample is x.
 
-    solver 'heun' (VSMD's `sample(prob_flow=True)`: Heun, last step Euler, nfe = 2 steps - 1) or 'ipndm'
-    (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps). The engine's other multistep solvers
-    (DPM-Solver++, UniPC, DEIS) are exponential integrators of the VE data-prediction form and do not apply to
-    the phase-space ODE. The NFE rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same
+    solver 'heun' (VSMD's `sample(prob_flow=True)`: Heun, last step Euler, nfe = 2 steps - 1), 'ipndm'
+    (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps), both on the uniform t grid, or 'dpmpp-2m',
+    the phase-space exponential integrator (`phase_space.dpmpp_2m`, nfe = steps) on `grid` (uniform_t, logsnr or
+    edm_sigma), for a model with a `denoise` (the denoiser head, `phase_space.VSMDDenoiser`). The engine's other
+    multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same
     start point). Returns (x at t0 [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
     """
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(ODE_SOLVERS)} (the phase-space ODE solvers), "
                          f"got {solver!r}")
-    plan = resolve_sampler(solver, "uniform_t", "end" if solver == "heun" else None, nfe, order)
+    from .families import check_sampler
+
+    plan = resolve_sampler(solver, grid, "end" if solver == "heun" else None, nfe, order)
+    check_sampler("vsmd", plan)
+    if solver == "dpmpp-2m" and not callable(getattr(precond, "denoise", None)):
+        raise ValueError(f"solver: dpmpp-2m needs the denoiser head (phase_space.VSMDDenoiser, a data prediction), "
+                         f"got {type(precond).__name__}")
     device = process.log_damping.device if device is None else torch.device(device)
     seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
     basis, B = precond.basis, len(seeds)
@@ -620,11 +627,16 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
             s = _velocity_score(precond, x, v, time_column(t, B, device), labels)
             return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
 
-        if solver == "heun":
+        if solver == "dpmpp-2m":
+            from .phase_space import dpmpp_2m, sigma_grid
+
+            grid_t = sigma_grid(process, grid, plan.steps, B, labels)
+            x, v = dpmpp_2m(process, precond, x, v, grid_t, labels, order=plan.order, progress=progress)
+        elif solver == "heun":
             x, v = _heun(flow, x, v, ts, progress)
         else:
             x, v = _ipndm(flow, x, v, ts, plan.order, progress)
-    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order}
+    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order, "grid": grid}
 
 
 def forward_score(process: VSMDProcess, basis: SubspaceBasis, x: Tensor, v: Tensor,

@@ -31,11 +31,12 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--schedule": [["--schedule", "bogus"],
                        ["--model", "VSDM_CKPT", "--schedule", "edm"]],  # a family samples on its own process
         "--solver": [["--solver", "bogus"],
-                     ["--model", "VSMD_CKPT", "--solver", "dpmpp-2m"]],  # not a phase-space solver
+                     ["--model", "VSMD_CKPT", "--solver", "euler"]],  # not a phase-space solver
         "--grid": [["--grid", "bogus"],
                    ["--model", "VSDM_CKPT", "--grid", "karras"],  # EDM's grid ignores VSDM's process
                    ["--model", "VSDM_CKPT", "--solver", "em", "--grid", "logsnr"],  # VSDM's EM: uniform t steps
-                   ["--model", "VSMD_CKPT", "--grid", "logsnr"]],  # VSMD's samplers: uniform t only
+                   ["--model", "VSMD_CKPT", "--solver", "heun", "--grid", "logsnr"],  # VSMD's Heun: uniform t
+                   ["--model", "VSMD_CKPT", "--solver", "dpmpp-2m", "--grid", "karras"]],
         "--secondary": [["--secondary", "bogus"], ["--grid", "karras", "--secondary", "mid"],
                         ["--solver", "em", "--secondary", "mid"],  # Euler-Maruyama has no secondary point
                         ["--model", "VSMD_CKPT", "--secondary", "mid"]],  # VSMD's Heun: the end point
@@ -106,6 +107,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--forward-steps": [["--forward-steps", "5"]],
         "--sb-zeta": [["--sb-zeta", "1"]],
         "--sigma-data": [["--sigma-data", "0.5"], ["--sigma-data", "abc"]],
+        "--vsmd-head": [["--vsmd-head", "bogus"], ["--vsmd-head", "denoiser"]],
     },
     "evaluate solvers": {
         "--model": [["--model", "bogus"]],

@@ -504,8 +504,10 @@ def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
     for rows, match in [
         ([{"eval": [HEUN_MID, {"solver": "em", "grid": "logsnr"}]}], "grid: a vsdm model's Euler-Maruyama"),
         ([{"eval": [HEUN_MID, {"solver": "heun", "grid": "karras", "secondary": "end"}]}], "'karras' ignores"),
-        ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [{"solver": "dpmpp-2m", "grid": "uniform_t"}]}],
-         "solver: a vsmd model samples with em, heun or ipndm"),
+        ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [{"solver": "unipc", "grid": "uniform_t"}]}],
+         "solver: a vsmd model samples with em, heun, ipndm, dpmpp-2m"),
+        ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [{"solver": "dpmpp-2m", "grid": "karras"}]}],
+         "grid: a vsmd model's dpmpp-2m runs on uniform_t, logsnr, edm_sigma"),
         ([{"name": "vsmd", "train": VSMD_TRAIN, "eval": [HEUN_MID]}], "secondary: a vsmd model's Heun"),
         ([{"eval": [HEUN_MID, {**em, "nfes": []}]}], "nfes: expected a non-empty list"),
         ([{"eval": [HEUN_MID, {**em, "nfes": [50, 50]}]}], "nfes: expected a non-empty list of distinct"),

@@ -355,9 +355,11 @@ def _npz_run(capsys, *argv):
     ("vsdm", ["--solver", "em", "--nfe", "6"], "learned_em-sde_uniform_t_nfe6", 6),  # VSDM's own sampler
     ("vsdm", ["--nfe", "5"], "learned_heun-mid_uniform_t_nfe5", 5),  # the PF-ODE through the engine's Heun
     ("vsdm", ["--solver", "dpmpp-2m", "--grid", "logsnr", "--nfe", "4"], "learned_dpmpp-2m-2_logsnr_nfe4", 4),
-    ("vsmd", ["--nfe", "5"], "learned_heun-end_uniform_t_nfe5", 5),  # VSMD's Heun: end point by default
+    ("vsmd", ["--nfe", "5"], "learned_dpmpp-2m-2_logsnr_nfe5", 5),  # the phase-space 2M on logsnr by default
+    ("vsmd", ["--solver", "heun", "--nfe", "5"], "learned_heun-end_uniform_t_nfe5", 5),  # VSMD's Heun: end point
     ("vsmd", ["--solver", "ipndm", "--order", "2", "--nfe", "4"], "learned_ipndm-2_uniform_t_nfe4", 4),
     ("vsmd", ["--solver", "em", "--nfe", "4"], "learned_em-sde_uniform_t_nfe4", 4),
+    ("vsmd", ["--solver", "dpmpp-2m", "--grid", "logsnr", "--nfe", "4"], "learned_dpmpp-2m-2_logsnr_nfe4", 4),
 ])
 def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ckpt, family, argv, stem, nfe):
     """A VSDM / VSMD training checkpoint samples on its own process through families.sample: the CLI's images are
@@ -401,11 +403,13 @@ def test_shipped_vsdm_model_samples_by_name_and_by_file(tmp_path, monkeypatch, c
     ("vsmd", ["--schedule", "learned"], ["--schedule", "is a vsmd model"]),
     ("vsdm", ["--grid", "karras"], ["--grid", "'karras' ignores the process"]),
     ("vsdm", ["--solver", "em", "--grid", "logsnr"], ["--grid", "Euler-Maruyama runs on the uniform t grid"]),
-    ("vsmd", ["--solver", "dpmpp-2m"], ["--solver", "em, heun or ipndm"]),
-    ("vsmd", ["--solver", "euler"], ["--solver", "em, heun or ipndm"]),
-    ("vsmd", ["--grid", "edm_sigma"], ["--grid", "uniform t grid"]),
-    ("vsmd", ["--secondary", "mid"], ["--secondary", "end point"]),
-    ("vsmd", ["--nfe", "4"], ["--nfe", "odd number"]),  # VSMD's Heun spends 2N - 1 calls
+    ("vsmd", ["--solver", "unipc"], ["--solver", "em, heun, ipndm, dpmpp-2m"]),
+    ("vsmd", ["--solver", "euler"], ["--solver", "em, heun, ipndm, dpmpp-2m"]),
+    ("vsmd", ["--solver", "dpmpp-2m", "--grid", "karras"], ["--grid", "uniform_t, logsnr, edm_sigma"]),
+    ("vsmd", ["--solver", "heun", "--grid", "edm_sigma"], ["--grid", "uniform t grid"]),
+    ("vsmd", ["--solver", "heun", "--secondary", "mid"], ["--secondary", "end point"]),
+    ("vsmd", ["--secondary", "mid"], ["--secondary", "dpmpp-2m uses no secondary point"]),
+    ("vsmd", ["--solver", "heun", "--nfe", "4"], ["--nfe", "odd number"]),  # VSMD's Heun spends 2N - 1 calls
     ("vsdm", ["--solver", "em", "--secondary", "mid"], ["--secondary", "em uses no secondary point"]),
     ("vsdm", ["--solver", "em", "--order", "2"], ["--order", "only the multistep solvers"]),
 ])

@@ -52,6 +52,8 @@ def _process_state(trainer: train.Trainer) -> dict:
     (["--family", "vsdm", "--forward-every", "0"], "--forward-every"),
     (["--family", "vsdm", "--vsdm-rule", "trajectory", "--forward-every", "5"], "--forward-every: expected no value"),
     (["--family", "vsmd", "--forward-paths", "0"], "--forward-paths"),
+    (["--family", "vsdm", "--vsmd-head", "denoiser"], "--vsmd-head: only with --family vsmd"),
+    (["--family", "vsmd", "--sigma-data", "0.5"], "--sigma-data: expected no value here: it applies to vsmd-velocity"),
     (["--family", "vsdm", "--sb-zeta", "-1"], "--sb-zeta"),
 ])
 def test_family_options_are_checked_before_any_work(tmp_path, argv, match):
@@ -67,7 +69,7 @@ def test_family_defaults():
     assert (a.vsdm_rule, a.beta_max, a.forward_every, a.forward_paths, a.sb_zeta, a.basis) == \
         ("alternate", 20.0, 50, 64, 0.75, "dct")
     b = train.config_from_argv(["--family", "vsmd", "--data", "x", "--out", "/tmp/never-written"])
-    assert (b.beta_max, b.zeta, b.vsdm_rule) == (10.0, 1.0, None)
+    assert (b.beta_max, b.zeta, b.vsdm_rule, b.vsmd_head, b.sigma_data) == (10.0, 1.0, None, "denoiser", None)
     c = train.config_from_argv(["--family", "vsdm", "--vsdm-rule", "trajectory", "--data", "x", "--out", "/t/n"])
     assert (c.forward_every, c.loss_c, c.reduction) == (None, 0.5, "sum")
 
@@ -139,7 +141,8 @@ def test_vsmd_starts_from_a_core_network_with_its_phase_space_twin(tmp_path, npz
             "--no-progress", "--sample-every", "0", *NET]
     train.run(train.parse_args(core))
     source = ckpt.latest_checkpoint(tmp_path / "edm")
-    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 2, *FORWARD, "--init-from", source))
+    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 2, *FORWARD, "--init-from", source,
+                                     "--vsmd-head", "velocity"))
     trainer = train.Trainer(args)
     assert isinstance(trainer.net, VelocityScoreNet) and isinstance(trainer.ema.module, VelocityScoreNet)
     assert isinstance(trainer.schedule, VSMDProcess)
@@ -150,6 +153,29 @@ def test_vsmd_starts_from_a_core_network_with_its_phase_space_twin(tmp_path, npz
     trainer.train_step()
     record = trainer.train_step()
     assert "forward_loss" in record and trainer.schedule.c.abs().max() > 0
+
+
+def test_vsmd_denoiser_head_starts_from_the_core_network_unchanged(tmp_path, npz):
+    """--family vsmd (the denoiser head by default) --init-from a core checkpoint: the network and its EMA are the
+    source's C-channel SongUNet as they are, inside phase_space.VSMDDenoiser, and the shipped model rebuilds it."""
+    from aniso_fast.phase_space import VSMDDenoiser
+
+    core = ["--stage", "edm", "--data", str(npz), "--out", str(tmp_path / "edm"), "--steps", "1", "--batch", "4",
+            "--no-progress", "--sample-every", "0", *NET]
+    train.run(train.parse_args(core))
+    source = ckpt.latest_checkpoint(tmp_path / "edm")
+    args = train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 2, *FORWARD, "--init-from", source))
+    trainer = train.Trainer(args)
+    assert isinstance(trainer.loss_model, VSMDDenoiser) and trainer.precond_config == {"head": "denoiser"}
+    ema = ckpt.strip_prefix("ema", ckpt.load_checkpoint(source)[0])
+    for name, value in trainer.ema.module.state_dict().items():
+        torch.testing.assert_close(value, ema[name])
+    trainer.train_step()
+    record = trainer.train_step()
+    assert "forward_loss" in record and trainer.schedule.c.abs().max() > 0
+    trainer.save_checkpoint()
+    model, _ = models.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
+    assert isinstance(model, VSMDDenoiser)
 
 
 def test_init_from_refuses_a_family_it_cannot_start_from(tmp_path, npz):
@@ -217,7 +243,8 @@ def test_vsmd_checkpoint_and_export_keep_the_gaussian_skip(tmp_path, npz, monkey
 
     for sigma, expect in (("0.7", 0.7), ("0", None)):
         out = tmp_path / f"run{sigma}"
-        trainer = train.run(train.parse_args(fam_argv(npz, out, "vsmd", 1, "--sigma-data", sigma)))
+        trainer = train.run(train.parse_args(fam_argv(npz, out, "vsmd", 1, "--vsmd-head", "velocity",
+                                                      "--sigma-data", sigma)))
         assert trainer.loss_model.sigma_data == expect
         tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
         assert models.build_model(tensors, meta)[0].sigma_data == expect

@@ -207,7 +207,7 @@ def test_pf_ode_reproduces_the_data_variance_at_high_nfe():
     process, basis = _process(), _basis()
     oracle = Oracle(process, basis)
     x, _, info = sample_ode(process, oracle, range(1024), 255, dtype=F64)
-    assert info == {"nfe": 255, "steps": 128, "solver": "heun", "order": None}
+    assert info == {"nfe": 255, "steps": 128, "solver": "heun", "order": None, "grid": "uniform_t"}
     Phi = _flow_map(process, oracle)
     with torch.no_grad():
         expected = (Phi @ process.cov_blocks(process.T)[0] @ Phi.mT)[:, 0, 0]
@@ -295,7 +295,7 @@ def test_a_seed_gives_the_same_sample_whatever_the_batch():
         torch.testing.assert_close(batch[1:2], alone, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(batch[0], batch[1])
     ode = sample_ode(process, oracle, [3, 5], 9, solver="ipndm", order=3)
-    assert ode[2] == {"nfe": 9, "steps": 9, "solver": "ipndm", "order": 3}
+    assert ode[2] == {"nfe": 9, "steps": 9, "solver": "ipndm", "order": 3, "grid": "uniform_t"}
 
 
 def test_class_conditional_process_draws_seeded_labels():
@@ -387,7 +387,9 @@ def test_sampler_and_forward_loss_bad_input_raises_naming_the_argument():
         sample_ode(process, oracle, [0], 3, solver="ipndm", order=4)
     with pytest.raises(ValueError, match=r"^order: ipndm takes order 1 or 2 or 3 or 4, got 5"):
         sample_ode(process, oracle, [0], 9, solver="ipndm", order=5)
-    with pytest.raises(ValueError, match=r"^solver: expected one of heun, ipndm \(the phase-space ODE solvers\)"):
+    with pytest.raises(ValueError, match=r"^solver: expected one of heun, ipndm, dpmpp-2m \(the phase-space ODE"):
+        sample_ode(process, oracle, [0], 9, solver="unipc")
+    with pytest.raises(ValueError, match=r"^solver: dpmpp-2m needs the denoiser head"):
         sample_ode(process, oracle, [0], 9, solver="dpmpp-2m")
     with pytest.raises(ValueError, match=r"^image_shape: expected \(C, H, W\), three ints >= 1, got \(4, 4\)"):
         sample_ode(process, oracle, [0], 9, image_shape=(4, 4))
