@@ -7,9 +7,12 @@ path, its network wrapper, its training loss and its sampler (train.py, models.p
   y = x / alpha); learned by VSDM's alternating rule (`vsdm.dsm_loss`, then `vsdm.forward_sb_loss` on backward
   paths) or by the trajectory loss on `process.ve_schedule()`; sampled by the PF-ODE through any engine solver
   (`vsdm.sample_ode`) or by Euler-Maruyama (`vsdm.sample_em`).
-- `vsmd`: VSMD's phase-space process (`vsmd.VSMDProcess`), a velocity-score network (`vsmd.VelocityScoreNet`,
-  2C channels in) inside `vsmd.VSMDPrecond`; learned by the alternating rule (`vsmd.dsm_loss`, then
-  `vsmd.forward_sb_loss`); sampled by `vsmd.sample_ode` (Heun / iPNDM on uniform t) or `vsmd.sample_em`.
+- `vsmd`: VSMD's phase-space process (`vsmd.VSMDProcess`) with one of two heads (`precond_config['head']`): the
+  denoiser head, a C-channel network in `AnisoPrecond` inside `phase_space.VSMDDenoiser` (the velocity score exactly
+  from a VE denoiser), or VSMD's velocity head (`vsmd.VelocityScoreNet`, 2C channels in, inside `vsmd.VSMDPrecond`;
+  the default of stored models without a head); learned by the alternating rule (`vsmd.dsm_loss`, then
+  `vsmd.forward_sb_loss`); sampled by `vsmd.sample_ode` (Heun / iPNDM on uniform t, the phase-space DPM-Solver++(2M)
+  on uniform t, logsnr or edm_sigma) or `vsmd.sample_em`.
 
 A stored model keeps its forward path under the `schedule.*` tensors and `schedule_config`, whatever the family,
 and names the family in `family` (absent: core).

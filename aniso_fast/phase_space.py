@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from .bases import SubspaceBasis
 from .checks import check_in_range
 from .schedules import as_time
+from .vsmd import VelocityModel, VSMDProcess
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
            "dpmpp_2m", "GRIDS"]
@@ -195,7 +196,7 @@ def sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, *,
         return torch.cat([t, torch.full((B, 1), t0, dtype=_F64, device=device)], 1)
 
 
-class VSMDDenoiser(nn.Module):
+class VSMDDenoiser(VelocityModel):
     """VSMD's velocity score from a VE denoiser (the module docstring): `denoiser` is an `AnisoPrecond` on the
     process's basis (a C-channel network); `forward(z, t, labels)` returns grad_v log p_t(z) [B, C, H, W] like
     `vsmd.VSMDPrecond`, `denoise(z, t, labels)` the data prediction E[x0 | z_t]."""
@@ -203,7 +204,6 @@ class VSMDDenoiser(nn.Module):
     def __init__(self, denoiser: nn.Module, process):
         super().__init__()
         from .precond import AnisoPrecond
-        from .vsmd import VSMDProcess
 
         if not isinstance(denoiser, AnisoPrecond):
             raise ValueError(f"denoiser: expected a precond.AnisoPrecond, got {type(denoiser).__name__}")
@@ -232,23 +232,9 @@ class VSMDDenoiser(nn.Module):
     def basis(self) -> SubspaceBasis:
         return self.denoiser.basis
 
-    @property
-    def num_classes(self) -> int | None:
-        return self.label_dim or None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self._image_shape
-
     def _parts(self, z: Tensor, t: Any, labels: Tensor | None) -> tuple[Tensor, Tensor, DenoiserView, Tensor]:
-        tt = as_time(t, self.process.log_damping.device)
-        check_in_range("t", tt, torch.finfo(_F64).tiny, self.process.T,
-                       f"finite times in (0, T={self.process.T:g}] (the view is singular at t = 0)")
-        C, H, W = self._image_shape
-        if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1:] != (2 * C, H, W):
-            raise ValueError(f"z: expected the phase space [B, {2 * C}, {H}, {W}] (x and v stacked on channels), "
-                             f"got {tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
-        B = z.shape[0]
+        tt = self._inputs(z, t)
+        C, B = self._image_shape[0], z.shape[0]
         with torch.no_grad():
             view = denoiser_view(self.process, tt, labels)
         if view.g.shape[0] not in (1, B):

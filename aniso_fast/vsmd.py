@@ -22,7 +22,9 @@ returns it for every t), T = 1, zeta = 1, c = 0 (then a = 0 and N(0, I) is the s
 prior v_0 ~ N(0, prior_v I) with prior_v = 1, and t0 = 1e-3 (its delta: the loss's and the samplers' end time).
 
 The network (§2.3): VSMD trains a velocity-only score, `VelocityScoreNet` (2C channels in, C out) inside
-`VSMDPrecond`, score_v = -net(z, 999 t) / L_vv per subspace.
+`VSMDPrecond`, score_v = -net(z, 999 t) / L_vv per subspace. The engine's default is the denoiser head
+(`phase_space.VSMDDenoiser`: the same velocity score, exactly, from a C-channel VE denoiser); both heads share the
+loss, the c-update and the samplers here.
 
 Learning, VSMD's alternating rule (§2.5): `dsm_loss` for the network with c frozen, then `forward_sb_loss` for c
 on paths that `simulate_backward` draws from the current model. Sampling, the sample being x: `sample_ode` (the
@@ -52,7 +54,7 @@ from .process import ProcessFamily, check_steps, time_column
 from .schedules import as_time
 from .solvers import check_seeds, resolve_sampler, seeded_labels
 
-__all__ = ["VSMDProcess", "VelocityScoreNet", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
+__all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
            "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",
            "forward_sb_loss"]
 
@@ -330,7 +332,34 @@ class VelocityScoreNet(nn.Module):
         return self.net(z, noise_labels, class_labels, augment_labels)
 
 
-class VSMDPrecond(nn.Module):
+class VelocityModel(nn.Module):
+    """What VSMD's loss and samplers read from a velocity-score model (`VSMDPrecond`, `phase_space.VSMDDenoiser`):
+    `num_classes`, `image_shape` (C, H, W) of the x half, `basis`, `process`, and its one check of the inputs."""
+    label_dim: int
+    _image_shape: tuple[int, int, int]
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.label_dim or None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the samples."""
+        return self._image_shape
+
+    def _inputs(self, z: Tensor, t: Any) -> Tensor:
+        """t as float64 [B] or [] after checking it lies in (0, T] and that z is the phase space [B, 2C, H, W]."""
+        tt = as_time(t, self.process.log_damping.device)
+        check_in_range("t", tt, torch.finfo(_F64).tiny, self.process.T,
+                       f"finite times in (0, T={self.process.T:g}] (the velocity score is singular at t = 0)")
+        C, H, W = self._image_shape
+        if _images("z", z).shape[1:] != (2 * C, H, W):
+            raise ValueError(f"z: expected the phase space [B, {2 * C}, {H}, {W}] (x and v stacked on channels), "
+                             f"got {tuple(z.shape)}")
+        return tt
+
+
+class VSMDPrecond(VelocityModel):
     """VSMD's preconditioning (`PrecondGeneral`, RELATED.md §2.3): the velocity score
 
         grad_v log p_t(z) = sum_k P_k (-net(z, time_scale t) / L_vv,k(t)),
@@ -371,26 +400,12 @@ class VSMDPrecond(nn.Module):
         # kept here: the trainer may swap .net for its DistributedDataParallel wrapper, which has neither
         self.label_dim, self._image_shape = label_dim, shape
 
-    @property
-    def num_classes(self) -> int | None:
-        return self.label_dim or None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the samples: the network's output channels and resolution."""
-        return self._image_shape
-
     def forward(self, z: Tensor, t: Any, labels: Tensor | None = None) -> Tensor:
         """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
-        tt = as_time(t, self.process.log_damping.device)
-        check_in_range("t", tt, torch.finfo(_F64).tiny, self.process.T,
-                       f"finite times in (0, T={self.process.T:g}] (L_vv(0) = 0)")
+        tt = self._inputs(z, t)
         with torch.no_grad():
             lvv = self.process.chol_blocks(tt, labels)[..., 1, 1]
-        C, H, W = self._image_shape
-        if _images("z", z).shape[1:] != (2 * C, H, W):
-            raise ValueError(f"z: expected the phase space [B, {2 * C}, {H}, {W}] (x and v stacked on channels), "
-                             f"got {tuple(z.shape)}")
+        C = self._image_shape[0]
         B = z.shape[0]
         if lvv.shape[0] not in (1, B):
             raise ValueError(f"t: batch size {lvv.shape[0]} does not match z's {B}")
