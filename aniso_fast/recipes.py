@@ -169,7 +169,8 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
     name = row.get("export")
     if source in ("auto", "shipped") and name in shipped:
         entry = shipped[name]
-        return {"status": "ok", "where": f"shipped model `{name}` ({entry['stage']} stage, step {entry['step']}, "
+        trained = f"{entry['stage']} stage" if entry.get("stage") else f"{entry.get('family') or 'core'} family"
+        return {"status": "ok", "where": f"shipped model `{name}` ({trained}, step {entry['step']}, "
                                          f"{entry['kimg']:g} kimg)", "id": f"shipped:{entry['sha256']}",
                 "load": lambda: models.load_shipped(name)[:2]}
     if source in ("auto", "checkpoint"):
