@@ -353,7 +353,8 @@ def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
 @pytest.mark.parametrize("family,solver,grid,secondary,match", [
     ("vsdm", "heun", "karras", "end", "^grid: 'karras' ignores the process"),
     ("vsdm", "em", "logsnr", None, "^grid: a vsdm model's Euler-Maruyama runs on the uniform t grid"),
-    ("vsmd", "dpmpp-2m", "uniform_t", None, "^solver: a vsmd model samples with em, heun or ipndm"),
+    ("vsmd", "unipc", "uniform_t", None, "^solver: a vsmd model samples with em, heun, ipndm, dpmpp-2m"),
+    ("vsmd", "dpmpp-2m", "karras", None, "^grid: a vsmd model's dpmpp-2m runs on uniform_t, logsnr, edm_sigma"),
     ("vsmd", "euler", "uniform_t", None, "^solver: a vsmd model"),
     ("vsmd", "heun", "logsnr", None, "^grid: a vsmd model's heun on the phase space runs on the uniform t grid"),
     ("vsmd", "em", "edm_sigma", None, "^grid: a vsmd model's Euler-Maruyama"),
