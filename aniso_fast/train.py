@@ -550,6 +550,8 @@ class Trainer:
         for key, value in zip(("decay_start_kimg", "decay_halflife_kimg"), derived):
             if mine[key] is None and theirs.get(key) == value:  # older checkpoints stored the derived value
                 theirs[key] = None
+        if theirs.get("family") == "vsmd" and "vsmd_head" not in theirs:  # from before --vsmd-head: VSMD's head
+            theirs["vsmd_head"] = "velocity"
         ckpt.compare_configs("the command line", mine, theirs)
         shape = list(self.data.images.shape)
         if meta["data"]["shape"] != shape or meta["data"]["num_classes"] != self.num_classes:

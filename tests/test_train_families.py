@@ -110,6 +110,22 @@ def test_resume_is_bit_identical(tmp_path, npz, family):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_vsmd_checkpoint_from_before_vsmd_head_resumes_as_the_velocity_head(tmp_path, npz):
+    """Checkpoints written before --vsmd-head hold VSMD's velocity head and no `vsmd_head` argument: they resume
+    with --vsmd-head velocity, and the default (denoiser) is named as the mismatch."""
+    train.run(train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 1, "--vsmd-head", "velocity")))
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    tensors, meta = ckpt.load_checkpoint(path)
+    del meta["args"]["vsmd_head"]
+    path.unlink()
+    ckpt.save_checkpoint(path, tensors, meta)
+    with pytest.raises(ckpt.CheckpointError, match="vsmd_head: checkpoint has 'velocity', this run has 'denoiser'"):
+        train.run(train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 2, "--resume")))
+    trainer = train.run(train.parse_args(fam_argv(npz, tmp_path / "run", "vsmd", 2, "--resume",
+                                                  "--vsmd-head", "velocity")))
+    assert trainer.step == 2
+
+
 def test_vsdm_checkpoint_builds_exports_and_samples(tmp_path, npz, monkeypatch):
     """The checkpoint names its family; build_model gives the VSDM process; the export keeps it; the PF-ODE and
     Euler-Maruyama samplers run on the shipped file."""
