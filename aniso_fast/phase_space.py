@@ -162,16 +162,32 @@ def _mean_log_sigma(process, t: Tensor, labels: Tensor | None) -> Tensor:
     return denoiser_view(process, t, labels).g.log().mean(-1) / 2
 
 
+def _classes(process, labels: Tensor | None, B: int) -> tuple[Tensor | None, Tensor]:
+    """(the distinct classes, or None for a process without classes; each sample's row among them [B]): the
+    grids and step coefficients depend on a sample only through its class, so they are computed once per class."""
+    if process.num_classes is None:
+        return None, torch.zeros(B, dtype=torch.long, device=process.log_damping.device)
+    return labels.unique(return_inverse=True)
+
+
 def sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, *, sigma_min: float = 0.002,
-               rho: float = 7.0, iterations: int = 60) -> Tensor:
+               rho: float = 7.0, iterations: int = 48) -> Tensor:
     """Times [B, steps + 1] from T down to t0: uniform in t, or at the geometric-mean sqrt(g) of EDM's rho grid or
     uniform in its log ('logsnr'), from its value at T down to max(its value at t0, sigma_min), then t0."""
     if grid not in GRIDS:
         raise ValueError(f"grid: expected one of {', '.join(GRIDS)} for the phase space, got {grid!r}")
     device = process.log_damping.device
-    T, t0 = process.T, process.t0
     if grid == "uniform_t":
-        return torch.linspace(T, t0, steps + 1, dtype=_F64, device=device).expand(B, -1)
+        return torch.linspace(process.T, process.t0, steps + 1, dtype=_F64, device=device).expand(B, -1)
+    classes, pick = _classes(process, labels, B)
+    return _sigma_grid(process, grid, steps, 1 if classes is None else len(classes), classes, sigma_min, rho,
+                       iterations)[pick]
+
+
+def _sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, sigma_min: float, rho: float,
+                iterations: int) -> Tensor:
+    device = process.log_damping.device
+    T, t0 = process.T, process.t0
     with torch.no_grad():
         ends = torch.tensor([T, t0], dtype=_F64, device=device)
         hi, lo = (_mean_log_sigma(process, e.expand(B), labels) for e in ends)
@@ -258,12 +274,9 @@ def dpmpp_2m(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts: Tensor, lab
     order 1 on the first and last steps (DPM-Solver++'s lower-order final step)."""
     basis, N = model.basis, ts.shape[1] - 1
     ids = basis.group_ids(labels)
-    # the coefficients depend on the sample only through its class (its c and its grid): computed once per class
-    if process.num_classes is None:
-        rows, classes, pick = ts[:1], None, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    else:
-        classes, pick = labels.unique(return_inverse=True)
-        rows = ts[torch.zeros_like(classes).scatter_(0, pick, torch.arange(len(pick), device=pick.device))]
+    classes, pick = _classes(process, labels, x.shape[0])  # ts must depend on a sample only through its class
+    rows = ts[torch.zeros(1 if classes is None else len(classes), dtype=torch.long, device=pick.device)
+              .scatter_(0, pick, torch.arange(len(pick), device=pick.device))]
     D_prev = tau_prev = None
     for i in tqdm(range(N), disable=not progress, desc="DPM-Solver++(2M), phase space", leave=False):
         D = model.denoise(torch.cat([x, v], 1), ts[:, i], labels)
