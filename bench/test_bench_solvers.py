@@ -6,7 +6,9 @@ Two runs per solver, back to back on the same grid and start point:
 - `solver`: the same call with a stand-in whose flow returns a precomputed tensor, so what is left is the grid,
   the start point and the solver's `basis.combine` algebra.
 The overhead share reported by bench/report.py is `solver / network` (the stand-in run does all the solver's work
-and none of the network's).
+and none of the network's). `fmnist-vsmd`: the phase-space DPM-Solver++(2M) on log-SNR (`vsmd.sample_ode`), its
+stand-in a denoiser that returns a precomputed tensor (the grids, the per-class step coefficients and the
+`block_combine` algebra are left).
 """
 from __future__ import annotations
 
@@ -86,3 +88,26 @@ def test_solver(benchmark, case: SolverCase, opts: common.Options):
     benchmark.extra_info.update(suite="solvers", model=case.model, solver=case.solver, grid=case.grid, nfe=NFE,
                                 batch=BATCH, run=case.run, impl=case.run)
     common.measure(benchmark, run, "cpu", opts)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_phase_space_solver(benchmark, run: str, opts: common.Options):
+    from aniso_fast import vsmd
+
+    name = "fmnist-vsmd"
+    if name not in models.shipped_models():
+        pytest.skip(f"{name} is not shipped here")
+    model, process, _ = models.load_shipped(name)  # its own instance: the stand-in patches its denoiser
+    if run == "solver":
+        D = 0.01 * torch.randn(BATCH, *model.image_shape, generator=torch.Generator().manual_seed(0))
+        model.denoiser.denoise = lambda y, g, labels=None: D
+    seeds = list(range(BATCH))
+    labels = torch.arange(BATCH) % model.num_classes
+
+    def go():
+        return vsmd.sample_ode(process, model, seeds, NFE, solver="dpmpp-2m", grid="logsnr", labels=labels)[0]
+
+    benchmark.group = f"solver-{name}-dpmpp-2m-nfe{NFE}-B{BATCH}"
+    benchmark.extra_info.update(suite="solvers", model=name, solver="dpmpp-2m", grid="logsnr", nfe=NFE,
+                                batch=BATCH, run=run, impl=run)
+    common.measure(benchmark, go, "cpu", opts)

@@ -196,6 +196,12 @@ def test_grids_run_from_T_to_t0_and_follow_the_mean_log_sigma():
         assert torch.all(ts[:, 0] == process.T) and torch.all(ts[:, -1] == process.t0)
         assert torch.all(ts.diff(dim=1) < 0)
         assert torch.equal(ts[1], ts[3])  # the grid depends on the class only
+        if grid == "logsnr":  # the mean log sigma steps evenly down to its clipped end, then t0
+            from aniso_fast.phase_space import denoiser_view
+            with torch.no_grad():
+                logsig = denoiser_view(process, ts[:, :-1].reshape(-1), labels.repeat_interleave(6)).g.log()
+            steps = logsig.mean(-1).reshape(4, 6).diff(dim=1) / 2
+            assert torch.allclose(steps, steps[:, :1].expand_as(steps), rtol=1e-4), steps
     with pytest.raises(ValueError, match="^grid: "):
         sigma_grid(process, "karras", 6, 4, labels)
 
