@@ -105,9 +105,10 @@ class FrechetScorer:
 
         self.features, self.id, self.batch_size = features, id, batch_size
         self.num_reference = len(reference_images)
-        self.mu, self.sigma = feature_statistics(self._features(reference_images))
+        self.mu, self.sigma = feature_statistics(self.features_of(reference_images))
 
-    def _features(self, images: torch.Tensor) -> np.ndarray:
+    def features_of(self, images: torch.Tensor) -> np.ndarray:
+        """[N, D] float64 features of images (uint8, or model-range floats quantised first), in batches."""
         from .data import to_uint8
 
         images = images if images.dtype == torch.uint8 else to_uint8(images)
@@ -119,7 +120,7 @@ class FrechetScorer:
     def score(self, images: torch.Tensor) -> float:
         from .metrics import feature_statistics, frechet_distance_from_statistics
 
-        return frechet_distance_from_statistics(*feature_statistics(self._features(images)), self.mu, self.sigma)
+        return frechet_distance_from_statistics(*feature_statistics(self.features_of(images)), self.mu, self.sigma)
 
     @classmethod
     def classifier(cls, path: str | os.PathLike = CLASSIFIER_ASSET) -> "FrechetScorer":

@@ -125,7 +125,7 @@ class _Cache:
                 return arrays[feat_key]
         if "images" not in arrays:
             arrays["images"] = make_images().numpy()
-        arrays[feat_key] = scorer._features(torch.from_numpy(arrays["images"]))
+        arrays[feat_key] = scorer.features_of(torch.from_numpy(arrays["images"]))
         if path is not None:
             arrays["what"] = np.array(json.dumps(what, sort_keys=True))
             path.parent.mkdir(parents=True, exist_ok=True)
