@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .bases import SubspaceBasis
 from .checks import check_in_range
 from .schedules import as_time
-from .vsmd import VelocityModel, VSMDProcess
+from .vsmd import VelocityModel, VSMDProcess, lower_cholesky
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
            "dpmpp_2m", "GRIDS"]
@@ -85,17 +85,10 @@ def _view(e: Tensor, S: Tensor) -> DenoiserView:
     return DenoiserView(torch.stack([Pe / h[..., None], -P[..., 1, :]], -2), 1 / h, Pe[..., 1])
 
 
-def _cholesky(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_xx, L_vx, L_vv) of a 2x2 positive definite S, closed form."""
-    lxx = S[..., 0, 0].sqrt()
-    lvx = S[..., 0, 1] / lxx
-    return lxx, lvx, (S[..., 1, 1] - lvx ** 2).sqrt()
-
-
 def _rotation_rate(process, t: Tensor, labels: Tensor | None) -> Tensor:
     """theta'(t) = -(beta / 2) L_vv / L_xx [B, K]."""
-    lxx, _, lvv = _cholesky(given_data(process, t, labels)[1])
-    return -process.beta / 2 * lvv / lxx
+    L = lower_cholesky(given_data(process, t, labels)[1])
+    return -process.beta / 2 * L[..., 1, 1] / L[..., 0, 0]
 
 
 def _nodes(a: Tensor, b: Tensor, labels: Tensor | None, n: int = 24) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -115,19 +108,14 @@ def _integrate_rate(process, t_from: Tensor, t_to: Tensor, labels: Tensor | None
     return (w[..., None] * rate).sum(0)
 
 
-def _matrix(lxx: Tensor, lvx: Tensor, lvv: Tensor) -> Tensor:
-    z = torch.zeros_like(lxx)
-    return torch.stack([torch.stack([lxx, z], -1), torch.stack([lvx, lvv], -1)], -2)
-
-
 def _rotation(angle: Tensor) -> Tensor:
     c, s = angle.cos(), angle.sin()
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
 def _transition(process, t_to: Tensor, t_from: Tensor, labels: Tensor | None, n: int = 24) -> Tensor:
-    L_to = _matrix(*_cholesky(given_data(process, t_to, labels)[1]))
-    L_from = _matrix(*_cholesky(given_data(process, t_from, labels)[1]))
+    L_to = lower_cholesky(given_data(process, t_to, labels)[1])
+    L_from = lower_cholesky(given_data(process, t_from, labels)[1])
     turn = _rotation(_integrate_rate(process, t_from, t_to, labels, n))
     return L_to @ turn @ torch.linalg.inv(L_from)
 
@@ -148,7 +136,7 @@ def _step_coefficients(process, t_i: Tensor, t_next: Tensor, tau_prev: Tensor | 
     without tau_prev). Both ends in one `given_data` call."""
     n = t_i.shape[0]
     e, S = given_data(process, torch.cat([t_next, t_i]), None if labels is None else labels.repeat(2))
-    L = _matrix(*_cholesky(S))
+    L = lower_cholesky(S)
     Phi = L[:n] @ _rotation(_integrate_rate(process, t_i, t_next, labels)) @ torch.linalg.inv(L[n:])
     e_next, e_i = e[:n], e[n:]
     J0 = e_next - (Phi @ e_i[..., None])[..., 0]
@@ -162,7 +150,7 @@ def _step_coefficients(process, t_i: Tensor, t_next: Tensor, tau_prev: Tensor | 
     rho = (view.g.log().reshape(G, *tau_i.shape) - tau_i) / (tau_i - tau_prev)
     # Phi(t_next, r) b(r) = -(gamma beta / 2) gain(r) Phi(t_next, r)[:, 1]
     turn = _rotation(_integrate_rate(process, r, t_next.repeat(G), node_labels, 8))
-    column = (L[:n].repeat(G, 1, 1, 1) @ turn @ torch.linalg.inv(_matrix(*_cholesky(S_r))))[..., :, 1]
+    column = (L[:n].repeat(G, 1, 1, 1) @ turn @ torch.linalg.inv(lower_cholesky(S_r)))[..., :, 1]
     column = column.reshape(G, *J0.shape)
     gain = view.gain.reshape(G, *tau_i.shape)
     J1 = (-process.gamma * process.beta / 2) * ((w[..., None] * gain * rho)[..., None] * column).sum(0)

@@ -110,6 +110,18 @@ def _images(name: str, x: Any) -> Tensor:
     return x
 
 
+def lower_cholesky(cov: Tensor) -> Tensor:
+    """The lower Cholesky factor of 2x2 blocks [..., 2, 2], zero where a block is singular (Sigma(0) = 0)."""
+    xx, xv, vv = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    positive = xx > 0
+    lxx = torch.where(positive, xx, torch.ones_like(xx)).sqrt()
+    lvx = torch.where(positive, xv / lxx, torch.zeros_like(xv))
+    lxx = torch.where(positive, lxx, torch.zeros_like(lxx))
+    rest = (vv - lvx ** 2).clamp_min(0)
+    lvv = torch.where(rest > 0, rest, torch.ones_like(rest)).sqrt() * (rest > 0)
+    return torch.stack([torch.stack([lxx, torch.zeros_like(lxx)], -1), torch.stack([lvx, lvv], -1)], -2)
+
+
 class VSMDProcess(ProcessFamily):
     """VSMD's forward process with learnable damping values c [S, K] (S = num_classes, 1 if None), K subspaces.
 
@@ -214,15 +226,7 @@ class VSMDProcess(ProcessFamily):
 
     def chol_blocks(self, t: Any, labels: Tensor | None = None) -> Tensor:
         """L(t) [B, K, 2, 2], lower triangular with L L^T = Sigma(t) (zero at t = 0); L[..., 1, 1] is VSMD's L_vv."""
-        cov = self.cov_blocks(t, labels)
-        xx, xv, vv = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
-        positive = xx > 0
-        lxx = torch.where(positive, xx, torch.ones_like(xx)).sqrt()
-        lvx = torch.where(positive, xv / lxx, torch.zeros_like(xv))
-        lxx = torch.where(positive, lxx, torch.zeros_like(lxx))
-        rest = (vv - lvx ** 2).clamp_min(0)
-        lvv = torch.where(rest > 0, rest, torch.ones_like(rest)).sqrt() * (rest > 0)
-        return torch.stack([torch.stack([lxx, torch.zeros_like(lxx)], -1), torch.stack([lvx, lvv], -1)], -2)
+        return lower_cholesky(self.cov_blocks(t, labels))
 
     def check_images(self, basis: SubspaceBasis, **images: Tensor) -> int:
         """The images' batch size, after checking the basis's K and that the images are alike [B, C, H, W]."""
@@ -404,7 +408,8 @@ class VSMDPrecond(VelocityModel):
         """z [B, 2C, H, W], t [B] or a scalar in (0, T] -> the velocity score [B, C, H, W] (z's dtype)."""
         tt = self._inputs(z, t)
         with torch.no_grad():
-            lvv = self.process.chol_blocks(tt, labels)[..., 1, 1]
+            cov = self.process.cov_blocks(tt, labels)
+            lvv = lower_cholesky(cov)[..., 1, 1]
         C = self._image_shape[0]
         B = z.shape[0]
         if lvv.shape[0] not in (1, B):
@@ -421,16 +426,16 @@ class VSMDPrecond(VelocityModel):
         if self.sigma_data is None:
             return self.basis.scale(out, (-1 / lvv).expand(B, -1), ids=ids)
         with torch.no_grad():
-            skip = self._gaussian_score_blocks(tt, labels).expand(B, -1, -1, -1)
+            skip = self._gaussian_score_blocks(tt, labels, cov).expand(B, -1, -1, -1)
             _, gaussian = self.basis.block_combine(z[:, :C], z[:, C:], skip, ids=ids)
         return self.basis.combine(out, (-1 / lvv).expand(B, -1), base=gaussian, ids=ids)
 
-    def _gaussian_score_blocks(self, t: Tensor, labels: Tensor | None) -> Tensor:
-        """-M^{-1} [B, K, 2, 2], M = E diag(sigma_data^2, prior_v) E^T + Sigma(t): the score of z_t per subspace
-        for Gaussian data (its v row is the skip)."""
+    def _gaussian_score_blocks(self, t: Tensor, labels: Tensor | None, cov: Tensor) -> Tensor:
+        """-M^{-1} [B, K, 2, 2], M = E diag(sigma_data^2, prior_v) E^T + Sigma(t) (`cov`): the score of z_t per
+        subspace for Gaussian data (its v row is the skip)."""
         E = self.process.mean_blocks(t, labels)
         D = torch.tensor([self.sigma_data ** 2, self.process.prior_v], dtype=E.dtype, device=E.device)
-        M = (E * D) @ E.transpose(-1, -2) + self.process.cov_blocks(t, labels)
+        M = (E * D) @ E.transpose(-1, -2) + cov
         return -torch.linalg.inv(M)
 
 
