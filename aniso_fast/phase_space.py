@@ -54,7 +54,7 @@ __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_
 _F64 = torch.float64
 GRIDS = ("uniform_t", "logsnr", "edm_sigma")
 # Gauss-Legendre nodes and weights on [-1, 1]: 24 for theta over a step, 12 and 8 for the nested quadrature of the
-# 2M correction J1 (a second-order term: 1e-9 relative there costs nothing in the step)
+# 2M correction J1 (on fmnist-vsmd's steps it agrees with 24 x 24 nodes to 5e-14 relative)
 _GL = {n: [torch.tensor(a, dtype=_F64) for a in np.polynomial.legendre.leggauss(n)] for n in (8, 12, 24)}
 
 
@@ -91,19 +91,19 @@ def _rotation_rate(process, t: Tensor, labels: Tensor | None) -> Tensor:
     return -process.beta / 2 * L[..., 1, 1] / L[..., 0, 0]
 
 
-def _nodes(a: Tensor, b: Tensor, labels: Tensor | None, n: int = 24) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gauss-Legendre nodes in u = ln t between times a and b [n]: (t [G * n] node-major, weights times dt/du
-    [G, n], labels repeated to match), so that sum(weights * f(t)) = int_a^b f dt."""
-    nodes, weights = (w.to(a.device) for w in _GL[n])
+def _nodes(a: Tensor, b: Tensor, labels: Tensor | None, count: int = 24) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`count` = G Gauss-Legendre nodes in u = ln t between times a and b [n]: (t [G * n] node-major, weights
+    times dt/du [G, n], labels repeated to match), so that sum(weights * f(t)) = int_a^b f dt."""
+    nodes, weights = (w.to(a.device) for w in _GL[count])
     u_a, u_b = a.log(), b.log()
     half = (u_b - u_a) / 2
     t = ((u_a + u_b) / 2 + half * nodes[:, None]).exp()  # [G, n]
     return t.reshape(-1), weights[:, None] * half * t, None if labels is None else labels.repeat(len(nodes))
 
 
-def _integrate_rate(process, t_from: Tensor, t_to: Tensor, labels: Tensor | None, n: int = 24) -> Tensor:
-    """theta(t_to) - theta(t_from) [n, K] (t_from, t_to [n], both > 0), all nodes in one batched call."""
-    t, w, node_labels = _nodes(t_from, t_to, labels, n)
+def _integrate_rate(process, t_from: Tensor, t_to: Tensor, labels: Tensor | None, count: int = 24) -> Tensor:
+    """theta(t_to) - theta(t_from) [n, K] (t_from, t_to [n], both > 0), all `count` nodes in one batched call."""
+    t, w, node_labels = _nodes(t_from, t_to, labels, count)
     rate = _rotation_rate(process, t, node_labels).reshape(*w.shape, -1)
     return (w[..., None] * rate).sum(0)
 
@@ -113,10 +113,10 @@ def _rotation(angle: Tensor) -> Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def _transition(process, t_to: Tensor, t_from: Tensor, labels: Tensor | None, n: int = 24) -> Tensor:
+def _transition(process, t_to: Tensor, t_from: Tensor, labels: Tensor | None) -> Tensor:
     L_to = lower_cholesky(given_data(process, t_to, labels)[1])
     L_from = lower_cholesky(given_data(process, t_from, labels)[1])
-    turn = _rotation(_integrate_rate(process, t_from, t_to, labels, n))
+    turn = _rotation(_integrate_rate(process, t_from, t_to, labels))
     return L_to @ turn @ torch.linalg.inv(L_from)
 
 
