@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from . import solvers
 from .solvers import EM, Sampler
 
-__all__ = ["FAMILIES", "VSDM_RULES", "VSMD_HEADS", "EM", "family_of", "process_from_config", "network_from_config", "wrap_network",
-           "is_alternating", "family_of_process", "check_sampler", "default_sampler", "resolve_sampler", "sample"]
+__all__ = ["FAMILIES", "VSDM_RULES", "VSMD_HEADS", "EM", "family_of", "process_from_config", "network_from_config",
+           "wrap_network", "is_alternating", "family_of_process", "check_sampler", "default_sampler",
+           "resolve_sampler", "sample"]
 
 FAMILIES = ("core", "vsdm", "vsmd")
 VSDM_RULES = ("alternate", "trajectory")

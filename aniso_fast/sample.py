@@ -6,7 +6,8 @@ as a PNG grid whose path is printed. While none is recorded, or when --model or 
 --grid, --secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models
 list`) with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
-path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em).
+path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
+model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`families.default_sampler`).
 Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform_t, or dpmpp-2m (the phase-space exponential integrator, denoiser head) on "
                         "uniform_t, logsnr or edm_sigma")
     p.add_argument("--grid", default=None, choices=GRIDS,
-                   help="default: the recorded grid for the NFE, else uniform_t (logsnr for a vsmd model's dpmpp-2m). uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the geometric mean; "
+                   help="default: the recorded grid for the NFE, else uniform_t (logsnr for a vsmd model's "
+                        "dpmpp-2m). uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the "
+                        "geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid)")
     p.add_argument("--secondary", default=None, choices=("end", "mid"),

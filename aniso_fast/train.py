@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "score exactly through the phase_space denoiser view; an EDM network starts it unchanged) "
                         "or velocity (VSMD's own: a 2C-channel network regresses the velocity noise)")
     g.add_argument("--sigma-data", type=float, default=None,
-                   help="vsmd --vsmd-head velocity: the data std of the velocity score's Gaussian skip (CLD's mixed score; the net "
-                        "learns the departure from Gaussian data), 0 for VSMD's own form (default 0.5)")
+                   help="vsmd --vsmd-head velocity: the data std of the velocity score's Gaussian skip (CLD's mixed "
+                        "score; the net learns the departure from Gaussian data), 0 for VSMD's own form (default 0.5)")
     g.add_argument("--forward-every", type=int, default=None,
                    help="alternating rule: network steps between forward updates of the process (default 50)")
     g.add_argument("--forward-paths", type=int, default=None,

@@ -609,8 +609,8 @@ def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -
 
 
 def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
-               grid: str = "uniform_t", order: int | None = None, labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
-               dtype=torch.float32, device: torch.device | str | None = None,
+               grid: str = "uniform_t", order: int | None = None, labels: Tensor | None = None,
+               image_shape: Sequence[int] | None = None, dtype=torch.float32, device: torch.device | str | None = None,
                progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """VSMD's sampler: the probability-flow ODE dz = [F z - 1/2 G G^T grad log p] dt (G nonzero on v only, so
     dv gets -1/2 gamma beta score_v) on a uniform t grid from T to t0, from VSMD's prior; the sample is x.
@@ -619,8 +619,9 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
     (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps), both on the uniform t grid, or 'dpmpp-2m',
     the phase-space exponential integrator (`phase_space.dpmpp_2m`, nfe = steps) on `grid` (uniform_t, logsnr or
     edm_sigma), for a model with a `denoise` (the denoiser head, `phase_space.VSMDDenoiser`). The engine's other
-    multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same
-    start point). Returns (x at t0 [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
+    multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE
+    rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same start point). Returns (x at t0
+    [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
     """
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(ODE_SOLVERS)} (the phase-space ODE solvers), "
