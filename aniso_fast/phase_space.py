@@ -169,6 +169,13 @@ def _classes(process, labels: Tensor | None, B: int) -> tuple[Tensor | None, Ten
     return labels.unique(return_inverse=True)
 
 
+def _class_rows(per_sample: Tensor, pick: Tensor, count: int) -> Tensor:
+    """[count, ...]: the row of `per_sample` [B, ...] of one sample of each class (`_classes`'s `pick`), for values
+    that depend on a sample only through its class."""
+    first = torch.full((count,), len(pick), dtype=torch.long, device=pick.device)
+    return per_sample[first.scatter_reduce_(0, pick, torch.arange(len(pick), device=pick.device), "amin")]
+
+
 def sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, *, sigma_min: float = 0.002,
                rho: float = 7.0, points: int = 1025) -> Tensor:
     """Times [B, steps + 1] from T down to t0: uniform in t, or at the geometric-mean sqrt(g) of EDM's rho grid or
@@ -233,13 +240,8 @@ class VSMDDenoiser(VelocityModel):
     def net(self) -> nn.Module:
         return self.denoiser.net
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # `model.net = ddp` (the trainer's DistributedDataParallel swap) must reach the denoiser's network: a module
-        # value would otherwise be registered here as a new submodule, past the property
-        if name == "net":
-            self.denoiser.net = value
-        else:
-            super().__setattr__(name, value)
+    def set_network(self, net: nn.Module) -> None:
+        self.denoiser.set_network(net)
 
     @property
     def basis(self) -> SubspaceBasis:
@@ -272,8 +274,7 @@ def dpmpp_2m(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts: Tensor, lab
     basis, N = model.basis, ts.shape[1] - 1
     ids = basis.group_ids(labels)
     classes, pick = _classes(process, labels, x.shape[0])  # ts must depend on a sample only through its class
-    rows = ts[torch.zeros(1 if classes is None else len(classes), dtype=torch.long, device=pick.device)
-              .scatter_(0, pick, torch.arange(len(pick), device=pick.device))]
+    rows = _class_rows(ts, pick, 1 if classes is None else len(classes))
     D_prev = tau_prev = None
     for i in tqdm(range(N), disable=not progress, desc="DPM-Solver++(2M), phase space", leave=False):
         D = model.denoise(torch.cat([x, v], 1), ts[:, i], labels)

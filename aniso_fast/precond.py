@@ -44,6 +44,10 @@ class AnisoPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.label_dim = int(getattr(net, "label_dim", 0) or 0)
 
+    def set_network(self, net: nn.Module) -> None:
+        """Call `net` in place of the network (the trainer's DistributedDataParallel wrapper of the same one)."""
+        self.net = net
+
     @property
     def num_classes(self) -> int | None:
         return self.label_dim or None

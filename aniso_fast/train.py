@@ -697,7 +697,7 @@ class Trainer:
             self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
             # the loss calls precond.flow/denoise, which call .net: route that call through DDP's forward so that
             # network gradients are averaged over ranks (the reference skipped DDP's forward, METHOD §10.11)
-            self.loss_model.net = self.ddp
+            self.loss_model.set_network(self.ddp)
         self.ema = EMA(self.net)
         if ema_state is not None:
             self.ema.module.load_state_dict(ema_state)

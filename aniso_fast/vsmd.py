@@ -351,6 +351,10 @@ class VelocityModel(nn.Module):
         """(C, H, W) of the samples."""
         return self._image_shape
 
+    def set_network(self, net: nn.Module) -> None:
+        """Call `net` in place of the network (the trainer's DistributedDataParallel wrapper of the same one)."""
+        self.net = net
+
     def _inputs(self, z: Tensor, t: Any) -> Tensor:
         """t as float64 [B] or [] after checking it lies in (0, T] and that z is the phase space [B, 2C, H, W]."""
         tt = as_time(t, self.process.log_damping.device)
@@ -638,25 +642,25 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
     basis, B = precond.basis, len(seeds)
     ids = basis.group_ids(labels)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    half_g2 = process.gamma * process.beta / 2
-    ts = torch.linspace(process.T, process.t0, plan.steps + 1, dtype=_F64)
     with torch.no_grad():
         x, v = _prior(process, basis, gens, shape, labels, device, dtype)
-        F = process.drift_blocks(labels).expand(B, -1, -1, -1)
-
-        def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            s = _velocity_score(precond, x, v, time_column(t, B, device), labels)
-            return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
-
         if solver == "dpmpp-2m":
             from .phase_space import dpmpp_2m, sigma_grid
 
             grid_t = sigma_grid(process, grid, plan.steps, B, labels)
             x, v = dpmpp_2m(process, precond, x, v, grid_t, labels, order=plan.order, progress=progress)
-        elif solver == "heun":
-            x, v = _heun(flow, x, v, ts, progress)
         else:
-            x, v = _ipndm(flow, x, v, ts, plan.order, progress)
+            F, half_g2 = process.drift_blocks(labels).expand(B, -1, -1, -1), process.gamma * process.beta / 2
+
+            def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+                s = _velocity_score(precond, x, v, time_column(t, B, device), labels)
+                return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
+
+            ts = torch.linspace(process.T, process.t0, plan.steps + 1, dtype=_F64)
+            if solver == "heun":
+                x, v = _heun(flow, x, v, ts, progress)
+            else:
+                x, v = _ipndm(flow, x, v, ts, plan.order, progress)
     return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order, "grid": grid}
 
 

@@ -240,3 +240,31 @@ def test_velocity_score_is_finite_near_the_end_time():
     with torch.no_grad():
         s = model(z, process.t0)
     assert torch.isfinite(s).all() and s.abs().max() < 1e6 * math.sqrt(16)
+
+
+class _Calls(torch.nn.Module):
+    """A stand-in for the trainer's DistributedDataParallel wrapper: counts the calls it forwards."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.module, self.calls = net, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def test_set_network_reaches_the_network_inside_the_denoiser_head():
+    from aniso_fast.networks import SongUNet
+
+    net = SongUNet(img_resolution=4, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
+                   num_blocks=1, attn_resolutions=()).double()
+    basis, process = _basis(), _process()
+    denoiser = VSMDDenoiser(AnisoPrecond(net, basis), process)
+    wrapped = _Calls(net)
+    denoiser.set_network(wrapped)
+    z, t = torch.randn(2, 2, 4, 4, dtype=F64), torch.full((2,), 0.5, dtype=F64)
+    with torch.no_grad():
+        denoiser(z, t)
+    assert wrapped.calls == 1 and denoiser.net is wrapped and denoiser.denoiser.net is wrapped
+    assert not any(m is wrapped for name, m in denoiser.named_children() if name != "denoiser")
