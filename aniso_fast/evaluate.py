@@ -1,4 +1,4 @@
-"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe`.
+"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid`.
 
 `solvers`: on the exact Gaussian mixture (default: the embedded Fashion-MNIST mixture) every solver/grid/NFE is measured
 by (1) the endpoint error against a high-NFE solution from the same initial noise (per-sample RMS over pixels,
@@ -17,6 +17,10 @@ cached (--cache) so an interrupted run resumes. --set-default records the best m
 per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
 
 `train-recipe`: runs every training stage of a recipe (resuming where it stopped) and exports the shipped models.
+
+`fit-grid`: fits a shipped core model's time grids to its own trajectories (`grid_fit`) for each step count and
+stores them with the model (`--grid optimized`), with their endpoint error against the teacher next to the
+log-SNR grid's on held-out seeds.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from .features import (
     train_fmnist_classifier,
 )
 from .recipes import load_recipe, sampler_for, select_rows, train_recipe
+from .grid_fit import TEACHER_STEPS
 from .solver_accuracy import solver_accuracy, write_report
 from .solvers import MAX_NFE, resolve_sampler
 from .table import (
@@ -179,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-export", action="store_true", help="do not export the shipped models")
     r.add_argument("--quiet-seconds", type=_number(0), default=600.0,
                    help="refuse a stage whose log.jsonl changed this recently (another process is training)")
+
+    f = sub.add_parser("fit-grid", help="fit a shipped model's time grids to its own trajectories (--grid optimized)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--model", required=True, help="a shipped core model (python -m aniso_fast.models list)")
+    f.add_argument("--steps", type=_nfe_list, default=",".join(map(str, DEFAULT_NFES)),
+                   help="comma-separated step counts (the NFE of the solvers with one network call per step)")
+    f.add_argument("--samples", type=_positive, default=256, help="samples of the teacher run the grids are fitted to")
+    f.add_argument("--teacher-steps", type=_at_least_two, default=TEACHER_STEPS,
+                   help="steps of the teacher (DPM-Solver++(2M) on the log-SNR grid): the fine grid the steps are "
+                        "picked from")
+    f.add_argument("--check", type=_non_negative, default=64,
+                   help="held-out samples of the endpoint-error check (0: no check)")
+    f.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    f.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -298,6 +317,18 @@ def _check_table(args) -> tuple[dict, dict | None]:
     return recipe, previous
 
 
+def _check_fit_grid(args) -> None:
+    if args.model not in models.shipped_models():
+        raise ValueError(f"--model: expected a shipped model ({', '.join(models.shipped_models()) or 'none'}), "
+                         f"got {args.model!r}")
+    if models.model_family(args.model) != "core":
+        raise ValueError(f"--model: {args.model} is a {models.model_family(args.model)} model; grids are fitted for "
+                         f"core models")
+    bad = [n for n in args.steps if n > args.teacher_steps]
+    if bad:
+        raise ValueError(f"--steps: at most --teacher-steps ({args.teacher_steps}) steps, got {bad[0]}")
+
+
 def _check_train_recipe(args) -> dict:
     recipe = _load_recipe(args.recipe)
     try:
@@ -376,6 +407,33 @@ def _set_defaults(result: dict, recipe: dict) -> None:
         print(f"default model: {exports[best]}")
 
 
+def _run_fit_grid(args) -> int:
+    from . import grid_fit
+
+    model, schedule, _ = models.load_trained(args.model)
+    if model.num_classes and args.samples < model.num_classes:
+        print(f"error: --samples: expected at least one per class ({model.num_classes}), got {args.samples}",
+              file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    levels = grid_fit.fit_levels(model, schedule, args.steps, samples=args.samples,
+                                 teacher_steps=args.teacher_steps, progress=progress)
+    fit = {"teacher": "dpmpp-2m", "teacher_grid": "logsnr", "teacher_steps": args.teacher_steps,
+           "samples": args.samples, "first_seed": grid_fit.FIT_SEED, "cost": "first-order step RMS"}
+    if args.check:
+        fit["check"] = {"samples": args.check, "solver": "dpmpp-2m", "endpoint_rms": {
+            str(n): errs for n, errs in grid_fit.endpoint_errors(model, schedule, levels, args.steps,
+                                                                 samples=args.check, teacher_steps=args.teacher_steps,
+                                                                 progress=progress).items()}}
+    models.set_fitted_grids(args.model, levels, fit)
+    for n in args.steps:
+        check = fit.get("check", {}).get("endpoint_rms", {}).get(str(n))
+        versus = f"  endpoint RMS {check['optimized']:.4f} (log-SNR grid {check['logsnr']:.4f})" if check else ""
+        print(f"{n:3d} steps: sigma {', '.join(f'{v:.3g}' for v in levels[n])}, 0{versus}")
+    print(f"stored with {args.model} in {models.assets_dir() / 'manifest.json'}")
+    return 0
+
+
 def _run_train_recipe(args, recipe: dict) -> int:
     try:
         train_recipe(recipe, only=args.only, dry_run=args.dry_run, export=not args.no_export,
@@ -394,7 +452,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
-                   "train-recipe": _check_train_recipe}[args.cmd](args)
+                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -407,6 +465,8 @@ def main(argv=None) -> int:
         return _run_classifier(args, command)
     if args.cmd == "table":
         return _run_table(args, *checked, command)
+    if args.cmd == "fit-grid":
+        return _run_fit_grid(args)
     return _run_train_recipe(args, checked)
 
 

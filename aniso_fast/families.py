@@ -117,6 +117,9 @@ def check_sampler(family: str, plan: Sampler) -> None:
         raise ValueError(f"plan: expected a solvers.Sampler (solvers.resolve_sampler), got {type(plan).__name__}")
     if family == "core":
         return
+    if plan.grid == "optimized":
+        raise ValueError(f"grid: 'optimized' grids are fitted for core models (grid_fit); a {family} model takes "
+                         f"its family's grids")
     from .vsmd import ODE_SOLVERS
 
     if family == "vsmd" and plan.solver not in (EM, *ODE_SOLVERS):
@@ -159,17 +162,19 @@ def resolve_sampler(family: str, solver: str = "heun", grid: str = "uniform_t", 
 
 
 def sample(model, process, plan: Sampler, seeds: Sequence[int], labels: Tensor | None = None, *,
-           device="cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+           fitted: Mapping[int, Sequence[float]] | None = None, device="cpu",
+           progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """One sample per seed from a model of any family with its forward path (`models.load_trained`'s pair) and a
     resolved sampler: core, `solvers.sample`; vsdm, `vsdm.sample_em` for 'em' else `vsdm.sample_ode`; vsmd,
-    `vsmd.sample_em` or `vsmd.sample_ode`. Per-seed deterministic. Returns (x, labels, info with the NFE spent,
-    solver and grid)."""
+    `vsmd.sample_em` or `vsmd.sample_ode`. `fitted`: the model's fitted grids for grid 'optimized'
+    (`models.fitted_grids`). Per-seed deterministic. Returns (x, labels, info with the NFE spent, solver and
+    grid)."""
     family = family_of_process(process)
     check_sampler(family, plan)
     if family == "core":
         return solvers.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
-                              secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels, device=device,
-                              progress=progress)
+                              secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels,
+                              fitted=fitted, device=device, progress=progress)
     if family == "vsdm":
         from . import vsdm
 

@@ -103,6 +103,15 @@ def _entry_problem(entry) -> str | None:
         return f"file {file!r} is not a .safetensors name in the folder"
     if not isinstance(entry.get("sha256"), str):
         return "no sha256"
+    grids = entry.get("grids", {"optimized": {}})
+    optimized = grids.get("optimized") if isinstance(grids, dict) else None
+    if not isinstance(optimized, dict):
+        return "grids is not an object with 'optimized'"
+    for steps, levels in optimized.items():
+        if not (steps.isdigit() and isinstance(levels, list) and len(levels) == int(steps) >= 1
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in levels)
+                and all(b < a for a, b in zip(levels, levels[1:]))):
+            return f"the optimized grid for {steps!r} steps is not that many positive, descending levels"
     return None
 
 
@@ -283,6 +292,31 @@ def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | N
             raise ValueError(f"choices: NFE {nfe}: {e}") from None
         out[str(nfe)] = {k: choice.get(k) for k in _CHOICE_KEYS} | {k: choice[k] for k in ("fd", "se") if k in choice}
     doc["defaults"] = out
+    _write_manifest(doc, assets)
+
+
+def fitted_grids(name: str, assets: str | os.PathLike | None = None) -> dict[int, list[float]]:
+    """Step count -> the geometric-mean sigma levels of a shipped model's fitted grids (`--grid optimized`,
+    `grid_fit`); {} for a model without any (never fitted, embedded, or a training checkpoint)."""
+    entry = shipped_models(assets).get(name) or {}
+    return {int(k): list(v) for k, v in entry.get("grids", {}).get("optimized", {}).items()}
+
+
+def set_fitted_grids(name: str, levels: dict[int, list[float]], fit: dict,
+                     assets: str | os.PathLike | None = None) -> None:
+    """Store a shipped model's fitted grids (replacing earlier ones) with `fit`, how they were fitted; re-exporting
+    the model drops them (they belong to its network)."""
+    assets = Path(assets if assets is not None else assets_dir())
+    doc = read_manifest(assets)
+    if name not in doc["models"]:
+        raise ValueError(f"name: {name!r} is not a shipped model ({', '.join(doc['models']) or 'none'}); grids are "
+                         f"stored with shipped models")
+    entry = dict(doc["models"][name], grids={"optimized": {str(k): [float(v) for v in levels[k]]
+                                                           for k in sorted(levels)}, "fit": fit})
+    problem = _entry_problem(entry)
+    if problem:
+        raise ValueError(f"levels: {problem}")
+    doc["models"][name] = entry
     _write_manifest(doc, assets)
 
 

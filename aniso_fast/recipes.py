@@ -164,7 +164,8 @@ def _stage_state(row: dict) -> dict:
 
 def resolve_row(row: dict, source: str = "auto") -> dict:
     """The model a table row evaluates: its shipped model (`row['export']` in the manifest) or the latest
-    checkpoint in `row['out']` ('auto': shipped first). Returns status, where, an id for caching, a loader."""
+    checkpoint in `row['out']` ('auto': shipped first). Returns status, where, an id for caching, a loader and the
+    model's fitted grids (`models.fitted_grids`; none for a checkpoint)."""
     shipped = models.shipped_models()
     name = row.get("export")
     if source in ("auto", "shipped") and name in shipped:
@@ -172,7 +173,7 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
         trained = f"{entry['stage']} stage" if entry.get("stage") else f"{entry.get('family') or 'core'} family"
         return {"status": "ok", "where": f"shipped model `{name}` ({trained}, step {entry['step']}, "
                                          f"{entry['kimg']:g} kimg)", "id": f"shipped:{entry['sha256']}",
-                "load": lambda: models.load_shipped(name)[:2]}
+                "load": lambda: models.load_shipped(name)[:2], "fitted": models.fitted_grids(name)}
     if source in ("auto", "checkpoint"):
         try:
             state = _stage_state(row)
@@ -183,10 +184,11 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
             done = "" if state["done"] else f", unfinished: {state['step']} of {state['target_steps']} steps"
             path = state["latest"]
             return {"status": "ok", "where": f"checkpoint `{path}` (not exported{done})",
-                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: models.load_trained(path)[:2]}
+                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: models.load_trained(path)[:2],
+                    "fitted": {}}
     where = {"auto": f"no shipped model `{name}` and no checkpoint in `{row['out']}`",
              "shipped": f"no shipped model `{name}`", "checkpoint": f"no checkpoint in `{row['out']}`"}[source]
-    return {"status": "missing", "where": where, "id": None, "load": None}
+    return {"status": "missing", "where": where, "id": None, "load": None, "fitted": {}}
 
 
 def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bool = False, export: bool = True,

@@ -26,7 +26,7 @@ from .atomic import atomic_write, check_writable_folder
 from .cli import Parser
 from .data import to_uint8
 from .figures import save_image_grid
-from .solvers import GRIDS, SOLVERS, check_grid, check_seeds
+from .solvers import GRIDS, SOLVERS, check_grid, check_seeds, fitted_levels
 
 __all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
 
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dpmpp-2m). uniform_t: the paper's uniform t grid; edm_sigma: EDM's sigma grid on the "
                         "geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
-                        "sigma uniform in log sigma (DPM-Solver's grid)")
+                        "sigma uniform in log sigma (DPM-Solver's grid); optimized: the grid fitted to a shipped "
+                        "core model's own trajectories for the step count (python -m aniso_fast.evaluate fit-grid)")
     p.add_argument("--secondary", default=None, choices=("end", "mid"),
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")
@@ -196,8 +197,11 @@ def _validate(args):
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     args.solver, args.grid = families.default_sampler(family, args.solver, args.grid)
+    fitted = models.fitted_grids(args.model) if args.model in models.shipped_models() else {}
     try:
         plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
+        if plan.grid == "optimized":
+            fitted_levels(fitted, plan.steps)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     if args.seeds is not None and args.count is not None:
@@ -230,7 +234,7 @@ def _validate(args):
         check_writable_folder(outdir)
     except ValueError as e:
         raise ValueError(f"--outdir: {e}") from None
-    return plan, seeds, classes, _output_paths(args, outdir, stem, seeds)
+    return plan, fitted, seeds, classes, _output_paths(args, outdir, stem, seeds)
 
 
 def _load(args):
@@ -254,7 +258,7 @@ def _load(args):
 
 
 def run(args) -> Path:
-    plan, seeds, classes, paths = _validate(args)
+    plan, fitted, seeds, classes, paths = _validate(args)
     model, schedule = _load(args)
     num_classes = model.num_classes
     labels = None
@@ -269,8 +273,8 @@ def run(args) -> Path:
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
         x, lab, _ = families.sample(model, schedule, plan, seeds[i:i + args.batch],
-                                    None if labels is None else labels[i:i + args.batch], device=args.device,
-                                    progress=not args.no_progress)
+                                    None if labels is None else labels[i:i + args.batch], fitted=fitted,
+                                    device=args.device, progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))
         labs.append(lab.cpu() if lab is not None else None)
     seconds = time.perf_counter() - t0

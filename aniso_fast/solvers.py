@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,16 +23,17 @@ from . import multistep
 from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
-    "Grid", "check_grid", "uniform_t", "edm_sigma_t", "logsnr_grid", "geometric_sigma_span", "schedule_grid", "karras_grid",
-    "euler", "heun", "em", "seeded_noise", "seeded_labels", "check_seeds", "check_labels", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS", "ODE_SOLVERS",
-    "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS",
+    "Grid", "check_grid", "fitted_levels", "uniform_t", "edm_sigma_t", "logsnr_grid", "optimized_t",
+    "geometric_sigma_span", "schedule_grid", "karras_grid", "euler", "heun", "em", "seeded_noise", "seeded_labels",
+    "check_seeds", "check_labels", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
+    "ODE_SOLVERS", "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS"
 ]
 
 EM = "em"  # Euler-Maruyama on the reverse SDE: the one stochastic solver, on any grid (it uses only the variances)
 SOLVERS = ("euler", "heun", EM, *multistep.MULTISTEP)
 ODE_SOLVERS = tuple(s for s in SOLVERS if s != EM)  # the probability-flow ODE solvers (deterministic)
 _ONE_CALL_PER_STEP = ("euler", EM, *multistep.MULTISTEP)  # N steps, N network calls, no secondary point
-GRIDS = ("uniform_t", "edm_sigma", "karras", "logsnr")
+GRIDS = ("uniform_t", "edm_sigma", "karras", "logsnr", "optimized")
 # (solver, grid, secondary) -> the name the docs and tables use, and a one-letter code for compact tables
 SAMPLER_NAMES = {("heun", "karras", "end"): "Heun, Karras grid (EDM)",
                  ("heun", "uniform_t", "mid"): "midpoint Heun, uniform t grid (paper)",
@@ -45,9 +46,10 @@ SAMPLER_CODES = {("heun", "karras", "end"): "K", ("heun", "uniform_t", "mid"): "
 SOLVER_LABELS = {"euler": "Euler", "heun": "Heun", EM: "Euler-Maruyama", "dpmpp-2m": "DPM-Solver++(2M)",
                  "dpmpp-3m": "DPM-Solver++(3M)", "unipc": "UniPC-bh2", "ipndm": "iPNDM", "deis": "DEIS-tAB"}
 GRID_LABELS = {"uniform_t": "uniform t grid", "edm_sigma": "EDM sigma grid on the geometric mean",
-               "karras": "Karras grid", "logsnr": "log-SNR grid on the geometric mean"}
+               "karras": "Karras grid", "logsnr": "log-SNR grid on the geometric mean",
+               "optimized": "fitted grid on the geometric mean"}
 # grids placed on the schedule's geometric mean need its inverse (a MatrixSchedule has one)
-_NEEDS_INVERSE = ("edm_sigma", "logsnr")
+_NEEDS_INVERSE = ("edm_sigma", "logsnr", "optimized")
 
 
 def check_grid(grid: str, schedule) -> None:
@@ -123,6 +125,28 @@ def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None 
     lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
     sig = torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
     return _on_geometric_mean(schedule, sig, labels, iterations)
+
+
+def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) -> Tensor:
+    """The geometric-mean sigma levels [num_steps] of a model's fitted `num_steps`-step grid (`grid_fit`, stored
+    with a shipped model: `models.fitted_grids`); ValueError naming `grid` when there is none or it is malformed."""
+    if not fitted:
+        raise ValueError("grid: 'optimized' needs a grid fitted to the model (python -m aniso_fast.evaluate "
+                         "fit-grid --model NAME, for a shipped model); this model has none")
+    if num_steps not in fitted:
+        raise ValueError(f"grid: no optimized grid fitted for {num_steps} steps; this model has grids for "
+                         f"{', '.join(map(str, sorted(fitted)))} steps")
+    levels = torch.as_tensor(fitted[num_steps], dtype=torch.float64)
+    if levels.shape != (num_steps,) or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
+            or not bool((levels[1:] < levels[:-1]).all()):
+        raise ValueError(f"grid: the fitted {num_steps}-step grid is not {num_steps} positive, descending levels")
+    return levels
+
+
+def optimized_t(schedule: MatrixSchedule, fitted: Mapping[int, Sequence[float]] | None, num_steps: int,
+                labels: Tensor | None = None, *, iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean sigma takes the fitted levels, then t = 0; returned like `edm_sigma_t`."""
+    return _on_geometric_mean(schedule, fitted_levels(fitted, num_steps), labels, iterations)
 
 
 def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = None,
@@ -380,20 +404,23 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
 def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solver: str = "heun",
            grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
            seeds: Sequence[int] = (0,), labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
-           dtype=torch.float32,
+           fitted: Mapping[int, Sequence[float]] | None = None, dtype=torch.float32,
            device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """Generate one sample per seed: build the grid, draw x_T = M(T)^{1/2} z, run the solver.
 
     solver: 'euler', 'heun' (matrix Heun, METHOD §6), 'em' (Euler-Maruyama on the reverse SDE, per-seed step
     noises) or a multistep solver of `multistep.MULTISTEP` (with its `order`). grid: 'uniform_t' (the paper's, midpoint Heun by default), 'edm_sigma' (EDM's sigma grid on the
     geometric mean, end-point Heun), 'logsnr' (the geometric-mean sigma uniform in log sigma), 'karras' (the
-    isotropic EDM baseline; the schedule is not used).
+    isotropic EDM baseline; the schedule is not used), 'optimized' (the model's grid fitted for the step count,
+    from `fitted`: steps -> geometric-mean sigma levels, `models.fitted_grids`).
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
     """
     plan = resolve_sampler(solver, grid, secondary, nfe, order)
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
     check_grid(grid, schedule)
+    if grid == "optimized":
+        fitted_levels(fitted, plan.steps)
     seeds = check_seeds(seeds)
     labels = check_labels(labels, seeds, getattr(model, "num_classes", None), device)
     if grid == "karras":
@@ -401,7 +428,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     else:
         times = {"uniform_t": lambda: uniform_t(plan.steps, schedule.T),
                  "edm_sigma": lambda: edm_sigma_t(schedule, plan.steps, labels),
-                 "logsnr": lambda: logsnr_grid(schedule, plan.steps, labels)}
+                 "logsnr": lambda: logsnr_grid(schedule, plan.steps, labels),
+                 "optimized": lambda: optimized_t(schedule, fitted, plan.steps, labels)}
         t = times[grid]()
         g = schedule_grid(schedule, t, labels, plan.secondary or "end")
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)

@@ -24,7 +24,7 @@ from .features import FrechetScorer, machine_description
 from .figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
-from .solvers import SAMPLER_CODES
+from .solvers import SAMPLER_CODES, fitted_levels
 
 __all__ = ["DEFAULT_NFES", "row_samplers", "results_table", "results_markdown", "write_table", "best_row",
            "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
@@ -33,7 +33,7 @@ DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
 _SOLVER_CODES = {"euler": "E", "heun": "H", "em": "EM", "dpmpp-2m": "2M", "dpmpp-3m": "3M", "unipc": "UniPC", "ipndm": "iPNDM",
                  "deis": "DEIS"}
-_GRID_CODES = {"uniform_t": "u", "edm_sigma": "e", "karras": "K", "logsnr": "λ"}
+_GRID_CODES = {"uniform_t": "u", "edm_sigma": "e", "karras": "K", "logsnr": "λ", "optimized": "o"}
 
 
 def row_samplers(row: dict, optional: bool = True) -> list[dict]:
@@ -54,8 +54,17 @@ def _cell_key(cfg: dict) -> dict:
     return {"solver": solver, "grid": grid, "secondary": secondary, "order": order}
 
 
-def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int) -> torch.Tensor:
-    """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler."""
+def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
+    """What a cell's cache key adds for its grid: the fitted levels of an 'optimized' grid (a refitted grid is a
+    new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
+    plan = sampler_for(cfg, nfe, family)
+    return {"levels": fitted_levels(fitted, plan.steps).tolist()} if plan.grid == "optimized" else {}
+
+
+def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int,
+              fitted: dict | None = None) -> torch.Tensor:
+    """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler
+    (`fitted`: the model's fitted grids, for grid 'optimized')."""
     from .data import to_uint8
 
     out = []
@@ -64,7 +73,7 @@ def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch:
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
-        x, _, _ = families.sample(model, schedule, plan, chunk, labels)
+        x, _, _ = families.sample(model, schedule, plan, chunk, labels, fitted=fitted)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -226,19 +235,19 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     continue
                 done.add(key)
                 try:
-                    sampler_for(cfg, nfe, family)
+                    grid_key = _grid_key(cfg, nfe, family, found["fitted"])
                 except ValueError as e:
                     entry["cells"].append({**_cell_key(cfg), "nfe": nfe, "n": n, "skipped": str(e)})
                     continue
-                if key in old_cells:
+                if key in old_cells and old_cells[key].get("levels") == grid_key.get("levels"):
                     cell = old_cells[key]
                 else:
                     t0, sets = time.perf_counter(), []
                     for s in range(seeds):
-                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s}
+                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s, **grid_key}
                         sets.append(store.features(what, scorer, lambda s=s: _generate(
-                            model, schedule, cfg, nfe, _seed_list(s, n), batch)))
-                    cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **_score(sets, scorer, bootstrap),
+                            model, schedule, cfg, nfe, _seed_list(s, n), batch, found["fitted"])))
+                    cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **grid_key, **_score(sets, scorer, bootstrap),
                             "seconds": round(time.perf_counter() - t0, 1)}
                 entry["cells"].append(cell)
                 if progress:
@@ -248,8 +257,13 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     on_update(result)
         primary = configs[0]
         k = per_class * (model.num_classes or 1)
-        extras[row["name"]] = (model, schedule, _generate(model, schedule, primary, sample_nfe, range(k), batch),
-                               primary)
+        try:
+            _grid_key(primary, sample_nfe, family, found["fitted"])
+        except ValueError:  # e.g. no grid fitted for it: the row has no sample figure
+            pass
+        else:
+            shown = _generate(model, schedule, primary, sample_nfe, range(k), batch, found["fitted"])
+            extras[row["name"]] = (model, schedule, shown, primary)
         if inception is not None:
             if inception_scorer is None:
                 inception_scorer = FrechetScorer(inception, inception_ref, inception.id, batch_size=50)
@@ -257,20 +271,21 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)}
             for nfe in inception_nfes or nfes:
                 try:
-                    sampler_for(primary, nfe, family)
+                    grid_key = _grid_key(primary, nfe, family, found["fitted"])
                 except ValueError:
                     continue
                 cell = old_inc.get((nfe, inception_n))
-                if cell is None:
-                    what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0}
+                if cell is None or cell.get("levels") != grid_key.get("levels"):
+                    what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0,
+                            **grid_key}
                     feats = store.features(what, inception_scorer, lambda: _generate(
-                        model, schedule, primary, nfe, _seed_list(0, inception_n), batch))
+                        model, schedule, primary, nfe, _seed_list(0, inception_n), batch, found["fitted"]))
                     from .metrics import frechet_distance_from_statistics
 
                     fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
                                                            inception_scorer.sigma)
-                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, "fid": fid, "scorer": inception.id,
-                            "reference": len(inception_ref)}
+                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, **grid_key, "fid": fid,
+                            "scorer": inception.id, "reference": len(inception_ref)}
                 entry["inception"].append(cell)
                 if progress:
                     print(f"{row['name']:10s} Inception FID NFE {nfe:3d}: {cell['fid']:.2f}", flush=True)

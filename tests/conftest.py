@@ -52,3 +52,17 @@ def tiny_checkpoint(tmp_path_factory, one_thread):
             "--pca-per", "class", "--class-schedules", "--no-progress", "--sample-every", "0", "--plot-every", "0"]
     assert aniso_fast.train.main(argv) == 0
     return sorted((root / "run").glob("checkpoint-*.safetensors"))[-1]
+
+
+@pytest.fixture
+def assets(tmp_path, monkeypatch):
+    """A temporary registry (an empty manifest), so that no test writes into the package's assets."""
+    import json
+
+    from aniso_fast import models
+
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
+    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
+    return folder

@@ -36,7 +36,9 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
                    ["--model", "VSDM_CKPT", "--grid", "karras"],  # EDM's grid ignores VSDM's process
                    ["--model", "VSDM_CKPT", "--solver", "em", "--grid", "logsnr"],  # VSDM's EM: uniform t steps
                    ["--model", "VSMD_CKPT", "--solver", "heun", "--grid", "logsnr"],  # VSMD's Heun: uniform t
-                   ["--model", "VSMD_CKPT", "--solver", "dpmpp-2m", "--grid", "karras"]],
+                   ["--model", "VSMD_CKPT", "--solver", "dpmpp-2m", "--grid", "karras"],
+                   ["--solver", "dpmpp-2m", "--grid", "optimized"],  # no grid fitted to the model
+                   ["--model", "VSDM_CKPT", "--solver", "dpmpp-2m", "--grid", "optimized"]],  # core models only
         "--secondary": [["--secondary", "bogus"], ["--grid", "karras", "--secondary", "mid"],
                         ["--solver", "em", "--secondary", "mid"],  # Euler-Maruyama has no secondary point
                         ["--model", "VSMD_CKPT", "--secondary", "mid"]],  # VSMD's Heun: the end point
@@ -156,6 +158,14 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--only": [["--only", "nosuchrow"]],
         "--quiet-seconds": [["--quiet-seconds", "-1"]],
     },
+    "evaluate fit-grid": {
+        "--model": [["--model", "gmm-fmnist"], ["--model", "no-such-model"]],  # embedded, not shipped
+        "--steps": [["--steps", "abc"], ["--steps", "0"], ["--steps", "3,3"]],
+        "--samples": [["--samples", "0"]],
+        "--teacher-steps": [["--teacher-steps", "1"]],
+        "--check": [["--check", "-1"]],
+        "--threads": [["--threads", "0"]],
+    },
     "models build-gmm": {
         "--out": [["--out", UNDER_A_FILE + ".safetensors"]],
         "--rank": [["--rank", "0"], ["--rank", "784"]],
@@ -197,7 +207,8 @@ def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:
         base = {"solvers": ["--n", "4", "--nfe", "3", "--reference-nfe", "9", "--out", "acc/solver"],
                 "classifier": ["--out", "clf/c.safetensors", "--doc", "clf/c.md"],
                 "table": ["--recipe", RECIPE, "--n", "4", "--seeds", "1", "--out", "t/R.md", "--json", "t/r.json"],
-                "train-recipe": ["--recipe", RECIPE, "--dry-run"]}[sub]
+                "train-recipe": ["--recipe", RECIPE, "--dry-run"],
+                "fit-grid": ["--model", "gmm-fmnist", "--no-progress"]}[sub]
         return evaluate.main, [sub, *base, *fragment]
     if sub == "export":
         ckpt = MISSING + ".safetensors" if fragment == ["MISSING_CKPT"] else tiny["ckpt"]

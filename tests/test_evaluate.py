@@ -251,7 +251,7 @@ def gmm_recipe(monkeypatch):
     schedule = models.load_schedule("edm", model)
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": f"mixture for {row['name']}", "id": f"test:{row['name']}",
-        "load": lambda: (model, schedule)})
+        "load": lambda: (model, schedule), "fitted": {}})
     recipe = {"title": "tiny", "rows": [
         {"name": "a", "label": "row A", "out": "-", "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"}],
          "schedule_figure": False},
@@ -529,7 +529,8 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
 
     model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process)})
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
+        "fitted": {}})
     em = {"solver": "em", "grid": "uniform_t", "nfes": [4, 6]}
     recipe = {"title": "tiny", "rows": [{"name": "v", "label": "VSDM row", "out": "-", "eval": [HEUN_MID, em],
                                         "schedule_figure": False}]}
@@ -538,8 +539,8 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     generated = {}
     real = table._generate
 
-    def spy(model, schedule, cfg, nfe, seeds, batch):
-        out = real(model, schedule, cfg, nfe, seeds, batch)
+    def spy(model, schedule, cfg, nfe, seeds, batch, fitted=None):
+        out = real(model, schedule, cfg, nfe, seeds, batch, fitted)
         generated[(cfg["solver"], nfe, tuple(seeds))] = out
         return out
 
@@ -586,7 +587,8 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
 
     model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process)})
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
+        "fitted": {}})
     good = json.loads(Path("recipes/fmnist.json").read_text())
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
     path = tmp_path / "r.json"
@@ -609,3 +611,30 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
     md = table.results_markdown(result, recipe, "cmd", {})
     row_lines = [line for line in md.splitlines() if line.startswith(f"| {vsdm_row['label']} |") and "±" in line]
     assert len(row_lines) == 1 and row_lines[0].count("±") == 3
+
+
+def test_table_cells_on_a_fitted_grid(monkeypatch, tmp_path):  # issue 11, --grid optimized
+    """Without a fitted grid the cell is skipped with the reason (and the row has no sample figure); with one it
+    is sampled on it and keyed by its levels, so a refitted grid makes a new cell instead of reusing the cache."""
+    model = models.load_model("gmm-fmnist")
+    schedule = models.load_schedule("edm", model)
+    fitted = {}
+    monkeypatch.setattr(table, "resolve_row", lambda row, source: {
+        "status": "ok", "where": "mixture", "id": "test:fitted", "load": lambda: (model, schedule), "fitted": fitted})
+    recipe = {"title": "tiny", "rows": [{"name": "a", "label": "row A", "out": "-", "schedule_figure": False,
+                                         "eval": [{"solver": "dpmpp-2m", "grid": "optimized"}]}]}
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1)[:, ::98].float().numpy() / 255, images, id="px8")
+    kw = dict(n=8, batch=8, per_class=1, progress=False, bootstrap=5, cache=tmp_path / "cache", sample_nfe=3)
+    result, extras = table.results_table(recipe, scorer, nfes=[3], **kw)
+    assert "fit-grid" in result["rows"][0]["cells"][0]["skipped"] and extras == {}
+
+    fitted[3] = [80.0, 1.0, 0.1]
+    first, extras = table.results_table(recipe, scorer, nfes=[3], **kw)
+    cell = first["rows"][0]["cells"][0]
+    assert cell["levels"] == [80.0, 1.0, 0.1] and cell["fd"] and "a" in extras
+    fitted[3] = [80.0, 2.0, 0.2]
+    second = table.results_table(recipe, scorer, nfes=[3], previous=first, **kw)[0]["rows"][0]["cells"][0]
+    assert second["levels"] == [80.0, 2.0, 0.2] and second["fd"] != cell["fd"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2

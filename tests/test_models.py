@@ -14,16 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def assets(tmp_path, monkeypatch):
-    """A temporary registry (an empty manifest), so that no test writes into the package's assets."""
-    folder = tmp_path / "assets"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
-    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
-    return folder
-
-
-@pytest.fixture
 def no_data(monkeypatch):
     """Loading Fashion-MNIST fails the test: build-gmm must refuse bad options before that work."""
     from aniso_fast import data
