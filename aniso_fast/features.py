@@ -18,8 +18,8 @@ import torch
 from . import models
 from .atomic import atomic_write_text
 
-__all__ = ["CLASSIFIER_ASSET", "FrechetScorer", "InceptionFeatures", "train_fmnist_classifier", "classifier_markdown",
-           "machine_description"]
+__all__ = ["CLASSIFIER_ASSET", "FeatureMap", "FrechetScorer", "InceptionFeatures", "train_fmnist_classifier",
+           "classifier_markdown", "machine_description"]
 
 CLASSIFIER_ASSET = models.ASSET_DIR / "fmnist_classifier.safetensors"
 REPO = Path(__file__).resolve().parent.parent
@@ -92,20 +92,12 @@ def classifier_markdown(info: dict, path: Path) -> str:
         f"- Files: `{shown}` and its `.json` (config, SHA-256 of the weights, this metadata).", ""])
 
 
-class FrechetScorer:
-    """Frechet distance to fixed reference statistics in the space of `features(uint8 images) -> [N, D]`.
+class FeatureMap:
+    """A named feature space, `features(uint8 images) -> [N, D]`, applied in batches. `id` names it (it keys the
+    cached cells of the results table)."""
 
-    Generated samples are quantised with `to_uint8` first, as saved samples are. `id` names the feature space
-    (it keys the cached cells of the results table).
-    """
-
-    def __init__(self, features: Callable[[torch.Tensor], np.ndarray], reference_images: torch.Tensor, id: str,
-                 batch_size: int = 500):
-        from .metrics import feature_statistics
-
+    def __init__(self, features: Callable[[torch.Tensor], np.ndarray], id: str, batch_size: int = 500):
         self.features, self.id, self.batch_size = features, id, batch_size
-        self.num_reference = len(reference_images)
-        self.mu, self.sigma = feature_statistics(self.features_of(reference_images))
 
     def features_of(self, images: torch.Tensor) -> np.ndarray:
         """[N, D] float64 features of images (uint8, or model-range floats quantised first), in batches."""
@@ -116,6 +108,24 @@ class FrechetScorer:
             out = [np.asarray(self.features(images[i:i + self.batch_size]), dtype=np.float64)
                    for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out)
+
+
+class FrechetScorer(FeatureMap):
+    """Frechet distance to fixed reference statistics in a feature space.
+
+    Generated samples are quantised with `to_uint8` first, as saved samples are. `reference_features`: the
+    features of `reference_images` when they are already known (the results table caches them), else computed.
+    """
+
+    def __init__(self, features: Callable[[torch.Tensor], np.ndarray], reference_images: torch.Tensor, id: str,
+                 batch_size: int = 500, reference_features: np.ndarray | None = None):
+        from .metrics import feature_statistics
+
+        super().__init__(features, id, batch_size)
+        self.num_reference = len(reference_images)
+        if reference_features is None:
+            reference_features = self.features_of(reference_images)
+        self.mu, self.sigma = feature_statistics(reference_features)
 
     def score(self, images: torch.Tensor) -> float:
         from .metrics import feature_statistics, frechet_distance_from_statistics

@@ -20,7 +20,7 @@ import torch
 
 from . import families
 from .atomic import atomic_write, atomic_write_text
-from .features import FrechetScorer, machine_description
+from .features import FeatureMap, FrechetScorer, machine_description
 from .figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
@@ -123,7 +123,10 @@ class _Cache:
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
         return self.folder / f"{digest}.npz"
 
-    def features(self, what: dict, scorer, make_images: Callable[[], torch.Tensor]) -> np.ndarray:
+    def features(self, what: dict, scorer, make_images: Callable[[], torch.Tensor],
+                 keep_images: bool = True) -> np.ndarray:
+        """`scorer.features_of` the images of `what` (made by `make_images` unless cached); `keep_images`: cache
+        the images too (not for a reference set that is read from disk anyway)."""
         feat_key = "features_" + hashlib.sha256(scorer.id.encode()).hexdigest()[:16]
         path = self.path(what)
         arrays = {}
@@ -132,9 +135,10 @@ class _Cache:
                 arrays = dict(f)
             if feat_key in arrays:
                 return arrays[feat_key]
-        if "images" not in arrays:
-            arrays["images"] = make_images().numpy()
-        arrays[feat_key] = scorer.features_of(torch.from_numpy(arrays["images"]))
+        images = arrays["images"] if "images" in arrays else make_images().numpy()
+        arrays[feat_key] = scorer.features_of(torch.from_numpy(images))
+        if keep_images:
+            arrays["images"] = images
         if path is not None:
             arrays["what"] = np.array(json.dumps(what, sort_keys=True))
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,8 +269,12 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             shown = _generate(model, schedule, primary, sample_nfe, range(k), batch, found["fitted"])
             extras[row["name"]] = (model, schedule, shown, primary)
         if inception is not None:
-            if inception_scorer is None:
-                inception_scorer = FrechetScorer(inception, inception_ref, inception.id, batch_size=50)
+            if inception_scorer is None:  # the reference features are cached too: a resumed run reuses them
+                ref = store.features({"model": "inception-reference", "images": len(inception_ref)},
+                                     FeatureMap(inception, inception.id, batch_size=50), lambda: inception_ref,
+                                     keep_images=False)
+                inception_scorer = FrechetScorer(inception, inception_ref, inception.id, batch_size=50,
+                                                 reference_features=ref)
             old_inc = {(c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)}
             for nfe in inception_nfes or nfes:

@@ -638,3 +638,25 @@ def test_table_cells_on_a_fitted_grid(monkeypatch, tmp_path):  # issue 11, --gri
     second = table.results_table(recipe, scorer, nfes=[3], previous=first, **kw)[0]["rows"][0]["cells"][0]
     assert second["levels"] == [80.0, 2.0, 0.2] and second["fd"] != cell["fd"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_table_caches_the_inception_reference(gmm_recipe, tmp_path):  # issue 11: a resumed run reuses it
+    recipe, scorer, images = gmm_recipe
+    seen = []
+
+    class Fake:
+        id = "fake-inception"
+
+        def __call__(self, u8):
+            seen.append(len(u8))
+            return u8.flatten(1)[:, ::50].float().numpy() / 255
+
+    ref = images[:30]
+    kw = dict(n=8, batch=8, per_class=1, progress=False, bootstrap=5, cache=tmp_path / "cache", inception=Fake(),
+              inception_n=10, inception_nfes=[3], inception_ref=ref)
+    recipe = dict(recipe, rows=recipe["rows"][1:])  # row b: midpoint Heun first
+    first = table.results_table(recipe, scorer, nfes=[3], **kw)[0]
+    assert sum(seen) == 30 + 10  # the reference, then one cell's samples
+    seen.clear()
+    again = table.results_table(recipe, scorer, nfes=[3], **kw)[0]
+    assert seen == [] and again["rows"][0]["inception"][0]["fid"] == first["rows"][0]["inception"][0]["fid"]
