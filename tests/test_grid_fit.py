@@ -176,3 +176,15 @@ def test_manifest_refuses_a_malformed_fitted_grid(tiny_checkpoint, assets):
     (assets / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="corrupt manifest .*2"):
         models.shipped_models()
+
+
+def test_teacher_is_the_samplers_dpmpp_2m_on_the_logsnr_grid(gmm, aniso_schedule):
+    """The teacher starts from the seeds' own noise: its endpoint is `solvers.sample`'s with the same seeds, and its
+    fine levels are the log-SNR grid's geometric-mean sigmas."""
+    seeds = [5, 6, 7]
+    levels, g, xs, Ds = grid_fit.teacher_trajectory(gmm, aniso_schedule, seeds, None, steps=12)
+    assert xs.shape[0] == 13 and Ds.shape[0] == 12 and g.shape[1] == 13 and levels[-1] == 0
+    x = S.sample(gmm, aniso_schedule, nfe=12, solver="dpmpp-2m", grid="logsnr", seeds=seeds)[0]
+    assert torch.equal(xs[-1], x)
+    sig = g[0, :-1].log().mean(-1).exp().sqrt()
+    assert torch.allclose(sig, levels[:-1], rtol=1e-9)
