@@ -25,7 +25,7 @@ from .solvers import MAX_NFE, Sampler
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
-_EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional", "nfes")
+_EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional", "nfes", "ablation")
 
 
 def sampler_for(cfg: dict, nfe: int | None = None, family: str = "core") -> Sampler:
@@ -98,7 +98,7 @@ def _check_row(row, path: Path, seen: set) -> None:
     for cfg in row["eval"]:
         if not isinstance(cfg, dict) or not {"solver", "grid"} <= set(cfg) or set(cfg) - set(_EVAL_KEYS):
             raise ValueError(f"{path}: row {name!r}: unknown sampler {cfg} (expected solver, grid and optionally "
-                             f"secondary, order, optional, nfes)")
+                             f"secondary, order, optional, nfes, ablation)")
         try:
             if "nfes" in cfg:
                 _check_nfes(cfg["nfes"])
@@ -139,6 +139,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
     for row in recipe["rows"]:
         _check_row(row, path, seen)
         seen.add(row["name"])
+    if recipe.get("peers") is not None and recipe["peers"] not in seen:
+        raise ValueError(f"{path}: 'peers' names the row of the isotropic peer solvers; no row {recipe['peers']!r}")
     return recipe
 
 

@@ -26,8 +26,8 @@ from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
 from .solvers import SAMPLER_CODES, fitted_levels
 
-__all__ = ["DEFAULT_NFES", "row_samplers", "results_table", "results_markdown", "write_table", "best_row",
-           "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+__all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
+           "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -225,6 +225,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             continue
         model, schedule = found["load"]()
         family = families.family_of_process(schedule)
+        entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]
                            and (previous or {}).get("protocol", {}).get("scorer") == scorer.id) else None
@@ -326,6 +327,71 @@ def nfe_to_converge(cells: dict[int, dict], nfes: Sequence[int]) -> int | None:
     return min(k for k in nfes if k in cells and cells[k]["mean"] <= CONVERGED * ref["mean"])
 
 
+def against_peers(result: dict, recipe: dict, nfes: Sequence[int]) -> list[dict]:
+    """Per NFE where both exist: the best cell of the recipe's `peers` row (its samplers not marked `ablation`)
+    and the best cell of an anisotropic row (a model with more than one subspace), their FD ratio, and whether
+    their error bars (FD ± SE) are apart. Each side is (row label, sampler key, cell)."""
+    peers = recipe.get("peers")
+    if peers is None:
+        return []
+    peer_keys = {sampler_key(c) for r in recipe["rows"] if r["name"] == peers for c in r["eval"]
+                 if not c.get("ablation")}
+    best: dict[str, dict[int, tuple]] = {"peer": {}, "aniso": {}}
+    for row, key, cells in _lines(result):
+        side = "peer" if row["name"] == peers and key in peer_keys else \
+            "aniso" if row["name"] != peers and row.get("subspaces", 1) > 1 else None
+        for k, c in cells.items() if side else ():
+            if k not in best[side] or c["mean"] < best[side][k][2]["mean"]:
+                best[side][k] = (row["label"], key, c)
+    out = []
+    for k in nfes:
+        if k in best["peer"] and k in best["aniso"]:
+            peer, aniso = best["peer"][k][2], best["aniso"][k][2]
+            out.append({"nfe": k, "peer": best["peer"][k], "aniso": best["aniso"][k],
+                        "ratio": aniso["mean"] / peer["mean"],
+                        "apart": aniso["mean"] + aniso["se"] < peer["mean"] - peer["se"]})
+    return out
+
+
+# issue 11's targets: at these NFEs the best anisotropic FD is at most 0.8x the best peer's with error bars apart
+# ('ratio'), or below it ('below'); and the best anisotropic line converges by NFE 5
+TARGETS = {4: "ratio", 5: "ratio", 7: "ratio", 9: "below"}
+TARGET_RATIO, TARGET_CONVERGE = 0.8, 5
+
+
+def _targets_markdown(result: dict, recipe: dict, nfes: Sequence[int]) -> list[str]:
+    rows = against_peers(result, recipe, nfes)
+    if not rows:
+        return []
+    ratio_nfes, below_nfes = ([str(k) for k, goal in TARGETS.items() if goal == g] for g in ("ratio", "below"))
+    lines = ["## Against the best peer (issue 11's targets)", "",
+             f"Best peer: the lowest FD over the samplers of the `{recipe['peers']}` row (the isotropic peer solvers "
+             f"on the EDM network; the ablation excluded). Best anisotropic: the lowest FD over the rows whose model "
+             f"has more than one subspace. Targets: at NFE {', '.join(ratio_nfes)} the ratio at most {TARGET_RATIO} "
+             f"with error bars apart; at NFE {', '.join(below_nfes)} below the best peer.", "",
+             "| NFE | best peer | FD | best anisotropic | FD | ratio | error bars apart | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        goal = TARGETS.get(r["nfe"])
+        met = {"ratio": r["ratio"] <= TARGET_RATIO and r["apart"], "below": r["ratio"] < 1}.get(goal)
+        want = {"ratio": f"≤ {TARGET_RATIO}, apart", "below": "< 1"}.get(goal, "")
+        lines.append(f"| {r['nfe']} | {r['peer'][0]}: {_sampler_name(r['peer'][1])} | {_fmt(r['peer'][2])} | "
+                     f"{r['aniso'][0]}: {_sampler_name(r['aniso'][1])} | {_fmt(r['aniso'][2])} | {r['ratio']:.2f} | "
+                     f"{'yes' if r['apart'] else 'no'} | {want} | {'' if met is None else 'yes' if met else 'no'} |")
+    converge = []
+    for row, key, cells in _lines(result):
+        if row["name"] != recipe["peers"] and row.get("subspaces", 1) > 1:
+            n = nfe_to_converge(cells, sorted({c["nfe"] for c in row["cells"] if sampler_key(c) == key}))
+            if n is not None:
+                converge.append((n, row["label"], key))
+    if converge:
+        n, label, key = min(converge, key=lambda c: c[0])
+        lines += ["", f"NFE to converge, the lowest over the anisotropic lines: **{n}** ({label}, "
+                      f"{_sampler_name(key)}); target at most {TARGET_CONVERGE}: "
+                      f"{'met' if n <= TARGET_CONVERGE else 'not met'}."]
+    return [*lines, ""]
+
+
 def _winners(result: dict, nfes: Sequence[int]) -> dict[int, float]:
     best = {}
     for _, _, cells in _lines(result):
@@ -403,6 +469,7 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
         lines.append("")
     if figures.get("fd"):
         lines += ["![FD against NFE](" + figures["fd"] + ")", ""]
+    lines += _targets_markdown(result, recipe, nfes)
     best = []
     for row in result["rows"]:
         per_row = [(key, cells) for r, key, cells in _lines(result) if r is row]

@@ -95,7 +95,8 @@ def test_fmnist_recipe_is_consistent():
     edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
     assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
     # the ablation: the EDM network on the learned rows' sampler
-    assert rows["edm"]["eval"][1] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
+    assert rows["edm"]["eval"][1] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid", "ablation": True}
+    assert recipe["peers"] == "edm"  # the targets' best peer: the EDM row's samplers but the ablation
     # issue 11: every peer solver on the EDM network (and on its fitted grid); the control with the strongest two
     peers = {recipes.sampler_key(c) for c in rows["edm"]["eval"]}
     assert peers >= {("heun", "karras", "end", None), ("dpmpp-2m", "logsnr", None, 2),
@@ -482,7 +483,8 @@ def _family_recipe(tmp_path, rows: list[dict]) -> Path:
     good = json.loads(Path("recipes/fmnist.json").read_text())
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None, **row} for row in rows]}))
+    path.write_text(json.dumps({**good, "peers": None,
+                                "rows": [{**vsdm_row, "init_from": None, **row} for row in rows]}))
     return path
 
 
@@ -661,3 +663,36 @@ def test_table_caches_the_inception_reference(gmm_recipe, tmp_path):  # issue 11
     seen.clear()
     again = table.results_table(recipe, scorer, nfes=[3], **kw)[0]
     assert seen == [] and again["rows"][0]["inception"][0]["fid"] == first["rows"][0]["inception"][0]["fid"]
+
+
+def test_against_peers_and_the_targets_section():  # issue 11's targets, computed from the table
+    def cell(solver, grid, nfe, mean, se, order=None, secondary=None):
+        return {"solver": solver, "grid": grid, "secondary": secondary, "order": order, "nfe": nfe, "n": 10,
+                "mean": mean, "se": se, "fd": [mean]}
+
+    recipe = {"peers": "edm", "rows": [
+        {"name": "edm", "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"},
+                                 {"solver": "heun", "grid": "uniform_t", "secondary": "mid", "ablation": True},
+                                 {"solver": "dpmpp-2m", "grid": "logsnr"}]},
+        {"name": "iso", "eval": [{"solver": "heun", "grid": "uniform_t", "secondary": "mid"}]},
+        {"name": "dct", "eval": [{"solver": "heun", "grid": "uniform_t", "secondary": "mid"}]}]}
+    rows = [
+        {"name": "edm", "label": "EDM", "status": "ok", "subspaces": 1, "cells": [
+            cell("heun", "karras", 5, 9.0, 0.1, secondary="end"), cell("heun", "karras", 9, 3.0, 0.1, secondary="end"),
+            cell("heun", "uniform_t", 5, 0.5, 0.1, secondary="mid"),  # the ablation: never the best peer
+            cell("dpmpp-2m", "logsnr", 5, 4.0, 0.2, order=2), cell("dpmpp-2m", "logsnr", 9, 2.0, 0.1, order=2)]},
+        {"name": "iso", "label": "ISO", "status": "ok", "subspaces": 1, "cells": [  # isotropic: not a candidate
+            cell("heun", "uniform_t", 5, 0.1, 0.01, secondary="mid")]},
+        {"name": "dct", "label": "DCT", "status": "ok", "subspaces": 2, "cells": [
+            cell("heun", "uniform_t", 5, 1.95, 0.2, secondary="mid"), cell("heun", "uniform_t", 9, 1.9, 0.2,
+                                                                          secondary="mid")]}]
+    result = {"rows": rows}
+    got = {r["nfe"]: r for r in table.against_peers(result, recipe, [5, 9])}
+    assert got[5]["peer"][0] == "EDM" and got[5]["peer"][2]["mean"] == 4.0 and got[5]["aniso"][0] == "DCT"
+    assert got[5]["ratio"] == pytest.approx(0.4875) and got[5]["apart"]  # 2.15 < 3.8
+    assert got[9]["ratio"] == pytest.approx(0.95) and not got[9]["apart"]  # 2.1 > 1.9
+    md = "\n".join(table._targets_markdown(result, recipe, [5, 9]))
+    assert "| 5 | EDM: DPM-Solver++(2M), log-SNR grid on the geometric mean | 4.00 ± 0.20 | DCT:" in md
+    assert "| 0.49 | yes | ≤ 0.8, apart | yes |" in md and "| 0.95 | no | < 1 | yes |" in md
+    assert "NFE to converge, the lowest over the anisotropic lines: **5**" in md and ": met." in md
+    assert table.against_peers(result, {**recipe, "peers": None}, [5]) == []
