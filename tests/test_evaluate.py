@@ -19,6 +19,9 @@ def test_solver_accuracy_protocol():
     assert all(r["nfe"] % 2 == 1 or r["secondary"] != "end" for r in res["rows"])
     md = to_markdown(res, "t", "cmd")
     assert "| Heun midpoint, uniform t |" in md and "floor" in md
+    # the 'optimized' configurations run on grids fitted to the mixture itself, one per NFE
+    fitted = {r["nfe"] for r in res["rows"] if r["grid"] == "optimized"}
+    assert fitted == {3, 9, 33} and sorted(map(int, res["fitted_grids"])) == [3, 9, 33]
 
 
 def test_cli_writes_files(tmp_path):
