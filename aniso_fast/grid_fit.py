@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import multistep
-from .solvers import check_grid, geometric_sigma_span, logsnr_grid, schedule_grid
+from .solvers import check_grid, geometric_sigma_span, logsnr_grid, schedule_grid, seeded_noise
 
 __all__ = ["TEACHER_STEPS", "FIT_SEED", "teacher_trajectory", "step_costs", "best_steps", "fit_levels",
            "endpoint_errors"]
@@ -37,8 +37,6 @@ def teacher_trajectory(model, schedule, seeds: Sequence[int], labels: Tensor | N
                        progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(fine geometric-mean sigma levels [steps + 1] ending at 0, variances g [G, steps + 1, K], states x
     [steps + 1, B, C, H, W], data predictions D [steps, B, C, H, W]) of DPM-Solver++(2M) from seeded noise."""
-    from .solvers import _draw, _generators
-
     check_grid("logsnr", schedule)
     t = logsnr_grid(schedule, steps, labels)
     grid = schedule_grid(schedule, t, labels)
@@ -46,8 +44,8 @@ def teacher_trajectory(model, schedule, seeds: Sequence[int], labels: Tensor | N
     levels = torch.cat([torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64).exp(),
                         torch.zeros(1, dtype=torch.float64)])
     basis, B = model.basis, len(seeds)
-    x = basis.scale(_draw(_generators(seeds), model.image_shape, torch.float32, "cpu"),
-                    grid.g[:, 0].expand(B, -1).sqrt(), ids=basis.group_ids(labels))
+    x = basis.scale(seeded_noise(seeds, model.image_shape), grid.g[:, 0].expand(B, -1).sqrt(),
+                    ids=basis.group_ids(labels))
     xs, Ds = [x], []
 
     def record(step: dict) -> None:
