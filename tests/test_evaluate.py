@@ -91,10 +91,14 @@ def test_fmnist_recipe_is_consistent():
     for name in learned:
         assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
         assert train.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
-        # issue 11: the multistep solvers on the grids that measured best on the exact mixture, optional: the
-        # full table runs them, `table --no-optional` gives each learned row its own sampler only
-        assert rows[name]["eval"][1:3] == [{"solver": "dpmpp-2m", "grid": "logsnr", "order": 2, "optional": True},
-                                           {"solver": "ipndm", "grid": "uniform_t", "order": 4, "optional": True}]
+        # issue 11: the anisotropic multistep solvers, optional: the full table runs them, `table --no-optional`
+        # gives each learned row its own sampler only; every learned row has DPM-Solver++(2M) on the log-SNR grid
+        assert rows[name]["eval"][1] == {"solver": "dpmpp-2m", "grid": "logsnr", "order": 2, "optional": True}
+        assert all(c.get("optional") for c in rows[name]["eval"][1:])
+    assert rows["dct-class"]["eval"][2:] == [
+        {"solver": "ipndm", "grid": "uniform_t", "order": 4, "optional": True},
+        {"solver": "dpmpp-2m", "grid": "optimized", "order": 2, "optional": True},
+        {"solver": "ipndm", "grid": "optimized", "order": 4, "optional": True}]
     edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
     assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
     # the ablation: the EDM network on the learned rows' sampler
