@@ -406,7 +406,8 @@ def _bad_recipes(tmp_path) -> dict[str, str]:
                 "row-lacks-eval": json.dumps({**good, "rows": [{k: v for k, v in good["rows"][0].items() if k != "eval"}]}),
                 "bad-sampler": json.dumps({**good, "rows": [{**good["rows"][0], "eval": [{"solver": "rk4"}]}]}),
                 "bad-train-args": json.dumps({**good, "rows": [{**good["rows"][0], "train": "--stage edm --batch 0"}]}),
-                "row-not-object": json.dumps({**good, "rows": ["edm"]})}
+                "row-not-object": json.dumps({**good, "rows": ["edm"]}),
+                "unknown-peers": json.dumps({**good, "peers": "nope"})}
     paths = {}
     for name, text in variants.items():
         paths[name] = tmp_path / f"{name}.json"
@@ -417,7 +418,7 @@ def _bad_recipes(tmp_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("cmd", ["table", "train-recipe"])
 @pytest.mark.parametrize("variant", ["missing", "not-json", "not-a-recipe", "no-rows", "row-lacks-eval", "bad-sampler",
-                                     "bad-train-args", "row-not-object"])
+                                     "bad-train-args", "row-not-object", "unknown-peers"])
 def test_missing_or_malformed_recipe_is_refused(cmd, variant, no_work, capsys):  # issue 10
     path = _bad_recipes(no_work)[variant]
     line = _refused([cmd, "--recipe", str(path), *(["--out", f"{no_work}/out/R.md", "--json", f"{no_work}/out/r.json"]
@@ -603,11 +604,11 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
     path = tmp_path / "r.json"
     for evals, ok in (([HEUN_MID, {**HEUN_MID, "nfes": [9, 5]}], True), ([HEUN_MID, HEUN_MID], False)):
-        path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None, "eval": evals}]}))
+        path.write_text(json.dumps({**good, "peers": None, "rows": [{**vsdm_row, "init_from": None, "eval": evals}]}))
         if not ok:
             with pytest.raises(ValueError, match="appears twice"):
                 recipes.load_recipe(path)
-    path.write_text(json.dumps({**good, "rows": [{**vsdm_row, "init_from": None,
+    path.write_text(json.dumps({**good, "peers": None, "rows": [{**vsdm_row, "init_from": None,
                                                   "eval": [HEUN_MID, {**HEUN_MID, "nfes": [9, 5]}]}]}))
     recipe = recipes.load_recipe(path)
     images = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
