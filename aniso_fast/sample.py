@@ -197,7 +197,7 @@ def _validate(args):
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     args.solver, args.grid = families.default_sampler(family, args.solver, args.grid)
-    fitted = models.fitted_grids(args.model) if args.model in models.shipped_models() else {}
+    fitted = models.fitted_grids(args.model)  # {} for a model without fitted grids (embedded, a file)
     try:
         plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
         if plan.grid == "optimized":

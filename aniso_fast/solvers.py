@@ -419,8 +419,6 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     if grid != "karras" and schedule is None:
         raise ValueError(f"schedule: grid {grid!r} needs a schedule")
     check_grid(grid, schedule)
-    if grid == "optimized":
-        fitted_levels(fitted, plan.steps)
     seeds = check_seeds(seeds)
     labels = check_labels(labels, seeds, getattr(model, "num_classes", None), device)
     if grid == "karras":
