@@ -327,6 +327,9 @@ def _check_fit_grid(args) -> None:
     bad = [n for n in args.steps if n > args.teacher_steps]
     if bad:
         raise ValueError(f"--steps: at most --teacher-steps ({args.teacher_steps}) steps, got {bad[0]}")
+    num_classes = models.read_shipped(args.model)[1]["net_config"].get("label_dim", 0)
+    if num_classes and args.samples < num_classes:
+        raise ValueError(f"--samples: expected at least one per class ({num_classes}), got {args.samples}")
 
 
 def _check_train_recipe(args) -> dict:
@@ -411,10 +414,6 @@ def _run_fit_grid(args) -> int:
     from . import grid_fit
 
     model, schedule, _ = models.load_trained(args.model)
-    if model.num_classes and args.samples < model.num_classes:
-        print(f"error: --samples: expected at least one per class ({model.num_classes}), got {args.samples}",
-              file=sys.stderr)
-        return 2
     progress = not args.no_progress
     levels = grid_fit.fit_levels(model, schedule, args.steps, samples=args.samples,
                                  teacher_steps=args.teacher_steps, progress=progress)

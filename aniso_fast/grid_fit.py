@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import multistep
-from .solvers import check_grid, geometric_sigma_span, logsnr_grid, schedule_grid, seeded_noise
+from .solvers import check_grid, logsnr_grid, logsnr_levels, schedule_grid, seeded_noise
 
 __all__ = ["TEACHER_STEPS", "FIT_SEED", "teacher_trajectory", "step_costs", "best_steps", "fit_levels",
            "endpoint_errors"]
@@ -40,9 +40,7 @@ def teacher_trajectory(model, schedule, seeds: Sequence[int], labels: Tensor | N
     check_grid("logsnr", schedule)
     t = logsnr_grid(schedule, steps, labels)
     grid = schedule_grid(schedule, t, labels)
-    lo, hi = geometric_sigma_span(schedule, labels)
-    levels = torch.cat([torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64).exp(),
-                        torch.zeros(1, dtype=torch.float64)])
+    levels = torch.cat([logsnr_levels(schedule, steps, labels), torch.zeros(1, dtype=torch.float64)])
     basis, B = model.basis, len(seeds)
     x = basis.scale(seeded_noise(seeds, model.image_shape), grid.g[:, 0].expand(B, -1).sqrt(),
                     ids=basis.group_ids(labels))

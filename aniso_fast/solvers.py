@@ -23,7 +23,7 @@ from . import multistep
 from .schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
-    "Grid", "check_grid", "fitted_levels", "uniform_t", "edm_sigma_t", "logsnr_grid", "optimized_t",
+    "Grid", "check_grid", "fitted_levels", "uniform_t", "edm_sigma_t", "logsnr_grid", "logsnr_levels", "optimized_t",
     "geometric_sigma_span", "schedule_grid", "karras_grid", "euler", "heun", "em", "seeded_noise", "seeded_labels",
     "check_seeds", "check_labels", "MAX_SEED", "steps_for_nfe", "Sampler", "resolve_sampler", "sample", "SOLVERS",
     "ODE_SOLVERS", "GRIDS", "SAMPLER_NAMES", "SAMPLER_CODES", "SOLVER_LABELS", "GRID_LABELS"
@@ -120,11 +120,17 @@ def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None 
                 sigma_min: float = 0.002, sigma_max: float = 80.0, iterations: int = 48) -> Tensor:
     """Times at which the geometric-mean sigma is uniform in log sigma (DPM-Solver's 'logSNR' grid), then t = 0;
     returned like `edm_sigma_t`."""
+    return _on_geometric_mean(schedule, logsnr_levels(schedule, num_steps, labels, sigma_min=sigma_min,
+                                                      sigma_max=sigma_max), labels, iterations)
+
+
+def logsnr_levels(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                  sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """The log-SNR grid's geometric-mean sigma levels [num_steps], uniform in log sigma over the schedule's span."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
     lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
-    sig = torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
-    return _on_geometric_mean(schedule, sig, labels, iterations)
+    return torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
 
 
 def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) -> Tensor:
