@@ -266,11 +266,28 @@ def sampler_defaults(assets: str | os.PathLike | None = None) -> dict[int, dict]
 
 
 def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict | None:
-    """The recorded choice of the NFE nearest `nfe` (the lower one on a tie), or None when none is recorded."""
+    """The recorded choice for `nfe`. For an NFE the table did not measure: the choice of the nearest recorded NFE
+    (the lower one on a tie) that runs at `nfe` as it ran when measured: its sampler can spend `nfe`, with a final
+    Euler step exactly where it had one (midpoint Heun at an even NFE is not the sampler measured at an odd one),
+    and on a fitted grid the model has one for that step count. None when no recorded choice applies."""
+    from .solvers import resolve_sampler
+
     recorded = sampler_defaults(assets)
-    if not recorded:
-        return None
-    return recorded[min(recorded, key=lambda k: (abs(k - nfe), k))]
+    if nfe in recorded:
+        return recorded[nfe]
+    for measured in sorted(recorded, key=lambda k: (abs(k - nfe), k)):
+        choice = recorded[measured]
+        args = (choice["solver"], choice["grid"], choice.get("secondary"))
+        try:
+            here = resolve_sampler(*args, nfe, choice.get("order"))
+        except ValueError:
+            continue
+        if here.final_euler != resolve_sampler(*args, measured, choice.get("order")).final_euler:
+            continue
+        if choice["grid"] == "optimized" and here.steps not in fitted_grids(choice["model"], assets):
+            continue
+        return choice
+    return None
 
 
 def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | None = None) -> None:

@@ -1,10 +1,11 @@
 """Fast low-NFE generation: `python -m aniso_fast.sample`.
 
 With no arguments: 64 samples at NFE 9 with the best measured (model, solver, grid) for that NFE, recorded from
-the results table (`python -m aniso_fast.evaluate table --set-default`; the recorded NFE nearest --nfe), written
-as a PNG grid whose path is printed. While none is recorded, or when --model or a sampler option (--solver,
---grid, --secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models
-list`) with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
+the results table (`python -m aniso_fast.evaluate table --set-default`), written as a PNG grid whose path is
+printed. For an NFE the table did not measure, the nearest recorded choice that runs there as it was measured
+(`models.default_for_nfe`). Where none applies, or when --model or a sampler option (--solver, --grid,
+--secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models list`)
+with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
 path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
 model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`families.default_sampler`).
@@ -81,13 +82,14 @@ def _defaults_epilog() -> str:
     if not recorded:
         return (f"Per-NFE defaults: none recorded; the default model ({models.default_model()}) with midpoint Heun "
                 f"on the uniform t grid.")
-    return "Per-NFE defaults (from the results table; the recorded NFE nearest --nfe is used):\n" + "\n".join(
-        f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items())
+    return ("Per-NFE defaults (from the results table; for another --nfe, the nearest recorded choice that runs there "
+            "as it was measured, e.g. no midpoint Heun at an even NFE):\n"
+            + "\n".join(f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items()))
 
 
 def _apply_defaults(args) -> None:
-    """Fill --model, --solver, --grid (and secondary, order) from the recorded choice nearest --nfe where the
-    user gave none of them; explicit options always win."""
+    """Fill --model, --solver, --grid (and secondary, order) from the recorded choice for --nfe
+    (`models.default_for_nfe`) where the user gave none of them; explicit options always win."""
     sampler_given = any(getattr(args, k) is not None for k in ("solver", "grid", "secondary", "order"))
     choice = models.default_for_nfe(args.nfe) if isinstance(args.nfe, int) else None
     if choice is not None and choice["model"] not in models.MODELS:

@@ -248,8 +248,17 @@ def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11,
     models.set_sampler_defaults(choices)
     recorded = models.sampler_defaults()
     assert list(recorded) == [5, 9] and recorded[9] == choices[9] and recorded[5]["order"] == 4
-    assert models.default_for_nfe(3)["solver"] == "ipndm" and models.default_for_nfe(35)["solver"] == "heun"
+    assert models.default_for_nfe(5) == recorded[5] and models.default_for_nfe(35)["solver"] == "heun"
     assert models.default_for_nfe(7)["solver"] == "ipndm"  # a tie goes to the lower NFE
+    # an unmeasured NFE takes the nearest choice that runs there as it was measured:
+    assert models.default_for_nfe(3)["solver"] == "heun"  # iPNDM-4 cannot spend 3 calls
+    assert models.default_for_nfe(10)["solver"] == "ipndm"  # midpoint Heun at an even NFE ends on an Euler step
+    assert models.default_for_nfe(2) is None  # neither applies
+    models.set_sampler_defaults({5: {**choices[5], "grid": "optimized"}})  # tiny has no fitted grid
+    assert models.default_for_nfe(5)["grid"] == "optimized" and models.default_for_nfe(6) is None
+    models.set_fitted_grids("tiny", {6: [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]}, {"teacher": "test"})
+    assert models.default_for_nfe(6)["grid"] == "optimized" and models.default_for_nfe(4) is None
+    models.set_sampler_defaults(choices)
     # a later export keeps the record; `list` shows it
     models.export_model(tiny_checkpoint, "tiny2")
     assert models.sampler_defaults() == recorded
