@@ -701,6 +701,16 @@ def test_against_peers_and_the_targets_section():  # issue 11's targets, compute
     assert got[9]["ratio"] == pytest.approx(0.95) and not got[9]["apart"]  # 2.1 > 1.9
     md = "\n".join(table._targets_markdown(result, recipe, [5, 9]))
     assert "| 5 | EDM: DPM-Solver++(2M), log-SNR grid on the geometric mean | 4.00 ± 0.20 | DCT:" in md
-    assert "| 0.49 | yes | ≤ 0.8, apart | yes |" in md and "| 0.95 | no | < 1 | yes |" in md
-    assert "NFE to converge, the lowest over the anisotropic lines: **5**" in md and ": met." in md
+    assert "| 0.487 | yes | ≤ 0.8, apart | yes |" in md and "| 0.950 | no | < 1 | yes |" in md
+    assert "NFE to converge of the best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its " \
+           "samplers: **5**" in md and ": met." in md
+    # a row that converges sooner to a worse FD is not the best anisotropic row
+    rows.append({"name": "pca", "label": "PCA", "status": "ok", "subspaces": 3, "cells": [
+        cell("heun", "uniform_t", 5, 3.0, 0.2, secondary="mid"), cell("heun", "uniform_t", 9, 3.0, 0.2,
+                                                                      secondary="mid")]})
+    rows[2]["cells"][0]["mean"] = 2.5  # DCT now converges at 9 only (2.5 > 1.05 x 1.9)
+    md = "\n".join(table._targets_markdown(result, {**recipe, "rows": [*recipe["rows"], {**recipe["rows"][2],
+                                                                                         "name": "pca"}]}, [5, 9]))
+    assert "best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its samplers: **9**" in md
+    assert ": not met." in md
     assert table.against_peers(result, {**recipe, "peers": None}, [5]) == []
