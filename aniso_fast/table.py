@@ -378,8 +378,9 @@ def _targets_markdown(result: dict, recipe: dict, nfes: Sequence[int]) -> list[s
         lines.append(f"| {r['nfe']} | {r['peer'][0]}: {_sampler_name(r['peer'][1])} | {_fmt(r['peer'][2])} | "
                      f"{r['aniso'][0]}: {_sampler_name(r['aniso'][1])} | {_fmt(r['aniso'][2])} | {r['ratio']:.3f} | "
                      f"{'yes' if r['apart'] else 'no'} | {want} | {'' if met is None else 'yes' if met else 'no'} |")
-    # the best anisotropic row: the lowest FD at the table's largest NFE; its NFE to converge, over its samplers
-    largest, best, converge = max(nfes), (np.inf, None), {}
+    # the best anisotropic row: the lowest FD at the largest NFE of the comparison (not a family's own step counts);
+    # its NFE to converge, over its samplers
+    largest, best, converge = max(r["nfe"] for r in rows), (np.inf, None), {}
     for row, key, cells in _lines(result):
         if row["name"] != recipe["peers"] and row.get("subspaces", 1) > 1:
             if largest in cells and cells[largest]["mean"] < best[0]:

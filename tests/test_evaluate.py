@@ -707,10 +707,11 @@ def test_against_peers_and_the_targets_section():  # issue 11's targets, compute
     # a row that converges sooner to a worse FD is not the best anisotropic row
     rows.append({"name": "pca", "label": "PCA", "status": "ok", "subspaces": 3, "cells": [
         cell("heun", "uniform_t", 5, 3.0, 0.2, secondary="mid"), cell("heun", "uniform_t", 9, 3.0, 0.2,
-                                                                      secondary="mid")]})
+                                                                      secondary="mid"),
+        cell("heun", "uniform_t", 50, 1.0, 0.1, secondary="mid")]})  # an NFE the peers were not measured at
     rows[2]["cells"][0]["mean"] = 2.5  # DCT now converges at 9 only (2.5 > 1.05 x 1.9)
     md = "\n".join(table._targets_markdown(result, {**recipe, "rows": [*recipe["rows"], {**recipe["rows"][2],
-                                                                                         "name": "pca"}]}, [5, 9]))
-    assert "best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its samplers: **9**" in md
+                                                                                         "name": "pca"}]}, [5, 9, 50]))
+    assert "best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its samplers: **9**" in md  # not 50
     assert ": not met." in md
     assert table.against_peers(result, {**recipe, "peers": None}, [5]) == []
