@@ -269,7 +269,8 @@ def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict |
     """The recorded choice for `nfe`. For an NFE the table did not measure: the choice of the nearest recorded NFE
     (the lower one on a tie) that runs at `nfe` as it ran when measured: its sampler can spend `nfe`, with a final
     Euler step exactly where it had one (midpoint Heun at an even NFE is not the sampler measured at an odd one),
-    and on a fitted grid the model has one for that step count. None when no recorded choice applies."""
+    and on a fitted grid the model has one for that step count; never Euler-Maruyama, whose FD at a family's own
+    step counts says nothing about another NFE. None when no recorded choice applies."""
     from .solvers import resolve_sampler
 
     recorded = sampler_defaults(assets)
@@ -277,6 +278,8 @@ def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict |
         return recorded[nfe]
     for measured in sorted(recorded, key=lambda k: (abs(k - nfe), k)):
         choice = recorded[measured]
+        if choice["solver"] == "em":  # a reverse-SDE sampler measured at its family's step counts only
+            continue
         args = (choice["solver"], choice["grid"], choice.get("secondary"))
         try:
             here = resolve_sampler(*args, nfe, choice.get("order"))

@@ -258,6 +258,8 @@ def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11,
     assert models.default_for_nfe(5)["grid"] == "optimized" and models.default_for_nfe(6) is None
     models.set_fitted_grids("tiny", {6: [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]}, {"teacher": "test"})
     assert models.default_for_nfe(6)["grid"] == "optimized" and models.default_for_nfe(4) is None
+    models.set_sampler_defaults({**choices, 50: {**choices[5], "solver": "em", "grid": "uniform_t", "order": None}})
+    assert models.default_for_nfe(50)["solver"] == "em" and models.default_for_nfe(40)["solver"] == "ipndm"
     models.set_sampler_defaults(choices)
     # a later export keeps the record; `list` shows it
     models.export_model(tiny_checkpoint, "tiny2")
