@@ -5,11 +5,11 @@
 
 (`aniso_fast.sample` is the command-line module `python -m aniso_fast.sample`.)
 """
-from .bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
-from .gmm import GaussianMixture
-from .ops import backends
-from .precond import AnisoPrecond
-from .schedules import KnotSchedule, MatrixSchedule, karras_sigmas
+from .geometry.bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
+from .networks.gmm import GaussianMixture
+from .ops.dispatch import backends
+from .networks.precond import AnisoPrecond
+from .geometry.schedules import KnotSchedule, MatrixSchedule, karras_sigmas
 
 __version__ = "0.1.0"
 __all__ = [

@@ -34,21 +34,21 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .atomic import atomic_write_text, check_writable_file, check_writable_folder
-from .cli import Parser
-from .data import fashion_mnist_files
-from .features import (
+from .store import models
+from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
+from .utils.cli import Parser
+from .utils.data import fashion_mnist_files
+from .evaluation.features import (
     CLASSIFIER_ASSET,
     FrechetScorer,
     InceptionFeatures,
     train_fmnist_classifier,
 )
-from .recipes import load_recipe, sampler_for, select_rows, train_recipe
-from .grid_fit import TEACHER_STEPS
-from .solver_accuracy import solver_accuracy, write_report
-from .solvers import MAX_NFE, resolve_sampler
-from .table import (
+from .evaluation.recipes import load_recipe, sampler_for, select_rows, train_recipe
+from .sampling.grid_fit import TEACHER_STEPS
+from .evaluation.solver_accuracy import solver_accuracy, write_report
+from .sampling.solvers import MAX_NFE, resolve_sampler
+from .evaluation.table import (
     DEFAULT_NFES,
     best_row,
     best_samplers,
@@ -366,7 +366,7 @@ def _run_classifier(args, command: str) -> int:
 
 
 def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
-    from .data import load_fashion_mnist
+    from .utils.data import load_fashion_mnist
 
     scorer = FrechetScorer.classifier(args.classifier)
     floor_images, floor_labels = load_fashion_mnist("train")
@@ -411,7 +411,7 @@ def _set_defaults(result: dict, recipe: dict) -> None:
 
 
 def _run_fit_grid(args) -> int:
-    from . import grid_fit
+    from .sampling import grid_fit
 
     model, schedule, _ = models.load_trained(args.model)
     progress = not args.no_progress

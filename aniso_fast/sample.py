@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import families, models
-from .atomic import atomic_write, check_writable_folder
-from .cli import Parser
-from .data import to_uint8
-from .figures import save_image_grid
-from .solvers import GRIDS, SOLVERS, check_grid, check_seeds, fitted_levels
+from .processes import families
+from .store import models
+from .utils.atomic import atomic_write, check_writable_folder
+from .utils.cli import Parser
+from .utils.data import to_uint8
+from .utils.figures import save_image_grid
+from .sampling.solvers import GRIDS, SOLVERS, check_grid, check_seeds, fitted_levels
 
 __all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
 

@@ -1,4 +1,4 @@
-"""Benchmark baselines, composed only from `aniso_fast.reference` (the one place the formulations live).
+"""Benchmark baselines, composed only from `aniso_fast.ops.reference` (the one place the formulations live).
 
 (a) The authors' formulation: `reference.authors_scale` / `authors_scale_labelwise` (an einsum onto the k
     spatial basis images per channel; a Python loop over the labels present for class-conditional bases). The
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aniso_fast import reference
-from aniso_fast.bases import DCTBasis, PCABasis, SubspaceBasis
+from aniso_fast.ops import reference
+from aniso_fast.geometry.bases import DCTBasis, PCABasis, SubspaceBasis
 
 __all__ = ["authors_basis_images", "authors_combine", "authors_dot", "authors_heun_step",
            "grouped_lowrank_combine", "grouped_lowrank_dot"]
@@ -72,7 +72,7 @@ def authors_heun_step(x: Tensor, F_a: Tensor, F_s: Tensor, g_a: Tensor, g_s: Ten
                       ids: Tensor | None = None) -> Tensor:
     """One matrix Heun step (METHOD §6.2) with the authors' scale; the flows are given (no network).
 
-    g_*: [B, 2] float64 variances; the same algebra as `aniso_fast.solvers.heun`, scalars cast to x.dtype.
+    g_*: [B, 2] float64 variances; the same algebra as `aniso_fast.sampling.solvers.heun`, scalars cast to x.dtype.
     """
     S_a, S_s, S_b = g_a.sqrt(), g_s.sqrt(), g_b.sqrt()
     dS, R = S_b - S_a, (S_b - S_a) / (S_s - S_a)

@@ -9,11 +9,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from aniso_fast.bases import DCTBasis
-from aniso_fast.losses import trajectory_loss
-from aniso_fast.networks import fashion_mnist_unet
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast.processes.losses import trajectory_loss
+from aniso_fast.networks.unet import fashion_mnist_unet
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.geometry.schedules import MatrixSchedule
 
 
 def main() -> None:

@@ -339,7 +339,7 @@ def section_step(res: Results, device: str) -> list[str]:
         row += [fx(ratio(res.median(*key, "authors"), ft)), fx(ratio(res.median(*key, "reference"), ft))]
         rows.append(row)
     return [f"## One anisotropic Heun step without the network on {device.upper()} (median ms)", "",
-            "`aniso_fast.solvers.heun` over a one-step grid (predictor and corrector: two `combine` calls); the "
+            "`aniso_fast.sampling.solvers.heun` over a one-step grid (predictor and corrector: two `combine` calls); the "
             "stand-in model's flow returns precomputed tensors. Backend chosen with ANISO_FAST_BACKEND.", ""] + \
         table(header, rows) + [""]
 
@@ -453,7 +453,7 @@ def render(data: dict, skips: list[dict], source: str) -> str:
              "Medians of the timed rounds; `*` marks a median of fewer than "
              f"{FEW_ROUNDS} rounds (slow cases get one or two rounds in the default run; raise `--aniso-budget`). "
              "`fused` is the best fused backend of the device (cpp on CPU). `authors`: the authors' formulation "
-             "(`aniso_fast.reference.authors_scale`, `authors_scale_labelwise`, composed in `bench/baselines.py`; K = 2 "
+             "(`aniso_fast.ops.reference.authors_scale`, `authors_scale_labelwise`, composed in `bench/baselines.py`; K = 2 "
              "bases only). `reference`: the plain-PyTorch reference backend; `grouped`: the reference applied per "
              "group of a class-conditional basis (`bench/baselines.py`); `best plain` is the fastest plain-PyTorch "
              "composition measured for the case (reference, grouped or the authors' formulation, named).",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast import models
-from aniso_fast.solvers import SOLVERS, sample
+from aniso_fast.store import models
+from aniso_fast.sampling.solvers import SOLVERS, sample
 from bench import common
 
 NFE = 9
@@ -92,7 +92,7 @@ def test_solver(benchmark, case: SolverCase, opts: common.Options):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_phase_space_solver(benchmark, run: str, opts: common.Options):
-    from aniso_fast import vsmd
+    from aniso_fast.processes import vsmd
 
     name = "fmnist-vsmd"
     if name not in models.shipped_models():

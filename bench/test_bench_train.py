@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast import ops
-from aniso_fast.bases import DCTBasis
-from aniso_fast.losses import edm_loss, iso_loss, trajectory_loss
-from aniso_fast.networks import fashion_mnist_unet
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.ops import dispatch as ops
+from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast.processes.losses import edm_loss, iso_loss, trajectory_loss
+from aniso_fast.networks.unet import fashion_mnist_unet
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.geometry.schedules import MatrixSchedule
 from bench import common
 
 BATCH = 32

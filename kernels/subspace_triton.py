@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import compute_dtype
+from ..ops.reference import compute_dtype
 
 __all__ = ["separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot", "MAX_SEPARABLE_SIDE"]
 

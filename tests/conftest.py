@@ -8,9 +8,9 @@ import numpy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import aniso_fast.train  # noqa: E402
-from aniso_fast.gmm import GaussianMixture  # noqa: E402
-from aniso_fast.schedules import MatrixSchedule  # noqa: E402
+import aniso_fast.training.trainer  # noqa: E402
+from aniso_fast.networks.gmm import GaussianMixture  # noqa: E402
+from aniso_fast.geometry.schedules import MatrixSchedule  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory, one_thread):
     argv = ["--stage", "iso", "--data", str(root / "tiny.npz"), "--out", str(root / "run"), "--steps", "2",
             "--batch", "8", "--model-channels", "8", "--channel-mult", "1,1", "--basis", "pca", "--pca-rank", "16",
             "--pca-per", "class", "--class-schedules", "--no-progress", "--sample-every", "0", "--plot-every", "0"]
-    assert aniso_fast.train.main(argv) == 0
+    assert aniso_fast.training.trainer.main(argv) == 0
     return sorted((root / "run").glob("checkpoint-*.safetensors"))[-1]
 
 
@@ -59,7 +59,7 @@ def assets(tmp_path, monkeypatch):
     """A temporary registry (an empty manifest), so that no test writes into the package's assets."""
     import json
 
-    from aniso_fast import models
+    from aniso_fast.store import models
 
     folder = tmp_path / "assets"
     folder.mkdir()

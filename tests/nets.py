@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from aniso_fast.gmm import GaussianMixture
+from aniso_fast.networks.gmm import GaussianMixture
 
 
 def pca_mixture():

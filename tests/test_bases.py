@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from aniso_fast.bases import DCTBasis, IsotropicBasis, PCABasis, basis_from_config, cluster_classes, dct_matrix
+from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis, basis_from_config, cluster_classes, dct_matrix
 
 f64 = torch.float64
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aniso_fast import checkpoint as ckpt
-from aniso_fast import train
+from aniso_fast.store import checkpoint as ckpt
+from aniso_fast.training import trainer as train
 
 from test_train import argv, make_npz, make_trainer
 

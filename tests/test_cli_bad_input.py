@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aniso_fast import evaluate, models, sample, train
+from aniso_fast import evaluate, sample
+from aniso_fast.store import models
+from aniso_fast.training import trainer as train
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "fmnist.json")

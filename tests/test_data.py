@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aniso_fast import data
-from aniso_fast.data import (FASHION_MNIST_CLASSES, ImageDataset, InfiniteBatchSampler, load_dataset,
+from aniso_fast.utils import data
+from aniso_fast.utils.data import (FASHION_MNIST_CLASSES, ImageDataset, InfiniteBatchSampler, load_dataset,
                              load_fashion_mnist, load_image_folder, load_npz, read_idx, to_model_range, to_uint8)
 
 needs_fmnist = pytest.mark.skipif(not (Path(data.FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file(),

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aniso_fast import train
-from aniso_fast.data import InfiniteBatchSampler, load_npz
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.training import trainer as train
+from aniso_fast.utils.data import InfiniteBatchSampler, load_npz
+from aniso_fast.geometry.schedules import MatrixSchedule
 
 from test_train import argv, make_npz
 

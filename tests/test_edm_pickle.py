@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast.edm_pickle import EDMPickleError, load_edm_network
-from aniso_fast.networks import SongUNet
+from aniso_fast.networks.edm_pickle import EDMPickleError, load_edm_network
+from aniso_fast.networks.unet import SongUNet
 
 FAKE_PERSISTENCE = '''
 """Stand-in for NVlabs/edm torch_utils/persistence.py: same global name and meta layout, no code loading."""

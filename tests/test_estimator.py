@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from aniso_fast.bases import DCTBasis
-from aniso_fast.estimator import flow_schedule_derivative, schedule_gradient_surrogate, unit_directions
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.losses import trajectory_loss
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast.processes.estimator import flow_schedule_derivative, schedule_gradient_surrogate, unit_directions
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.processes.losses import trajectory_loss
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.geometry.schedules import MatrixSchedule
 
 from nets import TinyNet, pca_mixture
 

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 from aniso_fast.evaluate import main
-from aniso_fast.solver_accuracy import SOLVER_CONFIGS, solver_accuracy, to_markdown
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.evaluation.solver_accuracy import SOLVER_CONFIGS, solver_accuracy, to_markdown
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.geometry.schedules import MatrixSchedule
 
 
 def test_solver_accuracy_protocol():
@@ -38,7 +38,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from aniso_fast import evaluate, features, models, recipes, table, train  # noqa: E402
+from aniso_fast import evaluate  # noqa: E402
+from aniso_fast.evaluation import features  # noqa: E402
+from aniso_fast.store import models  # noqa: E402
+from aniso_fast.evaluation import recipes  # noqa: E402
+from aniso_fast.evaluation import table  # noqa: E402
+from aniso_fast.training import trainer as train  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,7 +164,7 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
     recipe, images = _tiny_recipe(tmp_path)
 
-    def in_process(cmd, check):  # [python, -m, aniso_fast.train, ...]
+    def in_process(cmd, check):  # [python, -m, aniso_fast.training.trainer, ...]
         assert train.main(cmd[3:]) == 0
 
     cmds = recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=in_process)
@@ -234,7 +239,7 @@ def test_bootstrap_se_known_case():  # issue 11
 
 
 def test_bootstrap_fd_is_the_metrics_fd():  # issue 11: the fast per-draw FD is the same number
-    from aniso_fast.metrics import feature_statistics, frechet_distance_from_statistics
+    from aniso_fast.evaluation.metrics import feature_statistics, frechet_distance_from_statistics
 
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
@@ -534,9 +539,9 @@ def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
 def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypatch):
     """A VSDM row (the mixture on a VSDM process) in the table: the PF-ODE at the table's NFEs, Euler-Maruyama at
     its own NFEs only, each cell's samples from families.sample; the Markdown has a column for every NFE run."""
-    from aniso_fast import families
-    from aniso_fast.data import to_uint8
-    from aniso_fast.vsdm import VSDMProcess
+    from aniso_fast.processes import families
+    from aniso_fast.utils.data import to_uint8
+    from aniso_fast.processes.vsdm import VSDMProcess
 
     model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
@@ -594,7 +599,7 @@ def test_table_only_evaluates_the_named_rows_in_recipe_order(tmp_path, monkeypat
 def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeypatch):
     """VSMD's own step count: the row's Heun at the table's NFEs, repeated with `nfes` [9, 5] (5 is a table NFE):
     one line with NFE 3, 5 and 9, the shared cell computed once; a repeat without `nfes` is still refused."""
-    from aniso_fast.vsdm import VSDMProcess
+    from aniso_fast.processes.vsdm import VSDMProcess
 
     model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {

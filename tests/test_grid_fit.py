@@ -1,4 +1,4 @@
-"""Fitted time grids (`aniso_fast.grid_fit`, `--grid optimized`): the dynamic programme against brute force, the
+"""Fitted time grids (`aniso_fast.sampling.grid_fit`, `--grid optimized`): the dynamic programme against brute force, the
 step costs against dense projectors in float64, the fitted grids against the log-SNR grid on the exact mixture,
 sampling on a fitted grid, storage with a shipped model, and bad input."""
 import itertools
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast import grid_fit, models
-from aniso_fast import solvers as S
-from aniso_fast.bases import DCTBasis
+from aniso_fast.sampling import grid_fit
+from aniso_fast.store import models
+from aniso_fast.sampling import solvers as S
+from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.evaluate import main as evaluate_main
 from aniso_fast.sample import main as sample_main
 
@@ -103,7 +104,7 @@ def test_sampling_refuses_a_missing_or_malformed_fitted_grid(gmm, aniso_schedule
 
 
 def test_other_families_refuse_the_fitted_grid():
-    from aniso_fast import families
+    from aniso_fast.processes import families
 
     plan = S.resolve_sampler("dpmpp-2m", "optimized", None, 5)
     for family in ("vsdm", "vsmd"):

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from aniso_fast.bases import DCTBasis, IsotropicBasis
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.losses import forward_process, iso_loss, target_flow, trajectory_loss
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.schedules import MatrixSchedule
+from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.processes.losses import forward_process, iso_loss, target_flow, trajectory_loss
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.geometry.schedules import MatrixSchedule
 
 from nets import TinyNet, pca_mixture
 
@@ -332,9 +332,9 @@ def test_bad_inputs(fn):
 
 def test_edm_loss_is_edms_weighting():
     """edm_loss = EDM's EDMLoss: lambda(sigma) ||D - x0||^2 with ln sigma ~ N(-1.2, 1.2^2)."""
-    from aniso_fast.gmm import GaussianMixture
-    from aniso_fast.losses import edm_loss
-    from aniso_fast.schedules import MatrixSchedule
+    from aniso_fast.networks.gmm import GaussianMixture
+    from aniso_fast.processes.losses import edm_loss
+    from aniso_fast.geometry.schedules import MatrixSchedule
 
     gm = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=2, seed=2)
     x0, _ = gm.sample(2000, generator=torch.Generator().manual_seed(0))

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aniso_fast.data import to_model_range
-from aniso_fast.metrics import (FashionMNISTClassifier, FrechetClassifierDistance, endpoint_error,
+from aniso_fast.utils.data import to_model_range
+from aniso_fast.evaluation.metrics import (FashionMNISTClassifier, FrechetClassifierDistance, endpoint_error,
                                 evaluate_classifier, feature_statistics, frechet_distance,
                                 frechet_distance_from_statistics, load_classifier, save_classifier,
                                 sliced_wasserstein, train_classifier)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast import models
+from aniso_fast.store import models
 from aniso_fast.sample import main as sample_main
 
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def no_data(monkeypatch):
     """Loading Fashion-MNIST fails the test: build-gmm must refuse bad options before that work."""
-    from aniso_fast import data
+    from aniso_fast.utils import data
 
     def work(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
@@ -94,8 +94,8 @@ def test_bad_names_and_corrupt_files(tiny_checkpoint, assets, capsys):
 def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
     default is one of them, and the default model samples finite class-conditional images with its schedule."""
-    from aniso_fast import recipes
-    from aniso_fast.solvers import sample
+    from aniso_fast.evaluation import recipes
+    from aniso_fast.sampling.solvers import sample
 
     recipe = recipes.load_recipe("recipes/fmnist.json")
     shipped = models.shipped_models(models.ASSET_DIR)

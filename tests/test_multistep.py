@@ -1,4 +1,4 @@
-"""Multistep solvers (aniso_fast.multistep): k-diffusion as the oracle, transcriptions of UniPC's and diff-sampler's
+"""Multistep solvers (aniso_fast.sampling.multistep): k-diffusion as the oracle, transcriptions of UniPC's and diff-sampler's
 DEIS updates, isotropic equality, convergence orders on the exact Gaussian mixture, NFE accounting, the logSNR grid
 and bad input."""
 import importlib.util
@@ -10,11 +10,11 @@ import types
 import pytest
 import torch
 
-from aniso_fast import multistep as MS
-from aniso_fast import solvers as S
-from aniso_fast.bases import IsotropicBasis
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.schedules import MatrixSchedule, karras_sigmas
+from aniso_fast.sampling import multistep as MS
+from aniso_fast.sampling import solvers as S
+from aniso_fast.geometry.bases import IsotropicBasis
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.geometry.schedules import MatrixSchedule, karras_sigmas
 
 f64 = torch.float64
 

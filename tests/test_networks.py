@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from aniso_fast.networks import SongUNet, fashion_mnist_unet
+from aniso_fast.networks.unet import SongUNet, fashion_mnist_unet
 
 # DDPM++ CIFAR-10 (EDM train.py --arch=ddpmpp): the SongUNet that EDMPrecond builds for edm-cifar10-32x32-*-vp.
 CIFAR_DDPMPP = dict(

@@ -1,4 +1,4 @@
-"""The dispatch layer (aniso_fast.ops) and every available backend against the float64 reference.
+"""The dispatch layer (aniso_fast.ops.dispatch) and every available backend against the float64 reference.
 
 Inputs are drawn in the tested dtype and the reference sees exactly those values upcast to float64 (basis tensors
 too, before the backend casts them to its compute dtype), so what is left is the backend's arithmetic and the
@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aniso_fast import ops
-from aniso_fast import reference as ref
+from aniso_fast.ops import dispatch as ops
+from aniso_fast.ops import reference as ref
 
 COMBINE_TOL = {torch.float64: 1e-11, torch.float32: 5e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 DOT_TOL = {torch.float64: 1e-12, torch.float32: 5e-6, torch.float16: 5e-6, torch.bfloat16: 5e-6}

@@ -1,4 +1,4 @@
-"""VSMD's phase space through a VE denoiser (`aniso_fast.phase_space`): the transition of the PF-ODE's linear part
+"""VSMD's phase space through a VE denoiser (`aniso_fast.processes.phase_space`): the transition of the PF-ODE's linear part
 against RK4, the denoiser view's velocity score against autograd of the exact phase-space density of a Gaussian
 mixture, and the phase-space DPM-Solver++(2M): exact for point data, first and second order on the mixture."""
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from aniso_fast import families
-from aniso_fast.bases import DCTBasis
-from aniso_fast.phase_space import GRIDS, VSMDDenoiser, dpmpp_2m, flow_transition, given_data, sigma_grid
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.solvers import resolve_sampler
-from aniso_fast.vsmd import VSMDPrecond, VSMDProcess, sample_ode
+from aniso_fast.processes import families
+from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast.processes.phase_space import GRIDS, VSMDDenoiser, dpmpp_2m, flow_transition, given_data, sigma_grid
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.sampling.solvers import resolve_sampler
+from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -196,7 +196,7 @@ def test_grids_run_from_T_to_t0_and_follow_the_mean_log_sigma():
         assert torch.all(ts.diff(dim=1) < 0)
         assert torch.equal(ts[1], ts[3])  # the grid depends on the class only
         if grid == "logsnr":  # the mean log sigma steps evenly down to its clipped end, then t0
-            from aniso_fast.phase_space import denoiser_view
+            from aniso_fast.processes.phase_space import denoiser_view
             with torch.no_grad():
                 logsig = denoiser_view(process, ts[:, :-1].reshape(-1), labels.repeat_interleave(6)).g.log()
             steps = logsig.mean(-1).reshape(4, 6).diff(dim=1) / 2
@@ -255,7 +255,7 @@ class _Calls(torch.nn.Module):
 
 
 def test_set_network_reaches_the_network_inside_the_denoiser_head():
-    from aniso_fast.networks import SongUNet
+    from aniso_fast.networks.unet import SongUNet
 
     net = SongUNet(img_resolution=4, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
                    num_blocks=1, attn_resolutions=()).double()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from aniso_fast.bases import DCTBasis, IsotropicBasis, PCABasis
-from aniso_fast.precond import AnisoPrecond
+from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
+from aniso_fast.networks.precond import AnisoPrecond
 
 f64 = torch.float64
 

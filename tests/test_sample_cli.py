@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aniso_fast import families, models
+from aniso_fast.processes import families
+from aniso_fast.store import models
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
-from aniso_fast.solvers import sample
+from aniso_fast.sampling.solvers import sample
 
 GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9.png"  # the grid `--model gmm-fmnist` writes at the defaults
 
@@ -91,7 +92,7 @@ def test_parse_seeds():
 
 def test_sample_from_a_training_checkpoint(tmp_path, capsys):
     """The user's own checkpoint (train CLI on a tiny npz) samples with its learned schedule."""
-    from aniso_fast import train
+    from aniso_fast.training import trainer as train
 
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(64, 1, 8, 8, generator=gen) * 255).to(torch.uint8).numpy()
@@ -252,7 +253,7 @@ def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
     assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3.npz")
     by_name, schedule = models.load_model("fmnist-dct"), models.load_schedule("learned", None, "fmnist-dct")
     x, _, _ = sample(by_name, schedule, nfe=3, seeds=[3])
-    from aniso_fast.data import to_uint8
+    from aniso_fast.utils.data import to_uint8
 
     assert np.array_equal(np.load(path)["images"], to_uint8(x).numpy())
     assert main(["--model", str(tmp_path), "--outdir", str(tmp_path / "out")]) == 2
@@ -330,7 +331,7 @@ def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  
 
 def family_checkpoint(root, family: str):
     """A one-step class-conditional run of `train --family <family>` on 8x8 data (tests/test_train_families.py)."""
-    from aniso_fast import train
+    from aniso_fast.training import trainer as train
     from test_train import make_npz
     from test_train_families import fam_argv
 
@@ -364,7 +365,7 @@ def _npz_run(capsys, *argv):
 def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ckpt, family, argv, stem, nfe):
     """A VSDM / VSMD training checkpoint samples on its own process through families.sample: the CLI's images are
     that function's for the same seeds and classes, and a seed's image does not depend on the batch."""
-    from aniso_fast.data import to_uint8
+    from aniso_fast.utils.data import to_uint8
 
     ckpt = str(fam_ckpt[family])
     path, data = _npz_run(capsys, "--model", ckpt, "--seeds", "0,5", "--classes", "2", *argv, "--outdir",

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aniso_fast.schedules import KnotSchedule, MatrixSchedule, karras_sigmas
+from aniso_fast.geometry.schedules import KnotSchedule, MatrixSchedule, karras_sigmas
 
 T, G0 = 6400.0, 1e-9
 F64 = torch.float64

@@ -3,9 +3,9 @@ import ot
 import pytest
 import torch
 
-from aniso_fast import solvers as S
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.schedules import MatrixSchedule, karras_sigmas
+from aniso_fast.sampling import solvers as S
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.geometry.schedules import MatrixSchedule, karras_sigmas
 
 f64 = torch.float64
 
@@ -193,7 +193,7 @@ def test_bad_inputs(gmm, aniso_schedule):
 @pytest.mark.parametrize("solver", ["dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "deis"])
 @pytest.mark.parametrize("grid", ["karras", "logsnr", "uniform_t", "edm_sigma"])
 def test_sample_dispatches_multistep_solvers_with_exact_nfe(gmm, aniso_schedule, solver, grid):
-    from aniso_fast import multistep
+    from aniso_fast.sampling import multistep
 
     counted = CountingModel(gmm)
     x, _, info = S.sample(counted, aniso_schedule, nfe=6, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
@@ -244,7 +244,7 @@ def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm, aniso_schedu
 def test_geometric_mean_grids_stay_inside_a_narrow_schedule(gmm, solver, grid):
     """VSDM's view spans sigma in about [0.03, 16], inside EDM's [0.002, 80]: the grid is clipped to the schedule's
     span (it used to repeat its end points, and the zero-length steps gave NaN)."""
-    from aniso_fast.vsdm import VSDMProcess
+    from aniso_fast.processes.vsdm import VSDMProcess
 
     view = VSDMProcess(2).ve_schedule()
     lo, hi = S.geometric_sigma_span(view)
@@ -329,7 +329,9 @@ class PhaseStub:
 
 
 def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
-    from aniso_fast import families as F, vsdm, vsmd
+    from aniso_fast.processes import families as F
+    from aniso_fast.processes import vsdm
+    from aniso_fast.processes import vsmd
 
     def same(plan, process, expected, model=gmm):
         x, _, info = F.sample(model, process, plan, [0, 3])
@@ -361,7 +363,9 @@ def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
     ("vsmd", "heun", "uniform_t", "mid", "^secondary: a vsmd model's Heun steps to the end point"),
 ])
 def test_families_refuse_samplers_they_do_not_take(gmm, family, solver, grid, secondary, match):
-    from aniso_fast import families as F, vsdm, vsmd
+    from aniso_fast.processes import families as F
+    from aniso_fast.processes import vsdm
+    from aniso_fast.processes import vsmd
 
     with pytest.raises(ValueError, match=match):
         F.resolve_sampler(family, solver, grid, secondary, 9)
@@ -373,7 +377,8 @@ def test_families_refuse_samplers_they_do_not_take(gmm, family, solver, grid, se
 
 
 def test_families_sample_bad_input(gmm):
-    from aniso_fast import families as F, vsdm
+    from aniso_fast.processes import families as F
+    from aniso_fast.processes import vsdm
 
     plan = S.resolve_sampler("em", "uniform_t", None, 3)
     with pytest.raises(ValueError, match="^family: expected one of core, vsdm, vsmd"):

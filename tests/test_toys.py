@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast import toys
-from aniso_fast.bases import DCTBasis
-from aniso_fast.losses import trajectory_loss
-from aniso_fast.precond import AnisoPrecond
-from aniso_fast.schedules import karras_sigmas
-from aniso_fast.solvers import ODE_SOLVERS, edm_sigma_t, heun, sample, schedule_grid, seeded_noise
-from aniso_fast.networks import SongUNet
-from aniso_fast.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
+from aniso_fast.studies import toys
+from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast.processes.losses import trajectory_loss
+from aniso_fast.networks.precond import AnisoPrecond
+from aniso_fast.geometry.schedules import karras_sigmas
+from aniso_fast.sampling.solvers import ODE_SOLVERS, edm_sigma_t, heun, sample, schedule_grid, seeded_noise
+from aniso_fast.networks.unet import SongUNet
+from aniso_fast.processes.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
                              forward_score_divergence, sample_em, score, simulate_backward)
-from aniso_fast.vsmd import VSMDPrecond, VSMDProcess, sample_ode
+from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
 
 F64 = torch.float64
 
@@ -408,7 +408,7 @@ def test_cli_run_and_report_end_to_end(tmp_path, monkeypatch):
                       "--samples", "100", "--out", str(out)]) == 0
     assert toys.main(["report", "--out", str(out), "--doc", str(doc)]) == 0
     text = doc.read_text()
-    assert "python -m aniso_fast.toys run" in text.splitlines()[2] and "| vsdm-a:" in text
+    assert "python -m aniso_fast.studies.toys run" in text.splitlines()[2] and "| vsdm-a:" in text
     assert (out / "gaussian-samples.png").stat().st_size > 0 and (out / "gaussian-paths.png").stat().st_size > 0
     c = json.loads((out / "gaussian-vsmd-crit.json").read_text())["c"]
     assert f"| {c[0]:.3f}, {c[1]:.3f} |" in text.split("| vsmd-crit:")[1].splitlines()[0]

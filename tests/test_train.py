@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from aniso_fast import checkpoint as ckpt
-from aniso_fast import optim, train
-from aniso_fast.ema import ema_beta
+from aniso_fast.store import checkpoint as ckpt
+from aniso_fast.training import optim
+from aniso_fast.training import trainer as train
+from aniso_fast.training.ema import ema_beta
 
 from test_edm_pickle import fake_edm  # noqa: F401  (fixture: a small network pickle in EDM's format)
 
@@ -319,7 +320,7 @@ def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
 
 def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
     """--init-from takes a shipped model (its name or file): network and EMA from its EMA, schedule copied."""
-    from aniso_fast import models
+    from aniso_fast.store import models
 
     monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
     iso = train.run(train.parse_args(argv(npz, tmp_path / "iso", "iso", 2)))
@@ -336,7 +337,7 @@ def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
 
 
 def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
-    from aniso_fast.schedules import MatrixSchedule
+    from aniso_fast.geometry.schedules import MatrixSchedule
 
     trainer = train.run(train.parse_args(argv(npz, tmp_path / "edm", "edm", 2)))
     assert trainer.opt_sched is None and not trainer.schedule.psi.requires_grad

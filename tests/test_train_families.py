@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aniso_fast import checkpoint as ckpt
-from aniso_fast import models, train, vsdm
-from aniso_fast.vsdm import VSDMProcess
+from aniso_fast.store import checkpoint as ckpt
+from aniso_fast.store import models
+from aniso_fast.training import trainer as train
+from aniso_fast.processes import vsdm
+from aniso_fast.processes.vsdm import VSDMProcess
 
 from test_ddp import _free_port
 from test_train import NET, make_npz
@@ -151,7 +153,7 @@ def test_vsdm_checkpoint_builds_exports_and_samples(tmp_path, npz, monkeypatch):
 def test_vsmd_starts_from_a_core_network_with_its_phase_space_twin(tmp_path, npz):
     """--family vsmd --init-from a core checkpoint: the network and its EMA become VelocityScoreNets whose x weights
     are the source's (velocity inputs zero); c starts at 0 and the alternating rule moves it."""
-    from aniso_fast.vsmd import VelocityScoreNet, VSMDProcess
+    from aniso_fast.processes.vsmd import VelocityScoreNet, VSMDProcess
 
     core = ["--stage", "edm", "--data", str(npz), "--out", str(tmp_path / "edm"), "--steps", "1", "--batch", "4",
             "--no-progress", "--sample-every", "0", *NET]
@@ -174,7 +176,7 @@ def test_vsmd_starts_from_a_core_network_with_its_phase_space_twin(tmp_path, npz
 def test_vsmd_denoiser_head_starts_from_the_core_network_unchanged(tmp_path, npz):
     """--family vsmd (the denoiser head by default) --init-from a core checkpoint: the network and its EMA are the
     source's C-channel SongUNet as they are, inside phase_space.VSMDDenoiser, and the shipped model rebuilds it."""
-    from aniso_fast.phase_space import VSMDDenoiser
+    from aniso_fast.processes.phase_space import VSMDDenoiser
 
     core = ["--stage", "edm", "--data", str(npz), "--out", str(tmp_path / "edm"), "--steps", "1", "--batch", "4",
             "--no-progress", "--sample-every", "0", *NET]
@@ -231,7 +233,7 @@ def test_alternating_rule_under_ddp_matches_one_process(tmp_path, npz, family):
 def test_pixel_basis_gives_one_rate_per_pixel(tmp_path, npz):
     """--basis pixel: K = C*H*W subspaces, and scaling by per-subspace values is the elementwise product (VSDM's
     image code: one OU rate per pixel)."""
-    from aniso_fast.bases import PCABasis
+    from aniso_fast.geometry.bases import PCABasis
 
     basis = PCABasis.pixels((2, 3, 3))
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
@@ -255,7 +257,7 @@ def test_vsdm_sample_ode_takes_the_families_sampler_rule(tmp_path, npz):
 def test_vsmd_checkpoint_and_export_keep_the_gaussian_skip(tmp_path, npz, monkeypatch):
     """--sigma-data reaches VSMDPrecond in training, in the checkpoint and in the shipped file (0: VSMD's form);
     the shipped model samples with Heun and Euler-Maruyama."""
-    from aniso_fast import vsmd
+    from aniso_fast.processes import vsmd
 
     for sigma, expect in (("0.7", 0.7), ("0", None)):
         out = tmp_path / f"run{sigma}"

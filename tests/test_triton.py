@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from aniso_fast import reference as ref
+from aniso_fast.ops import reference as ref
 from aniso_fast.kernels import subspace_triton as tri
 
 # combine: |err| <= tol * max|ref|; fp16/bf16 outputs are rounded to 11/8 significant bits.

@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from aniso_fast.bases import DCTBasis, PCABasis
-from aniso_fast.gmm import GaussianMixture
-from aniso_fast.solvers import sample, schedule_grid, seeded_noise, uniform_t
-from aniso_fast.vsdm import PowerBeta, VSDMProcess
+from aniso_fast.geometry.bases import DCTBasis, PCABasis
+from aniso_fast.networks.gmm import GaussianMixture
+from aniso_fast.sampling.solvers import sample, schedule_grid, seeded_noise, uniform_t
+from aniso_fast.processes.vsdm import PowerBeta, VSDMProcess
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

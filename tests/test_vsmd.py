@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from aniso_fast.bases import DCTBasis, IsotropicBasis, PCABasis
-from aniso_fast.networks import SongUNet
-from aniso_fast.vsmd import VelocityScoreNet, VSMDPrecond, VSMDProcess
+from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
+from aniso_fast.networks.unet import SongUNet
+from aniso_fast.processes.vsmd import VelocityScoreNet, VSMDPrecond, VSMDProcess
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

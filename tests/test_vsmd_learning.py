@@ -11,10 +11,10 @@ from itertools import pairwise
 import pytest
 import torch
 
-from aniso_fast.bases import DCTBasis, IsotropicBasis
-from aniso_fast.networks import SongUNet
-from aniso_fast.solvers import MAX_NFE, seeded_labels, seeded_noise
-from aniso_fast.vsmd import (
+from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis
+from aniso_fast.networks.unet import SongUNet
+from aniso_fast.sampling.solvers import MAX_NFE, seeded_labels, seeded_noise
+from aniso_fast.processes.vsmd import (
     Trajectories,
     VelocityScoreNet,
     VSMDPrecond,

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 SOLVERS = ("euler", "heun", "em", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "deis")
 GRIDS = ("uniform_t", "edm_sigma", "karras", "logsnr", "optimized")
 SEEDS = "0-1"
+THREADS = 2  # the record's intra-op threads: oneDNN's reductions (and so the last bit) depend on the count
 
 
 def machine() -> dict:
@@ -38,12 +39,19 @@ def machine() -> dict:
 
 def run_case(argv: list[str]) -> np.ndarray | None:
     """The case's uint8 images, or None where the CLI refuses it (exit 2)."""
+    import torch
+
     from aniso_fast import sample
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = sample.main([*argv, "--outdir", tmp, "--format", "npz", "--no-progress"])
+            try:
+                code = sample.main([*argv, "--outdir", tmp, "--format", "npz", "--no-progress"])
+            finally:
+                torch.set_num_threads(threads)
         if code != 0:
             return None
         (path,) = Path(tmp).glob("*.npz")
@@ -72,7 +80,7 @@ def candidate_cases(models: list[str]) -> list[list[str]]:
 
 
 def main() -> int:
-    from aniso_fast import models
+    from aniso_fast.store import models
 
     names = [*models.MODELS]
     kept, images = [], {}

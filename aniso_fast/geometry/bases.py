@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .checks import check_index
-from .reference import compute_dtype
+from ..ops import dispatch as ops
+from ..utils.checks import check_index
+from ..ops.reference import compute_dtype
 
 
 def _compute_dtype(u) -> torch.dtype | None:

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import families, models
-from .checkpoint import latest_checkpoint, read_meta
-from .solvers import MAX_NFE, Sampler
+from ..processes import families
+from ..store import models
+from ..store.checkpoint import latest_checkpoint, read_meta
+from ..sampling.solvers import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 
@@ -60,7 +61,7 @@ def _stage_argv(row: dict) -> list[str]:
 
 
 def _check_row(row, path: Path, seen: set) -> None:
-    from .train import config_from_argv
+    from ..training.trainer import config_from_argv
 
     if not isinstance(row, dict):
         raise ValueError(f"{path}: every row must be a JSON object, got {row!r}")
@@ -156,7 +157,7 @@ def select_rows(recipe: dict, names: Sequence[str] | None) -> list[dict]:
 
 def _stage_state(row: dict) -> dict:
     """Where a row's training stands: target steps (from its training configuration), latest checkpoint, done."""
-    from .train import config_from_argv
+    from ..training.trainer import config_from_argv
 
     target = config_from_argv(_stage_argv(row)).steps
     latest = latest_checkpoint(row["out"])

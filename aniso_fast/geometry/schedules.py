@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_in_range, check_index, check_int
+from ..utils.checks import check_in_range, check_index, check_int
 
 __all__ = ["karras_sigmas", "KnotSchedule", "MatrixSchedule", "as_time"]
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text
 from .metrics import endpoint_error, sliced_wasserstein
-from .solvers import fitted_levels, resolve_sampler, sample
+from ..sampling.solvers import fitted_levels, resolve_sampler, sample
 
 __all__ = ["SOLVER_CONFIGS", "solver_accuracy", "to_markdown", "write_report"]
 
@@ -59,7 +59,7 @@ def solver_accuracy(model, schedule, nfes, *, n: int = 1000, seed: int = 0, refe
     floor = sliced_wasserstein(exact_a.flatten(1), exact_b.flatten(1))
     fitted = {}
     if any(grid == "optimized" for _, _, grid, _ in configs):
-        from .grid_fit import fit_levels
+        from ..sampling.grid_fit import fit_levels
 
         fitted = fit_levels(model, schedule, [n for n in nfes if n <= 128], progress=progress)
     rows = []

@@ -26,7 +26,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
-from .atomic import atomic_write_bytes
+from ..utils.atomic import atomic_write_bytes
 
 __all__ = [
     "FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",

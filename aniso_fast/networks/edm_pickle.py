@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy
 import torch
 
-from .networks import SongUNet
+from .unet import SongUNet
 
 try:  # numpy >= 2 pickles scalars as numpy._core.multiarray.scalar, numpy 1.x as numpy.core.multiarray.scalar
     from numpy._core.multiarray import scalar as _np_scalar

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .bases import SubspaceBasis
+from ..geometry.bases import SubspaceBasis
 
 __all__ = ["AnisoPrecond", "preconditioning"]
 

@@ -40,19 +40,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bases import SubspaceBasis
-from .checks import (
+from ..geometry.bases import SubspaceBasis
+from ..utils.checks import (
     check_in_range,
     check_index,
     check_int,
     check_number,
     check_subspace_values,
 )
-from .multistep import AB_WEIGHTS
-from .networks import SongUNet
+from ..sampling.multistep import AB_WEIGHTS
+from ..networks.unet import SongUNet
 from .process import ProcessFamily, check_steps, time_column
-from .schedules import as_time
-from .solvers import check_seeds, resolve_sampler, seeded_labels
+from ..geometry.schedules import as_time
+from ..sampling.solvers import check_seeds, resolve_sampler, seeded_labels
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
            "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",

@@ -80,7 +80,7 @@ def plot_schedule(schedule, path: str | os.PathLike, title: str,
                   class_names: Sequence[str] | None = None) -> Path:
     """g_k(t) per subspace (log scale; one colour per class, one line style per subspace) and, for K > 1, the
     anisotropy ratio g_0 / g_{K-1} against t; for K = 1, g(t) over its EDM/Karras initialisation."""
-    from .schedules import MatrixSchedule
+    from ..geometry.schedules import MatrixSchedule
 
     plt = _plt()
     device = schedule.psi.device

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .checks import check_index
+from ..utils.checks import check_index
 
 try:
-    from . import _C
+    from .. import _C
     _C_ERROR = None
 except ImportError as exc:  # source checkout without a build: the reference backend still works
     _C, _C_ERROR = None, f"aniso_fast._C is not built ({exc})"

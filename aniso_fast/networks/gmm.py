@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .bases import DCTBasis, PCABasis, SubspaceBasis
+from ..geometry.bases import DCTBasis, PCABasis, SubspaceBasis
 
 __all__ = ["GaussianMixture"]
 

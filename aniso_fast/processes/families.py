@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from . import solvers
-from .solvers import EM, Sampler
+from ..sampling import solvers
+from ..sampling.solvers import EM, Sampler
 
 __all__ = ["FAMILIES", "VSDM_RULES", "VSMD_HEADS", "EM", "family_of", "process_from_config", "network_from_config",
            "wrap_network", "is_alternating", "family_of_process", "check_sampler", "default_sampler",
@@ -52,7 +52,7 @@ def family_of(meta: Mapping[str, Any]) -> str:
 def process_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
     """The forward path of a family from its stored config."""
     if family == "core":
-        from .schedules import MatrixSchedule
+        from ..geometry.schedules import MatrixSchedule
 
         return MatrixSchedule.from_config(cfg)
     if family == "vsdm":
@@ -67,7 +67,7 @@ def process_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
 def network_from_config(family: str, cfg: Mapping[str, Any]) -> nn.Module:
     """A family's raw network from its stored config (VSMD's velocity head reads 2C input channels, its denoiser
     head C, as every other family's network)."""
-    from .networks import SongUNet
+    from ..networks.unet import SongUNet
 
     if family == "vsmd" and cfg["in_channels"] == 2 * cfg["out_channels"]:
         from .vsmd import VelocityScoreNet
@@ -81,7 +81,7 @@ def wrap_network(family: str, net: nn.Module, basis, process: nn.Module,
     """The model the losses and samplers call: AnisoPrecond (core, vsdm); for vsmd, with the stored
     `precond_config`, `phase_space.VSMDDenoiser` around AnisoPrecond (`head: denoiser`) or `vsmd.VSMDPrecond`
     (VSMD's velocity head: its Gaussian skip `sigma_data`; absent: VSMD's own form)."""
-    from .precond import AnisoPrecond
+    from ..networks.precond import AnisoPrecond
 
     config = dict(precond_config or {})
     if family == "vsmd" and config.pop("head", "velocity") == "denoiser":

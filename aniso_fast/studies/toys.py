@@ -2,8 +2,8 @@
 to learn a process (isotropic VP, VSDM's two rules, the matrix schedule, VSMD critically and under-damped), and
 the metrics VSDM and VSMD report.
 
-    python -m aniso_fast.toys run [--data spiral,checkerboard,gaussian] [--methods ...] [--steps N] [--force]
-    python -m aniso_fast.toys report [--force]
+    python -m aniso_fast.studies.toys run [--data spiral,checkerboard,gaussian] [--methods ...] [--steps N] [--force]
+    python -m aniso_fast.studies.toys report [--force]
 
 Points are [B, 1, 1, 2] "images" with the per-axis identity basis (K = 2: x, y). `run` trains each (data set,
 method) pair, samples it and writes docs/toys/<data>-<method>.json (metrics) and .npz (points and paths for the
@@ -26,19 +26,21 @@ import ot
 import torch
 from torch import Tensor, nn
 
-from . import figures, vsdm, vsmd
-from .atomic import (
+from ..utils import figures
+from ..processes import vsdm
+from ..processes import vsmd
+from ..utils.atomic import (
     atomic_write_bytes,
     atomic_write_text,
     check_writable_file,
     check_writable_folder,
 )
-from .bases import PCABasis
-from .cli import Parser
-from .losses import edm_loss, trajectory_loss
-from .precond import AnisoPrecond
-from .schedules import MatrixSchedule
-from .solvers import (
+from ..geometry.bases import PCABasis
+from ..utils.cli import Parser
+from ..processes.losses import edm_loss, trajectory_loss
+from ..networks.precond import AnisoPrecond
+from ..geometry.schedules import MatrixSchedule
+from ..sampling.solvers import (
     heun,
     resolve_sampler,
     sample,
@@ -46,8 +48,8 @@ from .solvers import (
     seeded_noise,
     uniform_t,
 )
-from .vsdm import VSDMProcess
-from .vsmd import VSMDPrecond, VSMDProcess
+from ..processes.vsdm import VSDMProcess
+from ..processes.vsmd import VSMDPrecond, VSMDProcess
 
 __all__ = ["DATASETS", "METHODS", "draw", "axis_basis", "PointMLP", "histogram_rmse", "mmd_rbf", "wasserstein2",
            "on_squares", "path_metrics", "train", "evaluate", "main"]
@@ -635,7 +637,7 @@ def report(args) -> None:
     floors: dict = {}
     arrays: dict = {}
     lines = ["# 2-D toy study: VSDM's anisotropic shapes (issues 12, 13)", "",
-             "Regenerate: `python -m aniso_fast.toys run --force && python -m aniso_fast.toys report --force` "
+             "Regenerate: `python -m aniso_fast.studies.toys run --force && python -m aniso_fast.studies.toys report --force` "
              "(one thread; `run` trains, `report` rebuilds this file and the plots from docs/toys/*.json, *.npz).",
              ""]
     first = None
@@ -680,7 +682,7 @@ def report(args) -> None:
                             f"{title}: PF-ODE paths (40 seeds, grey start, black end)", cols=5)
         lines += ["", f"![samples](toys/{data}-samples.png)", "", f"![paths](toys/{data}-paths.png)", ""]
     if first is None:
-        raise ValueError(f"--out: no results in {out} (run `python -m aniso_fast.toys run` first)")
+        raise ValueError(f"--out: no results in {out} (run `python -m aniso_fast.studies.toys run` first)")
     total = sum(rec["train_seconds"] for runs in results.values() for rec in runs.values())
     steps = " or ".join(str(v) for v in sorted({rec["steps"] for runs in results.values() for rec in runs.values()}))
     lines[4:4] = [f"Setup (from the result files): {steps} network updates per run ({total:.0f} s of training "
@@ -762,7 +764,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m aniso_fast.toys", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m aniso_fast.studies.toys", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="train, sample and score; write docs/toys/*.json and *.npz")
     r.add_argument("--data", type=_names("data", list(DATASETS)), default=list(DATASETS))

@@ -18,13 +18,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import families
-from .atomic import atomic_write, atomic_write_text
+from ..processes import families
+from ..utils.atomic import atomic_write, atomic_write_text
 from .features import FeatureMap, FrechetScorer, machine_description
-from .figures import plot_fd_vs_nfe, plot_samples, plot_schedule
+from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
-from .solvers import SAMPLER_CODES, fitted_levels
+from ..sampling.solvers import SAMPLER_CODES, fitted_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
            "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
@@ -65,7 +65,7 @@ def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch:
               fitted: dict | None = None) -> torch.Tensor:
     """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler
     (`fitted`: the model's fitted grids, for grid 'optimized')."""
-    from .data import to_uint8
+    from ..utils.data import to_uint8
 
     out = []
     num_classes = model.num_classes
@@ -529,7 +529,7 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
 
 def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str) -> Path:
     """docs/RESULTS.md, docs/results.json and docs/figures/*.png from a results_table() run."""
-    from .data import FASHION_MNIST_CLASSES
+    from ..utils.data import FASHION_MNIST_CLASSES
 
     figdir = out.parent / "figures"
     figures = {}

@@ -20,8 +20,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import to_model_range, to_uint8
-from .atomic import atomic_write_bytes
+from ..utils.data import to_model_range, to_uint8
+from ..utils.atomic import atomic_write_bytes
 
 __all__ = [
     "sliced_wasserstein", "feature_statistics", "frechet_distance", "frechet_distance_from_statistics",

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import multistep
-from .schedules import MatrixSchedule, karras_sigmas
+from ..geometry.schedules import MatrixSchedule, karras_sigmas
 
 __all__ = [
     "Grid", "check_grid", "fitted_levels", "uniform_t", "edm_sigma_t", "logsnr_grid", "logsnr_levels", "optimized_t",

@@ -8,9 +8,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .checks import check_in_range, check_index
-from .schedules import as_time
-from .solvers import MAX_NFE
+from ..utils.checks import check_in_range, check_index
+from ..geometry.schedules import as_time
+from ..sampling.solvers import MAX_NFE
 
 __all__ = ["ProcessFamily", "check_steps", "time_column"]
 

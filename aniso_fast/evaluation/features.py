@@ -15,14 +15,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import models
-from .atomic import atomic_write_text
+from ..store import models
+from ..utils.atomic import atomic_write_text
 
 __all__ = ["CLASSIFIER_ASSET", "FeatureMap", "FrechetScorer", "InceptionFeatures", "train_fmnist_classifier",
            "classifier_markdown", "machine_description"]
 
 CLASSIFIER_ASSET = models.ASSET_DIR / "fmnist_classifier.safetensors"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def machine_description() -> str:
@@ -45,7 +45,7 @@ def train_fmnist_classifier(out: str | os.PathLike = CLASSIFIER_ASSET, doc: str 
                             progress: bool = True, command: str = "") -> dict:
     """Train the Frechet-distance classifier on the 60k training images, measure it on the 10k test images and,
     if it reaches `min_accuracy`, ship it (weights + JSON, atomically) and write its Markdown report."""
-    from .data import load_fashion_mnist
+    from ..utils.data import load_fashion_mnist
     from .metrics import evaluate_classifier, save_classifier, train_classifier
 
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ class FeatureMap:
 
     def features_of(self, images: torch.Tensor) -> np.ndarray:
         """[N, D] float64 features of images (uint8, or model-range floats quantised first), in batches."""
-        from .data import to_uint8
+        from ..utils.data import to_uint8
 
         images = images if images.dtype == torch.uint8 else to_uint8(images)
         with torch.no_grad():
@@ -135,7 +135,7 @@ class FrechetScorer(FeatureMap):
     @classmethod
     def classifier(cls, path: str | os.PathLike = CLASSIFIER_ASSET) -> "FrechetScorer":
         """The protocol of the results table: the shipped classifier's features, the 10k test images."""
-        from .data import load_fashion_mnist, to_model_range
+        from ..utils.data import load_fashion_mnist, to_model_range
         from .metrics import load_classifier
 
         path = Path(path)

@@ -43,9 +43,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bases import SubspaceBasis
-from .checks import check_in_range
-from .schedules import as_time
+from ..geometry.bases import SubspaceBasis
+from ..utils.checks import check_in_range
+from ..geometry.schedules import as_time
 from .vsmd import VelocityModel, VSMDProcess, lower_cholesky
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
@@ -223,7 +223,7 @@ class VSMDDenoiser(VelocityModel):
 
     def __init__(self, denoiser: nn.Module, process):
         super().__init__()
-        from .precond import AnisoPrecond
+        from ..networks.precond import AnisoPrecond
 
         if not isinstance(denoiser, AnisoPrecond):
             raise ValueError(f"denoiser: expected a precond.AnisoPrecond, got {type(denoiser).__name__}")

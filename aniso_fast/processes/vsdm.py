@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .bases import SubspaceBasis
-from .checks import (
+from ..geometry.bases import SubspaceBasis
+from ..utils.checks import (
     check_in_range,
     check_int,
     check_number,
@@ -35,8 +35,8 @@ from .checks import (
 )
 from .losses import forward_process
 from .process import ProcessFamily, check_steps, time_column
-from .schedules import as_time
-from .solvers import check_seeds, resolve_sampler, sample, seeded_labels
+from ..geometry.schedules import as_time
+from ..sampling.solvers import check_seeds, resolve_sampler, sample, seeded_labels
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]
