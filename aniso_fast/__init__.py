@@ -7,7 +7,7 @@
 """
 from .geometry.bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .networks.gmm import GaussianMixture
-from .ops.dispatch import backends
+from .ops import backends
 from .networks.precond import AnisoPrecond
 from .geometry.schedules import KnotSchedule, MatrixSchedule, karras_sigmas
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from aniso_fast.geometry.bases import DCTBasis, PCABasis, dct_matrix
 
 BACKENDS = ops.BACKENDS  # reference, cpp, cuda, triton
@@ -170,7 +170,7 @@ def peak_bytes(fn, device: str):
 
 def scalar_cast_bytes(op: str, B: int, K: int) -> int:
     """Bytes of the fp32 copies of the float64 [B, K] scalars (a; and c for the Heun update) that the dispatch
-    layer makes (aniso_fast.ops.dispatch casts scalars to the compute dtype): what a fused op may allocate besides its output."""
+    layer makes (aniso_fast.ops casts scalars to the compute dtype): what a fused op may allocate besides its output."""
     return {"scale": 1, "heun": 2, "dot": 0}[op] * B * K * 4
 
 

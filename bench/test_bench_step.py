@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from aniso_fast.sampling.solvers import Grid, heun
 from bench import baselines, common
 
