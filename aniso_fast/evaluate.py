@@ -38,12 +38,8 @@ from .store import models
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
-from .evaluation.features import (
-    CLASSIFIER_ASSET,
-    FrechetScorer,
-    InceptionFeatures,
-    train_fmnist_classifier,
-)
+from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
+from .evaluation.features import FrechetScorer, InceptionFeatures
 from .evaluation.recipes import load_recipe, sampler_for, select_rows, train_recipe
 from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report

@@ -20,7 +20,8 @@ import torch
 
 from ..processes import families
 from ..utils.atomic import atomic_write, atomic_write_text
-from .features import FeatureMap, FrechetScorer, machine_description
+from ..utils.machine import machine_description
+from .features import FeatureMap, FrechetScorer
 from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
