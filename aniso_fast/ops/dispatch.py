@@ -16,12 +16,9 @@ import os
 import torch
 
 from . import reference
+from .build import load_extension
 
-try:
-    from .. import _C
-    _C_ERROR = None
-except ImportError as exc:  # source checkout without a build: the reference backend still works
-    _C, _C_ERROR = None, f"aniso_fast._C is not built ({exc})"
+_C, _C_ERROR = load_extension()
 
 __all__ = ["BACKENDS", "ENV_VAR", "OP_ARGS", "backends", "resolve", "run"]
 
