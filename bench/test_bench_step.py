@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from aniso_fast.ops import dispatch as ops
-from aniso_fast.sampling.solvers import Grid, heun
+from aniso_fast.sampling.grids import Grid
+from aniso_fast.sampling.ode import heun
 from bench import baselines, common
 
 IMPLS = ("authors", "reference", "cpp", "cuda", "triton")
