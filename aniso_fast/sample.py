@@ -30,7 +30,7 @@ from .utils.atomic import atomic_write, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import to_uint8
 from .utils.figures import save_image_grid
-from .sampling.grids import GRIDS, check_grid, fitted_levels
+from .sampling.grids import GRIDS, SECONDARIES, check_grid, fitted_levels
 from .sampling.noise import check_seeds
 from .sampling import spec
 from .sampling.spec import SOLVERS
@@ -155,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid); optimized: the grid fitted to a shipped "
                         "core model's own trajectories for the step count (python -m aniso_fast.evaluate fit-grid)")
-    p.add_argument("--secondary", default=None, choices=("end", "mid"),
+    p.add_argument("--secondary", default=None, choices=SECONDARIES,
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")
     p.add_argument("--order", type=int, default=None,
-                   help="order of a multistep solver (default: 2 for dpmpp-2m, 4 for ipndm, 3 for the others)")
+                   help="order of a multistep solver (default: " + ", ".join(
+                       f"{s.default_order} for {s.name}" for s in SOLVERS.values() if s.orders) + ")")
     p.add_argument("--seeds", default=None,
                    help=f"seeds, e.g. '0-63' or '1,5,9', each below 2**32, at most {MAX_SAMPLES:,} "
                         f"(default: 0..count-1)")

@@ -1,4 +1,4 @@
-"""One full anisotropic Heun step without the network: `aniso_fast.sampling.solvers.heun` over a one-step grid.
+"""One full anisotropic Heun step without the network: `aniso_fast.sampling.ode.heun` over a one-step grid.
 
 The model is a stand-in whose flow returns precomputed tensors (F_a, then F_s), so the step is the two
 `basis.combine` calls of METHOD §6.2 (Euler predictor, then the corrector) plus the solver's scalar algebra.

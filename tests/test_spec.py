@@ -174,3 +174,11 @@ def test_fallback_samplers_spend_every_nfe_as_designed():
     for nfe in range(1, 251):
         plans = [spec._plan(c, nfe) for c in spec.FALLBACK_SAMPLERS]
         assert any(p is not None and p.final_euler == p.spec.final_euler for p in plans), nfe
+
+
+def test_sample_nfe_8_runs_the_fallback_through_the_cli(tmp_path, capsys):
+    """The issue's case end to end: `sample --nfe 8` writes DPM-Solver++(2M) on log-SNR, not midpoint Heun."""
+    assert sample_cli.main(["--nfe", "8", "--seeds", "0", "--format", "npz", "--no-progress",
+                            "--outdir", str(tmp_path)]) == 0
+    written = [p.name for p in tmp_path.iterdir()]
+    assert written == [f"{models.default_model()}_learned_dpmpp-2m-2_logsnr_nfe8.npz"]
