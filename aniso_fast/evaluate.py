@@ -391,7 +391,7 @@ def _set_defaults(result: dict, recipe: dict) -> None:
     current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
                and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
     # a line measured at its own NFEs only (an eval entry's `nfes`) is recorded with them: never extended elsewhere
-    own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row["eval"]
+    own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row.get("eval", ())
            if cfg.get("nfes")}
     choices = {nfe: {**choice, "model": exports[choice["row"]],
                      "nfes": own.get((choice["row"], tuple(choice[k] for k in ("solver", "grid", "secondary", "order"))))}

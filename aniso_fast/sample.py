@@ -5,8 +5,8 @@ the results table (`python -m aniso_fast.evaluate table --set-default`), written
 printed. For an NFE the table did not measure, the nearest recorded choice that runs there as it was measured
 (never midpoint Heun at an even NFE, a fitted grid the model lacks, or Euler-Maruyama); where none does, the
 default model (`python -m aniso_fast.models list`) with its family's sampler where that runs as designed (the
-paper's midpoint Heun at an odd NFE), else with DPM-Solver++(2M) on the log-SNR grid, else Euler
-(`sampling.spec.choose_for_nfe`). When --model or a sampler option (--solver, --grid, --secondary, --order) is
+paper's midpoint Heun at an odd NFE), else with DPM-Solver++(2M) on the log-SNR grid (`sampling.spec.choose_for_nfe`);
+below NFE 3 none does, and --solver must be given. When --model or a sampler option (--solver, --grid, --secondary, --order) is
 given, the explicit options win: the recorded or default model, and its family's sampler, fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
 path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
@@ -88,10 +88,10 @@ def _defaults_epilog() -> str:
     if not recorded:
         return (f"Per-NFE defaults: none recorded; the default model ({models.default_model()}) with its family's "
                 f"sampler where it runs as designed (midpoint Heun at an odd NFE), else DPM-Solver++(2M) on the log-SNR "
-                f"grid, else Euler.")
+                f"grid.")
     return ("Per-NFE defaults (from the results table; for another --nfe, the nearest recorded choice that runs there "
             "as it was measured, e.g. no midpoint Heun at an even NFE, else the default model with its family's "
-            "sampler where it runs as designed, else DPM-Solver++(2M) on the log-SNR grid, else Euler):\n"
+            "sampler where it runs as designed, else DPM-Solver++(2M) on the log-SNR grid):\n"
             + "\n".join(f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items()))
 
 
@@ -110,12 +110,16 @@ def nfe_choice(nfe: int) -> dict | None:
     """The (model, solver, grid, secondary, order) to sample with at `nfe` when no model or sampler option is given:
     the recorded choices, else the default model with its family's sampler, else `spec.FALLBACK_SAMPLERS`
     (`spec.choose_for_nfe` decides)."""
+    return spec.choose_for_nfe(models.sampler_defaults(), nfe, fitted_steps=models.fitted_grids,
+                               fallbacks=_fallbacks(), admits=_admits)
+
+
+def _fallbacks() -> list[dict]:
+    """The default model with its family's default sampler, then with each of `spec.FALLBACK_SAMPLERS`."""
     default = models.default_model()
     solver, grid = families.default_sampler(models.model_family(default))
-    fallbacks = [{"model": default, "solver": s, "grid": g}
-                 for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
-    return spec.choose_for_nfe(models.sampler_defaults(), nfe, fitted_steps=models.fitted_grids,
-                               fallbacks=fallbacks, admits=_admits)
+    return [{"model": default, "solver": s, "grid": g}
+            for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
 
 
 def _apply_defaults(args) -> None:
@@ -123,6 +127,10 @@ def _apply_defaults(args) -> None:
     gave none of them; explicit options always win."""
     sampler_given = any(getattr(args, k) is not None for k in ("solver", "grid", "secondary", "order"))
     choice = nfe_choice(args.nfe)
+    if choice is None and args.model is None and not sampler_given and 1 <= args.nfe <= spec.MAX_NFE:
+        raise ValueError(f"--nfe: no recorded or default sampler runs at NFE {args.nfe} as it was measured (the "
+                         f"defaults need at least {min(spec.SOLVERS[c['solver']].min_nfe() for c in _fallbacks())} "
+                         f"network calls); give --solver, e.g. euler (any NFE)")
     if choice is not None and args.model is None and not sampler_given:
         args.model, args.solver, args.grid = choice["model"], choice["solver"], choice["grid"]
         args.secondary, args.order = choice.get("secondary"), choice.get("order")

@@ -239,6 +239,26 @@ def test_missing_shipped_file_and_shipped_file_paths(tiny_checkpoint, assets):
         models.load_model("tiny")
 
 
+def test_set_default_records_a_line_of_its_own_nfes(tiny_checkpoint, assets, capsys):
+    """`table --set-default` keeps an eval entry's own `nfes` with its record, so the per-NFE rule never extends it."""
+    from aniso_fast import evaluate
+
+    models.export_model(tiny_checkpoint, "tiny")
+    sha = models.shipped_models()["tiny"]["sha256"]
+
+    def cell(solver, nfe, fd, secondary=None):
+        return {"solver": solver, "grid": "uniform_t", "secondary": secondary, "order": None, "nfe": nfe, "mean": fd,
+                "se": 0.1}
+
+    recipe = {"rows": [{"name": "t", "export": "tiny", "eval": [
+        {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}, {"solver": "em", "grid": "uniform_t", "nfes": [50]}]}]}
+    result = {"rows": [{"name": "t", "status": "ok", "model_id": f"shipped:{sha}",
+                        "cells": [cell("heun", 9, 2.0, "mid"), cell("em", 50, 1.0)]}]}
+    evaluate._set_defaults(result, recipe)
+    recorded = models.sampler_defaults()
+    assert recorded[50]["nfes"] == [50] and "nfes" not in recorded[9]
+
+
 def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11, item 5
     from aniso_fast.sampling.spec import choose_for_nfe
 

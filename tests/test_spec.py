@@ -128,7 +128,8 @@ def test_every_nfe_from_1_to_250_gets_a_choice_the_table_allows():
     recorded = models.sampler_defaults()
     assert recorded, "the shipped manifest records per-NFE defaults"
     seen = {}
-    for nfe in range(1, 251):
+    assert sample_cli.nfe_choice(1) is None and sample_cli.nfe_choice(2) is None  # nothing runs there as designed
+    for nfe in range(3, 251):
         choice = sample_cli.nfe_choice(nfe)
         assert choice is not None, nfe
         _check_choice(nfe, choice, recorded, models.fitted_grids)
@@ -151,7 +152,17 @@ def _dry(argv, tmp_path):
     return args, plan
 
 
-@pytest.mark.parametrize("nfe", [1, 2, 3, 8, 10, 189, 190, 199, 201, 250])
+@pytest.mark.parametrize("nfe", [1, 2])
+def test_below_nfe_3_the_cli_asks_for_a_solver(nfe, tmp_path, capsys):
+    assert sample_cli.main(["--nfe", str(nfe), "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --nfe: no recorded or default sampler runs at NFE {nfe}") and "\n" not in err
+    assert "at least 3" in err and not list(tmp_path.iterdir())
+    args, plan = _dry(["--nfe", str(nfe), "--solver", "euler"], tmp_path)
+    assert (args.model, plan.steps) == (models.default_model(), nfe)
+
+
+@pytest.mark.parametrize("nfe", [3, 8, 10, 189, 190, 199, 201, 250])
 def test_the_cli_runs_the_choice(nfe, tmp_path):
     args, plan = _dry(["--nfe", str(nfe)], tmp_path)
     choice = sample_cli.nfe_choice(nfe)
@@ -171,7 +182,7 @@ def test_explicit_options_always_win(tmp_path):
 
 
 def test_fallback_samplers_spend_every_nfe_as_designed():
-    for nfe in range(1, 251):
+    for nfe in range(3, 251):
         plans = [spec._plan(c, nfe) for c in spec.FALLBACK_SAMPLERS]
         assert any(p is not None and p.final_euler == p.spec.final_euler for p in plans), nfe
 

@@ -107,8 +107,8 @@ NAMED_SAMPLERS = {("heun", "karras", "end"): ("Heun, Karras grid (EDM)", "K"),
 
 # where a family's default sampler cannot run at an NFE as designed (midpoint Heun at an even NFE), the per-NFE
 # fallback tries these on the default model: they spend every NFE from their minimum with nothing to move (the
-# log-SNR DPM-Solver++(2M) is the table's second line on every learned row; Euler spends any NFE)
-FALLBACK_SAMPLERS = ({"solver": "dpmpp-2m", "grid": "logsnr"}, {"solver": "euler", "grid": "uniform_t"})
+# log-SNR DPM-Solver++(2M) is the table's second line on every learned row)
+FALLBACK_SAMPLERS = ({"solver": "dpmpp-2m", "grid": "logsnr"},)
 
 
 def sampler_name(solver: str, grid: str, secondary: str | None = None, order: int | None = None) -> str:
