@@ -7,8 +7,8 @@ printed. For an NFE the table did not measure, the nearest recorded choice that 
 --secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models list`)
 with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
-path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
-model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`families.default_sampler`).
+path (no --schedule) with the samplers its family takes (`Family.check_sampler`; e.g. --solver em); a vsmd
+model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`Family.default_sampler`).
 Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processes import families
+from .processes import registry
 from .store import models
 from .utils.atomic import atomic_write, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import to_uint8
 from .utils.figures import save_image_grid
-from .sampling.solvers import GRIDS, SOLVERS, check_grid, check_seeds, fitted_levels
+from .sampling.solvers import EM, GRIDS, SOLVERS, check_seeds, fitted_levels
 
 __all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
 
@@ -100,7 +100,7 @@ def _apply_defaults(args) -> None:
         args.secondary, args.order = choice.get("secondary"), choice.get("order")
         return
     args.model = args.model or (choice["model"] if choice is not None else models.default_model())
-    # --solver / --grid left unset are the model family's defaults (`families.default_sampler`, in _validate)
+    # --solver / --grid left unset are the model family's defaults (`Family.default_sampler`, in _validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +190,7 @@ def _validate(args):
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
-    if family != "core" and args.schedule is not None:
+    if not registry.get(family).swappable_schedule and args.schedule is not None:
         raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
                          f"drop --schedule")
     if args.schedule is None:
@@ -199,10 +199,10 @@ def _validate(args):
         raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
-    args.solver, args.grid = families.default_sampler(family, args.solver, args.grid)
+    args.solver, args.grid = registry.get(family).default_sampler(args.solver, args.grid)
     fitted = models.fitted_grids(args.model)  # {} for a model without fitted grids (embedded, a file)
     try:
-        plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
+        plan = registry.get(family).resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
         if plan.grid == "optimized":
             fitted_levels(fitted, plan.steps)
     except ValueError as e:
@@ -230,7 +230,7 @@ def _validate(args):
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
     name = args.model if args.model in models.MODELS else Path(args.model).stem
-    variant = plan.secondary or plan.order or ("sde" if plan.solver == families.EM else "euler")
+    variant = plan.secondary or plan.order or ("sde" if plan.solver == EM else "euler")
     stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
     try:
@@ -252,11 +252,10 @@ def _load(args):
             schedule = models.load_schedule(args.schedule, model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
-    if families.family_of_process(schedule) == "core":  # the families' grids: families.check_sampler
-        try:
-            check_grid(args.grid, schedule)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
+    try:
+        registry.family_of_process(schedule).check_grid(args.grid, schedule)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     return model, schedule.to(args.device)
 
 
@@ -275,7 +274,7 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
-        x, lab, _ = families.sample(model, schedule, plan, seeds[i:i + args.batch],
+        x, lab, _ = registry.run_sampler(model, schedule, plan, seeds[i:i + args.batch],
                                     None if labels is None else labels[i:i + args.batch], fitted=fitted,
                                     device=args.device, progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))

@@ -27,13 +27,13 @@ The network (§2.3): VSMD trains a velocity-only score, `VelocityScoreNet` (2C c
 loss, the c-update and the samplers here.
 
 Learning, VSMD's alternating rule (§2.5): `dsm_loss` for the network with c frozen, then `forward_sb_loss` for c
-on paths that `simulate_backward` draws from the current model. Sampling, the sample being x: `sample_ode` (the
-PF-ODE, Heun with a last Euler step as VSMD's sampler, or iPNDM) or `sample_em` (the reverse SDE).
+on paths that `simulate_backward` draws from the current model. Sampling, the sample being x:
+`phase_space.sample_ode` (the PF-ODE, Heun with a last Euler step as VSMD's sampler, iPNDM, or the phase-space
+DPM-Solver++(2M)) or `sample_em` (the reverse SDE).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -48,15 +48,14 @@ from ..utils.checks import (
     check_number,
     check_subspace_values,
 )
-from ..sampling.multistep import AB_WEIGHTS
 from ..networks.unet import SongUNet
-from .process import ProcessFamily, check_steps, time_column
+from .process import ContractingProcess, Trajectories, check_steps, draw, path_integral, seed_streams, time_column
 from ..geometry.schedules import as_time
-from ..sampling.solvers import check_seeds, resolve_sampler, seeded_labels
+from ..sampling.solvers import check_seeds, seeded_labels
 
-__all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
-           "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",
-           "forward_sb_loss"]
+__all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "dsm_loss",
+           "simulate_backward", "sample_em", "forward_score", "forward_score_divergence", "forward_sb_loss",
+           "sampling_inputs", "velocity_score", "prior"]
 
 _F64 = torch.float64
 
@@ -122,7 +121,7 @@ def lower_cholesky(cov: Tensor) -> Tensor:
     return torch.stack([torch.stack([lxx, torch.zeros_like(lxx)], -1), torch.stack([lvx, lvv], -1)], -2)
 
 
-class VSMDProcess(ProcessFamily):
+class VSMDProcess(ContractingProcess):
     """VSMD's forward process with learnable damping values c [S, K] (S = num_classes, 1 if None), K subspaces.
 
     Parameterisation: `log_damping = ln(1 - 2c)`, unconstrained, so c < 1/2 (every eigenvalue has real part
@@ -443,7 +442,7 @@ class VSMDPrecond(VelocityModel):
         return -torch.linalg.inv(M)
 
 
-def _velocity_score(precond, x: Tensor, v: Tensor, t: Any, labels: Tensor | None) -> Tensor:
+def velocity_score(precond, x: Tensor, v: Tensor, t: Any, labels: Tensor | None) -> Tensor:
     """The model's velocity score at z = (x, v), stacked on channels as VSMD's network reads it."""
     return precond(torch.cat([x, v], dim=1), t, labels)
 
@@ -475,30 +474,12 @@ def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = 
     with torch.no_grad():
         x_t, v_t = process.perturb(basis, x0, v0, eps_x, eps_v, t, labels)
         lvv = process.chol_blocks(t, labels)[..., 1, 1].expand(B, -1)
-    score = _velocity_score(precond, x_t, v_t, t, labels)
+    score = velocity_score(precond, x_t, v_t, t, labels)
     residual = basis.combine(score, lvv, base=eps_v, ids=basis.group_ids(labels), names={"u": "score", "base": "eps_v"})
     return residual.square().flatten(1).sum(1).to(_F64).mean()
 
 
-@dataclass
-class Trajectories:
-    """Backward Euler-Maruyama paths of the phase space (the forward rule's training data, RELATED.md §2.5).
-
-    t [N] process times, descending from T; dt [N] their step sizes; x, v [N, B, C, H, W] the states at t and
-    z_b [N, B, C, H, W] the frozen policy there, sqrt(gamma beta) score_v (detached); final, final_v: (x, v) at t0.
-    x, v and z_b are empty ([0, ...]) when the paths were not recorded.
-    """
-    t: Tensor
-    dt: Tensor
-    x: Tensor
-    v: Tensor
-    z_b: Tensor
-    final: Tensor
-    final_v: Tensor
-    labels: Tensor | None
-
-
-def _sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels: Tensor | None,
+def sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels: Tensor | None,
                      image_shape: Sequence[int] | None, device) -> tuple[list[int], Tensor | None, tuple[int, ...]]:
     """Checked seeds, labels (one per seed: drawn by `solvers.seeded_labels` when the model or the process is
     class-conditional and none are given) and image shape (C, H, W) (the model's when None)."""
@@ -523,16 +504,11 @@ def _sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels
     return seeds, labels, shape
 
 
-def _draw(gens: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> Tensor:
-    """One standard normal image per seed, each from its seed's generator (in float64, as `solvers.seeded_noise`)."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=_F64) for g in gens]).to(device, dtype)
-
-
-def _prior(process: VSMDProcess, basis: SubspaceBasis, gens: list[torch.Generator], shape: tuple[int, ...],
+def prior(process: VSMDProcess, basis: SubspaceBasis, gens: list[torch.Generator], shape: tuple[int, ...],
            labels: Tensor | None, device, dtype) -> tuple[Tensor, Tensor]:
     """z_T = L(T) (eps_x, eps_v): eps_x is each seed's first draw (`solvers.seeded_noise`'s), eps_v its second."""
-    eps_x = _draw(gens, shape, device, dtype)
-    return process.prior_sample(basis, eps_x, _draw(gens, shape, device, dtype), labels)
+    eps_x = draw(gens, shape, device, dtype)
+    return process.prior_sample(basis, eps_x, draw(gens, shape, device, dtype), labels)
 
 
 def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 100,
@@ -547,24 +523,24 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     """
     steps = check_steps(steps)
     device = process.log_damping.device
-    seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
+    seeds, labels, shape = sampling_inputs(process, precond, seeds, labels, image_shape, device)
     basis, B = precond.basis, len(seeds)
     ids = basis.group_ids(labels)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = seed_streams(seeds)
     g2 = process.gamma * process.beta  # G G^T on the v block
     ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
     xs, vs, zs = [], [], []
     with torch.no_grad():
-        x, v = _prior(process, basis, gens, shape, labels, device, dtype)
+        x, v = prior(process, basis, gens, shape, labels, device, dtype)
         F, eye = process.drift_blocks(labels).expand(B, -1, -1, -1), torch.eye(2, dtype=_F64, device=device)
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             h = float(ts[i] - ts[i + 1])
-            s = _velocity_score(precond, x, v, time_column(ts[i], B, device), labels)
+            s = velocity_score(precond, x, v, time_column(ts[i], B, device), labels)
             if record:
                 xs.append(x)
                 vs.append(v)
                 zs.append(math.sqrt(g2) * s)
-            noise = math.sqrt(h * g2) * _draw(gens, shape, device, dtype)
+            noise = math.sqrt(h * g2) * draw(gens, shape, device, dtype)
             x, v = basis.block_combine(x, v, eye - h * F, base_v=h * g2 * s + noise, ids=ids)
     empty = x.new_zeros((0, *x.shape))
     return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
@@ -580,88 +556,6 @@ def sample_em(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 
     paths = simulate_backward(process, precond, seeds, steps, labels, image_shape, dtype, record=False,
                               progress=progress)
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
-
-
-ODE_SOLVERS = ("heun", "ipndm", "dpmpp-2m")
-
-
-def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tensor, Tensor]:
-    """Heun on the grid ts, the last step Euler (VSMD's sampler; EDM's convention): 2N - 1 calls for N steps."""
-    N = len(ts) - 1
-    for i in tqdm(range(N), disable=not progress, desc="Heun", leave=False):
-        h = float(ts[i + 1] - ts[i])
-        dx, dv = flow(x, v, ts[i])
-        x_e, v_e = x + h * dx, v + h * dv  # Euler step
-        if i == N - 1:
-            x, v = x_e, v_e
-        else:
-            dx_e, dv_e = flow(x_e, v_e, ts[i + 1])
-            x, v = x + h / 2 * (dx + dx_e), v + h / 2 * (dv + dv_e)  # trapezoidal correction
-    return x, v
-
-
-def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -> tuple[Tensor, Tensor]:
-    """Adams-Bashforth on the uniform grid ts, orders warming up 1, 2, .. `order` (iPNDM): one call per step."""
-    hist: list[tuple[Tensor, Tensor]] = []
-    for i in tqdm(range(len(ts) - 1), disable=not progress, desc="iPNDM", leave=False):
-        h = float(ts[i + 1] - ts[i])
-        hist = [flow(x, v, ts[i])] + hist[:order - 1]
-        weights = AB_WEIGHTS[len(hist)]
-        x = x + h * sum(w * d[0] for w, d in zip(weights, hist))
-        v = v + h * sum(w * d[1] for w, d in zip(weights, hist))
-    return x, v
-
-
-def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
-               grid: str = "uniform_t", order: int | None = None, labels: Tensor | None = None,
-               image_shape: Sequence[int] | None = None, dtype=torch.float32, device: torch.device | str | None = None,
-               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
-    """VSMD's sampler: the probability-flow ODE dz = [F z - 1/2 G G^T grad log p] dt (G nonzero on v only, so
-    dv gets -1/2 gamma beta score_v) on a uniform t grid from T to t0, from VSMD's prior; the sample is x.
-
-    solver 'heun' (VSMD's `sample(prob_flow=True)`: Heun, last step Euler, nfe = 2 steps - 1), 'ipndm'
-    (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps), both on the uniform t grid, or 'dpmpp-2m',
-    the phase-space exponential integrator (`phase_space.dpmpp_2m`, nfe = steps) on `grid` (uniform_t, logsnr or
-    edm_sigma), for a model with a `denoise` (the denoiser head, `phase_space.VSMDDenoiser`). The engine's other
-    multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE
-    rule is `solvers.resolve_sampler`'s. Seeds as `simulate_backward` (the same start point). Returns (x at t0
-    [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
-    """
-    if solver not in ODE_SOLVERS:
-        raise ValueError(f"solver: expected one of {', '.join(ODE_SOLVERS)} (the phase-space ODE solvers), "
-                         f"got {solver!r}")
-    from .families import check_sampler
-
-    plan = resolve_sampler(solver, grid, "end" if solver == "heun" else None, nfe, order)
-    check_sampler("vsmd", plan)
-    if solver == "dpmpp-2m" and not callable(getattr(precond, "denoise", None)):
-        raise ValueError(f"solver: dpmpp-2m needs the denoiser head (phase_space.VSMDDenoiser, a data prediction), "
-                         f"got {type(precond).__name__}")
-    device = process.log_damping.device if device is None else torch.device(device)
-    seeds, labels, shape = _sampling_inputs(process, precond, seeds, labels, image_shape, device)
-    basis, B = precond.basis, len(seeds)
-    ids = basis.group_ids(labels)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        x, v = _prior(process, basis, gens, shape, labels, device, dtype)
-        if solver == "dpmpp-2m":
-            from .phase_space import dpmpp_2m, sigma_grid
-
-            grid_t = sigma_grid(process, grid, plan.steps, B, labels)
-            x, v = dpmpp_2m(process, precond, x, v, grid_t, labels, order=plan.order, progress=progress)
-        else:
-            F, half_g2 = process.drift_blocks(labels).expand(B, -1, -1, -1), process.gamma * process.beta / 2
-
-            def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-                s = _velocity_score(precond, x, v, time_column(t, B, device), labels)
-                return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
-
-            ts = torch.linspace(process.T, process.t0, plan.steps + 1, dtype=_F64)
-            if solver == "heun":
-                x, v = _heun(flow, x, v, ts, progress)
-            else:
-                x, v = _ipndm(flow, x, v, ts, plan.order, progress)
-    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order, "grid": grid}
 
 
 def forward_score(process: VSMDProcess, basis: SubspaceBasis, x: Tensor, v: Tensor,
@@ -702,13 +596,10 @@ def forward_sb_loss(process: VSMDProcess, basis: SubspaceBasis, paths: Trajector
     expectation is then 1/2 E|z_f|^2 (by parts, E[g grad log p . z_f] = -E[div(g z_f)]).
     """
     zeta_sb = check_number("zeta_sb", zeta_sb, "a finite number", lambda v: True)
-    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0:
+    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0 or paths.v is None:
         raise ValueError("paths: expected Trajectories recorded by vsmd.simulate_backward(record=True)")
-    N, B = paths.x.shape[:2]
+    N = paths.x.shape[0]
     labels = None if paths.labels is None else paths.labels.repeat(N)
-    x, v, z_b = paths.x.flatten(0, 1), paths.v.flatten(0, 1), paths.z_b.flatten(0, 1)
+    x, v = paths.x.flatten(0, 1), paths.v.flatten(0, 1)
     z_f = forward_score(process, basis, x, v, labels)
-    energy = (z_f * (0.5 * z_f + z_b)).flatten(1).sum(1).to(_F64)
-    div = forward_score_divergence(process, basis, x.shape[1:], labels)
-    per_time = (energy + zeta_sb * div).reshape(N, B).mean(1)
-    return (paths.dt.to(per_time.device) * per_time).sum()
+    return path_integral(paths, z_f, forward_score_divergence(process, basis, x.shape[1:], labels), zeta_sb)
