@@ -18,7 +18,8 @@ from aniso_fast.sampling.solvers import ODE_SOLVERS, edm_sigma_t, heun, sample, 
 from aniso_fast.networks.unet import SongUNet
 from aniso_fast.processes.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
                              forward_score_divergence, sample_em, score, simulate_backward)
-from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
+from aniso_fast.processes.phase_space import sample_ode
+from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess
 
 F64 = torch.float64
 

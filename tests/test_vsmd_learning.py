@@ -24,9 +24,9 @@ from aniso_fast.processes.vsmd import (
     forward_score,
     forward_score_divergence,
     sample_em,
-    sample_ode,
     simulate_backward,
 )
+from aniso_fast.processes.phase_space import sample_ode
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
