@@ -190,7 +190,7 @@ def _validate(args):
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
-    if not registry.get(family).swappable_schedule and args.schedule is not None:
+    if not registry.get(family).matrix_schedule and args.schedule is not None:
         raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
                          f"drop --schedule")
     if args.schedule is None:

@@ -348,8 +348,8 @@ def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
 
 @pytest.mark.parametrize("per, groups", [("class", 3), ("cluster", 2)])
 def test_pca_basis_per_class_or_cluster(tmp_path, npz, per, groups):
-    trainer = train.run(train_config.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca", "--pca-rank", "3,2",
-                                              "--pca-per", per, "--pca-clusters", "2")))
+    trainer = train.run(train_config.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca",
+                                                     "--pca-rank", "3,2", "--pca-per", per, "--pca-clusters", "2")))
     assert trainer.basis.num_groups == groups and trainer.process.num_subspaces == 3
     tensors, meta = ckpt.load_checkpoint(tmp_path / "pca" / "checkpoint-00000001.safetensors")
     assert meta["basis_config"]["type"] == "pca" and tensors["basis.V64"].shape == (groups, 5, 64)

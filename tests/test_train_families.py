@@ -96,7 +96,8 @@ def test_vsdm_alternate_moves_the_rates_only_in_forward_updates(tmp_path, npz):
 
 def test_vsdm_trajectory_rule_learns_rates_with_the_network(tmp_path, npz):
     """Rule (b): the trajectory loss with the estimator on the VE view moves the rates at every step."""
-    args = train_config.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 2, "--vsdm-rule", "trajectory", "--glr", "1e-2"))
+    args = train_config.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 2, "--vsdm-rule", "trajectory",
+                                            "--glr", "1e-2"))
     trainer = train.Trainer(args)
     start = trainer.process_param.detach().clone()
     record = trainer.train_step()

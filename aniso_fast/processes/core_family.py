@@ -61,7 +61,7 @@ class CoreFamily(Family):
     name = "core"
     help = "the engine's matrix schedule, trained in --stage"
     variant = "stage"
-    swappable_schedule = True
+    matrix_schedule = True
     network_starts_others = True
     options = (
         Option("stage", "family core only, required there. edm: network only, with EDM's loss (log-normal sigma; "

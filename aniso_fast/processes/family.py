@@ -72,7 +72,8 @@ class Family:
 
     name: str = ""
     help: str = ""  # one line for --family's help
-    swappable_schedule = False  # a stored model samples on another forward path (`sample --schedule`)
+    # the forward path is a MatrixSchedule: another may replace it (`sample --schedule`), grids are fitted on it
+    matrix_schedule = False
     network_starts_others = False  # its network (an EDM network) starts a run of another family (--init-from)
     variant: str | None = None  # the option that picks one of the family's variants (core: stage)
     options: tuple[Option, ...] = ()  # every option the family takes, its variant option first

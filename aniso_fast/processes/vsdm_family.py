@@ -5,6 +5,7 @@ PF-ODE through any engine solver (`vsdm.sample_ode`) or by Euler-Maruyama (`vsdm
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 from ..sampling import solvers
 from ..sampling.solvers import EM
@@ -13,7 +14,7 @@ from . import losses, vsdm
 from .core_family import LOSS_C, NO_ESTIMATOR, REDUCTION, check_loss_c
 from .family import ALTERNATING_OPTIONS, Family, LossFunction, Option
 
-__all__ = ["VSDMFamily", "BETA_MAX", "VSDM_RULES", "check_alternating_options", "check_beta_max"]
+__all__ = ["AlternatingFamily", "VSDMFamily", "BETA_MAX", "VSDM_RULES", "check_alternating_options", "check_beta_max"]
 
 VSDM_RULES = ("alternate", "trajectory")
 BETA_MAX = Option("beta_max", "vsdm: beta_max of VSDM's power schedule (default 20); vsmd: VSMD's constant beta "
@@ -37,10 +38,31 @@ def check_beta_max(cfg) -> None:
         raise ValueError(f"--beta-max: expected a finite number > 0, got {cfg.beta_max}")
 
 
-class VSDMFamily(Family):
+class AlternatingFamily(Family):
+    """A family whose process class (`process_class`) is learned by the alternating rule on the backward
+    Euler-Maruyama paths of its module (`rule`: `simulate_backward`, `forward_sb_loss`)."""
+
+    process_class: type
+    rule: ModuleType
+
+    def process_from_config(self, config):
+        return self.process_class.from_config(config)
+
+    def backward_paths(self, process, model, seeds, steps, labels):
+        return self.rule.simulate_backward(process, model, seeds, steps, labels)
+
+    def forward_loss(self, process, basis, paths, zeta):
+        return self.rule.forward_sb_loss(process, basis, paths, zeta)
+
+    def owns(self, process):
+        return isinstance(process, self.process_class)
+
+
+class VSDMFamily(AlternatingFamily):
     name = "vsdm"
     help = "VSDM's multivariate OU process, rates learned by --vsdm-rule"
     variant = "vsdm_rule"
+    process_class, rule = vsdm.VSDMProcess, vsdm
     options = (
         Option("vsdm_rule", "how VSDM learns its rates: alternate (VSDM's rule: network steps by denoising score "
                             "matching with the rates frozen, and every --forward-every steps a forward SB update of "
@@ -69,9 +91,6 @@ class VSDMFamily(Family):
         """The rates at 0 (VP)."""
         return vsdm.VSDMProcess(num_subspaces, num_classes, beta_max=cfg.beta_max)
 
-    def process_from_config(self, config):
-        return vsdm.VSDMProcess.from_config(config)
-
     def alternating(self, cfg):
         return cfg.vsdm_rule == "alternate"
 
@@ -82,18 +101,9 @@ class VSDMFamily(Family):
                 estimator=not cfg.no_estimator)
         return lambda x0, labels, gen: (vsdm.dsm_loss(process, model, x0, labels, gen), {})
 
-    def backward_paths(self, process, model, seeds, steps, labels):
-        return vsdm.simulate_backward(process, model, seeds, steps, labels)
-
-    def forward_loss(self, process, basis, paths, zeta):
-        return vsdm.forward_sb_loss(process, basis, paths, zeta)
-
     def plot_process(self, process, path, title, class_names=None):
         figures.plot_subspace_values(process.rates.detach(), path, title, "lambda_k (VSDM rate)",
                                      class_names=class_names)
-
-    def owns(self, process):
-        return isinstance(process, vsdm.VSDMProcess)
 
     def check_sampler(self, plan):
         vsdm.check_sampler(plan)

@@ -518,8 +518,8 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     from VSMD's prior N(0, Sigma(T)). Only v is noised: per step h, z <- (I - h F) z + (0, h gamma beta s +
     sqrt(h gamma beta) xi), F the drift blocks and s the model's velocity score (one `block_combine`).
 
-    Per seed one generator: eps_x (`solvers.seeded_noise`'s draw, so `sample_ode` starts from the same point), eps_v,
-    then the step noises: a path depends on its seed only, never on the rest of the batch.
+    Per seed one generator: eps_x (`solvers.seeded_noise`'s draw, so `phase_space.sample_ode` starts from the same
+    point), eps_v, then the step noises: a path depends on its seed only, never on the rest of the batch.
     """
     steps = check_steps(steps)
     device = process.log_damping.device

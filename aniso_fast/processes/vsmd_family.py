@@ -12,18 +12,19 @@ import math
 from ..utils import figures
 from ..sampling.solvers import EM
 from . import phase_space, vsmd
-from .family import ALTERNATING_OPTIONS, Family, LossFunction, Option
-from .vsdm_family import BETA_MAX, check_alternating_options, check_beta_max
+from .family import ALTERNATING_OPTIONS, LossFunction, Option
+from .vsdm_family import BETA_MAX, AlternatingFamily, check_alternating_options, check_beta_max
 
 __all__ = ["VSMDFamily", "VSMD_HEADS"]
 
 VSMD_HEADS = ("denoiser", "velocity")
 
 
-class VSMDFamily(Family):
+class VSMDFamily(AlternatingFamily):
     name = "vsmd"
     help = "VSMD's phase-space process with a velocity-score network; c learned by the alternating rule"
     variant = "vsmd_head"
+    process_class, rule = vsmd.VSMDProcess, vsmd
     options = (
         Option("vsmd_head", "vsmd: denoiser (default: a C-channel EDM network inside AnisoPrecond gives the velocity "
                             "score exactly through the phase_space denoiser view; an EDM network starts it "
@@ -70,9 +71,6 @@ class VSMDFamily(Family):
         """c at 0: the stationary N(0, I) law."""
         return vsmd.VSMDProcess(num_subspaces, num_classes, zeta=cfg.zeta, beta=cfg.beta_max)
 
-    def process_from_config(self, config):
-        return vsmd.VSMDProcess.from_config(config)
-
     def network_channels(self, cfg, channels):
         return 2 * channels if cfg.vsmd_head == "velocity" else channels  # VSMD's own network reads z = (x, v)
 
@@ -113,18 +111,9 @@ class VSMDFamily(Family):
     def loss(self, cfg, model, process) -> LossFunction:
         return lambda x0, labels, gen: (vsmd.dsm_loss(process, model, x0, labels, gen), {})
 
-    def backward_paths(self, process, model, seeds, steps, labels):
-        return vsmd.simulate_backward(process, model, seeds, steps, labels)
-
-    def forward_loss(self, process, basis, paths, zeta):
-        return vsmd.forward_sb_loss(process, basis, paths, zeta)
-
     def plot_process(self, process, path, title, class_names=None):
         figures.plot_subspace_values(process.c.detach(), path, title, "c_k (VSMD damping value)",
                                      class_names=class_names)
-
-    def owns(self, process):
-        return isinstance(process, vsmd.VSMDProcess)
 
     def check_sampler(self, plan):
         phase_space.check_sampler(plan)

@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=int, default=500,
                    help="sample grid (EMA network) every N steps and at the end (0: never)")
     g.add_argument("--sample-n", type=int, default=20, help="images in a sample grid")
-    g.add_argument("--sample-nfe", type=int, default=9, help="network calls per sample of the sample grids (the family's sampler: midpoint Heun on the "
-                        "uniform t grid; vsmd: its Heun, or the phase-space DPM-Solver++(2M) for the denoiser head)")
+    g.add_argument("--sample-nfe", type=int, default=9,
+                   help="network calls per sample of the sample grids, with the family's sampler (midpoint Heun on "
+                        "the uniform t grid; vsmd: its Heun, or the phase-space DPM-Solver++(2M) for the denoiser "
+                        "head)")
     g.add_argument("--plot-every", type=int, default=None,
                    help="schedule plot every N steps and at the end (default: --sample-every; 0: never)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
