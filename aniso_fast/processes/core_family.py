@@ -119,8 +119,9 @@ class CoreFamily(Family):
         figures.plot_schedule(process, path, title, class_names=class_names)
 
     def owns(self, process):
-        """A MatrixSchedule, or None (the Karras grid, EDM's fixed isotropic schedule)."""
-        return process is None or isinstance(process, MatrixSchedule)
+        """Any forward path no other family claims (`registry.family_of_process` asks the core family last): a
+        MatrixSchedule or an object with its contract for the engine's solvers, or None (the Karras grid)."""
+        return True
 
     def check_grid(self, grid, process):
         solvers.check_grid(grid, process)

@@ -52,11 +52,9 @@ def family_of(meta: Mapping[str, Any]) -> Family:
 
 
 def family_of_process(process) -> Family:
-    """The family whose forward path `process` is (None: the Karras grid, a core schedule)."""
-    for family in FAMILIES.values():
-        if family.owns(process):
-            return family
-    raise ValueError(f"process: expected the forward path of a registered family, got {type(process).__name__}")
+    """The family whose forward path `process` is, asking the newest family first and the core family (whose
+    solvers take any schedule, and None for the Karras grid) last."""
+    return next(family for family in reversed(FAMILIES.values()) if family.owns(process))
 
 
 def options() -> dict[str, tuple[Option, Family]]:
