@@ -78,8 +78,6 @@ class Family:
     variant: str | None = None  # the option that picks one of the family's variants (core: stage)
     options: tuple[Option, ...] = ()  # every option the family takes, its variant option first
 
-    # ---- options ----
-
     def variants(self) -> tuple[Any, ...]:
         """The values of the variant option (its choices), or (None,) for a family without variants."""
         if self.variant is None:
@@ -110,8 +108,6 @@ class Family:
     def upgrade_args(self, args: dict) -> dict:
         """The stored arguments of a checkpoint written before an option existed, with that option's old meaning."""
         return args
-
-    # ---- building ----
 
     def new_process(self, cfg: argparse.Namespace, num_subspaces: int, num_classes: int | None) -> nn.Module:
         raise NotImplementedError
@@ -152,8 +148,6 @@ class Family:
 
         return AnisoPrecond(net, basis)
 
-    # ---- learning ----
-
     def learns_process(self, cfg: argparse.Namespace) -> bool:
         return True
 
@@ -172,8 +166,6 @@ class Family:
 
     def plot_process(self, process, path, title: str, class_names=None) -> None:
         raise NotImplementedError
-
-    # ---- sampling ----
 
     def owns(self, process) -> bool:
         """Whether `process` is a forward path of this family."""

@@ -36,7 +36,7 @@ grid on it), from T to the end time t0, one grid per sample for per-class c.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch

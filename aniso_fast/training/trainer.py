@@ -86,8 +86,6 @@ class Trainer:
         if resume:
             self._load_state(tensors, meta)
 
-    # ---- construction ----
-
     def _load_data(self) -> None:
         args = self.args
         try:
@@ -162,8 +160,6 @@ class Trainer:
         self.opt_process = (optim.ClassMaskedAdam([self.process_param], lr=self.args.glr) if self.learn_process
                             else None)
 
-    # ---- checkpoint state ----
-
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """(tensors, meta) of the whole run; collective under DDP (gathers every rank's RNG state). The forward
         path is stored as `schedule.*` and `schedule_config` whatever the family."""
@@ -210,8 +206,6 @@ class Trainer:
         if not self.dist.is_main:
             return None
         return checkpointing.save(self.out, self.step, tensors, meta, self.args.keep)
-
-    # ---- one step ----
 
     def train_step(self, indices: Tensor | None = None) -> dict:
         """One optimiser step on the next global batch (or on dataset `indices` [batch]); returns the log record."""
@@ -319,8 +313,6 @@ class Trainer:
         loss_mean = torch.tensor([total / args.forward_steps], dtype=torch.float64, device=self.device)
         dist.all_reduce_mean_([loss_mean])
         return {"forward_loss": float(loss_mean), "forward_sec": time.perf_counter() - t0}
-
-    # ---- outputs ----
 
     def save_samples(self, path: Path) -> None:
         """A grid of the EMA network's samples with the family's preview sampler (`Family.preview_sampler`), one
