@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from aniso_fast import evaluate  # noqa: E402
-from aniso_fast.evaluation import features  # noqa: E402
+from aniso_fast.evaluation import classifier, features  # noqa: E402
 from aniso_fast.store import models  # noqa: E402
 from aniso_fast.evaluation import recipes  # noqa: E402
 from aniso_fast.evaluation import table  # noqa: E402
@@ -80,9 +80,9 @@ def test_classifier_subcommand_ships_weights_and_doc(tmp_path, monkeypatch):
 
 
 def test_shipped_classifier_asset():
-    meta = json.loads(features.CLASSIFIER_ASSET.with_suffix(".json").read_text())
+    meta = json.loads(classifier.CLASSIFIER_ASSET.with_suffix(".json").read_text())
     assert meta["metadata"]["test_accuracy"] >= 0.9
-    assert features.CLASSIFIER_ASSET.stat().st_size < 1_000_000
+    assert classifier.CLASSIFIER_ASSET.stat().st_size < 1_000_000
 
 
 def test_fmnist_recipe_is_consistent():
@@ -507,7 +507,7 @@ HEUN_MID = {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
 
 
 def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
-    """An entry is checked against the family of its row's training arguments (families.check_sampler); VSMD's
+    """An entry is checked against the family of its row's training arguments (Family.check_sampler); VSMD's
     Heun is normalised to its end point; an entry's own `nfes` must be spendable and it spends no other NFE."""
     em = {"solver": "em", "grid": "uniform_t", "nfes": [50, 200]}
     recipe = recipes.load_recipe(_family_recipe(tmp_path, [
@@ -539,7 +539,7 @@ def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
 
 def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypatch):
     """A VSDM row (the mixture on a VSDM process) in the table: the PF-ODE at the table's NFEs, Euler-Maruyama at
-    its own NFEs only, each cell's samples from families.sample; the Markdown has a column for every NFE run."""
+    its own NFEs only, each cell's samples from registry.run_sampler; the Markdown has a column for every NFE run."""
     from aniso_fast.processes import registry
     from aniso_fast.utils.data import to_uint8
     from aniso_fast.processes.vsdm import VSDMProcess

@@ -12,7 +12,7 @@ from torch import nn
 from aniso_fast import sample as sample_cli
 from aniso_fast.processes import registry
 from aniso_fast.processes.family import Family, Option
-from aniso_fast.sampling.solvers import seeded_noise
+from aniso_fast.sampling import seeded_noise
 from aniso_fast.store import checkpoint as ckpt
 from aniso_fast.store import models
 from aniso_fast.training import config as train_config

@@ -11,7 +11,7 @@ from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.processes.phase_space import (PHASE_SPACE_GRIDS, VSMDDenoiser, dpmpp_2m_phase_space, flow_transition,
                                               given_data, sample_ode, sigma_grid)
 from aniso_fast.networks.precond import AnisoPrecond
-from aniso_fast.sampling.solvers import resolve_sampler
+from aniso_fast.sampling.spec import resolve_sampler
 from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess
 
 F64 = torch.float64

@@ -13,7 +13,7 @@ from aniso_fast.processes import registry
 from aniso_fast.store import models
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
-from aniso_fast.sampling.solvers import sample
+from aniso_fast.sampling.sampler import sample
 
 GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9.png"  # the grid `--model gmm-fmnist` writes at the defaults
 
@@ -363,7 +363,7 @@ def _npz_run(capsys, *argv):
     ("vsmd", ["--solver", "dpmpp-2m", "--grid", "logsnr", "--nfe", "4"], "learned_dpmpp-2m-2_logsnr_nfe4", 4),
 ])
 def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ckpt, family, argv, stem, nfe):
-    """A VSDM / VSMD training checkpoint samples on its own process through families.sample: the CLI's images are
+    """A VSDM / VSMD training checkpoint samples on its own process through registry.run_sampler: the CLI's images are
     that function's for the same seeds and classes, and a seed's image does not depend on the batch."""
     from aniso_fast.utils.data import to_uint8
 

@@ -250,7 +250,7 @@ def test_pixel_basis_gives_one_rate_per_pixel(tmp_path, npz):
 
 
 def test_vsdm_sample_ode_takes_the_families_sampler_rule(tmp_path, npz):
-    """vsdm.sample_ode called directly refuses what `families.check_sampler` refuses (the Karras grid ignores the
+    """vsdm.sample_ode called directly refuses what the vsdm family's `check_sampler` refuses (the Karras grid ignores the
     process), with the same one-line error."""
     train.run(train_config.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 1)))
     model, process = models.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))

@@ -22,7 +22,7 @@ from ..processes import registry
 from ..store import models
 from ..store.checkpoint import latest_checkpoint, read_meta
 from ..training.config import config_from_argv
-from ..sampling.solvers import MAX_NFE, Sampler
+from ..sampling.spec import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 

@@ -1,6 +1,6 @@
 """The core family: the engine's matrix schedule M(t) = sum_k g_k(t) P_k (`schedules.MatrixSchedule`), the network
 inside `precond.AnisoPrecond`, trained in stages (METHOD §2.2: edm -> iso -> aniso) and sampled by every engine
-solver on every grid (`solvers.sample`)."""
+solver on every grid (`sampling.sample`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..geometry.schedules import MatrixSchedule
-from ..sampling import solvers
+from .. import sampling
 from ..utils import figures
 from . import losses
 from .family import Family, LossFunction, Option
@@ -124,11 +124,11 @@ class CoreFamily(Family):
         return True
 
     def check_grid(self, grid, process):
-        solvers.check_grid(grid, process)
+        sampling.check_grid(grid, process)
 
     def run_sampler(self, model, process, plan, seeds: Sequence[int], labels, *,
                     fitted: Mapping[int, Sequence[float]] | None, device, progress: bool) -> tuple[Any, Any, dict]:
-        x, labels, info = solvers.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
+        x, labels, info = sampling.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
                                          secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels,
                                          fitted=fitted, device=device, progress=progress)
         return x, labels, info

@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ..sampling import solvers
-from ..sampling.solvers import Sampler
+from .. import sampling
+from ..sampling.spec import Sampler
 
 __all__ = ["Option", "Family", "LossFunction", "ALTERNATING_OPTIONS"]
 
@@ -184,8 +184,8 @@ class Family:
 
     def resolve_sampler(self, solver: str = "heun", grid: str = "uniform_t", secondary: str | None = None,
                         nfe: int = 9, order: int | None = None) -> Sampler:
-        """`solvers.resolve_sampler`, then `check_sampler`; ValueError naming the argument."""
-        plan = solvers.resolve_sampler(solver, grid, secondary, nfe, order)
+        """`sampling.resolve_sampler`, then `check_sampler`; ValueError naming the argument."""
+        plan = sampling.resolve_sampler(solver, grid, secondary, nfe, order)
         self.check_sampler(plan)
         return plan
 

@@ -47,8 +47,9 @@ from ..geometry.bases import SubspaceBasis
 from ..utils.checks import check_in_range
 from ..geometry.schedules import as_time
 from ..sampling.multistep import AB_WEIGHTS
-from ..sampling.solvers import EM, Sampler, resolve_sampler
-from .process import seed_streams, time_column
+from ..sampling.noise import SeedStreams
+from ..sampling.spec import EM, Sampler, resolve_sampler
+from .process import time_column
 from .vsmd import VelocityModel, VSMDProcess, lower_cholesky, prior, sampling_inputs, velocity_score
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
@@ -334,8 +335,8 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
     the phase-space exponential integrator (`dpmpp_2m_phase_space`, nfe = steps) on `grid` (uniform_t, logsnr or
     edm_sigma), for a model with a `denoise` (the denoiser head, `VSMDDenoiser`). The engine's other
     multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE
-    rule is `solvers.resolve_sampler`'s. Seeds as `vsmd.simulate_backward` (the same start point). Returns (x at t0
-    [B, C, H, W], labels, info with the NFE spent) like `solvers.sample`.
+    rule is `sampling.resolve_sampler`'s. Seeds as `vsmd.simulate_backward` (the same start point). Returns (x at t0
+    [B, C, H, W], labels, info with the NFE spent) like `sampling.sample`.
     """
     if solver not in PHASE_SPACE_SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(PHASE_SPACE_SOLVERS)} (the phase-space ODE solvers), "
@@ -349,9 +350,9 @@ def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9
     seeds, labels, shape = sampling_inputs(process, precond, seeds, labels, image_shape, device)
     basis, B = precond.basis, len(seeds)
     ids = basis.group_ids(labels)
-    gens = seed_streams(seeds)
+    streams = SeedStreams(seeds)
     with torch.no_grad():
-        x, v = prior(process, basis, gens, shape, labels, device, dtype)
+        x, v = prior(process, basis, streams, shape, labels, device, dtype)
         if solver == "dpmpp-2m":
             grid_t = sigma_grid(process, grid, plan.steps, B, labels)
             x, v = dpmpp_2m_phase_space(process, precond, x, v, grid_t, labels, order=plan.order, progress=progress)

@@ -1,21 +1,20 @@
 """What the OU processes (`vsdm.VSDMProcess`, `vsmd.VSMDProcess`) share: per-subspace values x_k learned through
 `ln(1 - 2 x_k)`, so that `1 - 2 x_k > 0` (a contracting drift) holds whatever the optimiser does, the config round
-trip, the samplers' step-count check, time column and per-seed draws, and the backward paths of the alternating
+trip, the samplers' step-count check and time column, and the backward paths of the alternating
 rule with the path integral of its forward loss."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..utils.checks import check_in_range, check_index
 from ..geometry.schedules import as_time
-from ..sampling.solvers import MAX_NFE
+from ..sampling.spec import MAX_NFE
 
-__all__ = ["ContractingProcess", "Trajectories", "check_steps", "time_column", "seed_streams", "draw",
-           "path_integral"]
+__all__ = ["ContractingProcess", "Trajectories", "check_steps", "time_column", "path_integral"]
 
 _F64 = torch.float64
 
@@ -30,16 +29,6 @@ def check_steps(steps: Any) -> int:
 def time_column(t: float, B: int, device) -> Tensor:
     """One process time per sample, [B] float64 (the families' samplers call their models per sample)."""
     return torch.full((B,), float(t), dtype=torch.float64, device=device)
-
-
-def seed_streams(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per seed: a path depends on its seed only, never on the rest of the batch."""
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def draw(gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype) -> Tensor:
-    """The next standard normal image of each seed's stream, drawn in float64 (as `solvers.seeded_noise`)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=_F64) for g in gens]).to(device, dtype)
 
 
 @dataclass

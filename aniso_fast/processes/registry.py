@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-from ..sampling.solvers import Sampler
+from ..sampling.spec import Sampler
 from .core_family import CoreFamily
 from .family import Family, Option
 from .vsdm_family import VSDMFamily
@@ -90,7 +90,7 @@ def run_sampler(model, process, plan: Sampler, seeds: Sequence[int], labels: Ten
     resolved sampler, checked against the family's samplers. `fitted`: the model's fitted grids for grid
     'optimized' (`models.fitted_grids`). Per-seed deterministic. Returns (x, labels, info with the NFE spent)."""
     if not isinstance(plan, Sampler):
-        raise ValueError(f"plan: expected a solvers.Sampler (solvers.resolve_sampler), got {type(plan).__name__}")
+        raise ValueError(f"plan: expected a sampling.Sampler (sampling.resolve_sampler), got {type(plan).__name__}")
     family = family_of_process(process)
     family.check_sampler(plan)
     return family.run_sampler(model, process, plan, seeds, labels, fitted=fitted, device=device, progress=progress)

@@ -34,9 +34,11 @@ from ..utils.checks import (
     check_subspace_values,
 )
 from .losses import forward_process
-from .process import ContractingProcess, Trajectories, check_steps, draw, path_integral, seed_streams, time_column
+from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
 from ..geometry.schedules import as_time
-from ..sampling.solvers import EM, Sampler, check_seeds, resolve_sampler, sample, seeded_labels
+from ..sampling.noise import SeedStreams, check_seeds, seeded_labels
+from ..sampling.sampler import sample
+from ..sampling.spec import EM, Sampler, resolve_sampler
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode",
@@ -199,7 +201,7 @@ class VESchedule(nn.Module):
 
     Its time s in [0, T] maps onto VSDM's [t0, T] by t = t0 + s (T - t0) / T, so that g(0) = g(t0) > 0 plays
     the role of MatrixSchedule's g0 (the solvers' grids end at s = 0). `forward(s, labels) -> (g, dg/ds)` as
-    MatrixSchedule's; `solvers.schedule_grid` and `solvers.sample(grid="uniform_t")` take it unchanged. The
+    MatrixSchedule's; `sampling.schedule_grid` and `sampling.sample(grid="uniform_t")` take it unchanged. The
     parameters are the process's own (gradients reach its rates).
     """
 
@@ -318,7 +320,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     """The reverse SDE dx = [-1/2 beta (I - 2A) x - beta score] dt + sqrt(beta) dW, Euler-Maruyama on `steps`
     uniform steps from T to t0, one path per seed, from the adaptive prior.
 
-    Per seed one generator: x_T = prior(z) with z = `solvers.seeded_noise`'s draw for that seed (so the PF-ODE
+    Per seed one generator: x_T = prior(z) with z = `sampling.seeded_noise`'s draw for that seed (so the PF-ODE
     solvers start from the same point), then the step noises from the same stream: a path depends on its seed
     only, never on the rest of the batch. Each step: x <- x + h beta (r/2 x + score) + sqrt(h beta) xi.
     """
@@ -333,12 +335,12 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     basis = model.basis
     ids = basis.group_ids(labels)
     device = process.log_decay.device
-    gens = seed_streams(seeds)
+    streams = SeedStreams(seeds)
     B = len(seeds)
     ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
     xs, zs = [], []
     with torch.no_grad():
-        x = process.prior_sample(basis, draw(gens, shape, device, dtype), labels)
+        x = process.prior_sample(basis, streams.draw(shape, dtype, device), labels)
         r = _per_sample(process._batch(process.T, labels)[1], B)  # 1 - 2 lambda per sample
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             t_a, h = float(ts[i]), float(ts[i] - ts[i + 1])
@@ -349,7 +351,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
                 zs.append(basis.combine(s, torch.full_like(r, math.sqrt(beta)), x, -math.sqrt(beta) * (1 - r) / 2,
                                         ids=ids))
             x = basis.combine(x, 1 + h * beta * r / 2, s, torch.full_like(r, h * beta),
-                              base=math.sqrt(h * beta) * draw(gens, shape, device, dtype), ids=ids)
+                              base=math.sqrt(h * beta) * streams.draw(shape, dtype, device), ids=ids)
     empty = x.new_zeros((0, *x.shape))
     return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
                         z_b=torch.stack(zs) if record else empty, final=x, labels=labels)
@@ -359,7 +361,7 @@ def sample_em(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 10
               image_shape: Sequence[int] | None = None, dtype=torch.float32,
               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """VSDM's sampler: the reverse SDE by Euler-Maruyama (`simulate_backward` without recording), per-seed
-    deterministic. Returns (x at t0 in VSDM's variable [B, C, H, W], labels, info) like `solvers.sample`."""
+    deterministic. Returns (x at t0 in VSDM's variable [B, C, H, W], labels, info) like `sampling.sample`."""
     paths = simulate_backward(process, model, seeds, steps, labels, image_shape, dtype, record=False,
                               progress=progress)
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
@@ -369,9 +371,9 @@ def sample_ode(process: VSDMProcess, model, seeds: Sequence[int], nfe: int = 9, 
                grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
                labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
                device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
-    """The probability-flow ODE through any engine solver: `solvers.sample` on `process.ve_schedule()` (the VE
+    """The probability-flow ODE through any engine solver: `sampling.sample` on `process.ve_schedule()` (the VE
     view starts at y_T = x_T / alpha(T) ~ N(0, M(T)), the adaptive prior's image), then x = alpha(t0) y.
-    Same seeds, labels and NFE accounting as `solvers.sample`; returns (x in VSDM's variable, labels, info)."""
+    Same seeds, labels and NFE accounting as `sampling.sample`; returns (x in VSDM's variable, labels, info)."""
     check_sampler(resolve_sampler(solver, grid, secondary, nfe, order))
     y, labels, info = sample(model, process.ve_schedule(), nfe=nfe, solver=solver, grid=grid, secondary=secondary,
                              order=order, seeds=seeds, labels=labels, image_shape=image_shape, dtype=dtype,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from ..sampling import solvers
-from ..sampling.solvers import EM
+from .. import sampling
+from ..sampling.spec import EM
 from ..utils import figures
 from . import losses, vsdm
 from .core_family import LOSS_C, NO_ESTIMATOR, REDUCTION, check_loss_c
@@ -27,8 +27,8 @@ def check_alternating_options(cfg) -> None:
         cfg.forward_paths = cfg.batch
     for option in ALTERNATING_OPTIONS[:4]:
         v = getattr(cfg, option.name)
-        if not 1 <= v <= solvers.MAX_NFE:
-            raise ValueError(f"{option.flag}: expected an integer in [1, {solvers.MAX_NFE}], got {v}")
+        if not 1 <= v <= sampling.MAX_NFE:
+            raise ValueError(f"{option.flag}: expected an integer in [1, {sampling.MAX_NFE}], got {v}")
     if not (math.isfinite(cfg.sb_zeta) and cfg.sb_zeta >= 0):
         raise ValueError(f"--sb-zeta: expected a finite number >= 0, got {cfg.sb_zeta}")
 
@@ -110,8 +110,8 @@ class VSDMFamily(AlternatingFamily):
 
     def run_sampler(self, model, process, plan, seeds, labels, *, fitted, device, progress):
         if plan.solver == EM:  # vsdm.sample_em checks no labels (and runs on the process's device)
-            seeds = solvers.check_seeds(seeds)
-            labels = solvers.check_labels(labels, seeds, getattr(model, "num_classes", None), device)
+            seeds = sampling.check_seeds(seeds)
+            labels = sampling.check_labels(labels, seeds, getattr(model, "num_classes", None), device)
             x, labels, info = vsdm.sample_em(process, model, seeds, plan.steps, labels, progress=progress)
         else:
             x, labels, info = vsdm.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, grid=plan.grid,

@@ -49,9 +49,9 @@ from ..utils.checks import (
     check_subspace_values,
 )
 from ..networks.unet import SongUNet
-from .process import ContractingProcess, Trajectories, check_steps, draw, path_integral, seed_streams, time_column
+from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
 from ..geometry.schedules import as_time
-from ..sampling.solvers import check_seeds, seeded_labels
+from ..sampling.noise import SeedStreams, check_seeds, seeded_labels
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "dsm_loss",
            "simulate_backward", "sample_em", "forward_score", "forward_score_divergence", "forward_sb_loss",
@@ -481,7 +481,7 @@ def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = 
 
 def sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels: Tensor | None,
                      image_shape: Sequence[int] | None, device) -> tuple[list[int], Tensor | None, tuple[int, ...]]:
-    """Checked seeds, labels (one per seed: drawn by `solvers.seeded_labels` when the model or the process is
+    """Checked seeds, labels (one per seed: drawn by `sampling.seeded_labels` when the model or the process is
     class-conditional and none are given) and image shape (C, H, W) (the model's when None)."""
     seeds = check_seeds(seeds)
     classes = [n for n in (process.num_classes, getattr(precond, "num_classes", None)) if n]
@@ -504,11 +504,11 @@ def sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels:
     return seeds, labels, shape
 
 
-def prior(process: VSMDProcess, basis: SubspaceBasis, gens: list[torch.Generator], shape: tuple[int, ...],
+def prior(process: VSMDProcess, basis: SubspaceBasis, streams: SeedStreams, shape: tuple[int, ...],
            labels: Tensor | None, device, dtype) -> tuple[Tensor, Tensor]:
-    """z_T = L(T) (eps_x, eps_v): eps_x is each seed's first draw (`solvers.seeded_noise`'s), eps_v its second."""
-    eps_x = draw(gens, shape, device, dtype)
-    return process.prior_sample(basis, eps_x, draw(gens, shape, device, dtype), labels)
+    """z_T = L(T) (eps_x, eps_v): eps_x is each seed's first draw (`sampling.seeded_noise`'s), eps_v its second."""
+    eps_x = streams.draw(shape, dtype, device)
+    return process.prior_sample(basis, eps_x, streams.draw(shape, dtype, device), labels)
 
 
 def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 100,
@@ -518,7 +518,7 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     from VSMD's prior N(0, Sigma(T)). Only v is noised: per step h, z <- (I - h F) z + (0, h gamma beta s +
     sqrt(h gamma beta) xi), F the drift blocks and s the model's velocity score (one `block_combine`).
 
-    Per seed one generator: eps_x (`solvers.seeded_noise`'s draw, so `phase_space.sample_ode` starts from the same
+    Per seed one generator: eps_x (`sampling.seeded_noise`'s draw, so `phase_space.sample_ode` starts from the same
     point), eps_v, then the step noises: a path depends on its seed only, never on the rest of the batch.
     """
     steps = check_steps(steps)
@@ -526,12 +526,12 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     seeds, labels, shape = sampling_inputs(process, precond, seeds, labels, image_shape, device)
     basis, B = precond.basis, len(seeds)
     ids = basis.group_ids(labels)
-    gens = seed_streams(seeds)
+    streams = SeedStreams(seeds)
     g2 = process.gamma * process.beta  # G G^T on the v block
     ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
     xs, vs, zs = [], [], []
     with torch.no_grad():
-        x, v = prior(process, basis, gens, shape, labels, device, dtype)
+        x, v = prior(process, basis, streams, shape, labels, device, dtype)
         F, eye = process.drift_blocks(labels).expand(B, -1, -1, -1), torch.eye(2, dtype=_F64, device=device)
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             h = float(ts[i] - ts[i + 1])
@@ -540,7 +540,7 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
                 xs.append(x)
                 vs.append(v)
                 zs.append(math.sqrt(g2) * s)
-            noise = math.sqrt(h * g2) * draw(gens, shape, device, dtype)
+            noise = math.sqrt(h * g2) * streams.draw(shape, dtype, device)
             x, v = basis.block_combine(x, v, eye - h * F, base_v=h * g2 * s + noise, ids=ids)
     empty = x.new_zeros((0, *x.shape))
     return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
@@ -552,7 +552,7 @@ def sample_em(process: VSMDProcess, precond, seeds: Sequence[int], steps: int = 
               image_shape: Sequence[int] | None = None, dtype=torch.float32,
               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """The reverse SDE by Euler-Maruyama (`simulate_backward` without recording), per-seed deterministic.
-    Returns (x at t0 [B, C, H, W], labels, info) like `solvers.sample`."""
+    Returns (x at t0 [B, C, H, W], labels, info) like `sampling.sample`."""
     paths = simulate_backward(process, precond, seeds, steps, labels, image_shape, dtype, record=False,
                               progress=progress)
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}

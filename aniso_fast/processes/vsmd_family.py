@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..utils import figures
-from ..sampling.solvers import EM
+from ..sampling.spec import EM
 from . import phase_space, vsmd
 from .family import ALTERNATING_OPTIONS, LossFunction, Option
 from .vsdm_family import BETA_MAX, AlternatingFamily, check_alternating_options, check_beta_max

@@ -12,7 +12,8 @@ name is replaced only with `--force`. A shipped name then works wherever a model
 `load_schedule('learned', ...)`, `--model NAME`), and so does the path of a shipped model's file.
 The manifest entry marked `default: true` becomes the default model; while none is, `gmm-fmnist` is.
 The manifest's `defaults` map NFE -> the best measured (model, solver, grid, secondary, order), recorded by
-`python -m aniso_fast.evaluate table --set-default`; `python -m aniso_fast.sample` uses the nearest one.
+`python -m aniso_fast.evaluate table --set-default`; `python -m aniso_fast.sample` chooses among them
+(`sampling.spec.choose_for_nfe`).
 `ANISO_FAST_ASSETS` points the shipped-model registry at another folder holding a manifest.json (tests use a
 temporary one); the package's own folder is written only by an explicit `export`, `set-default` or `build-gmm`.
 """
@@ -39,11 +40,13 @@ from .checkpoint import CheckpointError, load_checkpoint, read_header, read_meta
 from ..utils.cli import Parser
 from ..networks.gmm import GaussianMixture
 from ..geometry.schedules import MatrixSchedule
+from ..sampling.grids import SECONDARIES
+from ..sampling.spec import resolve_sampler
 
 __all__ = ["MODELS", "SCHEDULES", "load_model", "load_schedule", "load_trained", "build_gmm_asset", "ASSET_DIR",
            "assets_dir", "read_manifest", "shipped_models", "export_model", "set_default", "default_model",
            "has_learned_schedule", "is_model_file", "shipped_path", "is_shipped_file", "read_shipped", "build_model",
-           "check_assets", "ShippedModelExists", "sampler_defaults", "default_for_nfe", "set_sampler_defaults"]
+           "check_assets", "ShippedModelExists", "sampler_defaults", "set_sampler_defaults"]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSETS_ENV = "ANISO_FAST_ASSETS"
@@ -143,11 +146,15 @@ def _default_problem(nfe, choice) -> str | None:
         return "the NFE is not a positive integer"
     if not isinstance(choice, dict) or not all(isinstance(choice.get(k), str) for k in ("model", "solver", "grid")):
         return "expected an object with model, solver and grid"
-    if choice.get("secondary") not in (None, "end", "mid"):
+    if choice.get("secondary") not in (None, *SECONDARIES):
         return f"secondary {choice.get('secondary')!r} is not 'end', 'mid' or null"
     order = choice.get("order")
     if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
         return f"order {order!r} is not an integer or null"
+    nfes = choice.get("nfes")
+    if nfes is not None and not (isinstance(nfes, list) and nfes and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfes)):
+        return f"nfes {nfes!r} is not a list of positive integers or absent"
     return None
 
 
@@ -265,39 +272,10 @@ def sampler_defaults(assets: str | os.PathLike | None = None) -> dict[int, dict]
     return {int(k): v for k, v in sorted(doc.get("defaults", {}).items(), key=lambda kv: int(kv[0]))}
 
 
-def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict | None:
-    """The recorded choice for `nfe`. For an NFE the table did not measure: the choice of the nearest recorded NFE
-    (the lower one on a tie) that runs at `nfe` as it ran when measured: its sampler can spend `nfe`, with a final
-    Euler step exactly where it had one (midpoint Heun at an even NFE is not the sampler measured at an odd one),
-    and on a fitted grid the model has one for that step count; never Euler-Maruyama, whose FD at a family's own
-    step counts says nothing about another NFE. None when no recorded choice applies."""
-    from ..sampling.solvers import resolve_sampler
-
-    recorded = sampler_defaults(assets)
-    if nfe in recorded:
-        return recorded[nfe]
-    for measured in sorted(recorded, key=lambda k: (abs(k - nfe), k)):
-        choice = recorded[measured]
-        if choice["solver"] == "em":  # a reverse-SDE sampler measured at its family's step counts only
-            continue
-        args = (choice["solver"], choice["grid"], choice.get("secondary"))
-        try:
-            here = resolve_sampler(*args, nfe, choice.get("order"))
-        except ValueError:
-            continue
-        if here.final_euler != resolve_sampler(*args, measured, choice.get("order")).final_euler:
-            continue
-        if choice["grid"] == "optimized" and here.steps not in fitted_grids(choice["model"], assets):
-            continue
-        return choice
-    return None
-
-
 def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | None = None) -> None:
-    """Record, per NFE, the (model, solver, grid, secondary, order) to sample with (replacing earlier records);
-    each model must be shipped (or embedded) and each sampler able to spend its NFE. ValueError otherwise."""
-    from ..sampling.solvers import resolve_sampler
-
+    """Record, per NFE, the (model, solver, grid, secondary, order) to sample with (replacing earlier records), with
+    its FD, SE and, for a line that ran at its own NFEs only, those `nfes`; each model must be shipped (or embedded)
+    and each sampler able to spend its NFE. ValueError otherwise."""
     assets = Path(assets if assets is not None else assets_dir())
     if not (assets / "manifest.json").is_file():
         raise ValueError(f"assets: {assets} holds no manifest.json (no shipped models to choose from)")
@@ -310,7 +288,8 @@ def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | N
             resolve_sampler(choice["solver"], choice["grid"], choice.get("secondary"), nfe, choice.get("order"))
         except ValueError as e:
             raise ValueError(f"choices: NFE {nfe}: {e}") from None
-        out[str(nfe)] = {k: choice.get(k) for k in _CHOICE_KEYS} | {k: choice[k] for k in ("fd", "se") if k in choice}
+        out[str(nfe)] = {k: choice.get(k) for k in _CHOICE_KEYS} | \
+            {k: choice[k] for k in ("fd", "se", "nfes") if choice.get(k) is not None}
     doc["defaults"] = out
     _write_manifest(doc, assets)
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..geometry.bases import SubspaceBasis
 from ..processes import registry
-from ..sampling import solvers
+from .. import sampling
 from ..store import checkpoint as ckpt
 from ..utils import figures
 from ..utils.atomic import atomic_write_text
@@ -292,7 +292,7 @@ class Trainer:
         base = _chunk_seed(args.seed, self.step, _FORWARD_CHUNK)
         seeds = [(base + i) % 2 ** 32 for i in range(dist.rank, args.forward_paths, dist.world_size)]
         classes = process.num_classes or getattr(model, "num_classes", None)
-        labels = solvers.seeded_labels(seeds, classes, self.device) if classes else None
+        labels = sampling.seeded_labels(seeds, classes, self.device) if classes else None
         paths = family.backward_paths(process, model, seeds, args.forward_path_steps, labels)
         S = self.process_param.shape[0]
         present = torch.ones(S, dtype=torch.bool, device=self.device)
