@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from ..geometry.bases import SubspaceBasis
 from ..utils.checks import (
     check_in_range,
-    check_index,
     check_int,
     check_number,
     check_subspace_values,
@@ -51,7 +50,7 @@ from ..utils.checks import (
 from ..networks.unet import SongUNet
 from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
 from ..geometry.schedules import as_time
-from ..sampling.noise import SeedStreams, check_seeds, seeded_labels
+from ..sampling.noise import SeedStreams, check_labels, check_seeds
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "dsm_loss",
            "simulate_backward", "sample_em", "forward_score", "forward_score_divergence", "forward_sb_loss",
@@ -481,19 +480,11 @@ def dsm_loss(process: VSMDProcess, precond, x0: Tensor, labels: Tensor | None = 
 
 def sampling_inputs(process: VSMDProcess, precond, seeds: Sequence[int], labels: Tensor | None,
                      image_shape: Sequence[int] | None, device) -> tuple[list[int], Tensor | None, tuple[int, ...]]:
-    """Checked seeds, labels (one per seed: drawn by `sampling.seeded_labels` when the model or the process is
+    """Checked seeds, labels (`sampling.check_labels`: one per seed, drawn when the model or the process is
     class-conditional and none are given) and image shape (C, H, W) (the model's when None)."""
     seeds = check_seeds(seeds)
     classes = [n for n in (process.num_classes, getattr(precond, "num_classes", None)) if n]
-    if labels is None and classes:
-        labels = seeded_labels(seeds, min(classes), device)
-    elif labels is not None:
-        if not classes:
-            raise ValueError("labels: the model and the process are unconditional; pass no labels")
-        if not isinstance(labels, Tensor) or labels.shape != (len(seeds),):
-            raise ValueError(f"labels: expected one class label per seed, shape ({len(seeds)},), got "
-                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-        labels = check_index("labels", labels, min(classes), "class labels").to(device)
+    labels = check_labels(labels, seeds, min(classes) if classes else None, device)
     if image_shape is None:
         image_shape = getattr(precond, "image_shape", None)
         if image_shape is None:
