@@ -12,7 +12,8 @@ from aniso_fast.processes.phase_space import (PHASE_SPACE_GRIDS, VSMDDenoiser, d
                                               given_data, sample_ode, sigma_grid)
 from aniso_fast.networks.precond import AnisoPrecond
 from aniso_fast.sampling.spec import resolve_sampler
-from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess
+from aniso_fast.processes.velocity import VSMDPrecond
+from aniso_fast.processes.vsmd import VSMDProcess
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

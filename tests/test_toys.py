@@ -23,7 +23,8 @@ from aniso_fast.networks.unet import SongUNet
 from aniso_fast.processes.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
                              forward_score_divergence, sample_em, score, simulate_backward)
 from aniso_fast.processes.phase_space import sample_ode
-from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess
+from aniso_fast.processes.velocity import VSMDPrecond
+from aniso_fast.processes.vsmd import VSMDProcess
 
 F64 = torch.float64
 

@@ -157,7 +157,8 @@ def test_vsdm_checkpoint_builds_exports_and_samples(tmp_path, npz, monkeypatch):
 def test_vsmd_starts_from_a_core_network_with_its_phase_space_twin(tmp_path, npz):
     """--family vsmd --init-from a core checkpoint: the network and its EMA become VelocityScoreNets whose x weights
     are the source's (velocity inputs zero); c starts at 0 and the alternating rule moves it."""
-    from aniso_fast.processes.vsmd import VelocityScoreNet, VSMDProcess
+    from aniso_fast.processes.velocity import VelocityScoreNet
+    from aniso_fast.processes.vsmd import VSMDProcess
 
     core = ["--stage", "edm", "--data", str(npz), "--out", str(tmp_path / "edm"), "--steps", "1", "--batch", "4",
             "--no-progress", "--sample-every", "0", *NET]

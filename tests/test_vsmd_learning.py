@@ -17,8 +17,6 @@ from aniso_fast.sampling.noise import seeded_labels, seeded_noise
 from aniso_fast.sampling.spec import MAX_NFE
 from aniso_fast.processes.vsmd import (
     Trajectories,
-    VelocityScoreNet,
-    VSMDPrecond,
     VSMDProcess,
     dsm_loss,
     forward_sb_loss,
@@ -28,6 +26,7 @@ from aniso_fast.processes.vsmd import (
     simulate_backward,
 )
 from aniso_fast.processes.phase_space import sample_ode
+from aniso_fast.processes.velocity import VelocityScoreNet, VSMDPrecond
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

@@ -14,7 +14,7 @@ Tweedie's formula for z gives the velocity score exactly:
 
 `VSMDDenoiser` is that model: a C-channel EDM network (`fmnist-edm` unchanged is a working start) inside
 `AnisoPrecond`, one `block_combine` for (y, -(S^{-1} z)_v) and one `combine` for the score, the same contract as
-`vsmd.VSMDPrecond` (so `vsmd.dsm_loss`, the samplers and the c-update take it unchanged). VSMD's own form asks a
+`velocity.VSMDPrecond` (so `vsmd.dsm_loss`, the samplers and the c-update take it unchanged). VSMD's own form asks a
 2C-channel network for the velocity noise; at a short fine-tune it never learns what this view gets for free.
 
 **The exponential integrator** (`dpmpp_2m_phase_space`, DPM-Solver++(2M) / gDDIM on the phase space). The PF-ODE is
@@ -50,7 +50,8 @@ from ..sampling.multistep import AB_WEIGHTS
 from ..sampling.noise import SeedStreams
 from ..sampling.spec import EM, Sampler, resolve_sampler
 from .process import time_column
-from .vsmd import VelocityModel, VSMDProcess, lower_cholesky, prior, sampling_inputs, velocity_score
+from .velocity import VelocityModel
+from .vsmd import VSMDProcess, lower_cholesky, prior, sampling_inputs, velocity_score
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
            "dpmpp_2m_phase_space", "sample_ode", "check_sampler", "PHASE_SPACE_GRIDS", "PHASE_SPACE_SOLVERS"]
@@ -224,7 +225,7 @@ def _sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, s
 class VSMDDenoiser(VelocityModel):
     """VSMD's velocity score from a VE denoiser (the module docstring): `denoiser` is an `AnisoPrecond` on the
     process's basis (a C-channel network); `forward(z, t, labels)` returns grad_v log p_t(z) [B, C, H, W] like
-    `vsmd.VSMDPrecond`, `denoise(z, t, labels)` the data prediction E[x0 | z_t]."""
+    `velocity.VSMDPrecond`, `denoise(z, t, labels)` the data prediction E[x0 | z_t]."""
 
     def __init__(self, denoiser: nn.Module, process):
         super().__init__()

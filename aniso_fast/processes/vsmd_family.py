@@ -1,7 +1,7 @@
 """The vsmd family: VSMD's phase-space process (`vsmd.VSMDProcess`) with one of two heads (`--vsmd-head`, stored
 as `precond_config['head']`): the denoiser head, a C-channel network in `AnisoPrecond` inside
 `phase_space.VSMDDenoiser` (the velocity score exactly from a VE denoiser), or VSMD's velocity head
-(`vsmd.VelocityScoreNet`, 2C channels in, inside `vsmd.VSMDPrecond`; the head of stored models without one).
+(`velocity.VelocityScoreNet`, 2C channels in, inside `velocity.VSMDPrecond`; the head of stored models without one).
 Learned by the alternating rule (`vsmd.dsm_loss`, then `vsmd.forward_sb_loss`); sampled by `vsmd.sample_em` or
 `phase_space.sample_ode` (Heun / iPNDM on uniform t, the phase-space DPM-Solver++(2M) on uniform t, logsnr or
 edm_sigma)."""
@@ -11,7 +11,7 @@ import math
 
 from ..utils import figures
 from ..sampling.spec import EM
-from . import phase_space, vsmd
+from . import phase_space, velocity, vsmd
 from .family import ALTERNATING_OPTIONS, LossFunction, Option
 from .vsdm_family import BETA_MAX, AlternatingFamily, check_alternating_options, check_beta_max
 
@@ -78,32 +78,32 @@ class VSMDFamily(AlternatingFamily):
         if cfg.vsmd_head == "velocity":  # the phase space z = (x, v) in, the velocity score out
             from ..networks.unet import SongUNet
 
-            return vsmd.VelocityScoreNet(SongUNet(**dict(net_config, in_channels=2 * net_config["in_channels"])))
+            return velocity.VelocityScoreNet(SongUNet(**dict(net_config, in_channels=2 * net_config["in_channels"])))
         return super().new_network(cfg, net_config)
 
     def network_from_config(self, net_config):
         """VSMD's velocity head reads 2C input channels, its denoiser head C."""
         if net_config["in_channels"] == 2 * net_config["out_channels"]:
-            return vsmd.VelocityScoreNet.from_config(net_config)
+            return velocity.VelocityScoreNet.from_config(net_config)
         return super().network_from_config(net_config)
 
     def from_core_network(self, cfg, net):
         """The velocity head's phase-space twin of an EDM network (the velocity inputs start at zero)."""
-        return vsmd.VelocityScoreNet.from_edm(net) if cfg.vsmd_head == "velocity" else net
+        return velocity.VelocityScoreNet.from_edm(net) if cfg.vsmd_head == "velocity" else net
 
     def precond_config(self, cfg):
         """The head, and the velocity head's Gaussian skip (0: VSMD's own form)."""
         return {"head": "denoiser"} if cfg.vsmd_head == "denoiser" else {"sigma_data": cfg.sigma_data or None}
 
     def wrap(self, net, basis, process, precond_config=None):
-        """`phase_space.VSMDDenoiser` around AnisoPrecond (`head: denoiser`) or `vsmd.VSMDPrecond` (VSMD's velocity
+        """`phase_space.VSMDDenoiser` around AnisoPrecond (`head: denoiser`) or `velocity.VSMDPrecond` (VSMD's velocity
         head: its Gaussian skip `sigma_data`; absent: VSMD's own form)."""
         from ..networks.precond import AnisoPrecond
 
         config = dict(precond_config or {})
         if config.pop("head", "velocity") == "denoiser":
             return phase_space.VSMDDenoiser(AnisoPrecond(net, basis, **config), process)
-        return vsmd.VSMDPrecond(net, process, basis, **config)
+        return velocity.VSMDPrecond(net, process, basis, **config)
 
     def alternating(self, cfg):
         return True

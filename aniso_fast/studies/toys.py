@@ -46,7 +46,8 @@ from ..sampling.ode import heun
 from ..sampling.sampler import sample
 from ..sampling.spec import resolve_sampler
 from ..processes.vsdm import VSDMProcess
-from ..processes.vsmd import VSMDPrecond, VSMDProcess
+from ..processes.velocity import VSMDPrecond
+from ..processes.vsmd import VSMDProcess
 
 __all__ = ["DATASETS", "METHODS", "draw", "axis_basis", "PointMLP", "histogram_rmse", "mmd_rbf", "wasserstein2",
            "on_squares", "path_metrics", "train", "evaluate", "main"]
