@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .processes import registry
 from .store import models
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
@@ -317,7 +318,7 @@ def _check_fit_grid(args) -> None:
     if args.model not in models.shipped_models():
         raise ValueError(f"--model: expected a shipped model ({', '.join(models.shipped_models()) or 'none'}), "
                          f"got {args.model!r}")
-    if models.model_family(args.model) != "core":
+    if not registry.get(models.model_family(args.model)).matrix_schedule:
         raise ValueError(f"--model: {args.model} is a {models.model_family(args.model)} model; grids are fitted for "
                          f"core models")
     bad = [n for n in args.steps if n > args.teacher_steps]

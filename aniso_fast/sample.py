@@ -9,8 +9,8 @@ paper's midpoint Heun at an odd NFE), else with DPM-Solver++(2M) on the log-SNR 
 below NFE 3 none does, and --solver must be given. When --model or a sampler option (--solver, --grid, --secondary, --order) is
 given, the explicit options win: the recorded or default model, and its family's sampler, fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
-path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
-model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`families.default_sampler`).
+path (no --schedule) with the samplers its family takes (`Family.check_sampler`; e.g. --solver em); a vsmd
+model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`Family.default_sampler`).
 Every option is checked before any work; an existing output file is replaced only with --force.
 """
 from __future__ import annotations
@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processes import families
+from .processes import registry
 from .store import models
 from .utils.atomic import atomic_write, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import to_uint8
 from .utils.figures import save_image_grid
-from .sampling.grids import GRIDS, SECONDARIES, check_grid, fitted_levels
+from .sampling.grids import GRIDS, SECONDARIES, fitted_levels
 from .sampling.noise import check_seeds
 from .sampling import spec
-from .sampling.spec import SOLVERS
+from .sampling.spec import EM, SOLVERS
 
 __all__ = ["main", "build_parser", "parse_seeds", "nfe_choice", "MAX_SAMPLES"]
 
@@ -100,7 +100,7 @@ def _admits(choice: dict, plan) -> bool:
     if choice["model"] not in models.MODELS:
         return False  # a recorded model that is no longer shipped
     try:
-        families.check_sampler(models.model_family(choice["model"]), plan)
+        registry.get(models.model_family(choice["model"])).check_sampler(plan)
     except ValueError:
         return False
     return True
@@ -117,7 +117,7 @@ def nfe_choice(nfe: int) -> dict | None:
 def _fallbacks() -> list[dict]:
     """The default model with its family's default sampler, then with each of `spec.FALLBACK_SAMPLERS`."""
     default = models.default_model()
-    solver, grid = families.default_sampler(models.model_family(default))
+    solver, grid = registry.get(models.model_family(default)).default_sampler()
     return [{"model": default, "solver": s, "grid": g}
             for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
 
@@ -136,7 +136,7 @@ def _apply_defaults(args) -> None:
         args.secondary, args.order = choice.get("secondary"), choice.get("order")
         return
     args.model = args.model or (choice["model"] if choice is not None else models.default_model())
-    # --solver / --grid left unset are the model family's defaults (`families.default_sampler`, in _validate)
+    # --solver / --grid left unset are the model family's defaults (`Family.default_sampler`, in _validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +227,7 @@ def _validate(args):
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
     learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
-    if family != "core" and args.schedule is not None:
+    if not registry.get(family).matrix_schedule and args.schedule is not None:
         raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
                          f"drop --schedule")
     if args.schedule is None:
@@ -236,10 +236,10 @@ def _validate(args):
         raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
-    args.solver, args.grid = families.default_sampler(family, args.solver, args.grid)
+    args.solver, args.grid = registry.get(family).default_sampler(args.solver, args.grid)
     fitted = models.fitted_grids(args.model)  # {} for a model without fitted grids (embedded, a file)
     try:
-        plan = families.resolve_sampler(family, args.solver, args.grid, args.secondary, args.nfe, args.order)
+        plan = registry.get(family).resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
         if plan.grid == "optimized":
             fitted_levels(fitted, plan.steps)
     except ValueError as e:
@@ -267,7 +267,7 @@ def _validate(args):
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
     name = args.model if args.model in models.MODELS else Path(args.model).stem
-    variant = plan.secondary or plan.order or ("sde" if plan.solver == families.EM else "euler")
+    variant = plan.secondary or plan.order or ("sde" if plan.solver == EM else "euler")
     stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
     try:
@@ -289,11 +289,10 @@ def _load(args):
             schedule = models.load_schedule(args.schedule, model)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
-    if families.family_of_process(schedule) == "core":  # the families' grids: families.check_sampler
-        try:
-            check_grid(args.grid, schedule)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
+    try:
+        registry.family_of_process(schedule).check_grid(args.grid, schedule)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     return model, schedule.to(args.device)
 
 
@@ -312,7 +311,7 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     outs, labs = [], []
     for i in range(0, len(seeds), args.batch):
-        x, lab, _ = families.sample(model, schedule, plan, seeds[i:i + args.batch],
+        x, lab, _ = registry.run_sampler(model, schedule, plan, seeds[i:i + args.batch],
                                     None if labels is None else labels[i:i + args.batch], fitted=fitted,
                                     device=args.device, progress=not args.no_progress)
         outs.append(to_uint8(x.cpu()))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from aniso_fast.store import checkpoint as ckpt
+from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 
 from test_train import argv, make_npz, make_trainer
@@ -166,7 +167,7 @@ def _final(out: Path):
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     npz = make_npz(tmp_path / "tiny.npz")
     straight = tmp_path / "straight"
-    train.run(train.parse_args(argv(npz, straight, *RUN)))
+    train.run(train_config.parse_args(argv(npz, straight, *RUN)))
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "aniso_fast.train", *argv(npz, killed, *RUN)]
@@ -183,7 +184,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     resumed_from = ckpt.load_checkpoint(ckpt.latest_checkpoint(killed))[1]["step"]
     assert 3 <= resumed_from < 6, f"the child was killed at step {resumed_from}"
 
-    train.run(train.parse_args(argv(npz, killed, *RUN, "--resume")))
+    train.run(train_config.parse_args(argv(npz, killed, *RUN, "--resume")))
     (ta, ma), (tb, mb) = _final(straight), _final(killed)
     assert ma["step"] == mb["step"] == 6 and ma["sampler"] == mb["sampler"]
     assert sorted(ta) == sorted(tb)
@@ -197,7 +198,7 @@ def test_resume_checks_the_configuration(tmp_path):
     npz = make_npz(tmp_path / "tiny.npz")
     out = tmp_path / "run"
     fixed = ["--decay-start-kimg", "1", "--decay-halflife-kimg", "1"]  # the defaults scale with the run length
-    train.run(train.parse_args(argv(npz, out, "iso", 1, *fixed)))
+    train.run(train_config.parse_args(argv(npz, out, "iso", 1, *fixed)))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         make_trainer(argv(npz, out, "iso", 2, *fixed))
     with pytest.raises(ckpt.CheckpointError, match="lr: checkpoint has 0.001, this run has 0.002"):

@@ -13,6 +13,7 @@ import pytest
 
 from aniso_fast import evaluate, sample
 from aniso_fast.store import models
+from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,7 +269,7 @@ def _options(parser) -> dict[str, set[str]]:
 
 
 def test_every_option_has_a_bad_value():
-    parsers = {"sample": {"": sample.build_parser()}, "train": {"": train.build_parser()},
+    parsers = {"sample": {"": sample.build_parser()}, "train": {"": train_config.build_parser()},
                "evaluate": _options(evaluate.build_parser()), "models": _options(models.build_parser())}
     missing = []
     for tool, subs in parsers.items():

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 from aniso_fast.utils.data import InfiniteBatchSampler, load_npz
 from aniso_fast.geometry.schedules import MatrixSchedule
@@ -35,8 +36,8 @@ def _free_port() -> int:
 def _state(trainer: train.Trainer) -> dict:
     out = {f"net.{k}": v.detach().clone() for k, v in trainer.net.state_dict().items()}
     out.update({f"ema.{k}": v.detach().clone() for k, v in trainer.ema.module.state_dict().items()})
-    out["psi"] = trainer.schedule.psi.detach().clone()
-    for key, value in trainer.opt_sched.state[trainer.schedule.psi].items():
+    out["psi"] = trainer.process.psi.detach().clone()
+    for key, value in trainer.opt_process.state[trainer.process.psi].items():
         out[f"opt_sched.{key}"] = value.clone()
     for i, p in enumerate(trainer.net.parameters()):
         out[f"opt_net.{i}.exp_avg_sq"] = trainer.opt_net.state[p]["exp_avg_sq"].clone()
@@ -47,7 +48,7 @@ def _rank(rank: int, world: int, port: int, args: list, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = train.run(train.parse_args(args))
+    trainer = train.run(train_config.parse_args(args))
     torch.save(_state(trainer), f"{result}.rank{rank}.pt")
 
 
@@ -59,7 +60,7 @@ def runs(tmp_path_factory):
     mp.start_processes(_rank, args=(2, _free_port(), argv(npz, tmp / "ddp", *common, "--grad-accum", "2"),
                                     str(tmp / "ddp")), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp / f"ddp.rank{r}.pt") for r in range(2)]
-    single = _state(train.run(train.parse_args(argv(npz, tmp / "single", *common, "--grad-accum", "4"))))
+    single = _state(train.run(train_config.parse_args(argv(npz, tmp / "single", *common, "--grad-accum", "4"))))
     return ranks, single, tmp
 
 

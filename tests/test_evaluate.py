@@ -43,6 +43,7 @@ from aniso_fast.evaluation import classifier, features  # noqa: E402
 from aniso_fast.store import models  # noqa: E402
 from aniso_fast.evaluation import recipes  # noqa: E402
 from aniso_fast.evaluation import table  # noqa: E402
+from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def test_fmnist_recipe_is_consistent():
     assert rows["edm"]["eval"][0] == {"solver": "heun", "grid": "karras", "secondary": "end"}
     for name in learned:
         assert rows[name]["eval"][0] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
-        assert train.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
+        assert train_config.parse_args([*rows[name]["train"], "--out", "x"]).stage in ("iso", "aniso")
         # issue 11: the anisotropic multistep solvers, optional: the full table runs them, `table --no-optional`
         # gives each learned row its own sampler only; every learned row has DPM-Solver++(2M) on the log-SNR grid
         assert rows[name]["eval"][1] == {"solver": "dpmpp-2m", "grid": "logsnr", "order": 2, "optional": True}
@@ -104,7 +105,7 @@ def test_fmnist_recipe_is_consistent():
         {"solver": "ipndm", "grid": "uniform_t", "order": 4, "optional": True},
         {"solver": "dpmpp-2m", "grid": "optimized", "order": 2, "optional": True},
         {"solver": "ipndm", "grid": "optimized", "order": 4, "optional": True}]
-    edm = vars(train.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
+    edm = vars(train_config.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
     assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
     # the ablation: the EDM network on the learned rows' sampler
     assert rows["edm"]["eval"][1] == {"solver": "heun", "grid": "uniform_t", "secondary": "mid", "ablation": True}
@@ -119,9 +120,9 @@ def test_fmnist_recipe_is_consistent():
     started = Path(rows["edm"]["out"]) / "args.json"
     if started.exists():  # the recipe resumes the run that was started by hand
         theirs = json.loads(started.read_text())
-        free = train._RESUME_FREE
+        free = train_config.RESUME_FREE
         assert {k: v for k, v in edm.items() if k not in free} == {k: v for k, v in theirs.items() if k not in free}
-    args = {name: train.parse_args([*r["train"], "--out", "x"]) for name, r in rows.items()}
+    args = {name: train_config.parse_args([*r["train"], "--out", "x"]) for name, r in rows.items()}
     assert all(args[name].steps == 250 and args[name].batch == 32 for name in [*learned, "control"])
     assert args["dct"].dct_bands == [14] and args["pca"].pca_rank == [196] and args["pca"].pca_per == "class"
     assert args["iso-class"].class_schedules and args["dct-class"].class_schedules
@@ -506,7 +507,7 @@ HEUN_MID = {"solver": "heun", "grid": "uniform_t", "secondary": "mid"}
 
 
 def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
-    """An entry is checked against the family of its row's training arguments (families.check_sampler); VSMD's
+    """An entry is checked against the family of its row's training arguments (Family.check_sampler); VSMD's
     Heun is normalised to its end point; an entry's own `nfes` must be spendable and it spends no other NFE."""
     em = {"solver": "em", "grid": "uniform_t", "nfes": [50, 200]}
     recipe = recipes.load_recipe(_family_recipe(tmp_path, [
@@ -538,8 +539,8 @@ def test_recipe_eval_entries_follow_the_rows_family(tmp_path):
 
 def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypatch):
     """A VSDM row (the mixture on a VSDM process) in the table: the PF-ODE at the table's NFEs, Euler-Maruyama at
-    its own NFEs only, each cell's samples from families.sample; the Markdown has a column for every NFE run."""
-    from aniso_fast.processes import families
+    its own NFEs only, each cell's samples from registry.run_sampler; the Markdown has a column for every NFE run."""
+    from aniso_fast.processes import registry
     from aniso_fast.utils.data import to_uint8
     from aniso_fast.processes.vsdm import VSDMProcess
 
@@ -566,8 +567,8 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     cells = {(c["solver"], c["nfe"]): c for c in result["rows"][0]["cells"]}
     assert sorted(cells) == [("em", 4), ("em", 6), ("heun", 3), ("heun", 5)]
     assert not any("skipped" in c for c in cells.values())
-    plan = families.resolve_sampler("vsdm", "em", "uniform_t", None, 6)
-    x, _, _ = families.sample(model, process, plan, list(range(6)), torch.arange(6))
+    plan = registry.get("vsdm").resolve_sampler("em", "uniform_t", None, 6)
+    x, _, _ = registry.run_sampler(model, process, plan, list(range(6)), torch.arange(6))
     assert torch.equal(generated[("em", 6, tuple(range(6)))], to_uint8(x))
     md = table.results_markdown(result, recipe, "cmd", {})
     head = next(line for line in md.splitlines() if line.startswith("| model | sampler |"))

@@ -105,12 +105,12 @@ def test_sampling_refuses_a_missing_or_malformed_fitted_grid(gmm, aniso_schedule
 
 
 def test_other_families_refuse_the_fitted_grid():
-    from aniso_fast.processes import families
+    from aniso_fast.processes import registry
 
     plan = spec.resolve_sampler("dpmpp-2m", "optimized", None, 5)
     for family in ("vsdm", "vsmd"):
         with pytest.raises(ValueError, match="^grid: 'optimized'"):
-            families.check_sampler(family, plan)
+            registry.get(family).check_sampler(plan)
 
 
 def _one_line_error(capsys, *words):

@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
-from aniso_fast.processes import families
+from aniso_fast.processes import registry
 from aniso_fast.geometry.bases import DCTBasis
-from aniso_fast.processes.phase_space import GRIDS, VSMDDenoiser, dpmpp_2m, flow_transition, given_data, sigma_grid
+from aniso_fast.processes.phase_space import (PHASE_SPACE_GRIDS, VSMDDenoiser, dpmpp_2m_phase_space, flow_transition,
+                                              given_data, sample_ode, sigma_grid)
 from aniso_fast.networks.precond import AnisoPrecond
 from aniso_fast.sampling.spec import resolve_sampler
-from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
+from aniso_fast.processes.velocity import VSMDPrecond
+from aniso_fast.processes.vsmd import VSMDProcess
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -155,7 +157,7 @@ def test_first_order_step_is_exact_for_point_data():
     T, t0 = torch.full((4,), process.T, dtype=F64), torch.full((4,), process.t0, dtype=F64)
     with torch.no_grad():
         ts = sigma_grid(process, "logsnr", 3, 4, None)
-        got, got_v = dpmpp_2m(process, model, x, v, ts, None, order=2)
+        got, got_v = dpmpp_2m_phase_space(process, model, x, v, ts, None, order=2)
         x0 = mix.mu[0].reshape(1, *SHAPE).expand(4, -1, -1, -1)
         e_T, _ = given_data(process, T)
         e_0, _ = given_data(process, t0)
@@ -175,7 +177,7 @@ def test_dpmpp_2m_converges_at_its_order_on_the_mixture(grid, orders):
 
     def run(n, order):
         with torch.no_grad():
-            return dpmpp_2m(process, model, x, v, sigma_grid(process, grid, n, 6, None), None, order=order)[0]
+            return dpmpp_2m_phase_space(process, model, x, v, sigma_grid(process, grid, n, 6, None), None, order=order)[0]
 
     ref = run(512, 2)
     bounds = {1: (1.7, 2.7), 2: (3.4, 5.5)}
@@ -189,7 +191,7 @@ def test_dpmpp_2m_converges_at_its_order_on_the_mixture(grid, orders):
 def test_grids_run_from_T_to_t0_and_follow_the_mean_log_sigma():
     process = _process(classes=3)
     labels = torch.tensor([0, 1, 2, 1])
-    for grid in GRIDS:
+    for grid in PHASE_SPACE_GRIDS:
         ts = sigma_grid(process, grid, 6, 4, labels)
         assert ts.shape == (4, 7)
         assert torch.all(ts[:, 0] == process.T) and torch.all(ts[:, -1] == process.t0)
@@ -206,12 +208,12 @@ def test_grids_run_from_T_to_t0_and_follow_the_mean_log_sigma():
 
 
 def test_sampler_rules_for_the_phase_space():
-    families.resolve_sampler("vsmd", "dpmpp-2m", "logsnr", None, 5)
-    families.resolve_sampler("vsmd", "dpmpp-2m", "edm_sigma", None, 5)
+    registry.get("vsmd").resolve_sampler("dpmpp-2m", "logsnr", None, 5)
+    registry.get("vsmd").resolve_sampler("dpmpp-2m", "edm_sigma", None, 5)
     with pytest.raises(ValueError, match="^grid: "):
-        families.resolve_sampler("vsmd", "heun", "logsnr", None, 5)
+        registry.get("vsmd").resolve_sampler("heun", "logsnr", None, 5)
     with pytest.raises(ValueError, match="^grid: "):
-        families.resolve_sampler("vsmd", "dpmpp-2m", "karras", None, 5)
+        registry.get("vsmd").resolve_sampler("dpmpp-2m", "karras", None, 5)
     basis, process = _basis(), _process()
     velocity = VSMDPrecond(_ShapeNet(), process, basis)
     with pytest.raises(ValueError, match="^solver: dpmpp-2m needs the denoiser head"):

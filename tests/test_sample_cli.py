@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aniso_fast.processes import families
+from aniso_fast.processes import registry
 from aniso_fast.store import models
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
@@ -120,7 +120,7 @@ def no_work(monkeypatch):
 
     for name in ("load_model", "load_trained", "load_shipped"):
         monkeypatch.setattr(models, name, work)
-    monkeypatch.setattr(families, "sample", work)
+    monkeypatch.setattr(registry, "run_sampler", work)
 
 
 def _one_line_error(capsys, *words):
@@ -363,7 +363,7 @@ def _npz_run(capsys, *argv):
     ("vsmd", ["--solver", "dpmpp-2m", "--grid", "logsnr", "--nfe", "4"], "learned_dpmpp-2m-2_logsnr_nfe4", 4),
 ])
 def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ckpt, family, argv, stem, nfe):
-    """A VSDM / VSMD training checkpoint samples on its own process through families.sample: the CLI's images are
+    """A VSDM / VSMD training checkpoint samples on its own process through registry.run_sampler: the CLI's images are
     that function's for the same seeds and classes, and a seed's image does not depend on the batch."""
     from aniso_fast.utils.data import to_uint8
 
@@ -372,11 +372,11 @@ def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ck
                           str(tmp_path / "a"))
     assert path.endswith(f"checkpoint-00000001_{stem}.npz") and data["labels"].tolist() == [2, 2]
     model, process, _ = models.load_trained(ckpt)
-    assert families.family_of_process(process) == family
+    assert registry.family_of_process(process).name == family
     args = sample_cli.build_parser().parse_args(["--model", ckpt, *argv, "--outdir", str(tmp_path / "c")])
     plan = sample_cli._validate(args)[0]
     assert plan.nfe == nfe
-    x, _, info = families.sample(model, process, plan, [0, 5], torch.tensor([2, 2]))
+    x, _, info = registry.run_sampler(model, process, plan, [0, 5], torch.tensor([2, 2]))
     assert info["nfe"] == nfe and np.array_equal(data["images"], to_uint8(x).numpy())
     _, other = _npz_run(capsys, "--model", ckpt, "--seeds", "5", "--classes", "2", *argv, "--outdir",
                         str(tmp_path / "b"))

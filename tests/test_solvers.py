@@ -315,7 +315,7 @@ def test_em_rules_in_resolve_sampler(gmm, aniso_schedule):
         ode.em(gmm, torch.zeros(1, *gmm.image_shape), G.schedule_grid(aniso_schedule, G.uniform_t(3), None, "mid"))
 
 
-# ---- one sampler entry for every process family (families.sample, families.check_sampler) ----
+# ---- one sampler entry for every process family (registry.run_sampler, Family.check_sampler) ----
 
 class PhaseStub:
     """A VSMD precond stand-in: the velocity score -v (a N(0, I) velocity), on the mixture's basis."""
@@ -330,27 +330,27 @@ class PhaseStub:
 
 
 def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
-    from aniso_fast.processes import families as F
+    from aniso_fast.processes import registry as F
     from aniso_fast.processes import vsdm
-    from aniso_fast.processes import vsmd
+    from aniso_fast.processes import phase_space, vsmd
 
     def same(plan, process, expected, model=gmm):
-        x, _, info = F.sample(model, process, plan, [0, 3])
+        x, _, info = F.run_sampler(model, process, plan, [0, 3])
         assert torch.equal(x, expected[0]) and info["nfe"] == plan.nfe and info["solver"] == plan.solver
 
-    core = F.resolve_sampler("core", "em", "karras", None, 5)
+    core = F.get("core").resolve_sampler("em", "karras", None, 5)
     same(core, aniso_schedule, sampling.sample(gmm, aniso_schedule, nfe=5, solver="em", grid="karras", seeds=[0, 3]))
     process = vsdm.VSDMProcess(2, rates=[[0.2, -0.5]])
-    same(F.resolve_sampler("vsdm", "em", "uniform_t", None, 4), process, vsdm.sample_em(process, gmm, [0, 3], 4))
-    same(F.resolve_sampler("vsdm", "dpmpp-2m", "logsnr", None, 5), process,
+    same(F.get("vsdm").resolve_sampler("em", "uniform_t", None, 4), process, vsdm.sample_em(process, gmm, [0, 3], 4))
+    same(F.get("vsdm").resolve_sampler("dpmpp-2m", "logsnr", None, 5), process,
          vsdm.sample_ode(process, gmm, [0, 3], 5, solver="dpmpp-2m", grid="logsnr"))
     phase, stub = vsmd.VSMDProcess(2), PhaseStub(gmm.basis)
-    heun = F.resolve_sampler("vsmd", "heun", "uniform_t", None, 5)
+    heun = F.get("vsmd").resolve_sampler("heun", "uniform_t", None, 5)
     assert heun.secondary == "end" and heun.steps == 3  # VSMD's Heun: end point, last step Euler
-    same(heun, phase, vsmd.sample_ode(phase, stub, [0, 3], 5), stub)
-    same(F.resolve_sampler("vsmd", "ipndm", "uniform_t", None, 4, 2), phase,
-         vsmd.sample_ode(phase, stub, [0, 3], 4, solver="ipndm", order=2), stub)
-    same(F.resolve_sampler("vsmd", "em", "uniform_t", None, 4), phase, vsmd.sample_em(phase, stub, [0, 3], 4), stub)
+    same(heun, phase, phase_space.sample_ode(phase, stub, [0, 3], 5), stub)
+    same(F.get("vsmd").resolve_sampler("ipndm", "uniform_t", None, 4, 2), phase,
+         phase_space.sample_ode(phase, stub, [0, 3], 4, solver="ipndm", order=2), stub)
+    same(F.get("vsmd").resolve_sampler("em", "uniform_t", None, 4), phase, vsmd.sample_em(phase, stub, [0, 3], 4), stub)
 
 
 @pytest.mark.parametrize("family,solver,grid,secondary,match", [
@@ -364,30 +364,30 @@ def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
     ("vsmd", "heun", "uniform_t", "mid", "^secondary: a vsmd model's Heun steps to the end point"),
 ])
 def test_families_refuse_samplers_they_do_not_take(gmm, family, solver, grid, secondary, match):
-    from aniso_fast.processes import families as F
+    from aniso_fast.processes import registry as F
     from aniso_fast.processes import vsdm
     from aniso_fast.processes import vsmd
 
     with pytest.raises(ValueError, match=match):
-        F.resolve_sampler(family, solver, grid, secondary, 9)
+        F.get(family).resolve_sampler(solver, grid, secondary, 9)
     plan = spec.resolve_sampler(solver, grid, secondary, 9)
-    F.check_sampler("core", plan)  # the engine takes every sampler
+    F.get("core").check_sampler(plan)  # the engine takes every sampler
     process = vsdm.VSDMProcess(2) if family == "vsdm" else vsmd.VSMDProcess(2)
-    with pytest.raises(ValueError, match=match):  # and families.sample checks at its own boundary
-        F.sample(gmm, process, plan, [0])
+    with pytest.raises(ValueError, match=match):  # and registry.run_sampler checks at its own boundary
+        F.run_sampler(gmm, process, plan, [0])
 
 
 def test_families_sample_bad_input(gmm):
-    from aniso_fast.processes import families as F
+    from aniso_fast.processes import registry as F
     from aniso_fast.processes import vsdm
 
     plan = spec.resolve_sampler("em", "uniform_t", None, 3)
     with pytest.raises(ValueError, match="^family: expected one of core, vsdm, vsmd"):
-        F.check_sampler("vp", plan)
+        F.get("vp").check_sampler(plan)
     with pytest.raises(ValueError, match="^plan: expected a sampling.Sampler"):
-        F.sample(gmm, vsdm.VSDMProcess(2), {"solver": "em"}, [0])
+        F.run_sampler(gmm, vsdm.VSDMProcess(2), {"solver": "em"}, [0])
     cond = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2)
     with pytest.raises(ValueError, match="^labels: expected classes in"):
-        F.sample(cond, vsdm.VSDMProcess(2), plan, [0, 1], labels=torch.tensor([0, 2]))
+        F.run_sampler(cond, vsdm.VSDMProcess(2), plan, [0, 1], labels=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="^seeds"):
-        F.sample(gmm, vsdm.VSDMProcess(2), plan, [-1])
+        F.run_sampler(gmm, vsdm.VSDMProcess(2), plan, [-1])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aniso_fast import sample as sample_cli
-from aniso_fast.processes import families
+from aniso_fast.processes import registry
 from aniso_fast.sampling import grids, spec
 from aniso_fast.sampling.spec import SOLVERS, choose_for_nfe, resolve_sampler
 from aniso_fast.store import models
@@ -133,7 +133,7 @@ def test_every_nfe_from_1_to_250_gets_a_choice_the_table_allows():
         choice = sample_cli.nfe_choice(nfe)
         assert choice is not None, nfe
         _check_choice(nfe, choice, recorded, models.fitted_grids)
-        families.check_sampler(models.model_family(choice["model"]), resolve_sampler(
+        registry.get(models.model_family(choice["model"])).check_sampler(resolve_sampler(
             choice["solver"], choice["grid"], choice.get("secondary"), nfe, choice.get("order")))
         seen[nfe] = (choice["model"], choice["solver"], choice.get("secondary"))
     for nfe in recorded:

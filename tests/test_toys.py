@@ -22,7 +22,9 @@ from aniso_fast.sampling.spec import SOLVERS
 from aniso_fast.networks.unet import SongUNet
 from aniso_fast.processes.vsdm import (Trajectories, VSDMProcess, dsm_loss, forward_sb_loss, forward_score,
                              forward_score_divergence, sample_em, score, simulate_backward)
-from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
+from aniso_fast.processes.phase_space import sample_ode
+from aniso_fast.processes.velocity import VSMDPrecond
+from aniso_fast.processes.vsmd import VSMDProcess
 
 F64 = torch.float64
 

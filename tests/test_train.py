@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from aniso_fast.processes.core_family import STAGE_LOSSES
 from aniso_fast.store import checkpoint as ckpt
-from aniso_fast.training import optim
+from aniso_fast.training import checkpointing, optim
+from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 from aniso_fast.training.ema import ema_beta
 
@@ -50,7 +52,7 @@ def argv(data, out, stage="aniso", steps=2, *extra):
 
 
 def make_trainer(args_list) -> train.Trainer:
-    return train.Trainer(train.parse_args(args_list))
+    return train.Trainer(train_config.parse_args(args_list))
 
 
 # ---- pure pieces ----
@@ -97,7 +99,7 @@ def test_class_masked_adam_is_adam_per_class_and_freezes_absent_classes():
 
 
 def test_help_documents_every_option():
-    parser = train.build_parser()
+    parser = train_config.build_parser()
     text = parser.format_help()
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
@@ -164,11 +166,11 @@ def test_every_option_is_checked_before_anything_is_written(tmp_path, npz, capsy
     assert exit_.value.code == 2 and err.startswith(f"error: {option}: ") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=f"^{option}: "):
-        train.config_from_argv(args)
+        train_config.config_from_argv(args)
 
 
 def test_good_edge_values_are_accepted(tmp_path, npz):
-    args = train.config_from_argv(argv(npz, tmp_path / "run", "aniso", 2, "--xflip", "--dropout", "0",
+    args = train_config.config_from_argv(argv(npz, tmp_path / "run", "aniso", 2, "--xflip", "--dropout", "0",
                                        "--decay-start-kimg", "inf", "--num-knots", "2", "--lr", "0"))
     assert args.xflip and args.decay_start_kimg == math.inf and args.steps == 2
 
@@ -206,7 +208,7 @@ def test_labels_out_of_range_are_refused_before_training(tmp_path, capsys):
 
 def test_aniso_class_schedules_writes_log_samples_plot_checkpoint(tmp_path, npz):
     out = tmp_path / "run"
-    trainer = train.run(train.parse_args(argv(npz, out, "aniso", 2, "--class-schedules", "--sample-every", "2",
+    trainer = train.run(train_config.parse_args(argv(npz, out, "aniso", 2, "--class-schedules", "--sample-every", "2",
                                               "--sample-n", "3", "--sample-nfe", "3", "--grad-accum", "2")))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -221,20 +223,20 @@ def test_aniso_class_schedules_writes_log_samples_plot_checkpoint(tmp_path, npz)
     assert (out / "schedule-00000002.png").stat().st_size > 0
     tensors, meta = ckpt.load_checkpoint(out / "checkpoint-00000002.safetensors")
     assert meta["step"] == 2 and meta["schedule_config"]["num_classes"] == 3
-    assert torch.equal(tensors["schedule.psi"], trainer.schedule.psi.detach())
+    assert torch.equal(tensors["schedule.psi"], trainer.process.psi.detach())
 
 
 def test_absent_class_keeps_schedule_and_adam_state_bit_identical(tmp_path, npz):
     trainer = make_trainer(argv(npz, tmp_path / "run", "aniso", 2, "--class-schedules"))
     labels = trainer.data.labels
     trainer.train_step(torch.tensor([0, 1, 2, 3]))  # classes 0, 1, 2, 0: every class moves
-    state = trainer.opt_sched.state[trainer.schedule.psi]
-    psi0 = trainer.schedule.psi.detach().clone()
+    state = trainer.opt_process.state[trainer.process.psi]
+    psi0 = trainer.process.psi.detach().clone()
     before = {k: v.clone() for k, v in state.items()}
     batch = torch.nonzero(labels != 2).flatten()[:4]
     record = trainer.train_step(batch)  # class 2 absent
     assert record["classes_present"] == 2
-    psi1 = trainer.schedule.psi.detach()
+    psi1 = trainer.process.psi.detach()
     assert torch.equal(psi1[2], psi0[2])
     assert not torch.equal(psi1[0], psi0[0]) and not torch.equal(psi1[1], psi0[1])
     for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -243,7 +245,7 @@ def test_absent_class_keeps_schedule_and_adam_state_bit_identical(tmp_path, npz)
 
 
 def test_nonfinite_gradients_are_sanitised_and_counted(tmp_path, npz, monkeypatch):
-    base = train.loss_function("iso")
+    base = STAGE_LOSSES["iso"]
     poison = torch.tensor([float("nan"), float("inf"), -float("inf")])
 
     def poisoned(model, schedule, x0, labels, **kw):
@@ -251,7 +253,7 @@ def test_nonfinite_gradients_are_sanitised_and_counted(tmp_path, npz, monkeypatc
         p = next(model.parameters())
         return loss + (p.flatten()[:3] * poison).sum(), stats
 
-    monkeypatch.setattr(train, "loss_function", lambda stage: poisoned)
+    monkeypatch.setitem(STAGE_LOSSES, "iso", poisoned)
     trainer = make_trainer(argv(npz, tmp_path / "run", "iso", 1))
     record = trainer.train_step()
     assert record["nonfinite_net"] == 3 and record["nonfinite_schedule"] == 0
@@ -272,8 +274,8 @@ def test_run_ends_with_a_summary_line(tmp_path, npz, capsys):
 def test_resume_may_extend_the_run(tmp_path, npz):
     """Issue 10, defect 2: the decay defaults derived from --steps/--kimg made any longer run a config mismatch."""
     out = tmp_path / "run"
-    train.run(train.parse_args(argv(npz, out, "iso", 6)))
-    trainer = train.run(train.parse_args(argv(npz, out, "iso", 8, "--resume")))
+    train.run(train_config.parse_args(argv(npz, out, "iso", 6)))
+    trainer = train.run(train_config.parse_args(argv(npz, out, "iso", 8, "--resume")))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert trainer.step == 8 and [r["step"] for r in records] == list(range(1, 9))
     assert ckpt.read_meta(ckpt.latest_checkpoint(out))["step"] == 8
@@ -291,15 +293,15 @@ def test_resume_may_extend_the_run(tmp_path, npz):
 
 def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
     """METHOD §2.2: edm -> iso (tied) -> aniso per class: a tied schedule to every subspace, global to every class."""
-    train.run(train.parse_args(argv(npz, tmp_path / "edm", "edm", 1)))
-    iso = train.run(train.parse_args(argv(npz, tmp_path / "iso", "iso", 2, "--init-from",
+    train.run(train_config.parse_args(argv(npz, tmp_path / "edm", "edm", 1)))
+    iso = train.run(train_config.parse_args(argv(npz, tmp_path / "iso", "iso", 2, "--init-from",
                                           tmp_path / "edm" / "checkpoint-00000001.safetensors")))
     iso_ckpt = tmp_path / "iso" / "checkpoint-00000002.safetensors"
     ani = make_trainer(argv(npz, tmp_path / "ani", "aniso", 1, "--class-schedules", "--dct-bands", "2,4",
                             "--init-from", iso_ckpt))
-    psi = iso.schedule.psi.detach()  # [1, 1, 31]
-    assert psi.shape == (1, 1, 31) and ani.schedule.psi.shape == (3, 3, 31)
-    assert torch.equal(ani.schedule.psi.detach(), psi.expand(3, 3, -1))
+    psi = iso.process.psi.detach()  # [1, 1, 31]
+    assert psi.shape == (1, 1, 31) and ani.process.psi.shape == (3, 3, 31)
+    assert torch.equal(ani.process.psi.detach(), psi.expand(3, 3, -1))
     # the trained network and its EMA both start from the source's EMA (the paper fine-tunes the published EMA)
     for a, b in zip(ani.net.state_dict().values(), iso.ema.module.state_dict().values()):
         assert torch.equal(a, b)
@@ -312,7 +314,7 @@ def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
         assert torch.equal(a, b)
     # a per-class schedule cannot become a global one
     ani_out = tmp_path / "ani2"
-    train.run(train.parse_args(argv(npz, ani_out, "aniso", 1, "--class-schedules", "--init-from", iso_ckpt)))
+    train.run(train_config.parse_args(argv(npz, ani_out, "aniso", 1, "--class-schedules", "--init-from", iso_ckpt)))
     with pytest.raises(ValueError, match="cannot become a global one"):
         make_trainer(argv(npz, tmp_path / "ani3", "aniso", 1, "--init-from",
                           ani_out / "checkpoint-00000001.safetensors"))
@@ -323,11 +325,11 @@ def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
     from aniso_fast.store import models
 
     monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
-    iso = train.run(train.parse_args(argv(npz, tmp_path / "iso", "iso", 2)))
+    iso = train.run(train_config.parse_args(argv(npz, tmp_path / "iso", "iso", 2)))
     path = models.export_model(tmp_path / "iso" / "checkpoint-00000002.safetensors", "tiny-iso", net_dtype="float32")
     for source in ("tiny-iso", str(path)):
         ani = make_trainer(argv(npz, tmp_path / f"ani-{len(source)}", "aniso", 1, "--init-from", source))
-        assert torch.equal(ani.schedule.psi.detach(), iso.schedule.psi.detach().expand(1, 2, -1))
+        assert torch.equal(ani.process.psi.detach(), iso.process.psi.detach().expand(1, 2, -1))
         for a, b in zip(ani.net.state_dict().values(), iso.ema.module.state_dict().values()):
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="holds only the EMA network"):
@@ -339,16 +341,16 @@ def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
 def test_edm_stage_keeps_the_karras_schedule_frozen(tmp_path, npz):
     from aniso_fast.geometry.schedules import MatrixSchedule
 
-    trainer = train.run(train.parse_args(argv(npz, tmp_path / "edm", "edm", 2)))
-    assert trainer.opt_sched is None and not trainer.schedule.psi.requires_grad
-    assert torch.equal(trainer.schedule.psi.detach(), MatrixSchedule(1, tied=True).psi.detach())
+    trainer = train.run(train_config.parse_args(argv(npz, tmp_path / "edm", "edm", 2)))
+    assert trainer.opt_process is None and not trainer.process.psi.requires_grad
+    assert torch.equal(trainer.process.psi.detach(), MatrixSchedule(1, tied=True).psi.detach())
 
 
 @pytest.mark.parametrize("per, groups", [("class", 3), ("cluster", 2)])
 def test_pca_basis_per_class_or_cluster(tmp_path, npz, per, groups):
-    trainer = train.run(train.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca", "--pca-rank", "3,2",
-                                              "--pca-per", per, "--pca-clusters", "2")))
-    assert trainer.basis.num_groups == groups and trainer.schedule.num_subspaces == 3
+    trainer = train.run(train_config.parse_args(argv(npz, tmp_path / "pca", "aniso", 1, "--basis", "pca",
+                                                     "--pca-rank", "3,2", "--pca-per", per, "--pca-clusters", "2")))
+    assert trainer.basis.num_groups == groups and trainer.process.num_subspaces == 3
     tensors, meta = ckpt.load_checkpoint(tmp_path / "pca" / "checkpoint-00000001.safetensors")
     assert meta["basis_config"]["type"] == "pca" and tensors["basis.V64"].shape == (groups, 5, 64)
     assert torch.equal(tensors["basis.V64"], trainer.basis.V64)
@@ -369,3 +371,45 @@ def test_edm_pickle_starts_network_and_ema(tmp_path, fake_edm):
     with pytest.raises(ValueError, match=r"the network is for 3x32x32 images, the data is 1x8x8"):
         make_trainer(argv(make_npz(tmp_path / "small.npz", classes=10), tmp_path / "run2", "iso", 1,
                           "--edm-pickle", pkl))
+
+
+def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_and_latest_follow(tmp_path, npz):
+    """Issue 22: after a 6-step run with checkpoints 2, 4, 6, `--steps 3 --snapshot-every 1 --keep 2 --resume
+    <out>/checkpoint-00000002` keeps its own step-3 checkpoint (the abandoned branch's 4 and 6 are moved aside), and
+    the next plain --resume continues from step 3: the log holds steps 1-6 once each, and the branch ends where an
+    uninterrupted run does."""
+    out = tmp_path / "run"
+    common = ["--decay-start-kimg", "inf"]
+    train.run(train_config.parse_args(argv(npz, out, "iso", 6, "--snapshot-every", "2", *common)))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [f"checkpoint-0000000{s}.safetensors" for s in (2, 4, 6)]
+    straight = ckpt.load_checkpoint(out / "checkpoint-00000006.safetensors")[0]
+
+    branch = train.run(train_config.parse_args(argv(npz, out, "iso", 3, "--snapshot-every", "1", "--keep", "2", *common,
+                                                    "--resume", out / "checkpoint-00000002.safetensors")))
+    assert branch.step == 3
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000002.safetensors",
+                                                            "checkpoint-00000003.safetensors"]
+    abandoned = out / "abandoned-00000002"
+    assert sorted(p.name for p in abandoned.iterdir()) == ["checkpoint-00000004.safetensors",
+                                                           "checkpoint-00000006.safetensors"]
+
+    resumed = train.run(train_config.parse_args(argv(npz, out, "iso", 6, "--snapshot-every", "2", *common,
+                                                     "--resume")))
+    assert resumed.resume_path == out / "checkpoint-00000003.safetensors" and resumed.step == 6
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))[0]
+    assert final.keys() == straight.keys()
+    for key in final:
+        if not key.startswith("rng."):
+            assert torch.equal(final[key], straight[key]), key
+
+
+def test_keep_never_deletes_the_checkpoint_just_written(tmp_path, npz):
+    """A stale later checkpoint in --out (sorting after this run's) does not make --keep delete this run's own."""
+    out = tmp_path / "run"
+    train.run(train_config.parse_args(argv(npz, out, "iso", 1, "--snapshot-every", "1")))
+    ckpt.save_checkpoint(ckpt.checkpoint_path(out, 9), *ckpt.load_checkpoint(out / "checkpoint-00000001.safetensors"))
+    tensors, meta = ckpt.load_checkpoint(out / "checkpoint-00000001.safetensors")
+    path = checkpointing.save(out, 2, tensors, meta, keep=1)
+    assert path.exists() and (out / "checkpoint-00000009.safetensors").exists()

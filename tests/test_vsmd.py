@@ -9,7 +9,8 @@ import torch
 
 from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
 from aniso_fast.networks.unet import SongUNet
-from aniso_fast.processes.vsmd import VelocityScoreNet, VSMDPrecond, VSMDProcess
+from aniso_fast.processes.velocity import VelocityScoreNet, VSMDPrecond
+from aniso_fast.processes.vsmd import VSMDProcess
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

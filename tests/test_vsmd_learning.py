@@ -17,17 +17,16 @@ from aniso_fast.sampling.noise import seeded_labels, seeded_noise
 from aniso_fast.sampling.spec import MAX_NFE
 from aniso_fast.processes.vsmd import (
     Trajectories,
-    VelocityScoreNet,
-    VSMDPrecond,
     VSMDProcess,
     dsm_loss,
     forward_sb_loss,
     forward_score,
     forward_score_divergence,
     sample_em,
-    sample_ode,
     simulate_backward,
 )
+from aniso_fast.processes.phase_space import sample_ode
+from aniso_fast.processes.velocity import VelocityScoreNet, VSMDPrecond
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -401,12 +400,12 @@ def test_sampler_and_forward_loss_bad_input_raises_naming_the_argument():
     bare.basis = basis
     with pytest.raises(ValueError, match=r"^image_shape: required, the model reports no image shape"):
         sample_em(process, bare, [0], 2)
-    with pytest.raises(ValueError, match=r"^labels: the model and the process are unconditional"):
+    with pytest.raises(ValueError, match=r"^labels: this model is unconditional"):
         sample_ode(process, oracle, [0, 1], 9, labels=torch.tensor([0, 1]))
     conditional = VSMDProcess(3, num_classes=2)
-    with pytest.raises(ValueError, match=r"^labels: expected one class label per seed, shape \(2,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"^labels: expected one label per seed \(2\), got shape \(3,\)"):
         sample_ode(conditional, oracle, [0, 1], 9, labels=torch.tensor([0, 1, 1]))
-    with pytest.raises(ValueError, match=r"^labels: expected class labels in \[0, 2\), got values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"^labels: expected classes in \[0, 2\), got \[0, 2\]"):
         sample_em(conditional, oracle, [0, 1], 2, labels=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"^basis: expected 2 subspaces \(one c each\), got a basis with 3"):
         sample_ode(VSMDProcess(2), oracle, [0], 9)

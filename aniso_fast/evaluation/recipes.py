@@ -3,7 +3,7 @@ behind `python -m aniso_fast.evaluate train-recipe`.
 
 A row names its training arguments (`python -m aniso_fast.train <train> --out <out>`), the row it fine-tunes
 from (`init_from`), the shipped model it becomes (`export`) and the samplers of its evaluation (`eval`, the
-first one the row's own), each one its family takes (`families.check_sampler`; the family is the training
+first one the row's own), each one its family takes (`Family.check_sampler`; the family is the training
 arguments' `--family`). An `eval` entry runs at the table's NFEs, or at its own `nfes` (e.g. VSDM's
 Euler-Maruyama at 50 and 200 steps).
 """
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..processes import families
+from ..processes import registry
 from ..store import models
 from ..store.checkpoint import latest_checkpoint, read_meta
+from ..training.config import config_from_argv
 from ..sampling.spec import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
@@ -38,7 +39,7 @@ def sampler_for(cfg: dict, nfe: int | None = None, family: str = "core") -> Samp
         nfe = own[0] if own else MAX_NFE - 1
     elif own and nfe not in own:
         raise ValueError(f"nfe: this sampler runs at its own NFEs ({', '.join(map(str, own))}) only, got {nfe}")
-    return families.resolve_sampler(family, cfg["solver"], cfg["grid"], cfg.get("secondary"), nfe, cfg.get("order"))
+    return registry.get(family).resolve_sampler(cfg["solver"], cfg["grid"], cfg.get("secondary"), nfe, cfg.get("order"))
 
 
 def sampler_key(cfg: dict, family: str = "core") -> tuple:
@@ -61,8 +62,6 @@ def _stage_argv(row: dict) -> list[str]:
 
 
 def _check_row(row, path: Path, seen: set) -> None:
-    from ..training.trainer import config_from_argv
-
     if not isinstance(row, dict):
         raise ValueError(f"{path}: every row must be a JSON object, got {row!r}")
     if isinstance(row.get("train"), str):  # one command-line string per stage, as typed in a shell
@@ -157,8 +156,6 @@ def select_rows(recipe: dict, names: Sequence[str] | None) -> list[dict]:
 
 def _stage_state(row: dict) -> dict:
     """Where a row's training stands: target steps (from its training configuration), latest checkpoint, done."""
-    from ..training.trainer import config_from_argv
-
     target = config_from_argv(_stage_argv(row)).steps
     latest = latest_checkpoint(row["out"])
     step = read_meta(latest)["step"] if latest is not None else 0

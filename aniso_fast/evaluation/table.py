@@ -2,7 +2,7 @@
 `docs/results.json` and `docs/figures/`.
 
 For every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
-NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`families.sample`: any family), scored by the Frechet distance to the test set in a feature space
+NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`registry.run_sampler`: any family), scored by the Frechet distance to the test set in a feature space
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
 cached per (model, sampler, NFE, N, seed set), so an interrupted run resumes where it stopped.
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..processes import families
+from ..processes import registry
 from ..utils.atomic import atomic_write, atomic_write_text
 from ..utils.machine import machine_description
 from .features import FeatureMap, FrechetScorer
@@ -65,11 +65,11 @@ def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch:
 
     out = []
     num_classes = model.num_classes
-    plan = sampler_for(cfg, nfe, families.family_of_process(schedule))
+    plan = sampler_for(cfg, nfe, registry.family_of_process(schedule).name)
     for i in range(0, len(seeds), batch):
         chunk = list(seeds[i:i + batch])
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
-        x, _, _ = families.sample(model, schedule, plan, chunk, labels, fitted=fitted)
+        x, _, _ = registry.run_sampler(model, schedule, plan, chunk, labels, fitted=fitted)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -220,7 +220,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 print(f"{row['name']}: skipped ({found['where']})", flush=True)
             continue
         model, schedule = found["load"]()
-        family = families.family_of_process(schedule)
+        family = registry.family_of_process(schedule).name
         entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]

@@ -14,10 +14,10 @@ Tweedie's formula for z gives the velocity score exactly:
 
 `VSMDDenoiser` is that model: a C-channel EDM network (`fmnist-edm` unchanged is a working start) inside
 `AnisoPrecond`, one `block_combine` for (y, -(S^{-1} z)_v) and one `combine` for the score, the same contract as
-`vsmd.VSMDPrecond` (so `vsmd.dsm_loss`, the samplers and the c-update take it unchanged). VSMD's own form asks a
+`velocity.VSMDPrecond` (so `vsmd.dsm_loss`, the samplers and the c-update take it unchanged). VSMD's own form asks a
 2C-channel network for the velocity noise; at a short fine-tune it never learns what this view gets for free.
 
-**The exponential integrator** (`dpmpp_2m`, DPM-Solver++(2M) / gDDIM on the phase space). The PF-ODE is
+**The exponential integrator** (`dpmpp_2m_phase_space`, DPM-Solver++(2M) / gDDIM on the phase space). The PF-ODE is
 dz/dt = A(t) z + b(t) D, A = F + 1/2 Q S^{-1}, b = -1/2 Q S^{-1} e (F the drift blocks, Q = gamma beta e_v e_v^T).
 Its linear part has the transition Phi(t, s) = R(t) R(s)^{-1} for any R with R' = A R; R = L Rot(theta) with
 L = chol(S) solves it when theta' = -(beta / 2) L_vv / L_xx (A's upper-right entry is beta/2; S' = F S + S F^T +
@@ -36,7 +36,7 @@ grid on it), from T to the end time t0, one grid per sample for per-class c.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,13 +46,19 @@ from tqdm.auto import tqdm
 from ..geometry.bases import SubspaceBasis
 from ..utils.checks import check_in_range
 from ..geometry.schedules import as_time
-from .vsmd import VelocityModel, VSMDProcess, lower_cholesky
+from ..sampling.multistep import AB_WEIGHTS
+from ..sampling.noise import SeedStreams
+from ..sampling.spec import EM, Sampler, resolve_sampler
+from .process import time_column
+from .velocity import VelocityModel
+from .vsmd import VSMDProcess, lower_cholesky, prior, sampling_inputs, velocity_score
 
 __all__ = ["DenoiserView", "given_data", "denoiser_view", "VSMDDenoiser", "flow_transition", "sigma_grid",
-           "dpmpp_2m", "GRIDS"]
+           "dpmpp_2m_phase_space", "sample_ode", "check_sampler", "PHASE_SPACE_GRIDS", "PHASE_SPACE_SOLVERS"]
 
 _F64 = torch.float64
-GRIDS = ("uniform_t", "logsnr", "edm_sigma")
+PHASE_SPACE_GRIDS = ("uniform_t", "logsnr", "edm_sigma")
+PHASE_SPACE_SOLVERS = ("heun", "ipndm", "dpmpp-2m")  # the solvers of the phase-space PF-ODE (`sample_ode`)
 # Gauss-Legendre nodes and weights on [-1, 1]: 24 for theta over a step, 12 and 8 for the nested quadrature of the
 # 2M correction J1 (on fmnist-vsmd's steps it agrees with 24 x 24 nodes to 5e-14 relative)
 _GL = {n: [torch.tensor(a, dtype=_F64) for a in np.polynomial.legendre.leggauss(n)] for n in (8, 12, 24)}
@@ -181,8 +187,8 @@ def sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, *,
     """Times [B, steps + 1] from T down to t0: uniform in t, or at the geometric-mean sqrt(g) of EDM's rho grid or
     uniform in its log ('logsnr'), from its value at T down to max(its value at t0, sigma_min), then t0. The mean
     log sigma is tabulated at `points` times uniform in ln t and inverted by linear interpolation (one call)."""
-    if grid not in GRIDS:
-        raise ValueError(f"grid: expected one of {', '.join(GRIDS)} for the phase space, got {grid!r}")
+    if grid not in PHASE_SPACE_GRIDS:
+        raise ValueError(f"grid: expected one of {', '.join(PHASE_SPACE_GRIDS)} for the phase space, got {grid!r}")
     device = process.log_damping.device
     if grid == "uniform_t":
         return torch.linspace(process.T, process.t0, steps + 1, dtype=_F64, device=device).expand(B, -1)
@@ -219,7 +225,7 @@ def _sigma_grid(process, grid: str, steps: int, B: int, labels: Tensor | None, s
 class VSMDDenoiser(VelocityModel):
     """VSMD's velocity score from a VE denoiser (the module docstring): `denoiser` is an `AnisoPrecond` on the
     process's basis (a C-channel network); `forward(z, t, labels)` returns grad_v log p_t(z) [B, C, H, W] like
-    `vsmd.VSMDPrecond`, `denoise(z, t, labels)` the data prediction E[x0 | z_t]."""
+    `velocity.VSMDPrecond`, `denoise(z, t, labels)` the data prediction E[x0 | z_t]."""
 
     def __init__(self, denoiser: nn.Module, process):
         super().__init__()
@@ -267,7 +273,7 @@ class VSMDDenoiser(VelocityModel):
         return self.basis.combine(D, view.gain, base=minus_pz, ids=ids, names={"u": "D", "base": "score"})
 
 
-def dpmpp_2m(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts: Tensor, labels: Tensor | None, *,
+def dpmpp_2m_phase_space(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts: Tensor, labels: Tensor | None, *,
              order: int = 2, progress: bool = False) -> tuple[Tensor, Tensor]:
     """The module docstring's integrator on the grid ts [B, N + 1] from (x, v) at ts[:, 0]: N network calls,
     order 1 on the first and last steps (DPM-Solver++'s lower-order final step)."""
@@ -289,3 +295,99 @@ def dpmpp_2m(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts: Tensor, lab
         x, v = basis.block_combine(D, D if D_prev is None else D_prev, data, x, v, ids=ids)
         D_prev = D
     return x, v
+
+
+def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tensor, Tensor]:
+    """Heun on the grid ts, the last step Euler (VSMD's sampler; EDM's convention): 2N - 1 calls for N steps."""
+    N = len(ts) - 1
+    for i in tqdm(range(N), disable=not progress, desc="Heun", leave=False):
+        h = float(ts[i + 1] - ts[i])
+        dx, dv = flow(x, v, ts[i])
+        x_e, v_e = x + h * dx, v + h * dv  # Euler step
+        if i == N - 1:
+            x, v = x_e, v_e
+        else:
+            dx_e, dv_e = flow(x_e, v_e, ts[i + 1])
+            x, v = x + h / 2 * (dx + dx_e), v + h / 2 * (dv + dv_e)  # trapezoidal correction
+    return x, v
+
+
+def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -> tuple[Tensor, Tensor]:
+    """Adams-Bashforth on the uniform grid ts, orders warming up 1, 2, .. `order` (iPNDM): one call per step."""
+    hist: list[tuple[Tensor, Tensor]] = []
+    for i in tqdm(range(len(ts) - 1), disable=not progress, desc="iPNDM", leave=False):
+        h = float(ts[i + 1] - ts[i])
+        hist = [flow(x, v, ts[i])] + hist[:order - 1]
+        weights = AB_WEIGHTS[len(hist)]
+        x = x + h * sum(w * d[0] for w, d in zip(weights, hist))
+        v = v + h * sum(w * d[1] for w, d in zip(weights, hist))
+    return x, v
+
+
+def sample_ode(process: VSMDProcess, precond, seeds: Sequence[int], nfe: int = 9, *, solver: str = "heun",
+               grid: str = "uniform_t", order: int | None = None, labels: Tensor | None = None,
+               image_shape: Sequence[int] | None = None, dtype=torch.float32, device: torch.device | str | None = None,
+               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """VSMD's sampler: the probability-flow ODE dz = [F z - 1/2 G G^T grad log p] dt (G nonzero on v only, so
+    dv gets -1/2 gamma beta score_v) on a uniform t grid from T to t0, from VSMD's prior; the sample is x.
+
+    solver 'heun' (VSMD's `sample(prob_flow=True)`: Heun, last step Euler, nfe = 2 steps - 1), 'ipndm'
+    (Adams-Bashforth of `order` <= 4 on the same grid, nfe = steps), both on the uniform t grid, or 'dpmpp-2m',
+    the phase-space exponential integrator (`dpmpp_2m_phase_space`, nfe = steps) on `grid` (uniform_t, logsnr or
+    edm_sigma), for a model with a `denoise` (the denoiser head, `VSMDDenoiser`). The engine's other
+    multistep solvers (UniPC, DEIS) are exponential integrators of the VE form and do not apply here. The NFE
+    rule is `sampling.resolve_sampler`'s. Seeds as `vsmd.simulate_backward` (the same start point). Returns (x at t0
+    [B, C, H, W], labels, info with the NFE spent) like `sampling.sample`.
+    """
+    if solver not in PHASE_SPACE_SOLVERS:
+        raise ValueError(f"solver: expected one of {', '.join(PHASE_SPACE_SOLVERS)} (the phase-space ODE solvers), "
+                         f"got {solver!r}")
+    plan = resolve_sampler(solver, grid, "end" if solver == "heun" else None, nfe, order)
+    check_sampler(plan)
+    if solver == "dpmpp-2m" and not callable(getattr(precond, "denoise", None)):
+        raise ValueError(f"solver: dpmpp-2m needs the denoiser head (phase_space.VSMDDenoiser, a data prediction), "
+                         f"got {type(precond).__name__}")
+    device = process.log_damping.device if device is None else torch.device(device)
+    seeds, labels, shape = sampling_inputs(process, precond, seeds, labels, image_shape, device)
+    basis, B = precond.basis, len(seeds)
+    ids = basis.group_ids(labels)
+    streams = SeedStreams(seeds)
+    with torch.no_grad():
+        x, v = prior(process, basis, streams, shape, labels, device, dtype)
+        if solver == "dpmpp-2m":
+            grid_t = sigma_grid(process, grid, plan.steps, B, labels)
+            x, v = dpmpp_2m_phase_space(process, precond, x, v, grid_t, labels, order=plan.order, progress=progress)
+        else:
+            F, half_g2 = process.drift_blocks(labels).expand(B, -1, -1, -1), process.gamma * process.beta / 2
+
+            def flow(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+                s = velocity_score(precond, x, v, time_column(t, B, device), labels)
+                return basis.block_combine(x, v, F, base_v=-half_g2 * s, ids=ids)
+
+            ts = torch.linspace(process.T, process.t0, plan.steps + 1, dtype=_F64)
+            if solver == "heun":
+                x, v = _heun(flow, x, v, ts, progress)
+            else:
+                x, v = _ipndm(flow, x, v, ts, plan.order, progress)
+    return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "order": plan.order, "grid": grid}
+
+
+def check_sampler(plan: Sampler) -> None:
+    """ValueError naming `solver`, `grid` or `secondary` when a VSMD model does not take the resolved sampler:
+    Euler-Maruyama, Heun (end point, last step Euler) or iPNDM on the uniform t grid, and the phase-space
+    DPM-Solver++(2M) on `PHASE_SPACE_GRIDS` (the engine's other solvers integrate the VE form)."""
+    if plan.grid == "optimized":
+        raise ValueError("grid: 'optimized' grids are fitted for core models (grid_fit); a vsmd model takes its "
+                         "family's grids")
+    if plan.solver not in (EM, *PHASE_SPACE_SOLVERS):
+        raise ValueError(f"solver: a vsmd model samples with {EM}, {', '.join(PHASE_SPACE_SOLVERS)} (the other "
+                         f"solvers integrate the VE form, not the phase space), got {plan.solver!r}")
+    if plan.solver == "dpmpp-2m":
+        if plan.grid not in PHASE_SPACE_GRIDS:
+            raise ValueError(f"grid: a vsmd model's dpmpp-2m runs on {', '.join(PHASE_SPACE_GRIDS)}, "
+                             f"got {plan.grid!r}")
+    elif plan.grid != "uniform_t":
+        what = "Euler-Maruyama" if plan.solver == EM else f"{plan.solver} on the phase space"
+        raise ValueError(f"grid: a vsmd model's {what} runs on the uniform t grid ('uniform_t'), got {plan.grid!r}")
+    if plan.secondary == "mid":
+        raise ValueError("secondary: a vsmd model's Heun steps to the end point (VSMD's sampler), got 'mid'")

@@ -1,8 +1,10 @@
-"""What the OU process families (`vsdm.VSDMProcess`, `vsmd.VSMDProcess`) share: per-subspace values x_k learned
-through `ln(1 - 2 x_k)`, so that `1 - 2 x_k > 0` (a contracting drift) holds whatever the optimiser does, and the
-config round trip, the samplers' step-count check and time column."""
+"""What the OU processes (`vsdm.VSDMProcess`, `vsmd.VSMDProcess`) share: per-subspace values x_k learned through
+`ln(1 - 2 x_k)`, so that `1 - 2 x_k > 0` (a contracting drift) holds whatever the optimiser does, the config round
+trip, the samplers' step-count check and time column, and the backward paths of the alternating
+rule with the path integral of its forward loss."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -12,7 +14,9 @@ from ..utils.checks import check_in_range, check_index
 from ..geometry.schedules import as_time
 from ..sampling.spec import MAX_NFE
 
-__all__ = ["ProcessFamily", "check_steps", "time_column"]
+__all__ = ["ContractingProcess", "Trajectories", "check_steps", "time_column", "path_integral"]
+
+_F64 = torch.float64
 
 
 def check_steps(steps: Any) -> int:
@@ -27,8 +31,35 @@ def time_column(t: float, B: int, device) -> Tensor:
     return torch.full((B,), float(t), dtype=torch.float64, device=device)
 
 
-class ProcessFamily(nn.Module):
-    """Base of the process families: subclasses give `config()` (their constructor arguments, JSON-able)."""
+@dataclass
+class Trajectories:
+    """Backward Euler-Maruyama paths, the alternating rule's training data (RELATED.md §1.4, §2.5).
+
+    t [N] process times, descending from T; dt [N] their step sizes; x [N, B, C, H, W] the states at t and z_b the
+    frozen backward policy there (detached); final: x at t0; labels [B] or None. The phase space (VSMD) adds v and
+    final_v. The recorded tensors are empty ([0, ...]) when the paths were not recorded.
+    """
+    t: Tensor
+    dt: Tensor
+    x: Tensor
+    z_b: Tensor
+    final: Tensor
+    labels: Tensor | None
+    v: Tensor | None = None
+    final_v: Tensor | None = None
+
+
+def path_integral(paths: Trajectories, z_f: Tensor, divergence: Tensor, zeta: float) -> Tensor:
+    """sum_i dt_i mean_b [z_f . (1/2 z_f + z_b) + zeta div]: the forward SB loss on paths, with z_f [N B, ...] and
+    the divergence [N B] flattened node-major as the paths."""
+    N, B = paths.x.shape[:2]
+    energy = (z_f * (0.5 * z_f + paths.z_b.flatten(0, 1))).flatten(1).sum(1).to(_F64)
+    per_time = (energy + zeta * divergence).reshape(N, B).mean(1)
+    return (paths.dt.to(per_time.device) * per_time).sum()
+
+
+class ContractingProcess(nn.Module):
+    """Base of the OU processes: subclasses give `config()` (their constructor arguments, JSON-able)."""
 
     @staticmethod
     def contracting_parameter(values: Tensor) -> nn.Parameter:

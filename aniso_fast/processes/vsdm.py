@@ -34,14 +34,15 @@ from ..utils.checks import (
     check_subspace_values,
 )
 from .losses import forward_process
-from .process import ProcessFamily, check_steps, time_column
+from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
 from ..geometry.schedules import as_time
-from ..sampling.noise import check_seeds, seeded_labels
+from ..sampling.noise import SeedStreams, check_seeds, seeded_labels
 from ..sampling.sampler import sample
-from ..sampling.spec import resolve_sampler
+from ..sampling.spec import EM, Sampler, resolve_sampler
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
-           "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]
+           "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode",
+           "check_sampler"]
 
 _F64 = torch.float64
 
@@ -84,7 +85,7 @@ def _check_rates(rates: Any, shape: tuple[int, int]) -> Tensor:
                                  "process explodes)", lambda v: 1 - 2 * v > 0)
 
 
-class VSDMProcess(ProcessFamily):
+class VSDMProcess(ContractingProcess):
     """VSDM's forward process with learnable rates lambda [S, K] (S = num_classes, 1 if None) in a K-subspace basis.
 
     Parameterisation: `log_decay = ln(1 - 2 lambda)`, unconstrained, so lambda = (1 - e^{log_decay}) / 2 < 1/2
@@ -200,7 +201,7 @@ class VESchedule(nn.Module):
 
     Its time s in [0, T] maps onto VSDM's [t0, T] by t = t0 + s (T - t0) / T, so that g(0) = g(t0) > 0 plays
     the role of MatrixSchedule's g0 (the solvers' grids end at s = 0). `forward(s, labels) -> (g, dg/ds)` as
-    MatrixSchedule's; `solvers.schedule_grid` and `solvers.sample(grid="uniform_t")` take it unchanged. The
+    MatrixSchedule's; `sampling.schedule_grid` and `sampling.sample(grid="uniform_t")` take it unchanged. The
     parameters are the process's own (gradients reach its rates).
     """
 
@@ -313,29 +314,13 @@ def dsm_loss(process: VSDMProcess, model, x0: Tensor, labels: Tensor | None = No
     return (weight * basis.sqnorms(F + noise, ids=ids).to(_F64)).sum(1).mean()
 
 
-@dataclass
-class Trajectories:
-    """Backward Euler-Maruyama paths (the forward rule's training data, RELATED.md §1.4 step 2).
-
-    t [N] process times, descending from T; dt [N] their step sizes; x [N, B, C, H, W] the states at t and
-    z_b [N, B, C, H, W] the backward policy sqrt(beta)(score - A x) there (detached); final: x at t0.
-    x and z_b are empty ([0, ...]) when the paths were not recorded.
-    """
-    t: Tensor
-    dt: Tensor
-    x: Tensor
-    z_b: Tensor
-    final: Tensor
-    labels: Tensor | None
-
-
 def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 100,
                       labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
                       dtype=torch.float32, record: bool = True, progress: bool = False) -> Trajectories:
     """The reverse SDE dx = [-1/2 beta (I - 2A) x - beta score] dt + sqrt(beta) dW, Euler-Maruyama on `steps`
     uniform steps from T to t0, one path per seed, from the adaptive prior.
 
-    Per seed one generator: x_T = prior(z) with z = `solvers.seeded_noise`'s draw for that seed (so the PF-ODE
+    Per seed one generator: x_T = prior(z) with z = `sampling.seeded_noise`'s draw for that seed (so the PF-ODE
     solvers start from the same point), then the step noises from the same stream: a path depends on its seed
     only, never on the rest of the batch. Each step: x <- x + h beta (r/2 x + score) + sqrt(h beta) xi.
     """
@@ -350,16 +335,12 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     basis = model.basis
     ids = basis.group_ids(labels)
     device = process.log_decay.device
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def draw() -> Tensor:
-        return torch.stack([torch.randn(shape, generator=g, dtype=_F64) for g in gens]).to(device, dtype)
-
+    streams = SeedStreams(seeds)
     B = len(seeds)
     ts = torch.linspace(process.T, process.t0, steps + 1, dtype=_F64)
     xs, zs = [], []
     with torch.no_grad():
-        x = process.prior_sample(basis, draw(), labels)
+        x = process.prior_sample(basis, streams.draw(shape, dtype, device), labels)
         r = _per_sample(process._batch(process.T, labels)[1], B)  # 1 - 2 lambda per sample
         for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
             t_a, h = float(ts[i]), float(ts[i] - ts[i + 1])
@@ -370,7 +351,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
                 zs.append(basis.combine(s, torch.full_like(r, math.sqrt(beta)), x, -math.sqrt(beta) * (1 - r) / 2,
                                         ids=ids))
             x = basis.combine(x, 1 + h * beta * r / 2, s, torch.full_like(r, h * beta),
-                              base=math.sqrt(h * beta) * draw(), ids=ids)
+                              base=math.sqrt(h * beta) * streams.draw(shape, dtype, device), ids=ids)
     empty = x.new_zeros((0, *x.shape))
     return Trajectories(t=ts[:-1], dt=-ts.diff(), x=torch.stack(xs) if record else empty,
                         z_b=torch.stack(zs) if record else empty, final=x, labels=labels)
@@ -380,7 +361,7 @@ def sample_em(process: VSDMProcess, model, seeds: Sequence[int], steps: int = 10
               image_shape: Sequence[int] | None = None, dtype=torch.float32,
               progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
     """VSDM's sampler: the reverse SDE by Euler-Maruyama (`simulate_backward` without recording), per-seed
-    deterministic. Returns (x at t0 in VSDM's variable [B, C, H, W], labels, info) like `solvers.sample`."""
+    deterministic. Returns (x at t0 in VSDM's variable [B, C, H, W], labels, info) like `sampling.sample`."""
     paths = simulate_backward(process, model, seeds, steps, labels, image_shape, dtype, record=False,
                               progress=progress)
     return paths.final, paths.labels, {"nfe": steps, "steps": steps, "solver": "euler_maruyama"}
@@ -390,12 +371,10 @@ def sample_ode(process: VSDMProcess, model, seeds: Sequence[int], nfe: int = 9, 
                grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
                labels: Tensor | None = None, image_shape: Sequence[int] | None = None, dtype=torch.float32,
                device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
-    """The probability-flow ODE through any engine solver: `solvers.sample` on `process.ve_schedule()` (the VE
+    """The probability-flow ODE through any engine solver: `sampling.sample` on `process.ve_schedule()` (the VE
     view starts at y_T = x_T / alpha(T) ~ N(0, M(T)), the adaptive prior's image), then x = alpha(t0) y.
-    Same seeds, labels and NFE accounting as `solvers.sample`; returns (x in VSDM's variable, labels, info)."""
-    from .families import check_sampler  # the families' one rule of which samplers each takes
-
-    check_sampler("vsdm", resolve_sampler(solver, grid, secondary, nfe, order))
+    Same seeds, labels and NFE accounting as `sampling.sample`; returns (x in VSDM's variable, labels, info)."""
+    check_sampler(resolve_sampler(solver, grid, secondary, nfe, order))
     y, labels, info = sample(model, process.ve_schedule(), nfe=nfe, solver=solver, grid=grid, secondary=secondary,
                              order=order, seeds=seeds, labels=labels, image_shape=image_shape, dtype=dtype,
                              device=device, progress=progress)
@@ -412,14 +391,26 @@ def forward_sb_loss(process: VSDMProcess, basis: SubspaceBasis, paths: Trajector
     zeta is VSDM's `interact_coef` (0.75 by default there).
     """
     zeta = check_number("zeta", zeta, "a finite number", lambda v: True)
-    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0:
+    if not isinstance(paths, Trajectories) or paths.x.shape[0] == 0 or paths.v is not None:
         raise ValueError("paths: expected Trajectories recorded by simulate_backward(record=True)")
     N, B = paths.x.shape[:2]
     t = paths.t.to(process.log_decay.device).repeat_interleave(B)
     labels = None if paths.labels is None else paths.labels.repeat(N)
-    x, z_b = paths.x.flatten(0, 1), paths.z_b.flatten(0, 1)
+    x = paths.x.flatten(0, 1)
     z_f = forward_score(process, basis, x, t, labels)
-    energy = (z_f * (0.5 * z_f + z_b)).flatten(1).sum(1).to(_F64)
-    div = forward_score_divergence(process, basis, x.shape[1], t, labels)
-    per_time = (energy + zeta * div).reshape(N, B).mean(1)
-    return (paths.dt.to(per_time.device) * per_time).sum()
+    return path_integral(paths, z_f, forward_score_divergence(process, basis, x.shape[1], t, labels), zeta)
+
+
+def check_sampler(plan: Sampler) -> None:
+    """ValueError naming `grid` when a VSDM model does not take the resolved sampler: Euler-Maruyama on the uniform
+    t grid (its own sampler in x space), or the PF-ODE through any engine solver on the VE view, on every grid but
+    the Karras grid (which ignores the process) and the fitted grids (fitted for core models)."""
+    if plan.grid == "optimized":
+        raise ValueError("grid: 'optimized' grids are fitted for core models (grid_fit); a vsdm model takes its "
+                         "family's grids")
+    if plan.solver == EM and plan.grid != "uniform_t":
+        raise ValueError(f"grid: a vsdm model's Euler-Maruyama runs on the uniform t grid ('uniform_t'), "
+                         f"got {plan.grid!r}")
+    if plan.grid == "karras":
+        raise ValueError("grid: 'karras' ignores the process (EDM's isotropic grid); a vsdm model takes "
+                         "'uniform_t', 'edm_sigma' or 'logsnr'")

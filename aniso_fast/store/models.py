@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..processes import families
+from ..processes import registry
 from ..utils.atomic import atomic_write, atomic_write_bytes, check_writable_folder
 from ..geometry.bases import PCABasis
 from .checkpoint import CheckpointError, load_checkpoint, read_header, read_meta, strip_prefix
@@ -236,7 +236,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
                 for k, v in strip_prefix("basis", tensors).items()})
     out.update({f"schedule.{k}": v for k, v in strip_prefix("schedule", tensors).items()})
     out = {k: v.contiguous() for k, v in out.items()}
-    info = {"name": name, "description": description, "family": families.family_of(meta),
+    info = {"name": name, "description": description, "family": registry.family_of(meta).name,
             "stage": meta.get("stage"), "step": meta.get("step"),
             "kimg": meta.get("kimg"), "source": checkpoint.name, "source_sha256": meta.get("tensor_sha256"),
             "args": meta.get("args"), "data": meta.get("data"), "net_dtype": net_dtype,
@@ -362,15 +362,15 @@ def _shipped_metadata(header: dict) -> dict | None:
 
 
 def model_family(name: str) -> str:
-    """The process family of a model name or file (`families`), from its manifest entry or its file's header:
+    """The process family of a model name or file (`processes.registry`), from its manifest entry or its file's header:
     no tensor is read. The embedded models are core."""
     shipped = shipped_models()
     if name in shipped:
-        return families.family_of(shipped[name])
+        return registry.family_of(shipped[name]).name
     if not is_model_file(name):
         return "core"
     shipped_meta = _shipped_metadata(read_header(name)[0])
-    return families.family_of(shipped_meta if shipped_meta is not None else read_meta(name))
+    return registry.family_of(shipped_meta if shipped_meta is not None else read_meta(name)).name
 
 
 def is_shipped_file(path: str | os.PathLike) -> bool:
@@ -397,7 +397,7 @@ def _parse_shipped(path: Path, blob: bytes) -> tuple[dict[str, torch.Tensor], di
     try:
         tensors = load_safetensors_bytes(blob)
         meta = {key: json.loads(header[key]) for key in ("net_config", "basis_config", "schedule_config", "info")}
-        meta["family"] = families.family_of(header)  # models shipped before the process families have none
+        meta["family"] = registry.family_of(header).name  # models shipped before the process families have none
         meta["precond_config"] = json.loads(header.get("precond_config", "{}"))
     except Exception as e:  # safetensors raises its own error type; a key or JSON error is a corrupt header
         raise CheckpointError(f"{path}: corrupt shipped model ({type(e).__name__}: {e})") from None
@@ -411,19 +411,19 @@ def build_model(tensors: dict[str, torch.Tensor], meta: dict, weights: str = "em
     """(the model, its forward path) from tensors and meta in a training checkpoint's shape (`net_config`,
     `basis_config`, `schedule_config`, `family`; tensors `<weights>.*`, `basis.*`, `schedule.*`): for the core
     family (AnisoPrecond, MatrixSchedule), for VSDM (AnisoPrecond, VSDMProcess), for VSMD (VSMDPrecond,
-    VSMDProcess) (`families`).
+    VSMDProcess) (`registry`).
 
     The one builder of a model from stored state: shipped models, training checkpoints and the trainer use it.
     """
     from ..geometry.bases import basis_from_config
 
-    family = families.family_of(meta)
-    net = families.network_from_config(family, meta["net_config"])
+    family = registry.family_of(meta)
+    net = family.network_from_config(meta["net_config"])
     net.load_state_dict(strip_prefix(weights, tensors))
     basis = basis_from_config(meta["basis_config"], strip_prefix("basis", tensors))
-    process = families.process_from_config(family, meta["schedule_config"])
+    process = family.process_from_config(meta["schedule_config"])
     process.load_state_dict(strip_prefix("schedule", tensors))
-    return families.wrap_network(family, net, basis, process, meta.get("precond_config")), process
+    return family.wrap(net, basis, process, meta.get("precond_config")), process
 
 
 def load_shipped(name: str, device: str | torch.device = "cpu", assets: str | os.PathLike | None = None):

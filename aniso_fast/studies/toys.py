@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..utils import figures
 from ..processes import vsdm
-from ..processes import vsmd
+from ..processes import phase_space, vsmd
 from ..utils.atomic import (
     atomic_write_bytes,
     atomic_write_text,
@@ -46,7 +46,8 @@ from ..sampling.ode import heun
 from ..sampling.sampler import sample
 from ..sampling.spec import resolve_sampler
 from ..processes.vsdm import VSDMProcess
-from ..processes.vsmd import VSMDPrecond, VSMDProcess
+from ..processes.velocity import VSMDPrecond
+from ..processes.vsmd import VSMDProcess
 
 __all__ = ["DATASETS", "METHODS", "draw", "axis_basis", "PointMLP", "histogram_rmse", "mmd_rbf", "wasserstein2",
            "on_squares", "path_metrics", "train", "evaluate", "main"]
@@ -357,7 +358,7 @@ def _alternate(warm: int, steps: int, dsm_step: Callable[[], None], backward_pat
 
 class _HeunStates:
     """A VSMDPrecond that keeps the x half of every z it sees: Heun's first call of each step is at the PF-ODE's
-    state there (`vsmd.sample_ode` reports no states), its second at the Euler predictor."""
+    state there (`phase_space.sample_ode` reports no states), its second at the Euler predictor."""
 
     def __init__(self, precond: VSMDPrecond):
         self.precond, self.basis, self.image_shape = precond, precond.basis, precond.image_shape
@@ -375,7 +376,7 @@ class _HeunStates:
 def _vsmd_samples(trained: Trained, seeds: list[int]) -> tuple[dict, np.ndarray]:
     """VSMD's EM and PF-ODE samples and the PF-ODE's x paths [N+1, B, 2]."""
     states = _HeunStates(trained.model)
-    x, _, _ = vsmd.sample_ode(trained.process, states, seeds, VSMD_NFE, image_shape=SHAPE)
+    x, _, _ = phase_space.sample_ode(trained.process, states, seeds, VSMD_NFE, image_shape=SHAPE)
     em = vsmd.sample_em(trained.process, trained.model, seeds, EM_STEPS, image_shape=SHAPE)[0]
     return {"ode": _points(x), "em": _points(em)}, states.paths(x)
 
