@@ -15,13 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..store import models
+from ..store.manifest import ASSET_DIR
 from ..utils.atomic import atomic_write_text
 
 __all__ = ["CLASSIFIER_ASSET", "FeatureMap", "FrechetScorer", "InceptionFeatures", "train_fmnist_classifier",
            "classifier_markdown", "machine_description"]
 
-CLASSIFIER_ASSET = models.ASSET_DIR / "fmnist_classifier.safetensors"
+CLASSIFIER_ASSET = ASSET_DIR / "fmnist_classifier.safetensors"
 REPO = Path(__file__).resolve().parents[2]
 
 

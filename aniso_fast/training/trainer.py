@@ -413,13 +413,11 @@ def _network_config(args, C: int, H: int, label_dim: int) -> dict:
 
 def _load_init_source(source: str) -> tuple[dict[str, Tensor], dict]:
     """(tensors, meta) of an --init-from source: a training checkpoint, or a shipped model's name or file."""
-    from ..store import models
+    from ..store import StoredModel
 
     try:
-        if models.is_shipped_file(source) or (not Path(source).exists() and source in models.shipped_models()):
-            return models.read_shipped(source)
-        return ckpt.load_checkpoint(source)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        return StoredModel.open(source).state()
+    except (OSError, ValueError) as e:  # StoredFileError is a ValueError
         raise ValueError(f"--init-from {source}: {e}") from None
 
 
@@ -563,7 +561,7 @@ class Trainer:
 
     def _from_checkpoint(self, tensors: dict, meta: dict):
         """(network, basis, schedule, EMA state) of a resumed run: the raw network trains on, the EMA continues."""
-        from ..store.models import build_model
+        from ..store import build_model
 
         model, schedule = build_model(tensors, meta, weights="net")
         return model.net, model.basis, schedule, ckpt.strip_prefix("ema", tensors)
@@ -590,7 +588,7 @@ class Trainer:
         from --init-from (with its schedule, METHOD §2.2, or its process when the family is the same) or from
         --edm-pickle. A VSMD run starting from an EDM network gets its phase-space twin (`from_edm`: the velocity
         inputs start at zero), and so does the EMA."""
-        from ..store.models import build_model
+        from ..store import build_model
 
         args = self.args
         _, C, H, _ = self.data.images.shape
