@@ -72,7 +72,7 @@ def _check_entries(header: dict, data_bytes: int, name: str) -> None:
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise StoredFileError(f"{name}: corrupt header (metadata is not an object of strings)")
             continue
-        if not (isinstance(entry, dict) and entry.get("dtype") in DTYPE_BYTES
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] in DTYPE_BYTES
                 and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
                 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                         for n in (*entry["shape"], *entry["data_offsets"]))

@@ -1,15 +1,17 @@
 """The shipped-model registry: `manifest.json` in the assets folder, read once, validated as a whole, and updated
 as one transaction.
 
-Reading: the manifest is parsed once per process and cached by its path, inode, mtime and size (an update is a
-rename, so a new inode), and validated as a whole: every model entry names a file in the folder with its SHA-256
+Reading: the manifest is parsed once per process and version (cached by its path and bytes: rereading a few kB
+costs nothing, and unlike a timestamp it cannot miss a change), and validated as a whole: every model entry names a file in the folder with its SHA-256
 and size, at most one entry is marked default (none: the embedded `gmm-fmnist` is the default model), fitted grids
 are positive, descending and finite, and every per-NFE choice (`defaults`) names a known model, solver and grid
 that runs at its NFE. A problem is one error naming the manifest entry, e.g. `defaults[7]: solver: ...`.
 
 Updating (`update`): under a lock on the folder, the new model files are staged under new, content-hashed names
-(created exclusively), the manifest is switched in one rename, and then the files no manifest names are removed.
-A kill at any moment leaves the old manifest or the new one, each naming only complete, verified files.
+(created exclusively), the manifest is switched in one rename, and then the files no manifest names are removed: those the update retired (listed in
+the new manifest's `retired`, so that an update killed before removing them is finished by the next one, which
+drops the names that are gone) and staged files of an interrupted update. A kill at any moment leaves the old manifest or the new
+one, each naming only complete, verified files.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ MAX_MANIFEST_BYTES = 10_000_000
 _STAGED = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors$")
 _STAGED_TEMP = re.compile(r"^\.(manifest\.json|[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors)\.[0-9a-f]{8}\.tmp$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CACHE: dict[Path, tuple[tuple, "Manifest"]] = {}
+_MODEL_FILE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,80}\.safetensors$")
+_CACHE: dict[Path, tuple[bytes, "Manifest"]] = {}
 
 
 class ManifestError(StoredFileError):
@@ -174,6 +177,9 @@ def _first_problem(doc: Any) -> tuple[str, str] | None:
     marked = [name for name, entry in doc["models"].items() if entry.get("default")]
     if len(marked) > 1:
         return "models", f"{', '.join(map(repr, marked))} are all marked default (expected one at most)"
+    retired = doc.get("retired", [])
+    if not (isinstance(retired, list) and all(isinstance(f, str) and _MODEL_FILE.match(f) for f in retired)):
+        return "retired", "not a list of .safetensors names in the folder"
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         return "defaults", "not an object"
@@ -196,14 +202,7 @@ def validate(doc: Any, path: Path, *, updating: bool = False) -> None:
         raise ManifestError(f"{path}: {what} {problem[0]}: {problem[1]}")
 
 
-def _parse(path: Path) -> Manifest:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise ManifestError(f"{path}: unreadable manifest ({e.strerror})") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: corrupt manifest (more than {MAX_MANIFEST_BYTES} bytes)")
+def _parse(path: Path, data: bytes) -> Manifest:
     try:
         doc = parse_json(data, str(path))
     except StoredFileError as e:
@@ -217,27 +216,38 @@ def read_manifest(assets: str | os.PathLike | None = None) -> Manifest:
     Parsed once per version of the file."""
     path = Path(assets if assets is not None else assets_dir()).absolute() / "manifest.json"
     try:
-        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return Manifest(path, {"format": MANIFEST_FORMAT, "models": {}})
     except OSError as e:
         raise ManifestError(f"{path}: unreadable manifest ({e.strerror})") from None
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: corrupt manifest (more than {MAX_MANIFEST_BYTES} bytes)")
     cached = _CACHE.get(path)
-    if cached is None or cached[0] != key:
-        cached = (key, _parse(path))
+    if cached is None or cached[0] != data:
+        cached = (data, _parse(path, data))
         _CACHE[path] = cached
     return cached[1]
 
 
-def _garbage(assets: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Path]:
-    """Model files the old manifest named and the new one does not, staged files of an interrupted update, and
-    their temporary files (a killed write leaves one)."""
+def _retire(assets: Path, old: Mapping[str, Any], new: dict) -> None:
+    """new['retired']: the files the old manifest named (or had retired) that the new one does not name and
+    that are still there."""
     named = {entry["file"] for entry in new["models"].values()}
-    retired = {entry["file"] for entry in old["models"].values()} - named
+    retired = {entry["file"] for entry in old["models"].values()} | set(old.get("retired", []))
+    new["retired"] = sorted(f for f in retired - named if (assets / f).exists())
+    if not new["retired"]:
+        del new["retired"]
+
+
+def _garbage(assets: Path, doc: Mapping[str, Any]) -> list[Path]:
+    """The files `doc` retired, staged files of an interrupted update, and their temporary files (a killed write
+    leaves one)."""
+    named = {entry["file"] for entry in doc["models"].values()}
     orphans = {p.name for p in assets.iterdir() if (_STAGED.match(p.name) and p.name not in named)
                or _STAGED_TEMP.match(p.name)}
-    return [assets / name for name in sorted(retired | orphans)]
+    return [assets / name for name in sorted((set(doc.get("retired", [])) - named) | orphans)]
 
 
 def update(assets: str | os.PathLike, change: Callable[[dict], None], files: Mapping[str, bytes] | None = None
@@ -251,6 +261,7 @@ def update(assets: str | os.PathLike, change: Callable[[dict], None], files: Map
         old = read_manifest(assets)
         doc = copy.deepcopy(dict(old.doc))
         change(doc)
+        _retire(assets, old.doc, doc)
         validate(doc, old.path, updating=True)
         for name, blob in (files or {}).items():
             target = assets / name
@@ -258,6 +269,6 @@ def update(assets: str | os.PathLike, change: Callable[[dict], None], files: Map
                 remove_file(target)
                 atomic_write_bytes(target, blob, replace=False)
         atomic_write_bytes(old.path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-        for path in _garbage(assets, old.doc, doc):
+        for path in _garbage(assets, doc):
             remove_file(path)
     return read_manifest(assets)

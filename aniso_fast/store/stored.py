@@ -200,6 +200,7 @@ class StoredModel:
         if self.kind == "checkpoint":
             return checkpoint_tensors(blob, self._meta, where), self._meta
         tensors = self._tensors(blob)
+        check_finite(tensors, where)  # named as in the file (build_model checks the renamed ones again)
         dtype = self.info.get("net_dtype") if isinstance(self.info, dict) else None
         for key, t in tensors.items():
             if key.startswith("net.") and t.is_floating_point() and dtype and str(t.dtype) != f"torch.{dtype}":
