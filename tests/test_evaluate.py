@@ -188,7 +188,7 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "edm")
     recipe["rows"][1]["out"] = str(tmp_path / "iso-again")
     cmds = recipes.train_recipe(recipe, only=["iso-class"], runner=in_process, export=False)
-    assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / "t-edm.safetensors")]
+    assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / store.shipped_models()["t-edm"]["file"])]
     left = recipes.train_recipe(recipe, runner=None, dry_run=True)  # the shipped edm is not retrained
     assert [c[c.index("--out") + 1] for c in left] == [str(tmp_path / "never")]
     recipe["rows"][1]["out"] = str(tmp_path / "iso")

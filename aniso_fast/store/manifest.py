@@ -2,16 +2,17 @@
 as one transaction.
 
 Reading: the manifest is parsed once per process and version (cached by its path and bytes: rereading a few kB
-costs nothing, and unlike a timestamp it cannot miss a change), and validated as a whole: every model entry names a file in the folder with its SHA-256
-and size, at most one entry is marked default (none: the embedded `gmm-fmnist` is the default model), fitted grids
-are positive, descending and finite, and every per-NFE choice (`defaults`) names a known model, solver and grid
-that runs at its NFE. A problem is one error naming the manifest entry, e.g. `defaults[7]: solver: ...`.
+costs nothing, and unlike a timestamp it cannot miss a change), and validated as a whole: every model entry names
+a file in the folder with its SHA-256 and size, at most one entry is marked default (none: the embedded
+`gmm-fmnist` is the default model), fitted grids are positive, descending and finite, and every per-NFE choice
+(`defaults`) names a known model, solver and grid that runs at its NFE. A problem is one error naming the
+manifest entry, e.g. `defaults[7]: solver: ...`.
 
 Updating (`update`): under a lock on the folder, the new model files are staged under new, content-hashed names
-(created exclusively), the manifest is switched in one rename, and then the files no manifest names are removed: those the update retired (listed in
-the new manifest's `retired`, so that an update killed before removing them is finished by the next one, which
-drops the names that are gone) and staged files of an interrupted update. A kill at any moment leaves the old manifest or the new
-one, each naming only complete, verified files.
+(created exclusively), the manifest is switched in one rename, and then the files no manifest names are removed:
+those the update retired (listed in the new manifest's `retired`, so that an update killed before removing them
+is finished by the next one, which drops the names that are gone) and staged files of an interrupted update. A
+kill at any moment leaves the old manifest or the new one, each naming only complete, verified files.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ EMBEDDED = {
 }
 MAX_MANIFEST_BYTES = 10_000_000
 _STAGED = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors$")
-_STAGED_TEMP = re.compile(r"^\.(manifest\.json|[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors)\.[0-9a-f]{8}\.tmp$")
+_STAGED_TEMP = re.compile(r"^\.(manifest\.json|[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors)"
+                          r"\.[0-9a-f]{8}\.tmp$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_FILE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,80}\.safetensors$")
 _CACHE: dict[Path, tuple[bytes, "Manifest"]] = {}

@@ -107,8 +107,8 @@ def build_model(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], weights:
 
 class StoredModel:
     """A stored model; `StoredModel.open(name_or_path)` (see the module docstring). Attributes: `name`, `kind`
-    ('embedded', 'shipped' by name, 'shipped-file' by path, 'checkpoint'), `path`, `family`, `info` (the stored metadata), `num_classes`,
-    `fitted_grids` (steps -> levels; {} unless a shipped model has some)."""
+    ('embedded', 'shipped' by name, 'shipped-file' by path, 'checkpoint'), `path`, `family`, `info` (the stored
+    metadata), `num_classes`, `fitted_grids` (steps -> levels; {} unless a shipped model has some)."""
 
     def __init__(self, name: str, kind: str, path: Path, header: dict, entry: Mapping[str, Any] | None,
                  fitted: dict[int, list[float]]):
