@@ -1,13 +1,13 @@
 """aniso_fast: anisotropic diffusion schedules with fused subspace kernels.
 
     from aniso_fast import DCTBasis, MatrixSchedule, AnisoPrecond, GaussianMixture, backends
-    from aniso_fast.solvers import sample, heun, euler, uniform_t, schedule_grid
+    from aniso_fast.sampling import sample, resolve_sampler, SOLVERS, seeded_noise
 
 (`aniso_fast.sample` is the command-line module `python -m aniso_fast.sample`.)
 """
 from .geometry.bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from .networks.gmm import GaussianMixture
-from .ops.dispatch import backends
+from .ops import backends
 from .networks.precond import AnisoPrecond
 from .geometry.schedules import KnotSchedule, MatrixSchedule, karras_sigmas
 

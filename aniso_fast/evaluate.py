@@ -38,16 +38,12 @@ from . import store
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
-from .evaluation.features import (
-    CLASSIFIER_ASSET,
-    FrechetScorer,
-    InceptionFeatures,
-    train_fmnist_classifier,
-)
-from .evaluation.recipes import load_recipe, sampler_for, select_rows, train_recipe
+from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
+from .evaluation.features import FrechetScorer, InceptionFeatures
+from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
 from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report
-from .sampling.solvers import MAX_NFE, resolve_sampler
+from .sampling.spec import MAX_NFE, resolve_sampler
 from .evaluation.table import (
     DEFAULT_NFES,
     best_row,
@@ -395,7 +391,11 @@ def _set_defaults(result: dict, recipe: dict) -> None:
     exports = {row["name"]: row.get("export") for row in recipe["rows"]}
     current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
                and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
-    choices = {nfe: {**choice, "model": exports[choice["row"]]}
+    # a line measured at its own NFEs only (an eval entry's `nfes`) is recorded with them: never extended elsewhere
+    own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row["eval"]
+           if cfg.get("nfes")}
+    choices = {nfe: {**choice, "model": exports[choice["row"]],
+                     "nfes": own.get((choice["row"], tuple(choice[k] for k in ("solver", "grid", "secondary", "order"))))}
                for nfe, choice in best_samplers(result, current).items()}
     if not choices:
         print("--set-default: no shipped model was evaluated; nothing recorded", file=sys.stderr)

@@ -3,9 +3,11 @@
 With no arguments: 64 samples at NFE 9 with the best measured (model, solver, grid) for that NFE, recorded from
 the results table (`python -m aniso_fast.evaluate table --set-default`), written as a PNG grid whose path is
 printed. For an NFE the table did not measure, the nearest recorded choice that runs there as it was measured
-(`store.default_for_nfe`). Where none applies, or when --model or a sampler option (--solver, --grid,
---secondary, --order) is given, the explicit options win: the default model (`python -m aniso_fast.models list`)
-with its schedule and the paper's solver (midpoint Heun on the uniform t grid) fill in the rest.
+(never midpoint Heun at an even NFE, a fitted grid the model lacks, or Euler-Maruyama); where none does, the
+default model (`python -m aniso_fast.models list`) with its family's sampler where that runs as designed (the
+paper's midpoint Heun at an odd NFE), else with DPM-Solver++(2M) on the log-SNR grid, else Euler
+(`sampling.spec.choose_for_nfe`). When --model or a sampler option (--solver, --grid, --secondary, --order) is
+given, the explicit options win: the recorded or default model, and its family's sampler, fill in the rest.
 A model of a process family (vsdm, vsmd: named in its manifest entry or file header) samples on its own forward
 path (no --schedule) with the samplers its family takes (`families.check_sampler`; e.g. --solver em); a vsmd
 model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`families.default_sampler`).
@@ -29,9 +31,12 @@ from .utils.devices import resolve_device
 from .utils.cli import Parser
 from .utils.data import to_uint8
 from .utils.figures import save_image_grid
-from .sampling.solvers import GRIDS, SOLVERS, check_grid, check_seeds, fitted_levels
+from .sampling.grids import GRIDS, SECONDARIES, check_grid, fitted_levels
+from .sampling.noise import check_seeds
+from .sampling import spec
+from .sampling.spec import SOLVERS
 
-__all__ = ["main", "build_parser", "parse_seeds", "MAX_SAMPLES"]
+__all__ = ["main", "build_parser", "parse_seeds", "nfe_choice", "MAX_SAMPLES"]
 
 MAX_SAMPLES = 1_000_000  # samples (and samples per batch) of one run: a typo must not allocate hundreds of GB
 _SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
@@ -82,19 +87,43 @@ def _defaults_epilog() -> str:
     except ValueError as e:
         return f"Per-NFE defaults: unreadable ({e})."
     if not recorded:
-        return (f"Per-NFE defaults: none recorded; the default model ({store.default_model()}) with midpoint Heun "
-                f"on the uniform t grid.")
+        return (f"Per-NFE defaults: none recorded; the default model ({store.default_model()}) with its family's "
+                f"sampler where it runs as designed (midpoint Heun at an odd NFE), else DPM-Solver++(2M) on the log-SNR "
+                f"grid, else Euler.")
     return ("Per-NFE defaults (from the results table; for another --nfe, the nearest recorded choice that runs there "
-            "as it was measured, e.g. no midpoint Heun at an even NFE):\n"
+            "as it was measured, e.g. no midpoint Heun at an even NFE, else the default model with its family's "
+            "sampler where it runs as designed, else DPM-Solver++(2M) on the log-SNR grid, else Euler):\n"
             + "\n".join(f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items()))
 
 
+def _admits(choice: dict, plan) -> bool:
+    """A per-NFE candidate is a model that exists, with a sampler its family takes."""
+    if choice["model"] not in store.MODELS:
+        return False  # a recorded model that is no longer shipped
+    try:
+        families.check_sampler(store.model_family(choice["model"]), plan)
+    except ValueError:
+        return False
+    return True
+
+
+def nfe_choice(nfe: int) -> dict | None:
+    """The (model, solver, grid, secondary, order) to sample with at `nfe` when no model or sampler option is given:
+    the recorded choices, else the default model with its family's sampler, else `spec.FALLBACK_SAMPLERS`
+    (`spec.choose_for_nfe` decides)."""
+    default = store.default_model()
+    solver, grid = families.default_sampler(store.model_family(default))
+    fallbacks = [{"model": default, "solver": s, "grid": g}
+                 for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
+    return spec.choose_for_nfe(store.sampler_defaults(), nfe, fitted_steps=store.fitted_grids,
+                               fallbacks=fallbacks, admits=_admits)
+
+
 def _apply_defaults(args) -> None:
-    """Fill --model, --solver, --grid (and secondary, order) from the recorded choice for --nfe
-    (`store.default_for_nfe`; the manifest names only shipped models there) where the user gave none of them;
-    explicit options always win."""
+    """Fill --model, --solver, --grid (and secondary, order) from the choice for --nfe (`nfe_choice`) where the user
+    gave none of them; explicit options always win."""
     sampler_given = any(getattr(args, k) is not None for k in ("solver", "grid", "secondary", "order"))
-    choice = store.default_for_nfe(args.nfe) if isinstance(args.nfe, int) else None
+    choice = nfe_choice(args.nfe)
     if choice is not None and args.model is None and not sampler_given:
         args.model, args.solver, args.grid = choice["model"], choice["solver"], choice["grid"]
         args.secondary, args.order = choice.get("secondary"), choice.get("order")
@@ -127,11 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid); optimized: the grid fitted to a shipped "
                         "core model's own trajectories for the step count (python -m aniso_fast.evaluate fit-grid)")
-    p.add_argument("--secondary", default=None, choices=("end", "mid"),
+    p.add_argument("--secondary", default=None, choices=SECONDARIES,
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")
     p.add_argument("--order", type=int, default=None,
-                   help="order of a multistep solver (default: 2 for dpmpp-2m, 4 for ipndm, 3 for the others)")
+                   help="order of a multistep solver (default: " + ", ".join(
+                       f"{s.default_order} for {s.name}" for s in SOLVERS.values() if s.orders) + ")")
     p.add_argument("--seeds", default=None,
                    help=f"seeds, e.g. '0-63' or '1,5,9', each below 2**32, at most {MAX_SAMPLES:,} "
                         f"(default: 0..count-1)")

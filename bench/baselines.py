@@ -72,7 +72,7 @@ def authors_heun_step(x: Tensor, F_a: Tensor, F_s: Tensor, g_a: Tensor, g_s: Ten
                       ids: Tensor | None = None) -> Tensor:
     """One matrix Heun step (METHOD §6.2) with the authors' scale; the flows are given (no network).
 
-    g_*: [B, 2] float64 variances; the same algebra as `aniso_fast.sampling.solvers.heun`, scalars cast to x.dtype.
+    g_*: [B, 2] float64 variances; the same algebra as `aniso_fast.sampling.ode.heun`, scalars cast to x.dtype.
     """
     S_a, S_s, S_b = g_a.sqrt(), g_s.sqrt(), g_b.sqrt()
     dS, R = S_b - S_a, (S_b - S_a) / (S_s - S_a)

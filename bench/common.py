@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
+from aniso_fast.utils.machine import cpu_model
 from aniso_fast.geometry.bases import DCTBasis, PCABasis, dct_matrix
 
 BACKENDS = ops.BACKENDS  # reference, cpp, cuda, triton
@@ -170,7 +171,7 @@ def peak_bytes(fn, device: str):
 
 def scalar_cast_bytes(op: str, B: int, K: int) -> int:
     """Bytes of the fp32 copies of the float64 [B, K] scalars (a; and c for the Heun update) that the dispatch
-    layer makes (aniso_fast.ops.dispatch casts scalars to the compute dtype): what a fused op may allocate besides its output."""
+    layer makes (aniso_fast.ops casts scalars to the compute dtype): what a fused op may allocate besides its output."""
     return {"scale": 1, "heun": 2, "dot": 0}[op] * B * K * 4
 
 
@@ -224,12 +225,6 @@ def measure(benchmark, fn, device: str, opts: Options, check=None, min_rounds: i
 
 def environment() -> dict:
     """Machine facts for the report (recorded in the benchmark JSON's machine_info)."""
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
     try:
         import triton
         triton_version = triton.__version__
@@ -239,7 +234,7 @@ def environment() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
-    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
             "cuda_runtime": torch.version.cuda, "gpu": gpu_name(), "backends": ops.backends(),
             "loadavg": _loadavg()}

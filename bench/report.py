@@ -339,7 +339,7 @@ def section_step(res: Results, device: str) -> list[str]:
         row += [fx(ratio(res.median(*key, "authors"), ft)), fx(ratio(res.median(*key, "reference"), ft))]
         rows.append(row)
     return [f"## One anisotropic Heun step without the network on {device.upper()} (median ms)", "",
-            "`aniso_fast.sampling.solvers.heun` over a one-step grid (predictor and corrector: two `combine` calls); the "
+            "`aniso_fast.sampling.ode.heun` over a one-step grid (predictor and corrector: two `combine` calls); the "
             "stand-in model's flow returns precomputed tensors. Backend chosen with ANISO_FAST_BACKEND.", ""] + \
         table(header, rows) + [""]
 
@@ -417,7 +417,7 @@ def section_solvers(res: Results) -> list[str]:
                      status(share, 0.03, higher=False)])
     e = next(iter(runs.values()))["extra_info"]
     return ["## Solvers at equal NFE", "",
-            f"`solvers.sample` at NFE {e['nfe']}, batch {e['batch']} of 28x28x1 (`bench/test_bench_solvers.py`). "
+            f"`sampling.sample` at NFE {e['nfe']}, batch {e['batch']} of 28x28x1 (`bench/test_bench_solvers.py`). "
             "`with network`: the shipped model; `solver alone`: the same call with a stand-in whose flow returns a "
             "precomputed tensor (grid, start point and the solver's `combine` algebra). Overhead = solver alone / "
             "with network; target: at most 3%.", ""] + \

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from bench import baselines, common
 
 OPS = ("scale", "heun", "dot", "block")

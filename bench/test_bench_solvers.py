@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from aniso_fast import store
-from aniso_fast.sampling.solvers import SOLVERS, sample
+from aniso_fast.sampling.sampler import sample
+from aniso_fast.sampling.spec import SOLVERS
 from bench import common
 
 NFE = 9

@@ -1,4 +1,4 @@
-"""One full anisotropic Heun step without the network: `aniso_fast.sampling.solvers.heun` over a one-step grid.
+"""One full anisotropic Heun step without the network: `aniso_fast.sampling.ode.heun` over a one-step grid.
 
 The model is a stand-in whose flow returns precomputed tensors (F_a, then F_s), so the step is the two
 `basis.combine` calls of METHOD §6.2 (Euler predictor, then the corrector) plus the solver's scalar algebra.
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast.ops import dispatch as ops
-from aniso_fast.sampling.solvers import Grid, heun
+from aniso_fast import ops
+from aniso_fast.sampling.grids import Grid
+from aniso_fast.sampling.ode import heun
 from bench import baselines, common
 
 IMPLS = ("authors", "reference", "cpp", "cuda", "triton")

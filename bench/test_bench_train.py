@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.processes.losses import edm_loss, iso_loss, trajectory_loss
 from aniso_fast.networks.unet import fashion_mnist_unet

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from aniso_fast.ops import reference as ref
 from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
 from test_ops import (CPU_BACKENDS, DTYPES, SETTINGS, SIZES, TRITON_SKIP, assert_combine_close, dct_matrix, f64,

@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from aniso_fast import evaluate  # noqa: E402
-from aniso_fast.evaluation import features  # noqa: E402
+from aniso_fast.evaluation import classifier, features  # noqa: E402
 from aniso_fast import store  # noqa: E402
 from aniso_fast.evaluation import recipes  # noqa: E402
 from aniso_fast.evaluation import table  # noqa: E402
@@ -79,9 +79,9 @@ def test_classifier_subcommand_ships_weights_and_doc(tmp_path, monkeypatch):
 
 
 def test_shipped_classifier_asset():
-    meta = json.loads(features.CLASSIFIER_ASSET.with_suffix(".json").read_text())
+    meta = json.loads(classifier.CLASSIFIER_ASSET.with_suffix(".json").read_text())
     assert meta["metadata"]["test_accuracy"] >= 0.9
-    assert features.CLASSIFIER_ASSET.stat().st_size < 1_000_000
+    assert classifier.CLASSIFIER_ASSET.stat().st_size < 1_000_000
 
 
 def test_fmnist_recipe_is_consistent():

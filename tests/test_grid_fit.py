@@ -11,7 +11,8 @@ import torch
 from aniso_fast.sampling import grid_fit
 from aniso_fast import store
 from aniso_fast import models
-from aniso_fast.sampling import solvers as S
+from aniso_fast import sampling
+from aniso_fast.sampling import grids as G, spec
 from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.evaluate import main as evaluate_main
 from aniso_fast.sample import main as sample_main
@@ -77,7 +78,7 @@ def test_fitted_grids_beat_the_logsnr_grid_on_the_exact_mixture(gmm, aniso_sched
 
 
 def test_fitted_levels_are_descending_fine_levels(gmm, aniso_schedule, fitted_mixture):
-    lo, hi = S.geometric_sigma_span(aniso_schedule)
+    lo, hi = G.geometric_sigma_span(aniso_schedule)
     fine = np.exp(np.linspace(np.log(hi), np.log(lo), 64))
     for n, levels in fitted_mixture.items():
         assert len(levels) == n and levels[0] == pytest.approx(hi) and all(np.diff(levels) < 0)
@@ -85,14 +86,14 @@ def test_fitted_levels_are_descending_fine_levels(gmm, aniso_schedule, fitted_mi
 
 
 def test_sampling_on_a_fitted_grid_places_its_levels(gmm, aniso_schedule, fitted_mixture):
-    t = S.optimized_t(aniso_schedule, fitted_mixture, 5)
+    t = G.optimized_t(aniso_schedule, fitted_mixture, 5)
     assert t.shape == (6,) and t[-1] == 0
     sig = aniso_schedule.geometric_mean(t[:-1]).sqrt()
     assert torch.allclose(sig, torch.tensor(fitted_mixture[5], dtype=F64), rtol=1e-9)
-    x, _, info = S.sample(gmm, aniso_schedule, nfe=5, solver="ipndm", grid="optimized", seeds=range(3),
+    x, _, info = sampling.sample(gmm, aniso_schedule, nfe=5, solver="ipndm", grid="optimized", seeds=range(3),
                           fitted=fitted_mixture)
     assert info["grid"] == "optimized" and info["nfe"] == 5 and torch.isfinite(x).all()
-    other = S.sample(gmm, aniso_schedule, nfe=5, solver="ipndm", grid="logsnr", seeds=range(3))[0]
+    other = sampling.sample(gmm, aniso_schedule, nfe=5, solver="ipndm", grid="logsnr", seeds=range(3))[0]
     assert not torch.allclose(x, other)
 
 
@@ -101,13 +102,13 @@ def test_sampling_refuses_a_missing_or_malformed_fitted_grid(gmm, aniso_schedule
              ({5: [80.0, 1.0, 0.5, 0.6, 0.1]}, "descending"), ({5: [80.0, 1.0]}, "5 positive")]
     for fitted, words in cases:
         with pytest.raises(ValueError, match=f"^grid: .*{words}"):
-            S.sample(gmm, aniso_schedule, nfe=5, solver="dpmpp-2m", grid="optimized", seeds=[0], fitted=fitted)
+            sampling.sample(gmm, aniso_schedule, nfe=5, solver="dpmpp-2m", grid="optimized", seeds=[0], fitted=fitted)
 
 
 def test_other_families_refuse_the_fitted_grid():
     from aniso_fast.processes import families
 
-    plan = S.resolve_sampler("dpmpp-2m", "optimized", None, 5)
+    plan = spec.resolve_sampler("dpmpp-2m", "optimized", None, 5)
     for family in ("vsdm", "vsmd"):
         with pytest.raises(ValueError, match="^grid: 'optimized'"):
             families.check_sampler(family, plan)
@@ -181,12 +182,12 @@ def test_manifest_refuses_a_malformed_fitted_grid(tiny_checkpoint, assets):
 
 
 def test_teacher_is_the_samplers_dpmpp_2m_on_the_logsnr_grid(gmm, aniso_schedule):
-    """The teacher starts from the seeds' own noise: its endpoint is `solvers.sample`'s with the same seeds, and its
+    """The teacher starts from the seeds' own noise: its endpoint is `sampling.sample`'s with the same seeds, and its
     fine levels are the log-SNR grid's geometric-mean sigmas."""
     seeds = [5, 6, 7]
     levels, g, xs, Ds = grid_fit.teacher_trajectory(gmm, aniso_schedule, seeds, None, steps=12)
     assert xs.shape[0] == 13 and Ds.shape[0] == 12 and g.shape[1] == 13 and levels[-1] == 0
-    x = S.sample(gmm, aniso_schedule, nfe=12, solver="dpmpp-2m", grid="logsnr", seeds=seeds)[0]
+    x = sampling.sample(gmm, aniso_schedule, nfe=12, solver="dpmpp-2m", grid="logsnr", seeds=seeds)[0]
     assert torch.equal(xs[-1], x)
     sig = g[0, :-1].log().mean(-1).exp().sqrt()
     assert torch.allclose(sig, levels[:-1], rtol=1e-9)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from aniso_fast.utils.data import to_model_range
-from aniso_fast.evaluation.metrics import (FashionMNISTClassifier, FrechetClassifierDistance, endpoint_error,
-                                evaluate_classifier, feature_statistics, frechet_distance,
-                                frechet_distance_from_statistics, load_classifier, save_classifier,
-                                sliced_wasserstein, train_classifier)
+from aniso_fast.evaluation.features import FrechetScorer
+from aniso_fast.evaluation.classifier import (FashionMNISTClassifier, evaluate_classifier, load_classifier,
+                                             save_classifier, train_classifier)
+from aniso_fast.evaluation.metrics import (endpoint_error, feature_statistics, frechet_distance,
+                                          frechet_distance_from_statistics, sliced_wasserstein)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,11 +213,13 @@ def test_save_load_classifier_roundtrip(tmp_path):
         save_classifier(model, tmp_path / "clf.pt")
 
 
-def test_frechet_classifier_distance():
+def test_frechet_distance_in_classifier_features():
+    """The results table's scorer (features.FrechetScorer) in a classifier's features."""
     torch.manual_seed(0)
     classifier = FashionMNISTClassifier(width=8, feature_dim=32).eval()  # untrained features can compare sets
     real, _ = stripes(600, seed=0)
-    fcd = FrechetClassifierDistance(classifier, real[:300], batch_size=128)
+    fcd = FrechetScorer(lambda u8: classifier.features(to_model_range(u8)).numpy(), real[:300], id="clf",
+                        batch_size=128)
     assert abs(fcd.score(real[:300])) < 1e-6
     same_distribution = fcd.score(real[300:])
     shifted = fcd.score((real[300:].int() // 2).to(torch.uint8))

@@ -97,7 +97,7 @@ def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
     default is one of them, and the default model samples finite class-conditional images with its schedule."""
     from aniso_fast.evaluation import recipes
-    from aniso_fast.sampling.solvers import sample
+    from aniso_fast.sampling.sampler import sample
 
     recipe = recipes.load_recipe("recipes/fmnist.json")
     shipped = store.shipped_models(store.ASSET_DIR)
@@ -241,32 +241,41 @@ def test_missing_shipped_file_and_shipped_file_paths(tiny_checkpoint, assets):
 
 
 def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11, item 5
+    from aniso_fast.sampling.spec import choose_for_nfe
+
+    def choice(nfe):  # the rule lives in sampling.spec; the store supplies the records and the fitted grids
+        return choose_for_nfe(store.sampler_defaults(), nfe, fitted_steps=store.fitted_grids)
+
     store.export_model(tiny_checkpoint, "tiny", "tiny model")
-    assert store.sampler_defaults() == {} and store.default_for_nfe(9) is None
+    assert store.sampler_defaults() == {} and choice(9) is None
     choices = {9: {"model": "tiny", "solver": "heun", "grid": "uniform_t", "secondary": "mid", "order": None,
                    "fd": 3.2, "se": 0.1},
                5: {"model": "tiny", "solver": "ipndm", "grid": "uniform_t", "secondary": None, "order": 4, "fd": 3.5}}
     store.set_sampler_defaults(choices)
     recorded = store.sampler_defaults()
     assert list(recorded) == [5, 9] and recorded[9] == choices[9] and recorded[5]["order"] == 4
-    assert store.default_for_nfe(5) == recorded[5] and store.default_for_nfe(35)["solver"] == "heun"
-    assert store.default_for_nfe(7)["solver"] == "ipndm"  # a tie goes to the lower NFE
+    assert choice(5) == recorded[5] and choice(35)["solver"] == "heun"
+    assert choice(7)["solver"] == "ipndm"  # a tie goes to the lower NFE
     # an unmeasured NFE takes the nearest choice that runs there as it was measured:
-    assert store.default_for_nfe(3)["solver"] == "heun"  # iPNDM-4 cannot spend 3 calls
-    assert store.default_for_nfe(10)["solver"] == "ipndm"  # midpoint Heun at an even NFE ends on an Euler step
-    assert store.default_for_nfe(2) is None  # neither applies
+    assert choice(3)["solver"] == "heun"  # iPNDM-4 cannot spend 3 calls
+    assert choice(10)["solver"] == "ipndm"  # midpoint Heun at an even NFE has no final Euler step
+    assert choice(2) is None  # neither applies
     with pytest.raises(ValueError, match="NFE 5: grid: 'tiny' has no optimized grid fitted for 5 steps"):
         store.set_sampler_defaults({5: {**choices[5], "grid": "optimized"}})  # issue 23: a choice that cannot run
-    five = [10.0, 4.0, 1.0, 0.5, 0.1]
+    five, six = [10.0, 5.0, 2.0, 1.0, 0.5], [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]
     store.set_fitted_grids("tiny", {5: five}, {"teacher": "test"})
     store.set_sampler_defaults({5: {**choices[5], "grid": "optimized"}})
-    assert store.default_for_nfe(5)["grid"] == "optimized" and store.default_for_nfe(6) is None
+    assert choice(5)["grid"] == "optimized" and choice(6) is None
     with pytest.raises(ValueError, match=r"would break defaults\[5\]"):  # the recorded choice needs that grid
-        store.set_fitted_grids("tiny", {6: [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]}, {"teacher": "test"})
-    store.set_fitted_grids("tiny", {5: five, 6: [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]}, {"teacher": "test"})
-    assert store.default_for_nfe(6)["grid"] == "optimized" and store.default_for_nfe(4) is None
+        store.set_fitted_grids("tiny", {6: six}, {"teacher": "test"})
+    store.set_fitted_grids("tiny", {5: five, 6: six}, {"teacher": "test"})
+    assert choice(5)["grid"] == "optimized" and choice(6)["grid"] == "optimized" and choice(4) is None
     store.set_sampler_defaults({**choices, 50: {**choices[5], "solver": "em", "grid": "uniform_t", "order": None}})
-    assert store.default_for_nfe(50)["solver"] == "em" and store.default_for_nfe(40)["solver"] == "ipndm"
+    assert choice(50)["solver"] == "em" and choice(40)["solver"] == "ipndm"
+    # a line measured at its own NFEs only is recorded with them, and not extended to another NFE
+    store.set_sampler_defaults({**choices, 199: {**choices[9], "secondary": "end", "nfes": [35, 199]}})
+    assert store.sampler_defaults()[199]["nfes"] == [35, 199] and "nfes" not in store.sampler_defaults()[9]
+    assert choice(199)["secondary"] == "end" and choice(201)["secondary"] == "mid"
     store.set_sampler_defaults(choices)
     # a later export keeps the record; `list` shows it
     store.export_model(tiny_checkpoint, "tiny2")
@@ -284,4 +293,9 @@ def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11,
     doc["defaults"]["x"] = doc["defaults"]["9"]
     (assets / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="corrupt manifest"):
+        store.sampler_defaults()
+    del doc["defaults"]["x"]
+    doc["defaults"]["9"]["nfes"] = [9, "x"]
+    (assets / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="nfes"):
         store.sampler_defaults()

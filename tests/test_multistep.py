@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from aniso_fast.sampling import multistep as MS
-from aniso_fast.sampling import solvers as S
+from aniso_fast.sampling import grids as G, spec
+from aniso_fast.sampling.noise import seeded_noise
 from aniso_fast.geometry.bases import IsotropicBasis
 from aniso_fast.networks.gmm import GaussianMixture
 from aniso_fast.geometry.schedules import MatrixSchedule, karras_sigmas
@@ -63,7 +64,7 @@ class IsotropicView:
 
 
 def _start(model, grid, B=4):
-    z = S.seeded_noise(range(B), model.image_shape, dtype=f64)
+    z = seeded_noise(range(B), model.image_shape, dtype=f64)
     return model.basis.scale(z, grid.g[:, 0].expand(B, -1).sqrt())
 
 
@@ -74,7 +75,7 @@ def _rms(a):
 # ---- oracles ----
 
 def test_karras_grid_is_kdiffusion_get_sigmas_karras(kdiffusion):
-    ours = S.karras_grid(10).g[0, :, 0].sqrt()
+    ours = G.karras_grid(10).g[0, :, 0].sqrt()
     theirs = kdiffusion.get_sigmas_karras(10, 0.002, 80.0, 7.0).to(f64)  # computed in float32
     assert theirs[-1] == 0 == ours[-1]
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
@@ -83,9 +84,9 @@ def test_karras_grid_is_kdiffusion_get_sigmas_karras(kdiffusion):
 def test_isotropic_dpmpp_2m_is_kdiffusion(gmm, kdiffusion):
     """Karras grid ending at sigma = 0: same noise, same steps, k-diffusion's last step x = D (float64)."""
     N = 10
-    grid = S.karras_grid(N, 2)
+    grid = G.karras_grid(N, 2)
     sig = grid.g[0, :, 0].sqrt()
-    z = S.seeded_noise(range(3), gmm.image_shape, dtype=f64)
+    z = seeded_noise(range(3), gmm.image_shape, dtype=f64)
 
     def denoiser(x, s):
         return gmm.denoise(x, (s ** 2)[:, None].expand(-1, 2))
@@ -148,8 +149,8 @@ def _unipc_reference(denoiser, x, sigmas, order, lower_order_final):
 def test_isotropic_unipc_is_the_published_update(gmm, order, lower_order_final):
     """k-diffusion has no UniPC: compare with a float64 transcription of UniPC's own loop (isotropic grid)."""
     sig = torch.linspace(math.log(80), math.log(0.002), 9, dtype=f64).exp()
-    grid = S.Grid(g=(sig ** 2)[None, :, None].expand(1, -1, 2).contiguous())
-    z = S.seeded_noise(range(3), gmm.image_shape, dtype=f64)
+    grid = G.Grid(g=(sig ** 2)[None, :, None].expand(1, -1, 2).contiguous())
+    z = seeded_noise(range(3), gmm.image_shape, dtype=f64)
     theirs = _unipc_reference(lambda x, s: gmm.denoise(x, (s ** 2).expand(x.shape[0], 2)), z * 80, sig, order,
                               lower_order_final)
     ours = MS.unipc(gmm, z * 80, grid, order=order, lower_order_final=lower_order_final)
@@ -182,8 +183,8 @@ def _deis_reference(denoiser, x, sigmas, order, n=100_001):
 @pytest.mark.parametrize("order", [2, 3, 4])
 def test_isotropic_deis_is_diff_samplers_tab(gmm, order):
     sig = karras_sigmas(8)  # the harness's grid: 80 .. 0.002
-    grid = S.Grid(g=(sig ** 2)[None, :, None].expand(1, -1, 2).contiguous())
-    z = S.seeded_noise(range(3), gmm.image_shape, dtype=f64)
+    grid = G.Grid(g=(sig ** 2)[None, :, None].expand(1, -1, 2).contiguous())
+    z = seeded_noise(range(3), gmm.image_shape, dtype=f64)
     theirs = _deis_reference(lambda x, s: gmm.denoise(x, (s ** 2).expand(x.shape[0], 2)), z * 80, sig, order)
     assert torch.allclose(MS.deis(gmm, z * 80, grid, order=order), theirs, rtol=0, atol=1e-7)
 
@@ -196,10 +197,10 @@ SOLVERS = [("dpmpp-2m", {}), ("dpmpp-3m", {}), ("dpmpp-3m", {"variant": "exact"}
 def test_tied_schedule_equals_isotropic_basis(gmm, name, kw):
     """K = 2 with all g_k equal is the same solver as the isotropic basis, on a grid ending at sigma = 0 and on
     a tied schedule's grid ending at g0."""
-    fn = MS.MULTISTEP[name]
+    fn = spec.SOLVERS[name].run
     tied = MatrixSchedule(2, tied=True)
-    for grid in (S.karras_grid(6, 2), S.schedule_grid(tied, S.logsnr_grid(tied, 6))):
-        iso = S.Grid(g=grid.g[..., :1].contiguous())
+    for grid in (G.karras_grid(6, 2), G.schedule_grid(tied, G.logsnr_grid(tied, 6))):
+        iso = G.Grid(g=grid.g[..., :1].contiguous())
         x = _start(gmm, grid, B=3)
         assert torch.allclose(fn(gmm, x, grid, **kw), fn(IsotropicView(gmm), x, iso, **kw), rtol=0, atol=1e-12)
 
@@ -211,7 +212,7 @@ def _smooth_grid(n, lo=0.002, hi=80.0):
     factor e in sigma (a MatrixSchedule is log-linear between knots; its kinks cap any solver at order 2)."""
     tau = torch.linspace(0, 1, n + 1, dtype=f64)
     l0 = math.log(hi) + (math.log(lo) - math.log(hi)) * tau
-    return S.Grid(g=torch.stack([l0, l0 + torch.sin(math.pi * tau)], -1).mul(2).exp()[None])
+    return G.Grid(g=torch.stack([l0, l0 + torch.sin(math.pi * tau)], -1).mul(2).exp()[None])
 
 
 def _observed_order(gmm, fn, make_grid, n, **kw):
@@ -224,7 +225,7 @@ def _observed_order(gmm, fn, make_grid, n, **kw):
 
 def test_dpmpp_2m_is_second_order(gmm, aniso_schedule):
     def learned(n):  # the learned-like schedule on the logSNR grid, without the final jump to t = 0
-        return S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, n + 1)[:-1])
+        return G.schedule_grid(aniso_schedule, G.logsnr_grid(aniso_schedule, n + 1)[:-1])
 
     assert 1.7 < _observed_order(gmm, MS.dpmpp_2m, learned, 32, lower_order_final=False) < 2.5
     assert 1.7 < _observed_order(gmm, MS.dpmpp_2m, _smooth_grid, 32, lower_order_final=False) < 2.5
@@ -251,7 +252,7 @@ def test_ipndm_order_on_a_uniform_grid(gmm):
     def uniform_s(n):
         tau = torch.linspace(0, 1, n + 1, dtype=f64)[:, None]
         start, end = torch.tensor([5.0, 4.0], dtype=f64), torch.tensor([0.5, 0.7], dtype=f64)
-        return S.Grid(g=((start + (end - start) * tau) ** 2)[None])
+        return G.Grid(g=((start + (end - start) * tau) ** 2)[None])
 
     assert 2.7 < _observed_order(gmm, MS.ipndm, uniform_s, 16) < 4.5
 
@@ -266,13 +267,13 @@ def test_deis_order(gmm):
 
 @pytest.mark.parametrize("name,kw", SOLVERS)
 def test_one_network_call_per_step_none_at_sigma_zero(gmm, aniso_schedule, name, kw):
-    for grid in (S.karras_grid(5, 2), S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, 5))):
+    for grid in (G.karras_grid(5, 2), G.schedule_grid(aniso_schedule, G.logsnr_grid(aniso_schedule, 5))):
         model = CountingModel(gmm)
-        x = MS.MULTISTEP[name](model, _start(gmm, grid, B=2), grid, **kw)
+        x = spec.SOLVERS[name].run(model, _start(gmm, grid, B=2), grid, **kw)
         assert model.calls == 5 and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("name", list(MS.MULTISTEP))
+@pytest.mark.parametrize("name", [n for n, s in spec.SOLVERS.items() if s.orders])
 def test_one_grid_per_sample_for_class_schedules(name):
     """Class-conditional schedules give one grid per sample; each sample is solved on its own class's grid."""
     gm = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2, seed=3)
@@ -280,48 +281,37 @@ def test_one_grid_per_sample_for_class_schedules(name):
     with torch.no_grad():
         sched.psi[1, 0] += 0.5
     labels = torch.tensor([0, 1, 1])
-    grid = S.schedule_grid(sched, S.logsnr_grid(sched, 6, labels), labels)
-    x = _start(gm, S.Grid(g=grid.g[:1]), B=3)
-    both = MS.MULTISTEP[name](gm, x, grid, labels)
+    grid = G.schedule_grid(sched, G.logsnr_grid(sched, 6, labels), labels)
+    x = _start(gm, G.Grid(g=grid.g[:1]), B=3)
+    both = spec.SOLVERS[name].run(gm, x, grid, labels)
     for i in range(3):
-        alone = MS.MULTISTEP[name](gm, x[i:i + 1], S.Grid(g=grid.g[i:i + 1]), labels[i:i + 1])
+        alone = spec.SOLVERS[name].run(gm, x[i:i + 1], G.Grid(g=grid.g[i:i + 1]), labels[i:i + 1])
         assert torch.allclose(both[i:i + 1], alone, rtol=0, atol=1e-12)
-    assert not torch.allclose(both[1], MS.MULTISTEP[name](gm, x[1:2], S.Grid(g=grid.g[:1]), labels[1:2])[0])
+    assert not torch.allclose(both[1], spec.SOLVERS[name].run(gm, x[1:2], G.Grid(g=grid.g[:1]), labels[1:2])[0])
 
 
 def test_float32_images(gmm, aniso_schedule):
-    grid = S.schedule_grid(aniso_schedule, S.logsnr_grid(aniso_schedule, 8))
+    grid = G.schedule_grid(aniso_schedule, G.logsnr_grid(aniso_schedule, 8))
     x = _start(gmm, grid, B=2)
-    for name, fn in MS.MULTISTEP.items():
+    for name, fn in ((n, s.run) for n, s in spec.SOLVERS.items() if s.orders):
         out = fn(gmm, x.float(), grid)
         assert out.dtype == torch.float32
         assert torch.allclose(out.double(), fn(gmm, x, grid), atol=1e-4), name
 
 
 def test_logsnr_grid_is_log_uniform_in_the_geometric_mean(aniso_schedule):
-    t = S.logsnr_grid(aniso_schedule, 6)
+    t = G.logsnr_grid(aniso_schedule, 6)
     assert t.shape == (7,) and t[-1] == 0
-    g = S.schedule_grid(aniso_schedule, t).g[0]
+    g = G.schedule_grid(aniso_schedule, t).g[0]
     log_sigma = g[:-1].log().mean(1) / 2
     expected = torch.linspace(math.log(80), math.log(0.002), 6, dtype=f64)
     assert torch.allclose(log_sigma, expected, atol=1e-6)
     per_class = MatrixSchedule(2, num_classes=3)
-    assert S.logsnr_grid(per_class, 4, torch.tensor([0, 2])).shape == (2, 5)
-
-
-def test_min_nfe():
-    assert MS.min_nfe("dpmpp-2m") == 3 and MS.min_nfe("dpmpp-3m") == 5
-    assert MS.min_nfe("unipc", 2) == 3 and MS.min_nfe("unipc") == 5
-    assert MS.min_nfe("ipndm") == 4 and MS.min_nfe("ipndm", 1) == 1 and MS.min_nfe("deis") == 3
-    assert set(MS.ORDERS) == set(MS.MULTISTEP) == set(MS.DEFAULT_ORDER)
-    with pytest.raises(ValueError, match="solver"):
-        MS.min_nfe("dpmpp-4m")
-    with pytest.raises(ValueError, match="order"):
-        MS.min_nfe("unipc", 4)
+    assert G.logsnr_grid(per_class, 4, torch.tensor([0, 2])).shape == (2, 5)
 
 
 def test_bad_inputs(gmm, aniso_schedule):
-    grid = S.karras_grid(4, 2)
+    grid = G.karras_grid(4, 2)
     x = _start(gmm, grid, B=2)
     with pytest.raises(ValueError, match="order"):
         MS.unipc(gmm, x, grid, order=4)
@@ -334,17 +324,17 @@ def test_bad_inputs(gmm, aniso_schedule):
     with pytest.raises(ValueError, match="variant"):
         MS.dpmpp_3m(gmm, x, grid, variant="kdiffusion")
     with pytest.raises(ValueError, match="secondary"):
-        MS.dpmpp_2m(gmm, x, S.schedule_grid(aniso_schedule, S.uniform_t(4), secondary="mid"))
-    zero_inside = S.Grid(g=torch.cat([grid.g[:, :2], torch.zeros(1, 2, 2, dtype=f64)], 1))
+        MS.dpmpp_2m(gmm, x, G.schedule_grid(aniso_schedule, G.uniform_t(4), secondary="mid"))
+    zero_inside = G.Grid(g=torch.cat([grid.g[:, :2], torch.zeros(1, 2, 2, dtype=f64)], 1))
     with pytest.raises(ValueError, match="grid"):
         MS.dpmpp_2m(gmm, x, zero_inside)
     with pytest.raises(ValueError, match="grid"):
-        MS.ipndm(gmm, x, S.Grid(g=grid.g.expand(3, -1, -1)))
+        MS.ipndm(gmm, x, G.Grid(g=grid.g.expand(3, -1, -1)))
     with pytest.raises(TypeError, match="grid"):
         MS.unipc(gmm, x, grid.g)
     with pytest.raises(ValueError, match="num_steps"):
-        S.logsnr_grid(aniso_schedule, 0)
+        G.logsnr_grid(aniso_schedule, 0)
     with pytest.raises(ValueError, match="sigma_min"):
-        S.logsnr_grid(aniso_schedule, 4, sigma_min=90.0)
+        G.logsnr_grid(aniso_schedule, 4, sigma_min=90.0)
     with pytest.raises(ValueError, match="sigma_min"):
-        S.logsnr_grid(aniso_schedule, 4, sigma_max=None)
+        G.logsnr_grid(aniso_schedule, 4, sigma_max=None)

@@ -1,4 +1,4 @@
-"""The dispatch layer (aniso_fast.ops.dispatch) and every available backend against the float64 reference.
+"""The dispatch layer (aniso_fast.ops) and every available backend against the float64 reference.
 
 Inputs are drawn in the tested dtype and the reference sees exactly those values upcast to float64 (basis tensors
 too, before the backend casts them to its compute dtype), so what is left is the backend's arithmetic and the
@@ -19,7 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
+from aniso_fast.ops import dispatch
 from aniso_fast.ops import reference as ref
 
 COMBINE_TOL = {torch.float64: 1e-11, torch.float32: 5e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
@@ -28,10 +29,10 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [(28, 28), (32, 32), (64, 64), (12, 20), (8, 8)]
 
 _AVAILABLE_CPU = ops.backends()["available"]
-CPU_BACKENDS = [b for b in ("reference", "cpp") if ops._unavailable(b, "cpu") is None]
-TRITON_SKIP = ops._unavailable("triton", "cpu")  # None when aniso_fast.kernels.subspace_triton runs here
+CPU_BACKENDS = [b for b in ("reference", "cpp") if dispatch._unavailable(b, "cpu") is None]
+TRITON_SKIP = dispatch._unavailable("triton", "cpu")  # None when aniso_fast.kernels.subspace_triton runs here
 needs_triton = pytest.mark.skipif(TRITON_SKIP is not None, reason=f"triton backend unavailable: {TRITON_SKIP}")
-needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"cpp backend unavailable: {ops._C_ERROR}")
+needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"cpp backend unavailable: {dispatch._C_ERROR}")
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

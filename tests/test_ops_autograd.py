@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aniso_fast.ops import dispatch as ops
+from aniso_fast import ops
 from aniso_fast.ops import reference as ref
 from test_ops import CPU_BACKENDS, TRITON_SKIP, dct_matrix, orthonormal_rows
 

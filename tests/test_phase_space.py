@@ -10,7 +10,7 @@ from aniso_fast.processes import families
 from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.processes.phase_space import GRIDS, VSMDDenoiser, dpmpp_2m, flow_transition, given_data, sigma_grid
 from aniso_fast.networks.precond import AnisoPrecond
-from aniso_fast.sampling.solvers import resolve_sampler
+from aniso_fast.sampling.spec import resolve_sampler
 from aniso_fast.processes.vsmd import VSMDPrecond, VSMDProcess, sample_ode
 
 F64 = torch.float64

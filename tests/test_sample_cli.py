@@ -13,7 +13,7 @@ from aniso_fast.processes import families
 from aniso_fast import store
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
-from aniso_fast.sampling.solvers import sample
+from aniso_fast.sampling.sampler import sample
 
 GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9.png"  # the grid `--model gmm-fmnist` writes at the defaults
 

@@ -3,7 +3,9 @@ import ot
 import pytest
 import torch
 
-from aniso_fast.sampling import solvers as S
+from aniso_fast import sampling
+from aniso_fast.sampling import grids as G, ode, spec
+from aniso_fast.sampling.noise import MAX_SEED, seeded_labels, seeded_noise
 from aniso_fast.networks.gmm import GaussianMixture
 from aniso_fast.geometry.schedules import MatrixSchedule, karras_sigmas
 
@@ -23,7 +25,7 @@ class CountingModel:
 def test_isotropic_heun_on_karras_grid_is_edm_algorithm_2(gmm):
     """METHOD §6.1/§6.2: with g = h = sigma^2 the matrix Heun step is EDM's, step for step (float64)."""
     N, B = 6, 3
-    z = S.seeded_noise([1, 2, 3], (1, 6, 6), dtype=f64)
+    z = seeded_noise([1, 2, 3], (1, 6, 6), dtype=f64)
     sig = torch.cat([karras_sigmas(N), torch.zeros(1, dtype=f64)])
     x, edm_states = z * sig[0], []
     for i in range(N):  # EDM generate.py edm_sampler with S_churn = 0
@@ -36,19 +38,19 @@ def test_isotropic_heun_on_karras_grid_is_edm_algorithm_2(gmm):
         x = x_next
         edm_states.append(x)
     ours = []
-    S.heun(gmm, z * 80, S.karras_grid(N, 2), callback=lambda info: ours.append(info["x"]))
+    ode.heun(gmm, z * 80, G.karras_grid(N, 2), callback=lambda info: ours.append(info["x"]))
     assert len(ours) == N
     for a, b in zip(edm_states, ours):
         assert torch.allclose(a, b, rtol=0, atol=1e-11)
 
 
 def _solve(gmm, sched, solver, n, secondary):
-    g = S.schedule_grid(sched, S.uniform_t(n), None, secondary)
-    z = S.seeded_noise(range(4), gmm.image_shape, dtype=f64)
+    g = G.schedule_grid(sched, G.uniform_t(n), None, secondary)
+    z = seeded_noise(range(4), gmm.image_shape, dtype=f64)
     x = gmm.basis.scale(z, g.g[:, 0].expand(4, -1).sqrt())
     if solver == "euler":
-        return S.euler(gmm, x, g)
-    return S.heun(gmm, x, g, final_euler=False)
+        return ode.euler(gmm, x, g)
+    return ode.heun(gmm, x, g, final_euler=False)
 
 
 def test_convergence_orders(gmm, aniso_schedule):
@@ -69,15 +71,15 @@ def test_convergence_orders(gmm, aniso_schedule):
                                                   ("euler", "end", 5), ("heun", "end", 3)])
 def test_nfe_is_network_calls(gmm, aniso_schedule, solver, secondary, nfe):
     model = CountingModel(gmm)
-    x, _, info = S.sample(model, aniso_schedule, nfe=nfe, solver=solver, secondary=secondary, seeds=[0, 1],
+    x, _, info = sampling.sample(model, aniso_schedule, nfe=nfe, solver=solver, secondary=secondary, seeds=[0, 1],
                           dtype=f64)
     assert model.calls == nfe == info["nfe"]
     assert torch.isfinite(x).all()
 
 
 def test_same_seed_same_sample_whatever_the_batch(gmm, aniso_schedule):
-    alone, _, _ = S.sample(gmm, aniso_schedule, nfe=7, seeds=[5])
-    batch, _, _ = S.sample(gmm, aniso_schedule, nfe=7, seeds=[1, 5, 9])
+    alone, _, _ = sampling.sample(gmm, aniso_schedule, nfe=7, seeds=[5])
+    batch, _, _ = sampling.sample(gmm, aniso_schedule, nfe=7, seeds=[1, 5, 9])
     assert torch.allclose(alone[0], batch[1], atol=1e-6)
     assert not torch.allclose(batch[0], batch[1])
 
@@ -87,12 +89,12 @@ def test_seeds_outside_the_generator_range_are_refused(gmm, aniso_schedule):
     seeds wrapped around. Both are refused; the largest seed is its own sample."""
     for bad in ([2 ** 32], [0, 2 ** 32 + 1], [-1], [1.5]):
         with pytest.raises(ValueError, match="seeds"):
-            S.sample(gmm, aniso_schedule, nfe=3, seeds=bad)
+            sampling.sample(gmm, aniso_schedule, nfe=3, seeds=bad)
         with pytest.raises(ValueError, match="seeds"):
-            S.seeded_noise(bad, (1, 6, 6))
+            seeded_noise(bad, (1, 6, 6))
         with pytest.raises(ValueError, match="seeds"):
-            S.seeded_labels(bad, 10)
-    z = S.seeded_noise([0, S.MAX_SEED], (1, 6, 6))
+            seeded_labels(bad, 10)
+    z = seeded_noise([0, MAX_SEED], (1, 6, 6))
     assert not torch.equal(z[0], z[1])
 
 
@@ -100,25 +102,25 @@ def test_labels_come_from_a_stream_apart_from_the_noise():
     """Issue 10, defect 4: the label generator's seed + 2**40 kept the same low 32 bits, so a seed's label was
     drawn from its own noise stream; now it is a separate stream, still one per seed whatever the batch."""
     seeds = list(range(200))
-    labels = S.seeded_labels(seeds, 10)
+    labels = seeded_labels(seeds, 10)
     from_noise_stream = [int(torch.randint(10, (1,), generator=torch.Generator().manual_seed(s))) for s in seeds]
     assert labels.tolist() != from_noise_stream
     assert set(labels.tolist()) == set(range(10))
-    assert S.seeded_labels([1, 5, 9], 10)[1] == labels[5]
-    assert S.seeded_labels([S.MAX_SEED], 10).shape == (1,)
+    assert seeded_labels([1, 5, 9], 10)[1] == labels[5]
+    assert seeded_labels([MAX_SEED], 10).shape == (1,)
 
 
 def test_uniform_t_grid_at_karras_init_is_edm_grid():
     """METHOD §2.2: 5 uniform t points give sigma = [80, 17.52, 2.511, 0.169, 3.2e-5] at initialisation."""
-    g = S.schedule_grid(MatrixSchedule(2), S.uniform_t(4)).g[0]
+    g = G.schedule_grid(MatrixSchedule(2), G.uniform_t(4)).g[0]
     assert torch.allclose(g[:, 0], g[:, 1])
     sig = g[:, 0].sqrt()
     assert torch.allclose(sig, torch.tensor([80, 17.52, 2.511, 0.169, 3.16e-5], dtype=f64), rtol=2e-3)
 
 
 def test_edm_sigma_grid_follows_karras_on_geometric_mean(aniso_schedule):
-    t = S.edm_sigma_t(aniso_schedule, 6)
-    g = S.schedule_grid(aniso_schedule, t).g[0]
+    t = G.edm_sigma_t(aniso_schedule, 6)
+    g = G.schedule_grid(aniso_schedule, t).g[0]
     geo = g.log().mean(1).exp()  # sqrt(g h)
     assert torch.allclose(geo[:-1], karras_sigmas(6) ** 2, rtol=1e-6)
     assert t[-1] == 0
@@ -130,20 +132,20 @@ def test_class_conditional_schedules_per_sample():
     with torch.no_grad():
         sched.psi[2] += 0.5
     labels = torch.tensor([0, 2, 1])
-    for t in (S.uniform_t(5), S.edm_sigma_t(sched, 5, labels)):
-        mixed = S.schedule_grid(sched, t, labels, "mid")
+    for t in (G.uniform_t(5), G.edm_sigma_t(sched, 5, labels)):
+        mixed = G.schedule_grid(sched, t, labels, "mid")
         if t.dim() == 1:  # on the uniform t grid the classes' variances differ (on the EDM grid g = sigma^2)
             assert not torch.allclose(mixed.g[0], mixed.g[1])
         for i, y in enumerate(labels.tolist()):
             ti = t if t.dim() == 1 else t[i]
-            alone = S.schedule_grid(sched, ti, torch.tensor([y]), "mid")
+            alone = G.schedule_grid(sched, ti, torch.tensor([y]), "mid")
             assert torch.allclose(mixed.g[i], alone.g[0]) and torch.allclose(mixed.g_sec[i], alone.g_sec[0])
 
 
 def test_class_conditional_mixture_sampling_uses_labels():
     gm = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2, seed=3)
     labels = torch.tensor([0, 1, 0, 1])
-    x, lab, _ = S.sample(gm, MatrixSchedule(2), nfe=15, seeds=range(4), labels=labels, dtype=f64)
+    x, lab, _ = sampling.sample(gm, MatrixSchedule(2), nfe=15, seeds=range(4), labels=labels, dtype=f64)
     assert torch.equal(lab, labels)
     # each sample is closer to its own class mean
     d = ((x[:, None] - gm.means[None]) ** 2).flatten(2).sum(-1)
@@ -155,8 +157,8 @@ def test_distribution_matches_exact_samples(gmm, aniso_schedule):
     n = 1500
     exact_a = gmm.sample(n, generator=torch.Generator().manual_seed(0))[0].flatten(1).numpy()
     exact_b = gmm.sample(n, generator=torch.Generator().manual_seed(1))[0].flatten(1).numpy()
-    fine, _, _ = S.sample(gmm, aniso_schedule, nfe=31, seeds=range(n), dtype=f64)
-    coarse, _, _ = S.sample(gmm, aniso_schedule, nfe=3, solver="heun", secondary="end", seeds=range(n), dtype=f64)
+    fine, _, _ = sampling.sample(gmm, aniso_schedule, nfe=31, seeds=range(n), dtype=f64)
+    coarse, _, _ = sampling.sample(gmm, aniso_schedule, nfe=3, solver="heun", secondary="end", seeds=range(n), dtype=f64)
 
     def sw(a, b):
         return ot.sliced_wasserstein_distance(a, b, n_projections=200, seed=0)
@@ -168,24 +170,24 @@ def test_distribution_matches_exact_samples(gmm, aniso_schedule):
 
 def test_bad_inputs(gmm, aniso_schedule):
     with pytest.raises(ValueError, match="nfe"):
-        S.sample(gmm, aniso_schedule, nfe=8, secondary="end")
+        sampling.sample(gmm, aniso_schedule, nfe=8, secondary="end")
     with pytest.raises(ValueError, match="nfe"):
-        S.sample(gmm, aniso_schedule, nfe=1, solver="heun")
+        sampling.sample(gmm, aniso_schedule, nfe=1, solver="heun")
     with pytest.raises(ValueError, match="nfe"):
-        S.sample(gmm, aniso_schedule, nfe=0, solver="euler")
+        sampling.sample(gmm, aniso_schedule, nfe=0, solver="euler")
     with pytest.raises(ValueError, match="solver"):
-        S.sample(gmm, aniso_schedule, solver="rk4")
+        sampling.sample(gmm, aniso_schedule, solver="rk4")
     with pytest.raises(ValueError, match="grid"):
-        S.sample(gmm, aniso_schedule, grid="cosine")
+        sampling.sample(gmm, aniso_schedule, grid="cosine")
     with pytest.raises(ValueError, match="schedule"):
-        S.sample(gmm, None, grid="uniform_t")
+        sampling.sample(gmm, None, grid="uniform_t")
     with pytest.raises(ValueError, match="labels"):
-        S.sample(gmm, aniso_schedule, labels=torch.tensor([0]))
+        sampling.sample(gmm, aniso_schedule, labels=torch.tensor([0]))
     cond = GaussianMixture.toy(num_classes=2, num_components=1)
     with pytest.raises(ValueError, match="labels"):
-        S.sample(cond, MatrixSchedule(2), seeds=[0, 1], labels=torch.tensor([0, 2]))
+        sampling.sample(cond, MatrixSchedule(2), seeds=[0, 1], labels=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="secondary"):
-        S.sample(gmm, aniso_schedule, secondary="start")
+        sampling.sample(gmm, aniso_schedule, secondary="start")
 
 
 # ---- the multistep solvers through sample() and resolve_sampler (issue 11) ----
@@ -193,25 +195,24 @@ def test_bad_inputs(gmm, aniso_schedule):
 @pytest.mark.parametrize("solver", ["dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "deis"])
 @pytest.mark.parametrize("grid", ["karras", "logsnr", "uniform_t", "edm_sigma"])
 def test_sample_dispatches_multistep_solvers_with_exact_nfe(gmm, aniso_schedule, solver, grid):
-    from aniso_fast.sampling import multistep
 
     counted = CountingModel(gmm)
-    x, _, info = S.sample(counted, aniso_schedule, nfe=6, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
-    assert counted.calls == 6 == info["nfe"] and info["order"] == multistep.DEFAULT_ORDER[solver]
+    x, _, info = sampling.sample(counted, aniso_schedule, nfe=6, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
+    assert counted.calls == 6 == info["nfe"] and info["order"] == spec.SOLVERS[solver].default_order
     # the same solver called on the same grid and start point by hand
-    plan = S.resolve_sampler(solver, grid, None, 6)
-    t = {"karras": None, "uniform_t": S.uniform_t(6, aniso_schedule.T),
-         "edm_sigma": S.edm_sigma_t(aniso_schedule, 6), "logsnr": S.logsnr_grid(aniso_schedule, 6)}[grid]
-    g = S.karras_grid(6, 2) if t is None else S.schedule_grid(aniso_schedule, t)
-    x0 = gmm.basis.scale(S.seeded_noise([0, 1], gmm.image_shape, dtype=f64), g.g[:, 0].expand(2, -1).sqrt())
-    expected = multistep.MULTISTEP[solver](gmm, x0, g, order=plan.order)
+    plan = spec.resolve_sampler(solver, grid, None, 6)
+    t = {"karras": None, "uniform_t": G.uniform_t(6, aniso_schedule.T),
+         "edm_sigma": G.edm_sigma_t(aniso_schedule, 6), "logsnr": G.logsnr_grid(aniso_schedule, 6)}[grid]
+    g = G.karras_grid(6, 2) if t is None else G.schedule_grid(aniso_schedule, t)
+    x0 = gmm.basis.scale(seeded_noise([0, 1], gmm.image_shape, dtype=f64), g.g[:, 0].expand(2, -1).sqrt())
+    expected = spec.SOLVERS[solver].run(gmm, x0, g, order=plan.order)
     assert torch.equal(x, expected)
 
 
 def test_multistep_rules_in_resolve_sampler():
-    assert S.resolve_sampler("dpmpp-2m", "karras", None, 3).steps == 3
-    assert S.resolve_sampler("unipc", "logsnr", None, 3, order=2).order == 2
-    assert "DPM-Solver++(3M), log-SNR grid" in S.resolve_sampler("dpmpp-3m", "logsnr", None, 5).name
+    assert spec.resolve_sampler("dpmpp-2m", "karras", None, 3).steps == 3
+    assert spec.resolve_sampler("unipc", "logsnr", None, 3, order=2).order == 2
+    assert "DPM-Solver++(3M), log-SNR grid" in spec.resolve_sampler("dpmpp-3m", "logsnr", None, 5).name
     for args, match in [(("dpmpp-3m", "karras", None, 4), "^nfe: dpmpp-3m of order 3 needs at least 5"),
                         (("ipndm", "karras", None, 3, 4), "^nfe: ipndm of order 4 needs at least 4"),
                         (("unipc", "karras", None, 9, 5), "^order: unipc takes order 2 or 3"),
@@ -220,7 +221,7 @@ def test_multistep_rules_in_resolve_sampler():
                         (("bogus", "karras", None, 9), "^solver: expected one of"),
                         (("dpmpp-2m", "bogus", None, 9), "^grid: expected one of")]:
         with pytest.raises(ValueError, match=match):
-            S.resolve_sampler(*args)
+            spec.resolve_sampler(*args)
 
 
 def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm, aniso_schedule):
@@ -234,8 +235,8 @@ def test_a_grid_that_does_not_apply_to_the_schedule_is_refused(gmm, aniso_schedu
 
     for grid in ("logsnr", "edm_sigma"):
         with pytest.raises(ValueError, match=f"^grid: '{grid}' is placed on the geometric mean"):
-            S.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid=grid)
-    x, _, info = S.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid="uniform_t")
+            sampling.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid=grid)
+    x, _, info = sampling.sample(gmm, NoInverse(), nfe=5, solver="dpmpp-2m", grid="uniform_t")
     assert info["nfe"] == 5 and torch.isfinite(x).all()
 
 
@@ -247,11 +248,11 @@ def test_geometric_mean_grids_stay_inside_a_narrow_schedule(gmm, solver, grid):
     from aniso_fast.processes.vsdm import VSDMProcess
 
     view = VSDMProcess(2).ve_schedule()
-    lo, hi = S.geometric_sigma_span(view)
+    lo, hi = G.geometric_sigma_span(view)
     assert 0.002 < lo < hi < 80
-    x, _, info = S.sample(gmm, view, nfe=7, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
+    x, _, info = sampling.sample(gmm, view, nfe=7, solver=solver, grid=grid, seeds=[0, 1], dtype=f64)
     assert torch.isfinite(x).all() and info["nfe"] == 7
-    assert S.geometric_sigma_span(MatrixSchedule(2)) == (0.002, 80.0)  # the engine's schedules: EDM's range
+    assert G.geometric_sigma_span(MatrixSchedule(2)) == (0.002, 80.0)  # the engine's schedules: EDM's range
 
 
 # ---- Euler-Maruyama on the reverse SDE (issues 12 and 13: the families' stochastic sampler, also in the engine) ----
@@ -270,7 +271,7 @@ def test_em_weak_error_is_first_order(gmm, aniso_schedule):
     exact = _second_moments(gmm)
     errors = []
     for steps in (16, 32, 64):
-        x, _, info = S.sample(gmm, aniso_schedule, nfe=steps, solver="em", seeds=range(2000), dtype=f64)
+        x, _, info = sampling.sample(gmm, aniso_schedule, nfe=steps, solver="em", seeds=range(2000), dtype=f64)
         assert info["nfe"] == info["steps"] == steps
         errors.append((gmm.basis.sqnorms(x).mean(0) - exact).abs())
     slope = (errors[0] / errors[2]).log2() / 2
@@ -281,26 +282,26 @@ def test_em_weak_error_is_first_order(gmm, aniso_schedule):
 def test_em_sample_depends_on_its_seed_only(gmm, aniso_schedule):
     """Start noise = `seeded_noise`'s draw, then the step noises from the same per-seed stream: a seed's sample is
     the same alone or in any batch, and equals the solver run by hand with that stream."""
-    alone, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[5], dtype=f64)
-    batch, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[1, 5, 9], dtype=f64)
+    alone, _, _ = sampling.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[5], dtype=f64)
+    batch, _, _ = sampling.sample(gmm, aniso_schedule, nfe=6, solver="em", seeds=[1, 5, 9], dtype=f64)
     assert torch.equal(alone[0], batch[1]) and not torch.allclose(batch[0], batch[1])
-    ode, _, _ = S.sample(gmm, aniso_schedule, nfe=6, solver="euler", seeds=[5], dtype=f64)
-    assert not torch.allclose(alone, ode)  # the step noises are really drawn
-    grid = S.schedule_grid(aniso_schedule, S.uniform_t(6))
+    deterministic, _, _ = sampling.sample(gmm, aniso_schedule, nfe=6, solver="euler", seeds=[5], dtype=f64)
+    assert not torch.allclose(alone, deterministic)  # the step noises are really drawn
+    grid = G.schedule_grid(aniso_schedule, G.uniform_t(6))
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(gmm.image_shape, generator=gen, dtype=f64)[None]
-    assert torch.equal(z, S.seeded_noise([5], gmm.image_shape, dtype=f64))
+    assert torch.equal(z, seeded_noise([5], gmm.image_shape, dtype=f64))
     x0 = gmm.basis.scale(z, grid.g[:, 0].sqrt())
-    by_hand = S.em(gmm, x0, grid, noise=lambda: torch.randn(gmm.image_shape, generator=gen, dtype=f64)[None])
+    by_hand = ode.em(gmm, x0, grid, noise=lambda: torch.randn(gmm.image_shape, generator=gen, dtype=f64)[None])
     assert torch.equal(by_hand, alone)
 
 
 @pytest.mark.parametrize("grid", ["uniform_t", "karras", "logsnr", "edm_sigma"])
 def test_em_runs_on_every_grid_with_one_call_per_step(gmm, aniso_schedule, grid):
     counted = CountingModel(gmm)
-    x, _, info = S.sample(counted, aniso_schedule, nfe=7, solver="em", grid=grid, seeds=[0, 1], dtype=f64)
+    x, _, info = sampling.sample(counted, aniso_schedule, nfe=7, solver="em", grid=grid, seeds=[0, 1], dtype=f64)
     assert counted.calls == 7 == info["nfe"] and torch.isfinite(x).all()
-    assert S.resolve_sampler("em", grid, None, 7).name == f"Euler-Maruyama, {S.GRID_LABELS[grid]}"
+    assert spec.resolve_sampler("em", grid, None, 7).name == f"Euler-Maruyama, {G.GRIDS[grid].label}"
 
 
 def test_em_rules_in_resolve_sampler(gmm, aniso_schedule):
@@ -309,9 +310,9 @@ def test_em_rules_in_resolve_sampler(gmm, aniso_schedule):
                         (("em", "uniform_t", None, 9, 2), "^order: only the multistep solvers"),
                         (("em", "uniform_t", None, 0), "^nfe: Euler-Maruyama needs at least 1")]:
         with pytest.raises(ValueError, match=match):
-            S.resolve_sampler(*args)
+            spec.resolve_sampler(*args)
     with pytest.raises(ValueError, match="^grid: Euler-Maruyama uses no secondary points"):
-        S.em(gmm, torch.zeros(1, *gmm.image_shape), S.schedule_grid(aniso_schedule, S.uniform_t(3), None, "mid"))
+        ode.em(gmm, torch.zeros(1, *gmm.image_shape), G.schedule_grid(aniso_schedule, G.uniform_t(3), None, "mid"))
 
 
 # ---- one sampler entry for every process family (families.sample, families.check_sampler) ----
@@ -338,7 +339,7 @@ def test_families_sample_dispatches_each_family(gmm, aniso_schedule):
         assert torch.equal(x, expected[0]) and info["nfe"] == plan.nfe and info["solver"] == plan.solver
 
     core = F.resolve_sampler("core", "em", "karras", None, 5)
-    same(core, aniso_schedule, S.sample(gmm, aniso_schedule, nfe=5, solver="em", grid="karras", seeds=[0, 3]))
+    same(core, aniso_schedule, sampling.sample(gmm, aniso_schedule, nfe=5, solver="em", grid="karras", seeds=[0, 3]))
     process = vsdm.VSDMProcess(2, rates=[[0.2, -0.5]])
     same(F.resolve_sampler("vsdm", "em", "uniform_t", None, 4), process, vsdm.sample_em(process, gmm, [0, 3], 4))
     same(F.resolve_sampler("vsdm", "dpmpp-2m", "logsnr", None, 5), process,
@@ -369,7 +370,7 @@ def test_families_refuse_samplers_they_do_not_take(gmm, family, solver, grid, se
 
     with pytest.raises(ValueError, match=match):
         F.resolve_sampler(family, solver, grid, secondary, 9)
-    plan = S.resolve_sampler(solver, grid, secondary, 9)
+    plan = spec.resolve_sampler(solver, grid, secondary, 9)
     F.check_sampler("core", plan)  # the engine takes every sampler
     process = vsdm.VSDMProcess(2) if family == "vsdm" else vsmd.VSMDProcess(2)
     with pytest.raises(ValueError, match=match):  # and families.sample checks at its own boundary
@@ -380,10 +381,10 @@ def test_families_sample_bad_input(gmm):
     from aniso_fast.processes import families as F
     from aniso_fast.processes import vsdm
 
-    plan = S.resolve_sampler("em", "uniform_t", None, 3)
+    plan = spec.resolve_sampler("em", "uniform_t", None, 3)
     with pytest.raises(ValueError, match="^family: expected one of core, vsdm, vsmd"):
         F.check_sampler("vp", plan)
-    with pytest.raises(ValueError, match="^plan: expected a solvers.Sampler"):
+    with pytest.raises(ValueError, match="^plan: expected a sampling.Sampler"):
         F.sample(gmm, vsdm.VSDMProcess(2), {"solver": "em"}, [0])
     cond = GaussianMixture.toy(channels=1, height=6, width=6, bands=(2,), num_components=1, num_classes=2)
     with pytest.raises(ValueError, match="^labels: expected classes in"):

@@ -408,13 +408,15 @@ def test_fuzz_manifest_documents(tmp_path, data):
         nfe = data.draw(st.sampled_from(sorted(doc["defaults"])))
         key = data.draw(st.sampled_from(["model", "solver", "grid", "secondary", "order", "nfe"]))
         if key == "nfe":
-            doc["defaults"][data.draw(st.text(max_size=30))] = doc["defaults"].pop(nfe)
+            doc["defaults"][data.draw(st.text(max_size=30) | st.sampled_from(["²", "1" * 5000, "0", "-3"]))] = \
+                doc["defaults"].pop(nfe)
         else:
             doc["defaults"][nfe][key] = data.draw(_JSON | st.integers(-2**70, 2**70))
     elif how == "grid":
-        levels = doc["models"]["fmnist-dct-class"]["grids"]["optimized"]["4"]
-        levels[data.draw(st.integers(0, 3))] = data.draw(st.floats(allow_nan=True, allow_infinity=True)
-                                                         | st.integers(-2**1100, 2**1100))
+        grids = doc["models"]["fmnist-dct-class"]["grids"]["optimized"]
+        grids["4"][data.draw(st.integers(0, 3))] = data.draw(st.floats(allow_nan=True, allow_infinity=True)
+                                                             | st.integers(-2**1100, 2**1100))
+        grids[data.draw(st.text(max_size=8) | st.just("²"))] = grids.pop("4")
     text = json.dumps(doc)
     if how == "truncate":
         text = text[:data.draw(st.integers(0, len(text)))]

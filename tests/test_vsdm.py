@@ -10,7 +10,9 @@ from scipy.integrate import quad
 
 from aniso_fast.geometry.bases import DCTBasis, PCABasis
 from aniso_fast.networks.gmm import GaussianMixture
-from aniso_fast.sampling.solvers import sample, schedule_grid, seeded_noise, uniform_t
+from aniso_fast.sampling.grids import schedule_grid, uniform_t
+from aniso_fast.sampling.noise import seeded_noise
+from aniso_fast.sampling.sampler import sample
 from aniso_fast.processes.vsdm import PowerBeta, VSDMProcess
 
 F64 = torch.float64

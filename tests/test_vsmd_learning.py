@@ -13,7 +13,8 @@ import torch
 
 from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis
 from aniso_fast.networks.unet import SongUNet
-from aniso_fast.sampling.solvers import MAX_NFE, seeded_labels, seeded_noise
+from aniso_fast.sampling.noise import seeded_labels, seeded_noise
+from aniso_fast.sampling.spec import MAX_NFE
 from aniso_fast.processes.vsmd import (
     Trajectories,
     VelocityScoreNet,

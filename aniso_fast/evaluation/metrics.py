@@ -1,32 +1,20 @@
-"""Sample-quality metrics: sliced Wasserstein, Frechet distance, endpoint error, and a Fashion-MNIST classifier
-whose penultimate features stand in for Inception's in a Frechet distance on 28x28 grayscale images.
-"""
+"""Sample-quality metrics: sliced Wasserstein, Frechet distance, endpoint error (the feature spaces are in
+evaluation.features, the Fashion-MNIST classifier in evaluation.classifier)."""
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import ot
 import scipy.linalg
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
-from ..utils.data import to_model_range, to_uint8
-from ..utils.atomic import atomic_write_bytes
 
 __all__ = [
     "sliced_wasserstein", "feature_statistics", "frechet_distance", "frechet_distance_from_statistics",
-    "EndpointError", "endpoint_error", "FashionMNISTClassifier", "train_classifier", "evaluate_classifier",
-    "save_classifier", "load_classifier", "FrechetClassifierDistance",
+    "EndpointError", "endpoint_error",
 ]
 
 
@@ -123,157 +111,3 @@ def endpoint_error(x: Tensor, x_ref: Tensor) -> EndpointError:
     diff = x.detach().to(torch.float64) - x_ref.detach().to(device=x.device, dtype=torch.float64)
     rms = diff.reshape(diff.shape[0], -1).square().mean(dim=1).sqrt().cpu()
     return EndpointError(rms, float(rms.mean()), float(rms.max()))
-
-
-# ---------------------------------------------------------------------------------------- classifier
-
-class FashionMNISTClassifier(nn.Module):
-    """Small CNN for [B, 1, 28, 28] images in [-1, 1]: three 3x3 conv-BN-ReLU-maxpool blocks with
-    width, 2 width, 4 width channels (28 -> 14 -> 7 -> 3), a fully connected BN-ReLU layer of `feature_dim`
-    (the features) and a linear layer to the logits.
-    """
-
-    def __init__(self, width: int = 16, feature_dim: int = 128, num_classes: int = 10):
-        super().__init__()
-        self.config = {"width": int(width), "feature_dim": int(feature_dim), "num_classes": int(num_classes)}
-
-        def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2)]
-
-        self.body = nn.Sequential(*block(1, width), *block(width, 2 * width), *block(2 * width, 4 * width),
-                                  nn.Flatten(), nn.Linear(4 * width * 3 * 3, feature_dim, bias=False),
-                                  nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True))
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate activations [B, feature_dim] (used for the Frechet distance)."""
-        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"x must be [B, 1, 28, 28] images in [-1, 1], got shape {tuple(x.shape)}")
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def _model_input(images: Tensor) -> Tensor:
-    return to_model_range(images) if images.dtype == torch.uint8 else images.to(torch.float32)
-
-
-def _check_labelled(images: Tensor, labels: Tensor) -> None:
-    if images.ndim != 4 or images.shape[1:] != (1, 28, 28):
-        raise ValueError(f"images must be [N, 1, 28, 28], got shape {tuple(images.shape)}")
-    if labels.shape != images.shape[:1] or labels.dtype != torch.int64:
-        raise ValueError(f"labels must be int64 [{images.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
-
-
-def train_classifier(images: Tensor, labels: Tensor, epochs: int = 4, batch_size: int = 128, lr: float = 3e-3,
-                     seed: int = 0, progress: bool = True, width: int = 16,
-                     feature_dim: int = 128) -> FashionMNISTClassifier:
-    """Train a `FashionMNISTClassifier(width, feature_dim)` with AdamW, a one-cycle learning rate and label
-    smoothing 0.1. `images` are uint8 [N, 1, 28, 28] (or float in [-1, 1]). Deterministic in `seed` on one
-    device; the global RNG state is left untouched. Returns the model in eval mode.
-    """
-    _check_labelled(images, labels)
-    x_all = _model_input(images)
-    n = x_all.shape[0]
-    steps_per_epoch = -(-n // batch_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = FashionMNISTClassifier(width=width, feature_dim=feature_dim)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-        model.train()
-        bar = tqdm(total=epochs * steps_per_epoch, desc="classifier", disable=not progress)
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch_size:(i + 1) * batch_size]
-                loss = F.cross_entropy(model(x_all[idx]), labels[idx], label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        bar.close()
-    return model.eval()
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of `model` (in eval mode, restored afterwards) on uint8 or [-1, 1] images."""
-    _check_labelled(images, labels)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(_model_input(images[i:i + batch_size]).to(device))
-        correct += int((logits.argmax(dim=1).cpu() == labels[i:i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(images)
-
-
-def _config_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def save_classifier(model: FashionMNISTClassifier, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write weights to `path` (.safetensors) and the config to the same name with .json, each atomically.
-
-    The JSON holds the constructor config, the weights' SHA-256 (checked on load) and `metadata` (e.g. accuracy).
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {path}")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = save_safetensors_bytes(tensors)
-    config = {"class": "FashionMNISTClassifier", "format_version": 1, "config": model.config,
-              "weights_sha256": hashlib.sha256(blob).hexdigest(), "metadata": metadata or {}}
-    atomic_write_bytes(path, blob)
-    atomic_write_bytes(_config_path(path), (json.dumps(config, indent=2) + "\n").encode())
-
-
-def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FashionMNISTClassifier:
-    """Inverse of `save_classifier`: the model in eval mode; its JSON's `metadata` is at `model.metadata`."""
-    path = Path(path)
-    config_path = _config_path(path)
-    if not path.is_file() or not config_path.is_file():
-        raise FileNotFoundError(f"classifier needs both {path} and {config_path}")
-    config = json.loads(config_path.read_text())
-    if config.get("class") != "FashionMNISTClassifier" or config.get("format_version") != 1:
-        raise ValueError(f"{config_path}: not a FashionMNISTClassifier config (format_version 1)")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != config["weights_sha256"]:
-        raise ValueError(f"{path}: weights do not match the SHA-256 recorded in {config_path}")
-    model = FashionMNISTClassifier(**config["config"])
-    model.load_state_dict(load_safetensors_bytes(blob), strict=True)
-    model.metadata = config["metadata"]
-    return model.to(map_location).eval()
-
-
-class FrechetClassifierDistance:
-    """Frechet distance in the features of a Fashion-MNIST classifier, against fixed reference statistics.
-
-    Images are uint8 [N, 1, 28, 28] or floats in [-1, 1]; floats are first quantized with `to_uint8`, as saved
-    samples are, so scoring a tensor or its saved PNGs gives the same number.
-    """
-
-    def __init__(self, classifier: FashionMNISTClassifier, reference_images: Tensor, batch_size: int = 1000):
-        self.classifier, self.batch_size = classifier.eval(), batch_size
-        self.mu, self.sigma = feature_statistics(self.features(reference_images))
-
-    @torch.no_grad()
-    def features(self, images: Tensor) -> np.ndarray:
-        """Classifier features [N, feature_dim] (float64 numpy)."""
-        images = images if images.dtype == torch.uint8 else to_uint8(images)
-        device = next(self.classifier.parameters()).device
-        out = [self.classifier.features(to_model_range(images[i:i + self.batch_size]).to(device)).cpu()
-               for i in range(0, len(images), self.batch_size)]
-        return torch.cat(out).to(torch.float64).numpy()
-
-    def score(self, generated_images: Tensor) -> float:
-        return frechet_distance_from_statistics(*feature_statistics(self.features(generated_images)),
-                                                self.mu, self.sigma)

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from ..processes import families
 from .. import store
 from ..store.checkpoint import latest_checkpoint, read_meta
-from ..sampling.solvers import MAX_NFE, Sampler
+from ..sampling.spec import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 

@@ -19,7 +19,9 @@ import torch
 
 from ..utils.atomic import atomic_write_text
 from .metrics import endpoint_error, sliced_wasserstein
-from ..sampling.solvers import fitted_levels, resolve_sampler, sample
+from ..sampling.grids import fitted_levels
+from ..sampling.sampler import sample
+from ..sampling.spec import resolve_sampler
 
 __all__ = ["SOLVER_CONFIGS", "solver_accuracy", "to_markdown", "write_report"]
 

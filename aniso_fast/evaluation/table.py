@@ -20,20 +20,19 @@ import torch
 
 from ..processes import families
 from ..utils.atomic import atomic_write, atomic_write_text
-from .features import FeatureMap, FrechetScorer, machine_description
+from ..utils.machine import machine_description
+from .features import FeatureMap, FrechetScorer
 from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
-from ..sampling.solvers import SAMPLER_CODES, fitted_levels
+from ..sampling import spec
+from ..sampling.grids import fitted_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
            "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
-_SOLVER_CODES = {"euler": "E", "heun": "H", "em": "EM", "dpmpp-2m": "2M", "dpmpp-3m": "3M", "unipc": "UniPC", "ipndm": "iPNDM",
-                 "deis": "DEIS"}
-_GRID_CODES = {"uniform_t": "u", "edm_sigma": "e", "karras": "K", "logsnr": "λ", "optimized": "o"}
 
 
 def row_samplers(row: dict, optional: bool = True) -> list[dict]:
@@ -42,11 +41,8 @@ def row_samplers(row: dict, optional: bool = True) -> list[dict]:
 
 
 def sampler_code(cfg: dict) -> str:
-    """A short code for compact tables: the solvers' one-letter codes, else solver, order and grid letter."""
-    solver, grid, secondary, order = sampler_key(cfg)
-    code = SAMPLER_CODES.get((solver, grid, secondary or "end"))
-    return code if code is not None and order is None else \
-        f"{_SOLVER_CODES[solver]}{order or ''}-{_GRID_CODES[grid]}"
+    """A short code for compact tables (`spec.sampler_code`)."""
+    return spec.sampler_code(*sampler_key(cfg))
 
 
 def _cell_key(cfg: dict) -> dict:

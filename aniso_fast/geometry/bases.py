@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..ops import dispatch as ops
+from .. import ops
 from ..utils.checks import check_index
 from ..ops.reference import compute_dtype
 

@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ..sampling import solvers
-from ..sampling.solvers import EM, Sampler
+from .. import sampling
+from ..sampling.spec import EM, Sampler
 
 __all__ = ["FAMILIES", "VSDM_RULES", "VSMD_HEADS", "EM", "family_of", "process_from_config", "network_from_config",
            "wrap_network", "is_alternating", "family_of_process", "check_sampler", "default_sampler",
@@ -114,7 +114,7 @@ def check_sampler(family: str, plan: Sampler) -> None:
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}")
     if not isinstance(plan, Sampler):
-        raise ValueError(f"plan: expected a solvers.Sampler (solvers.resolve_sampler), got {type(plan).__name__}")
+        raise ValueError(f"plan: expected a sampling.Sampler (sampling.resolve_sampler), got {type(plan).__name__}")
     if family == "core":
         return
     if plan.grid == "optimized":
@@ -156,7 +156,7 @@ def resolve_sampler(family: str, solver: str = "heun", grid: str = "uniform_t", 
     `check_sampler`; ValueError naming the argument."""
     if family == "vsmd" and solver == "heun" and secondary is None:
         secondary = "end"
-    plan = solvers.resolve_sampler(solver, grid, secondary, nfe, order)
+    plan = sampling.resolve_sampler(solver, grid, secondary, nfe, order)
     check_sampler(family, plan)
     return plan
 
@@ -172,15 +172,15 @@ def sample(model, process, plan: Sampler, seeds: Sequence[int], labels: Tensor |
     family = family_of_process(process)
     check_sampler(family, plan)
     if family == "core":
-        return solvers.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
+        return sampling.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
                               secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels,
                               fitted=fitted, device=device, progress=progress)
     if family == "vsdm":
         from . import vsdm
 
         if plan.solver == EM:  # vsdm.sample_em checks no labels (and runs on the process's device)
-            seeds = solvers.check_seeds(seeds)
-            labels = solvers.check_labels(labels, seeds, getattr(model, "num_classes", None), device)
+            seeds = sampling.check_seeds(seeds)
+            labels = sampling.check_labels(labels, seeds, getattr(model, "num_classes", None), device)
             x, labels, info = vsdm.sample_em(process, model, seeds, plan.steps, labels, progress=progress)
         else:
             x, labels, info = vsdm.sample_ode(process, model, seeds, plan.nfe, solver=plan.solver, grid=plan.grid,

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..utils.checks import check_in_range, check_index
 from ..geometry.schedules import as_time
-from ..sampling.solvers import MAX_NFE
+from ..sampling.spec import MAX_NFE
 
 __all__ = ["ProcessFamily", "check_steps", "time_column"]
 

@@ -36,7 +36,9 @@ from ..utils.checks import (
 from .losses import forward_process
 from .process import ProcessFamily, check_steps, time_column
 from ..geometry.schedules import as_time
-from ..sampling.solvers import check_seeds, resolve_sampler, sample, seeded_labels
+from ..sampling.noise import check_seeds, seeded_labels
+from ..sampling.sampler import sample
+from ..sampling.spec import resolve_sampler
 
 __all__ = ["PowerBeta", "VSDMProcess", "VESchedule", "Trajectories", "score", "forward_score",
            "forward_score_divergence", "dsm_loss", "forward_sb_loss", "simulate_backward", "sample_em", "sample_ode"]

@@ -52,7 +52,8 @@ from ..sampling.multistep import AB_WEIGHTS
 from ..networks.unet import SongUNet
 from .process import ProcessFamily, check_steps, time_column
 from ..geometry.schedules import as_time
-from ..sampling.solvers import check_seeds, resolve_sampler, seeded_labels
+from ..sampling.noise import check_seeds, seeded_labels
+from ..sampling.spec import resolve_sampler
 
 __all__ = ["VSMDProcess", "VelocityScoreNet", "VelocityModel", "VSMDPrecond", "Trajectories", "ODE_SOLVERS", "dsm_loss",
            "simulate_backward", "sample_em", "sample_ode", "forward_score", "forward_score_divergence",

@@ -24,7 +24,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import multistep
-from .solvers import check_grid, logsnr_grid, logsnr_levels, schedule_grid, seeded_noise
+from .grids import check_grid, logsnr_grid, logsnr_levels, schedule_grid
+from .noise import seeded_noise
+from .sampler import sample
 
 __all__ = ["TEACHER_STEPS", "FIT_SEED", "teacher_trajectory", "step_costs", "best_steps", "fit_levels",
            "endpoint_errors"]
@@ -106,8 +108,6 @@ def endpoint_errors(model, schedule, fitted: dict[int, list[float]], step_counts
                     progress: bool = False) -> dict[int, dict[str, float]]:
     """{N: {grid: RMS endpoint error}}: DPM-Solver++(2M) with N steps on the log-SNR grid and on the fitted one,
     against the teacher's endpoint from the same noise, on `samples` held-out seeds (disjoint from the fit's)."""
-    from .solvers import sample
-
     seeds = list(range(first_seed, first_seed + samples))
     labels = None if not model.num_classes else torch.arange(samples) % model.num_classes
     reference = teacher_trajectory(model, schedule, seeds, labels, teacher_steps, progress)[2][-1]

@@ -3,26 +3,21 @@
 Every subspace k runs the scalar method on its own clock, sigma_k = sqrt(g_k) and lambda_k = -log sigma_k on the
 shared grid: step sizes h_k and ratios r_k are [B, K] tensors, and each update is a linear combination of a few
 images with per-subspace weights, applied with `basis.combine` (two images per call). With K = 1, or all g_k
-equal, each solver is the published scalar method. Same signature as `solvers.euler/heun`; one network call per
-step and none at the end point, so N steps cost N calls.
+equal, each solver is the published scalar method. Same signature as `ode.euler/heun`; one network call per
+step and none at the end point, so N steps cost N calls. Their names, orders and NFE rules: `spec.SOLVERS`.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .grids import Grid, step_indices
 
-if TYPE_CHECKING:  # solvers.py dispatches to this module, so no import of it at run time
-    from .solvers import Grid
-
-__all__ = ["AB_WEIGHTS", "DEFAULT_ORDER", "MULTISTEP", "ORDERS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm",
-           "min_nfe", "unipc"]
+__all__ = ["AB_WEIGHTS", "deis", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
 
 _F64 = torch.float64
 # Adams-Bashforth weights on F at the current point and the previous ones (iPNDM, uniform steps)
@@ -33,7 +28,7 @@ AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: 
 
 def _check(x: Tensor, grid: Grid, order: int, orders: tuple[int, ...]) -> None:
     if not isinstance(getattr(grid, "g", None), Tensor) or not hasattr(grid, "g_sec"):
-        raise TypeError(f"grid: expected a solvers.Grid, got {type(grid).__name__}")
+        raise TypeError(f"grid: expected a grids.Grid, got {type(grid).__name__}")
     if grid.g_sec is not None:
         raise ValueError("grid: multistep solvers use no secondary points; build the grid with secondary='end'")
     if grid.g.dim() != 3 or grid.g.shape[0] not in (1, x.shape[0]) or grid.num_steps < 1:
@@ -75,10 +70,6 @@ def _denoise(model, x: Tensor, g: Tensor, labels: Tensor | None, ids: Tensor | N
     return F, model.basis.combine(F, g.sqrt(), base=x, ids=ids)
 
 
-def _progress(n: int, disable: bool):
-    return tqdm(range(n), disable=disable, desc="sampling", leave=False)
-
-
 # ---- DPM-Solver++ (data prediction, exponential integrator in lambda_k) ----
 
 def dpmpp_2m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: int = 2,
@@ -89,11 +80,11 @@ def dpmpp_2m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, orde
     First step first order; a step to sigma = 0 gives x = D; `lower_order_final`: the last step is first order.
     `order` is 2 (taken for a signature shared by all multistep solvers).
     """
-    _check(x, grid, order, ORDERS["dpmpp-2m"])
+    _check(x, grid, order, (2,))
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
     D_prev = None
-    for i in _progress(N, not progress):
+    for i in step_indices(N, progress):
         g_a, s_a, s_b = grid.g[:, i].expand(B, -1), sigma[:, i], sigma[:, i + 1]
         F, D = _denoise(model, x, g_a, labels, ids)
         h = lam[:, i + 1] - lam[:, i]
@@ -120,12 +111,12 @@ def dpmpp_3m(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, orde
     """
     if variant not in ("published", "exact"):
         raise ValueError(f"variant: expected 'published' or 'exact', got {variant!r}")
-    _check(x, grid, order, ORDERS["dpmpp-3m"])
+    _check(x, grid, order, (3,))
     kappa = 1.0 if variant == "published" else 2.0
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
     hist: list[Tensor] = []  # data predictions, newest first
-    for i in _progress(N, not progress):
+    for i in step_indices(N, progress):
         g_a, s_a, s_b = grid.g[:, i].expand(B, -1), sigma[:, i], sigma[:, i + 1]
         F, D = _denoise(model, x, g_a, labels, ids)
         hist = [D] + hist[:2]
@@ -196,12 +187,12 @@ def unipc(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     The model value at the predicted point corrects that point and enters the history (no extra call); the
     last step has no corrector. A step to sigma = 0 gives x = D. `callback` sees the predicted x.
     """
-    _check(x, grid, order, ORDERS["unipc"])
+    _check(x, grid, order, (2, 3))
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, lam = _clock(grid, B)
     hist: list[Tensor] = []
     pending = None  # the last step's corrector, short of its new-model-value term, and that term's weight
-    for i in _progress(N, not progress):
+    for i in step_indices(N, progress):
         g_a, s_a, s_b = grid.g[:, i].expand(B, -1), sigma[:, i], sigma[:, i + 1]
         F, D = _denoise(model, x, g_a, labels, ids)
         if pending is not None:
@@ -232,11 +223,11 @@ def ipndm(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: 
     Orders warm up 1, 2, .. `order` over the first steps (as diff-sampler's `ipndm_sampler` on the EDM ODE);
     the network is never called at the end point.
     """
-    _check(x, grid, order, ORDERS["ipndm"])
+    _check(x, grid, order, tuple(AB_WEIGHTS))
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, _ = _clock(grid, B)
     hist: list[Tensor] = []
-    for i in _progress(N, not progress):
+    for i in step_indices(N, progress):
         F = model.flow(x, grid.g[:, i].expand(B, -1), labels)
         hist = [F] + hist[:order - 1]
         F_ab = sum(c * F_j for c, F_j in zip(AB_WEIGHTS[min(order, i + 1)], hist))
@@ -281,12 +272,12 @@ def deis(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: i
 
     Orders warm up 1, 2, .. (as diff-sampler's `deis_sampler`); no network call at the end point.
     """
-    _check(x, grid, order, ORDERS["deis"])
+    _check(x, grid, order, (1, 2, 3, 4))
     basis, ids, B, N = model.basis, model.basis.group_ids(labels), x.shape[0], grid.num_steps
     sigma, _ = _clock(grid, B)
     tau = _vp_time(sigma)
     hist: list[Tensor] = []
-    for i in _progress(N, not progress):
+    for i in step_indices(N, progress):
         F = model.flow(x, grid.g[:, i].expand(B, -1), labels)
         hist = [F] + hist[:order - 1]
         p = min(order, i + 1)
@@ -295,23 +286,3 @@ def deis(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, order: i
         if callback is not None:
             callback({"i": i, "x": x, "g": grid.g[:, i + 1].expand(B, -1), "flow": F})
     return x
-
-
-# ---- names, orders and NFE rules (the lead's resolve_sampler reads these) ----
-
-MULTISTEP = {"dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "unipc": unipc, "ipndm": ipndm, "deis": deis}
-ORDERS = {"dpmpp-2m": (2,), "dpmpp-3m": (3,), "unipc": (2, 3), "ipndm": (1, 2, 3, 4), "deis": (1, 2, 3, 4)}
-DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "ipndm": 4, "deis": 3}
-# solvers that lower their order over the last steps by default (lower_order_final=True)
-_LOWER_FINAL = {"dpmpp-2m": True, "dpmpp-3m": True, "unipc": True, "ipndm": False, "deis": False}
-
-
-def min_nfe(name: str, order: int | None = None) -> int:
-    """The fewest network calls (= steps) with which `name` takes at least one step of `order` (its default order
-    when None): `order` steps to warm up, and 2 order - 1 when it also lowers the order over the last steps."""
-    if name not in MULTISTEP:
-        raise ValueError(f"solver: expected one of {', '.join(MULTISTEP)}, got {name!r}")
-    order = DEFAULT_ORDER[name] if order is None else order
-    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS[name]:
-        raise ValueError(f"order: {name} takes order {' or '.join(map(str, ORDERS[name]))}, got {order!r}")
-    return 2 * order - 1 if _LOWER_FINAL[name] else order

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..processes import families
+from ..sampling.grids import SECONDARIES
 from ..utils.atomic import atomic_write_bytes, folder_lock, remove_file
 from .header import StoredFileError, parse_json
 
@@ -42,6 +43,7 @@ _STAGED = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors$")
 _STAGED_TEMP = re.compile(r"^\.(manifest\.json|[a-z0-9][a-z0-9._-]{0,63}\.[0-9a-f]{16}\.safetensors)"
                           r"\.[0-9a-f]{8}\.tmp$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COUNT = re.compile(r"^[1-9][0-9]{0,6}$")  # an NFE or a step count, as a JSON key (ASCII digits, no huge numbers)
 _MODEL_FILE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,80}\.safetensors$")
 _CACHE: dict[Path, tuple[bytes, "Manifest"]] = {}
 
@@ -136,25 +138,30 @@ def entry_problem(entry: Any) -> str | None:
     if not isinstance(optimized, dict):
         return "grids is not an object with 'optimized'"
     for steps, levels in optimized.items():
-        if not (steps.isdigit() and isinstance(levels, list) and len(levels) == int(steps) >= 1
+        if not (_COUNT.match(steps) and isinstance(levels, list) and len(levels) == int(steps)
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e150 for v in levels)
                 and all(b < a for a, b in zip(levels, levels[1:]))):
-            return (f"grids.optimized[{steps!r}] is not that many positive, descending levels below 1e150 (their "
+            return (f"grids.optimized[{steps[:24]!r}] is not that many positive, descending levels below 1e150 (their "
                     f"squares are variances)")
     return None
 
 
 def choice_problem(nfe: Any, choice: Any, models: Mapping[str, Any]) -> str | None:
-    """What is wrong with the per-NFE choice recorded for `nfe` (a string key), given the model entries, or None."""
-    if not (isinstance(nfe, str) and nfe.isdigit() and 1 <= int(nfe) <= 10**6):
+    """What is wrong with the per-NFE choice recorded for `nfe` (a string key), given the model entries, or None:
+    it must run at its NFE as the solver table says (`sampling.spec.resolve_sampler`, through the family's
+    `families.resolve_sampler`), on a fitted grid the model has where it takes one."""
+    if not (isinstance(nfe, str) and _COUNT.match(nfe)):
         return "the NFE is not a positive integer"
     if not isinstance(choice, dict) or not all(isinstance(choice.get(k), str) for k in ("model", "solver", "grid")):
         return "expected an object with model, solver and grid"
-    if choice.get("secondary") not in (None, "end", "mid"):
-        return f"secondary {choice.get('secondary')!r} is not 'end', 'mid' or null"
+    if choice.get("secondary") not in (None, *SECONDARIES):
+        return f"secondary {choice.get('secondary')!r} is not {', '.join(map(repr, SECONDARIES))} or null"
     order = choice.get("order")
     if order is not None and not _is_int(order, 1):
         return f"order {order!r} is not a positive integer or null"
+    nfes = choice.get("nfes")  # a line measured at its own NFEs only (`sampling.spec.choose_for_nfe`)
+    if nfes is not None and not (isinstance(nfes, list) and nfes and all(_is_int(n, 1) for n in nfes)):
+        return f"nfes {nfes!r} is not a list of positive integers or absent"
     model = choice["model"]
     if model not in models and model not in EMBEDDED:
         return f"model {model!r} is not a shipped model ({', '.join(models) or 'none'}) or an embedded one"
@@ -175,7 +182,7 @@ def _first_problem(doc: Any) -> tuple[str, str] | None:
     for name, entry in doc["models"].items():
         problem = entry_problem(entry)
         if problem:
-            return f"models[{name!r}]", problem
+            return f"models[{name[:80]!r}]", problem
     marked = [name for name, entry in doc["models"].items() if entry.get("default")]
     if len(marked) > 1:
         return "models", f"{', '.join(map(repr, marked))} are all marked default (expected one at most)"
@@ -188,7 +195,7 @@ def _first_problem(doc: Any) -> tuple[str, str] | None:
     for nfe, choice in defaults.items():
         problem = choice_problem(nfe, choice, doc["models"])
         if problem:
-            return f"defaults[{nfe}]", problem
+            return f"defaults[{nfe[:24]}]", problem
     return None
 
 

@@ -10,10 +10,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..processes import families
 from .manifest import EMBEDDED, assets_dir, choice_problem, entry_problem, read_manifest, update
 
 __all__ = ["MODELS", "SCHEDULES", "DEFAULT_SCHEDULE", "shipped_models", "default_model", "is_model_file",
-           "fitted_grids", "sampler_defaults", "default_for_nfe", "set_sampler_defaults", "set_fitted_grids",
+           "model_family", "fitted_grids", "sampler_defaults", "set_sampler_defaults", "set_fitted_grids",
            "set_default"]
 
 SCHEDULES = {
@@ -62,6 +63,17 @@ def is_model_file(name: str) -> bool:
     return name not in MODELS and Path(name).suffix == ".safetensors"
 
 
+def model_family(name: str, assets: str | os.PathLike | None = None) -> str:
+    """The process family of a model name, from its manifest entry (no file is read; a model file's family:
+    `StoredModel.open(path).family`). The embedded models are core."""
+    if name in EMBEDDED:
+        return "core"
+    models = shipped_models(assets)
+    if name not in models:
+        raise ValueError(f"model: unknown model {name!r}; available: {', '.join(MODELS)}")
+    return families.family_of(models[name])
+
+
 def fitted_grids(name: str, assets: str | os.PathLike | None = None) -> dict[int, list[float]]:
     """Step count -> the geometric-mean sigma levels of a shipped model's fitted grids (`--grid optimized`,
     `grid_fit`); {} for a model without any (never fitted, embedded, or a training checkpoint)."""
@@ -73,35 +85,6 @@ def sampler_defaults(assets: str | os.PathLike | None = None) -> dict[int, dict]
     return read_manifest(assets).defaults
 
 
-def default_for_nfe(nfe: int, assets: str | os.PathLike | None = None) -> dict | None:
-    """The recorded choice for `nfe`. For an NFE the table did not measure: the choice of the nearest recorded NFE
-    (the lower one on a tie) that runs at `nfe` as it ran when measured: its sampler can spend `nfe`, with a final
-    Euler step exactly where it had one (midpoint Heun at an even NFE is not the sampler measured at an odd one),
-    and on a fitted grid the model has one for that step count; never Euler-Maruyama, whose FD at a family's own
-    step counts says nothing about another NFE. None when no recorded choice applies."""
-    from ..sampling.solvers import resolve_sampler
-
-    manifest = read_manifest(assets)
-    recorded = manifest.defaults
-    if nfe in recorded:
-        return recorded[nfe]
-    for measured in sorted(recorded, key=lambda k: (abs(k - nfe), k)):
-        choice = recorded[measured]
-        if choice["solver"] == "em":  # a reverse-SDE sampler measured at its family's step counts only
-            continue
-        args = (choice["solver"], choice["grid"], choice.get("secondary"))
-        try:
-            here = resolve_sampler(*args, nfe, choice.get("order"))
-        except ValueError:
-            continue
-        if here.final_euler != resolve_sampler(*args, measured, choice.get("order")).final_euler:
-            continue
-        if choice["grid"] == "optimized" and here.steps not in manifest.fitted_grids(choice["model"]):
-            continue
-        return choice
-    return None
-
-
 def _existing(assets: str | os.PathLike | None) -> Path:
     assets = Path(assets if assets is not None else assets_dir())
     if not (assets / "manifest.json").is_file():
@@ -110,11 +93,12 @@ def _existing(assets: str | os.PathLike | None) -> Path:
 
 
 def set_sampler_defaults(choices: dict[int, dict], assets: str | os.PathLike | None = None) -> None:
-    """Record, per NFE, the (model, solver, grid, secondary, order) to sample with (replacing earlier records);
-    each model must be shipped (or embedded) and each sampler able to spend its NFE. ValueError otherwise."""
+    """Record, per NFE, the (model, solver, grid, secondary, order) to sample with (replacing earlier records), with
+    its FD, SE and, for a line that ran at its own NFEs only, those `nfes`; each model must be shipped (or embedded)
+    and each sampler able to spend its NFE (`manifest.choice_problem`). ValueError otherwise."""
     def change(doc: dict) -> None:
         doc["defaults"] = {str(nfe): {k: choice.get(k) for k in _CHOICE_KEYS}
-                           | {k: choice[k] for k in ("fd", "se") if k in choice}
+                           | {k: choice[k] for k in ("fd", "se", "nfes") if choice.get(k) is not None}
                            for nfe, choice in sorted(choices.items())}
         for nfe, choice in doc["defaults"].items():
             problem = choice_problem(nfe, choice, doc["models"])

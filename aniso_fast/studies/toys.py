@@ -40,14 +40,11 @@ from ..utils.cli import Parser
 from ..processes.losses import edm_loss, trajectory_loss
 from ..networks.precond import AnisoPrecond
 from ..geometry.schedules import MatrixSchedule
-from ..sampling.solvers import (
-    heun,
-    resolve_sampler,
-    sample,
-    schedule_grid,
-    seeded_noise,
-    uniform_t,
-)
+from ..sampling.grids import schedule_grid, uniform_t
+from ..sampling.noise import seeded_noise
+from ..sampling.ode import heun
+from ..sampling.sampler import sample
+from ..sampling.spec import resolve_sampler
 from ..processes.vsdm import VSDMProcess
 from ..processes.vsmd import VSMDPrecond, VSMDProcess
 

@@ -37,7 +37,7 @@ from ..store import checkpoint as ckpt
 from . import distributed
 from ..utils import figures
 from . import optim
-from ..sampling import solvers
+from .. import sampling
 from ..utils.atomic import atomic_write_text, check_writable_folder
 from ..geometry.bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from ..utils.cli import Parser
@@ -275,7 +275,7 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         _expect(v is None or min(v) >= 1, name, "integers >= 1", ",".join(map(str, v or [])))
     _expect(args.num_knots >= 2, "num_knots", "an integer >= 2", args.num_knots)
     try:
-        solvers.resolve_sampler("heun", "uniform_t", None, args.sample_nfe)  # the trainer's sample grids
+        sampling.resolve_sampler("heun", "uniform_t", None, args.sample_nfe)  # the trainer's sample grids
     except ValueError as e:
         raise ValueError(f"--sample-nfe: {str(e).removeprefix('nfe: ')}") from None
     _expect(0 <= args.seed < 2 ** 63, "seed", "an integer in [0, 2^63)", args.seed)
@@ -339,7 +339,7 @@ def _resolve_family(args: argparse.Namespace):
         args.forward_paths = args.batch
     for name in ("forward_every", "forward_paths", "forward_path_steps", "forward_steps"):
         v = getattr(args, name)
-        _expect(v is None or 1 <= v <= solvers.MAX_NFE, name, f"an integer in [1, {solvers.MAX_NFE}]", v)
+        _expect(v is None or 1 <= v <= sampling.MAX_NFE, name, f"an integer in [1, {sampling.MAX_NFE}]", v)
     _expect(_finite(args.beta_max, 0, strict=True), "beta_max", "a finite number > 0", args.beta_max)
     _expect(args.zeta is None or (math.isfinite(args.zeta) and 0 < args.zeta <= 1), "zeta",
             "a damping ratio in (0, 1] (1: critically damped)", args.zeta)
@@ -887,7 +887,7 @@ class Trainer:
         base = _chunk_seed(args.seed, self.step, _FORWARD_CHUNK)
         seeds = [(base + i) % 2 ** 32 for i in range(dist.rank, args.forward_paths, dist.world_size)]
         classes = process.num_classes or getattr(model, "num_classes", None)
-        labels = solvers.seeded_labels(seeds, classes, self.device) if classes else None
+        labels = sampling.seeded_labels(seeds, classes, self.device) if classes else None
         paths = family.simulate_backward(process, model, seeds, args.forward_path_steps, labels)
         S = self.schedule_param.shape[0]
         present = torch.ones(S, dtype=torch.bool, device=self.device)
@@ -924,7 +924,7 @@ class Trainer:
         seeds = range(args.sample_n)
         with torch.no_grad():
             if args.family == "core":
-                x = solvers.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
+                x = sampling.sample(model, self.schedule, nfe=args.sample_nfe, solver="heun", grid="uniform_t",
                                    seeds=seeds, labels=labels, device=self.device)[0]
             else:
                 phase_space = {"solver": "dpmpp-2m", "grid": "logsnr"} if args.vsmd_head == "denoiser" else {}

@@ -81,14 +81,12 @@ def plot_schedule(schedule, path: str | os.PathLike, title: str,
                   class_names: Sequence[str] | None = None) -> Path:
     """g_k(t) per subspace (log scale; one colour per class, one line style per subspace) and, for K > 1, the
     anisotropy ratio g_0 / g_{K-1} against t; for K = 1, g(t) over its EDM/Karras initialisation."""
-    from ..geometry.schedules import MatrixSchedule
-
     plt = _plt()
     device = schedule.psi.device
     t = torch.linspace(0, schedule.T, 401, dtype=torch.float64, device=device)
     S = schedule.num_classes or 1
     K = schedule.num_subspaces
-    init = MatrixSchedule(1, num_knots=schedule.num_knots, T=schedule.T, g0=schedule.g0)
+    init = type(schedule)(1, num_knots=schedule.num_knots, T=schedule.T, g0=schedule.g0)  # its Karras start
     with torch.no_grad():
         g_init = init(t.cpu())[0][:, 0]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))

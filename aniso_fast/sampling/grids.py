@@ -1,0 +1,200 @@
+"""Time grids (METHOD §6.3-6.4): small named functions that build them, and the table of grids a sampler can name.
+
+A *grid* is data: the per-subspace variances g along the path, `[G, N+1, K]` (G = 1, or one grid per sample
+for class-conditional schedules), descending to the end point, plus optional secondary variances `[G, N, K]`
+for the midpoint Heun step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..geometry.schedules import MatrixSchedule, karras_sigmas
+
+__all__ = ["GridSpec", "GRIDS", "SECONDARIES", "Grid", "check_grid", "uniform_t", "geometric_sigma_span",
+           "edm_sigma_t", "logsnr_grid", "logsnr_levels", "fitted_levels", "optimized_t", "schedule_grid",
+           "karras_grid", "build_grid", "step_indices"]
+
+SECONDARIES = ("end", "mid")  # Heun's secondary point: the step's end point, or the midpoint in t
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What a sampler needs to know about a grid."""
+    name: str
+    label: str  # as the docs and tables name it
+    code: str  # one character for compact tables
+    on_geometric_mean: bool = False  # placed on the schedule's geometric mean: needs its inverse
+    secondaries: tuple[str, ...] = SECONDARIES  # Heun's secondary points defined on it
+    default_secondary: str = "end"
+    uses_schedule: bool = True  # False: the isotropic Karras grid, the same whatever the schedule
+
+
+GRIDS: dict[str, GridSpec] = {g.name: g for g in (
+    GridSpec("uniform_t", "uniform t grid", "u", default_secondary="mid"),
+    GridSpec("edm_sigma", "EDM sigma grid on the geometric mean", "e", on_geometric_mean=True),
+    GridSpec("karras", "Karras grid", "K", secondaries=("end",), uses_schedule=False),
+    GridSpec("logsnr", "log-SNR grid on the geometric mean", "λ", on_geometric_mean=True),
+    GridSpec("optimized", "fitted grid on the geometric mean", "o", on_geometric_mean=True),
+)}
+
+
+@dataclass
+class Grid:
+    g: Tensor  # [G, N+1, K] float64: variances at the grid points, first = start (t = T), last = end
+    g_sec: Tensor | None = None  # [G, N, K] secondary variances of the midpoint Heun step (None: end point)
+    t: Tensor | None = None  # [G, N+1] the times, for information
+
+    @property
+    def num_steps(self) -> int:
+        return self.g.shape[1] - 1
+
+
+def check_grid(grid: str, schedule) -> None:
+    """ValueError naming `grid` when the grid does not apply to the schedule: the grids placed on the geometric mean
+    need its inverse."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid: expected one of {', '.join(GRIDS)}, got {grid!r}")
+    if GRIDS[grid].on_geometric_mean and not hasattr(schedule, "invert_geometric_mean"):
+        raise ValueError(f"grid: {grid!r} is placed on the geometric mean of the schedule, and this "
+                         f"{type(schedule).__name__} has no inverse of it; use 'uniform_t' or 'karras'")
+
+
+def uniform_t(num_steps: int, T: float = 6400.0) -> Tensor:
+    """The paper's grid: N+1 times uniform in t from T down to 0 (METHOD §6.4)."""
+    return torch.linspace(T, 0.0, num_steps + 1, dtype=torch.float64)
+
+
+def geometric_sigma_span(schedule, labels: Tensor | None = None, sigma_min: float = 0.002,
+                         sigma_max: float = 80.0) -> tuple[float, float]:
+    """[sigma_min, sigma_max] clipped to the geometric-mean sigma the schedule spans on [0, T] (for every class in
+    `labels`): a grid placed on the geometric mean must stay inside it, or its end points would repeat."""
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sigma_min, sigma_max)) \
+            or not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if schedule.num_classes is None:
+        labels = None  # a global schedule: one span
+    n = 1 if labels is None else labels.shape[0]
+    with torch.no_grad():
+        lo = schedule.geometric_mean(torch.zeros(n, dtype=torch.float64), labels).sqrt().max()
+        hi = schedule.geometric_mean(torch.full((n,), float(schedule.T), dtype=torch.float64), labels).sqrt().min()
+    tol = 1e-9  # exp(mean log g) rounds: a schedule that reaches sigma_max leaves it exact
+    lo = sigma_min if float(lo) <= sigma_min * (1 + tol) else float(lo)
+    hi = sigma_max if float(hi) >= sigma_max * (1 - tol) else float(hi)
+    if not lo < hi:
+        raise ValueError(f"grid: the schedule's geometric-mean sigma lies outside [{sigma_min:g}, {sigma_max:g}]")
+    return lo, hi
+
+
+def _on_geometric_mean(schedule, sig: Tensor, labels: Tensor | None, iterations: int) -> Tensor:
+    t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
+    return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
+
+
+def edm_sigma_t(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean noise level follows EDM's sigma grid, then t = 0 (METHOD §6.3).
+
+    One grid per sample ([B, N+1]) for class-conditional schedules (the reference used class 0's, §10.7). The
+    sigma range is clipped to the schedule's (`geometric_sigma_span`).
+    """
+    lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
+    return _on_geometric_mean(schedule, karras_sigmas(num_steps, lo, hi, rho), labels, iterations)
+
+
+def logsnr_grid(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean sigma is uniform in log sigma (DPM-Solver's 'logSNR' grid), then t = 0;
+    returned like `edm_sigma_t`."""
+    return _on_geometric_mean(schedule, logsnr_levels(schedule, num_steps, labels, sigma_min=sigma_min,
+                                                      sigma_max=sigma_max), labels, iterations)
+
+
+def logsnr_levels(schedule: MatrixSchedule, num_steps: int, labels: Tensor | None = None, *,
+                  sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """The log-SNR grid's geometric-mean sigma levels [num_steps], uniform in log sigma over the schedule's span."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    lo, hi = geometric_sigma_span(schedule, labels, sigma_min, sigma_max)
+    return torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
+
+
+def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) -> Tensor:
+    """The geometric-mean sigma levels [num_steps] of a model's fitted `num_steps`-step grid (`grid_fit`, stored
+    with a shipped model: `models.fitted_grids`); ValueError naming `grid` when there is none or it is malformed."""
+    if not fitted:
+        raise ValueError("grid: 'optimized' needs a grid fitted to the model (python -m aniso_fast.evaluate "
+                         "fit-grid --model NAME, for a shipped model); this model has none")
+    if num_steps not in fitted:
+        raise ValueError(f"grid: no optimized grid fitted for {num_steps} steps; this model has grids for "
+                         f"{', '.join(map(str, sorted(fitted)))} steps")
+    levels = torch.as_tensor(fitted[num_steps], dtype=torch.float64)
+    if levels.shape != (num_steps,) or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
+            or not bool((levels[1:] < levels[:-1]).all()):
+        raise ValueError(f"grid: the fitted {num_steps}-step grid is not {num_steps} positive, descending levels")
+    return levels
+
+
+def optimized_t(schedule: MatrixSchedule, fitted: Mapping[int, Sequence[float]] | None, num_steps: int,
+                labels: Tensor | None = None, *, iterations: int = 48) -> Tensor:
+    """Times at which the geometric-mean sigma takes the fitted levels, then t = 0; returned like `edm_sigma_t`."""
+    return _on_geometric_mean(schedule, fitted_levels(fitted, num_steps), labels, iterations)
+
+
+def schedule_grid(schedule: MatrixSchedule, t: Tensor, labels: Tensor | None = None,
+                  secondary: str = "end") -> Grid:
+    """Evaluate a matrix schedule on times t ([N+1] or [B, N+1]); secondary 'mid' adds g at (t_a + t_b)/2.
+
+    Grids are data: the values are detached from the schedule's parameters.
+    """
+    if secondary not in SECONDARIES:
+        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
+    t = t.to(torch.float64)
+    tt = t if t.dim() == 2 else t[None]
+
+    per_class = schedule.num_classes is not None
+    if per_class:
+        if labels is None:
+            raise ValueError("labels: the schedule is class-conditional; pass labels")
+        tt = tt.expand(labels.shape[0], -1)  # one grid per sample, with its own class's schedule
+
+    @torch.no_grad()
+    def at(times: Tensor) -> Tensor:  # [G, n] -> [G, n, K]
+        G, n = times.shape
+        g, _ = schedule(times.reshape(-1), labels.repeat_interleave(n) if per_class else None)
+        return g.reshape(G, n, -1)
+
+    g = at(tt)
+    g_sec = at((tt[:, :-1] + tt[:, 1:]) / 2) if secondary == "mid" else None
+    return Grid(g=g, g_sec=g_sec, t=tt)
+
+
+def karras_grid(num_steps: int, num_subspaces: int = 1, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                rho: float = 7.0) -> Grid:
+    """The isotropic EDM baseline: g = sigma^2 in every subspace on EDM's rho grid, then sigma = 0 (§6.1)."""
+    sig = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    return Grid(g=(sig ** 2)[None, :, None].expand(1, -1, num_subspaces).contiguous())
+
+
+def build_grid(grid: str, schedule: MatrixSchedule | None, num_steps: int, labels: Tensor | None = None, *,
+               secondary: str = "end", fitted: Mapping[int, Sequence[float]] | None = None,
+               num_subspaces: int = 1) -> Grid:
+    """The named grid of `num_steps` steps on the schedule (the Karras grid ignores it: `num_subspaces` copies)."""
+    if grid == "karras":
+        return karras_grid(num_steps, num_subspaces)
+    times = {"uniform_t": lambda: uniform_t(num_steps, schedule.T),
+             "edm_sigma": lambda: edm_sigma_t(schedule, num_steps, labels),
+             "logsnr": lambda: logsnr_grid(schedule, num_steps, labels),
+             "optimized": lambda: optimized_t(schedule, fitted, num_steps, labels)}
+    return schedule_grid(schedule, times[grid](), labels, secondary)
+
+
+def step_indices(num_steps: int, progress: bool = False):
+    """The step indices 0..num_steps-1 of a solver's loop over a grid, with a progress bar when `progress`."""
+    return tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False)
