@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
+from . import store
 from .processes import registry
-from .store import models
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("solvers", help="solver accuracy on the exact mixture")
-    s.add_argument("--model", default="gmm-fmnist", choices=list(models.EMBEDDED))
-    s.add_argument("--schedule", default="edm", choices=list(models.SCHEDULES))
+    s.add_argument("--model", default="gmm-fmnist", choices=list(store.EMBEDDED))
+    s.add_argument("--schedule", default="edm", choices=list(store.SCHEDULES))
     s.add_argument("--schedule-from", default=None, metavar="MODEL",
                    help="with --schedule learned: the shipped model whose learned schedule drives the mixture (its "
                         "number of subspaces must match the mixture's)")
@@ -247,7 +247,7 @@ def _check_solvers(args) -> None:
     if args.schedule_from is not None:
         if args.schedule != "learned":
             raise ValueError(f"--schedule-from: only with --schedule learned (got --schedule {args.schedule})")
-        shipped = models.shipped_models()
+        shipped = store.shipped_models()
         if args.schedule_from not in shipped:
             raise ValueError(f"--schedule-from: expected a shipped model ({', '.join(shipped) or 'none'}), "
                              f"got {args.schedule_from!r}")
@@ -300,7 +300,7 @@ def _check_table(args) -> tuple[dict, dict | None]:
         raise ValueError(f"--cache: {e}") from None
     if args.set_default:
         try:
-            models.check_assets()
+            store.check_assets()
         except ValueError as e:
             raise ValueError(f"--set-default: {e}") from None
     previous = None
@@ -315,16 +315,16 @@ def _check_table(args) -> tuple[dict, dict | None]:
 
 
 def _check_fit_grid(args) -> None:
-    if args.model not in models.shipped_models():
-        raise ValueError(f"--model: expected a shipped model ({', '.join(models.shipped_models()) or 'none'}), "
+    if args.model not in store.shipped_models():
+        raise ValueError(f"--model: expected a shipped model ({', '.join(store.shipped_models()) or 'none'}), "
                          f"got {args.model!r}")
-    if not registry.get(models.model_family(args.model)).matrix_schedule:
-        raise ValueError(f"--model: {args.model} is a {models.model_family(args.model)} model; grids are fitted for "
-                         f"core models")
+    stored = store.StoredModel.open(args.model)
+    if not registry.get(stored.family).matrix_schedule:
+        raise ValueError(f"--model: {args.model} is a {stored.family} model; grids are fitted for core models")
     bad = [n for n in args.steps if n > args.teacher_steps]
     if bad:
         raise ValueError(f"--steps: at most --teacher-steps ({args.teacher_steps}) steps, got {bad[0]}")
-    num_classes = models.read_shipped(args.model)[1]["net_config"].get("label_dim", 0)
+    num_classes = stored.num_classes
     if num_classes and args.samples < num_classes:
         raise ValueError(f"--samples: expected at least one per class ({num_classes}), got {args.samples}")
 
@@ -341,8 +341,9 @@ def _check_train_recipe(args) -> dict:
 # ---- the subcommands, once their arguments are checked ----
 
 def _run_solvers(args, command: str) -> int:
-    model = models.load_model(args.model)
-    schedule = models.load_schedule(args.schedule, model, args.schedule_from)
+    model, schedule = store.StoredModel.open(args.model).load()
+    if args.schedule == "learned":  # --schedule-from: a shipped model (checked with the options)
+        schedule = store.StoredModel.open(args.schedule_from).load(schedule="learned")[1]
     if schedule.num_subspaces != model.basis.num_subspaces:
         print(f"error: --schedule-from: {args.schedule_from}'s schedule has {schedule.num_subspaces} subspaces, "
               f"the mixture {model.basis.num_subspaces}", file=sys.stderr)
@@ -387,7 +388,7 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
 def _set_defaults(result: dict, recipe: dict) -> None:
     """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
     mark the best of them at NFE 9 as the default model."""
-    shipped = models.shipped_models()
+    shipped = store.shipped_models()
     exports = {row["name"]: row.get("export") for row in recipe["rows"]}
     current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
                and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
@@ -400,21 +401,21 @@ def _set_defaults(result: dict, recipe: dict) -> None:
     if not choices:
         print("--set-default: no shipped model was evaluated; nothing recorded", file=sys.stderr)
         return
-    models.set_sampler_defaults(choices)
+    store.set_sampler_defaults(choices)
     for nfe, choice in choices.items():
         order = f" order {choice['order']}" if choice["order"] is not None else ""
         print(f"default at NFE {nfe}: {choice['model']}, {choice['solver']}{order} on {choice['grid']} "
               f"(FD {choice['fd']:.3f} ± {choice['se']:.3f})")
     best = best_row({"rows": [row for row in result["rows"] if row["name"] in current]})
     if best is not None:
-        models.set_default(exports[best])
+        store.set_default(exports[best])
         print(f"default model: {exports[best]}")
 
 
 def _run_fit_grid(args) -> int:
     from .sampling import grid_fit
 
-    model, schedule, _ = models.load_trained(args.model)
+    model, schedule = store.StoredModel.open(args.model).load()
     progress = not args.no_progress
     levels = grid_fit.fit_levels(model, schedule, args.steps, samples=args.samples,
                                  teacher_steps=args.teacher_steps, progress=progress)
@@ -425,12 +426,12 @@ def _run_fit_grid(args) -> int:
             str(n): errs for n, errs in grid_fit.endpoint_errors(model, schedule, levels, args.steps,
                                                                  samples=args.check, teacher_steps=args.teacher_steps,
                                                                  progress=progress).items()}}
-    models.set_fitted_grids(args.model, levels, fit)
+    store.set_fitted_grids(args.model, levels, fit)
     for n in args.steps:
         check = fit.get("check", {}).get("endpoint_rms", {}).get(str(n))
         versus = f"  endpoint RMS {check['optimized']:.4f} (log-SNR grid {check['logsnr']:.4f})" if check else ""
         print(f"{n:3d} steps: sigma {', '.join(f'{v:.3g}' for v in levels[n])}, 0{versus}")
-    print(f"stored with {args.model} in {models.assets_dir() / 'manifest.json'}")
+    print(f"stored with {args.model} in {store.assets_dir() / 'manifest.json'}")
     return 0
 
 

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from .processes import registry
-from .store import models
+from . import store
 from .utils.atomic import atomic_write, check_writable_folder
+from .utils.devices import resolve_device
 from .utils.cli import Parser
 from .utils.data import to_uint8
 from .utils.figures import save_image_grid
@@ -82,11 +83,11 @@ def _describe(choice: dict) -> str:
 def _defaults_epilog() -> str:
     """The recorded choice per NFE, as --help shows it."""
     try:
-        recorded = models.sampler_defaults()
+        recorded = store.sampler_defaults()
     except ValueError as e:
         return f"Per-NFE defaults: unreadable ({e})."
     if not recorded:
-        return (f"Per-NFE defaults: none recorded; the default model ({models.default_model()}) with its family's "
+        return (f"Per-NFE defaults: none recorded; the default model ({store.default_model()}) with its family's "
                 f"sampler where it runs as designed (midpoint Heun at an odd NFE), else DPM-Solver++(2M) on the log-SNR "
                 f"grid.")
     return ("Per-NFE defaults (from the results table; for another --nfe, the nearest recorded choice that runs there "
@@ -97,10 +98,10 @@ def _defaults_epilog() -> str:
 
 def _admits(choice: dict, plan) -> bool:
     """A per-NFE candidate is a model that exists, with a sampler its family takes."""
-    if choice["model"] not in models.MODELS:
+    if choice["model"] not in store.MODELS:
         return False  # a recorded model that is no longer shipped
     try:
-        registry.get(models.model_family(choice["model"])).check_sampler(plan)
+        registry.get(store.model_family(choice["model"])).check_sampler(plan)
     except ValueError:
         return False
     return True
@@ -110,14 +111,14 @@ def nfe_choice(nfe: int) -> dict | None:
     """The (model, solver, grid, secondary, order) to sample with at `nfe` when no model or sampler option is given:
     the recorded choices, else the default model with its family's sampler, else `spec.FALLBACK_SAMPLERS`
     (`spec.choose_for_nfe` decides)."""
-    return spec.choose_for_nfe(models.sampler_defaults(), nfe, fitted_steps=models.fitted_grids,
+    return spec.choose_for_nfe(store.sampler_defaults(), nfe, fitted_steps=store.fitted_grids,
                                fallbacks=_fallbacks(), admits=_admits)
 
 
 def _fallbacks() -> list[dict]:
     """The default model with its family's default sampler, then with each of `spec.FALLBACK_SAMPLERS`."""
-    default = models.default_model()
-    solver, grid = registry.get(models.model_family(default)).default_sampler()
+    default = store.default_model()
+    solver, grid = registry.get(store.model_family(default)).default_sampler()
     return [{"model": default, "solver": s, "grid": g}
             for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
 
@@ -135,7 +136,7 @@ def _apply_defaults(args) -> None:
         args.model, args.solver, args.grid = choice["model"], choice["solver"], choice["grid"]
         args.secondary, args.order = choice.get("secondary"), choice.get("order")
         return
-    args.model = args.model or (choice["model"] if choice is not None else models.default_model())
+    args.model = args.model or (choice["model"] if choice is not None else store.default_model())
     # --solver / --grid left unset are the model family's defaults (`Family.default_sampler`, in _validate)
 
 
@@ -147,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recorded model for the NFE, else the manifest's default model), or a .safetensors file: a "
                         "training checkpoint or a shipped model's file")
     p.add_argument("--schedule", default=None,
-                   help=f"schedule name ({', '.join(models.SCHEDULES)}); default: 'learned' for a shipped model "
-                        f"or a .safetensors file, '{models.DEFAULT_SCHEDULE}' for an embedded model; not for a "
+                   help=f"schedule name ({', '.join(store.SCHEDULES)}); default: 'learned' for a shipped model "
+                        f"or a .safetensors file, '{store.DEFAULT_SCHEDULE}' for an embedded model; not for a "
                         f"vsdm or vsmd model (its forward path is its own)")
     p.add_argument("--solver", default=None, choices=SOLVERS,
                    help="default: the recorded solver for the NFE (see below), else heun (dpmpp-2m for a vsmd model). "
@@ -188,16 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_model(name: str) -> None:
-    if name in models.MODELS:
+    if name in store.MODELS:
         return
     if Path(name).is_dir():
-        raise ValueError(f"--model: {name} is a directory; expected a model name ({', '.join(models.MODELS)}) or "
+        raise ValueError(f"--model: {name} is a directory; expected a model name ({', '.join(store.MODELS)}) or "
                          f"a .safetensors file (a training checkpoint or a shipped model's file)")
-    if models.is_model_file(name):
+    if store.is_model_file(name):
         if not Path(name).is_file():
             raise ValueError(f"--model: no such file {name}")
         return
-    raise ValueError(f"--model: unknown model {name!r}; expected a model name ({', '.join(models.MODELS)}) or a "
+    raise ValueError(f"--model: unknown model {name!r}; expected a model name ({', '.join(store.MODELS)}) or a "
                      f".safetensors file (a training checkpoint or a shipped model's file)")
 
 
@@ -219,25 +220,25 @@ def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]
 
 def _validate(args):
     """Every check that can fail without the model runs before any sampling work (and before loading it)."""
-    models.check_assets()
+    store.check_assets()
     _apply_defaults(args)
     _check_model(args.model)
     try:
-        family = models.model_family(args.model)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        stored = store.StoredModel.open(args.model)  # its header and the manifest, read once
+    except (ValueError, OSError) as e:  # StoredFileError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
-    learned = models.has_learned_schedule(args.model)  # a shipped trained model or a .safetensors file
+    family, learned = stored.family, stored.has_learned_schedule  # learned: a shipped model or a .safetensors file
     if not registry.get(family).matrix_schedule and args.schedule is not None:
         raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
                          f"drop --schedule")
     if args.schedule is None:
-        args.schedule = "learned" if learned else models.DEFAULT_SCHEDULE
-    if args.schedule not in models.SCHEDULES:
-        raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(models.SCHEDULES)}")
+        args.schedule = "learned" if learned else store.DEFAULT_SCHEDULE
+    if args.schedule not in store.SCHEDULES:
+        raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(store.SCHEDULES)}")
     if args.schedule == "learned" and not learned:
         raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
     args.solver, args.grid = registry.get(family).default_sampler(args.solver, args.grid)
-    fitted = models.fitted_grids(args.model)  # {} for a model without fitted grids (embedded, a file)
+    fitted = stored.fitted_grids  # {} for a model without fitted grids (embedded, a file)
     try:
         plan = registry.get(family).resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
         if plan.grid == "optimized":
@@ -262,11 +263,8 @@ def _validate(args):
             raise ValueError(f"--classes: expected integers like '0,3', got {args.classes!r}") from None
         if not classes:
             raise ValueError("--classes: expected at least one class")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device: {args.device!r} is not usable here ({e})") from None
-    name = args.model if args.model in models.MODELS else Path(args.model).stem
+    args.device = resolve_device(args.device, "--device")
+    name = args.model if args.model in store.MODELS else Path(args.model).stem
     variant = plan.secondary or plan.order or ("sde" if plan.solver == EM else "euler")
     stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
     outdir = Path(args.outdir)
@@ -274,20 +272,15 @@ def _validate(args):
         check_writable_folder(outdir)
     except ValueError as e:
         raise ValueError(f"--outdir: {e}") from None
-    return plan, fitted, seeds, classes, _output_paths(args, outdir, stem, seeds)
+    return plan, stored, seeds, classes, _output_paths(args, outdir, stem, seeds)
 
 
-def _load(args):
+def _load(args, stored: store.StoredModel):
     """(model, forward path) on the device: a MatrixSchedule for the core family, the model's own process for the
-    others; a missing or corrupt model file is an error naming --model."""
+    others; a missing or corrupt model file (NaN weights included) is an error naming --model."""
     try:
-        if models.has_learned_schedule(args.model):
-            model, learned, _ = models.load_trained(args.model, args.device)
-            schedule = learned if args.schedule == "learned" else models.load_schedule(args.schedule, model)
-        else:
-            model = models.load_model(args.model, args.device)
-            schedule = models.load_schedule(args.schedule, model)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        model, schedule = stored.load(args.device, args.schedule)
+    except (ValueError, OSError) as e:  # StoredFileError is a ValueError
         raise ValueError(f"--model {args.model}: {e}") from None
     try:
         registry.family_of_process(schedule).check_grid(args.grid, schedule)
@@ -297,8 +290,9 @@ def _load(args):
 
 
 def run(args) -> Path:
-    plan, fitted, seeds, classes, paths = _validate(args)
-    model, schedule = _load(args)
+    plan, stored, seeds, classes, paths = _validate(args)
+    fitted = stored.fitted_grids
+    model, schedule = _load(args, stored)
     num_classes = model.num_classes
     labels = None
     if classes is not None:
@@ -319,20 +313,23 @@ def run(args) -> Path:
     seconds = time.perf_counter() - t0
     images = torch.cat(outs).numpy()
     path = paths[0]
-    if args.format == "npz":
-        arrays = {"images": images, "seeds": np.array(seeds)}
-        if labs[0] is not None:
-            arrays["labels"] = torch.cat(labs).numpy()
+    arrays = {"images": images, "seeds": np.array(seeds)}
+    if labs[0] is not None:
+        arrays["labels"] = torch.cat(labs).numpy()
 
-        def write_npz(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to the temporary name
-                np.savez(f, **arrays)
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to the temporary name
+            np.savez(f, **arrays)
 
-        atomic_write(path, write_npz)
-    else:
-        save_image_grid(images, path)
-        for img, individual in zip(images, paths[1:]):
-            save_image_grid(img[None], individual)
+    try:  # without --force, created exclusively: a file another run wrote meanwhile is never replaced
+        if args.format == "npz":
+            atomic_write(path, write_npz, replace=args.force)
+        else:
+            save_image_grid(images, path, replace=args.force)
+            for img, individual in zip(images, paths[1:]):
+                save_image_grid(img[None], individual, replace=args.force)
+    except FileExistsError as e:
+        raise ValueError(f"--outdir: {e}; add --force to replace it") from None
     print(f"{len(seeds)} samples, NFE {plan.nfe} ({plan.solver}, {plan.grid} grid), "
           f"{seconds:.2f} s -> {path}", file=sys.stderr)
     print(path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aniso_fast.store import models
+from aniso_fast import store
 from aniso_fast.sampling.sampler import sample
 from aniso_fast.sampling.spec import SOLVERS
 from bench import common
@@ -66,14 +66,14 @@ _LOADED: dict = {}
 
 def _load(name: str):
     if name not in _LOADED:
-        model, schedule, _ = models.load_trained(name)
+        model, schedule = store.StoredModel.open(name).load()
         _LOADED[name] = (model, schedule)
     return _LOADED[name]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_solver(benchmark, case: SolverCase, opts: common.Options):
-    if case.model not in models.shipped_models():
+    if case.model not in store.shipped_models():
         pytest.skip(f"{case.model} is not shipped here")
     model, schedule = _load(case.model)
     if case.run == "solver":
@@ -96,9 +96,9 @@ def test_phase_space_solver(benchmark, run: str, opts: common.Options):
     from aniso_fast.processes import vsmd
 
     name = "fmnist-vsmd"
-    if name not in models.shipped_models():
+    if name not in store.shipped_models():
         pytest.skip(f"{name} is not shipped here")
-    model, process, _ = models.load_shipped(name)  # its own instance: the stand-in patches its denoiser
+    model, process = store.StoredModel.open(name).load()  # its own instance: the stand-in patches its denoiser
     if run == "solver":
         D = 0.01 * torch.randn(BATCH, *model.image_shape, generator=torch.Generator().manual_seed(0))
         model.denoiser.denoise = lambda y, g, labels=None: D

@@ -59,10 +59,10 @@ def assets(tmp_path, monkeypatch):
     """A temporary registry (an empty manifest), so that no test writes into the package's assets."""
     import json
 
-    from aniso_fast.store import models
+    from aniso_fast import store
 
     folder = tmp_path / "assets"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
-    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
+    (folder / "manifest.json").write_text(json.dumps({"format": store.MANIFEST_FORMAT, "models": {}}))
+    monkeypatch.setenv(store.ASSETS_ENV, str(folder))
     return folder

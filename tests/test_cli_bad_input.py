@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from aniso_fast import evaluate, sample
-from aniso_fast.store import models
+from aniso_fast import store
+from aniso_fast import models
 from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 
@@ -235,7 +236,7 @@ CASES = [(cli, option, fragment) for cli, table in BAD.items() for option, fragm
 @pytest.mark.parametrize("cli,option,fragment", CASES, ids=[f"{c}:{' '.join(f)}" for c, _, f in CASES])
 def test_bad_value_is_one_line_error_and_exit_2(cli, option, fragment, tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "assets"))
     (tmp_path / "a_file").write_text("a regular file where a folder is needed\n")
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from aniso_fast import evaluate  # noqa: E402
 from aniso_fast.evaluation import classifier, features  # noqa: E402
-from aniso_fast.store import models  # noqa: E402
+from aniso_fast import store  # noqa: E402
 from aniso_fast.evaluation import recipes  # noqa: E402
 from aniso_fast.evaluation import table  # noqa: E402
 from aniso_fast.training import config as train_config
@@ -162,7 +162,7 @@ def _tiny_recipe(tmp_path):
 
 
 def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "assets"))
     recipe, images = _tiny_recipe(tmp_path)
 
     def in_process(cmd, check):  # [python, -m, aniso_fast.training.trainer, ...]
@@ -171,17 +171,17 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     cmds = recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=in_process)
     assert [c[-2:] for c in cmds[1:]] == [["--init-from", str(tmp_path / "edm" / "checkpoint-00000002.safetensors")],
                                          ["--init-from", str(tmp_path / "iso" / "checkpoint-00000002.safetensors")]]
-    assert set(models.shipped_models()) == {"t-edm", "t-iso", "t-pca"}
-    sha = models.shipped_models()["t-pca"]["sha256"]
+    assert set(store.shipped_models()) == {"t-edm", "t-iso", "t-pca"}
+    sha = store.shipped_models()["t-pca"]["sha256"]
     # rerunnable: every stage is done and exported, nothing runs again
     assert recipes.train_recipe(recipe, only=["edm", "iso-class", "pca"], runner=None) == []
-    assert models.shipped_models()["t-pca"]["sha256"] == sha
+    assert store.shipped_models()["t-pca"]["sha256"] == sha
     # a longer target resumes the stage
     recipe["rows"][0]["train"][recipe["rows"][0]["train"].index("--steps") + 1] = "3"
     with pytest.raises(RuntimeError, match="another process"):  # its log was just written
         recipes.train_recipe(recipe, only=["edm"], runner=in_process)
     cmds = recipes.train_recipe(recipe, only=["edm"], runner=in_process, quiet_seconds=0)
-    assert cmds[0][-1] == "--resume" and models.shipped_models()["t-edm"]["step"] == 3
+    assert cmds[0][-1] == "--resume" and store.shipped_models()["t-edm"]["step"] == 3
 
     # a parent whose run is gone but whose model ships: it stands for the stage, and children start from its file
     import shutil
@@ -189,7 +189,7 @@ def test_train_recipe_then_table_end_to_end(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "edm")
     recipe["rows"][1]["out"] = str(tmp_path / "iso-again")
     cmds = recipes.train_recipe(recipe, only=["iso-class"], runner=in_process, export=False)
-    assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / "t-edm.safetensors")]
+    assert cmds[0][-2:] == ["--init-from", str(tmp_path / "assets" / store.shipped_models()["t-edm"]["file"])]
     left = recipes.train_recipe(recipe, runner=None, dry_run=True)  # the shipped edm is not retrained
     assert [c[c.index("--out") + 1] for c in left] == [str(tmp_path / "never")]
     recipe["rows"][1]["out"] = str(tmp_path / "iso")
@@ -262,8 +262,7 @@ def test_nfe_to_converge():  # issue 11
 @pytest.fixture
 def gmm_recipe(monkeypatch):
     """Two rows on the exact mixture (no training): a Karras-Heun row and a row with the multistep solvers."""
-    model = models.load_model("gmm-fmnist")
-    schedule = models.load_schedule("edm", model)
+    model, schedule = store.StoredModel.open("gmm-fmnist").load()
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": f"mixture for {row['name']}", "id": f"test:{row['name']}",
         "load": lambda: (model, schedule), "fitted": {}})
@@ -363,9 +362,9 @@ def no_work(monkeypatch, tmp_path):
 
     for name in ("solver_accuracy", "results_table", "train_recipe", "train_fmnist_classifier"):
         monkeypatch.setattr(evaluate, name, started)
-    monkeypatch.setattr(models, "load_model", started)
+    monkeypatch.setattr(store.StoredModel, "load", started)
     monkeypatch.setattr(features.FrechetScorer, "classifier", classmethod(started))
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "assets"))
     (tmp_path / "file").write_text("a regular file where a folder should be")
     return tmp_path
 
@@ -457,7 +456,7 @@ def test_train_recipe_unknown_only_row_is_an_error(no_work, capsys):  # issue 10
 
 
 def test_train_recipe_refusals_exit_2_before_any_stage_runs(tmp_path, monkeypatch, capsys):  # issue 10
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "assets"))
     recipe, _ = _tiny_recipe(tmp_path)
     path = str(tmp_path / "recipe.json")
     # the parent of iso-class never ran and is not run here: refused, exit 2 (it was 1, like a failed run)
@@ -544,7 +543,7 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     from aniso_fast.utils.data import to_uint8
     from aniso_fast.processes.vsdm import VSDMProcess
 
-    model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
+    model, process = store.StoredModel.open("gmm-fmnist").load()[0], VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
         "fitted": {}})
@@ -602,7 +601,7 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
     one line with NFE 3, 5 and 9, the shared cell computed once; a repeat without `nfes` is still refused."""
     from aniso_fast.processes.vsdm import VSDMProcess
 
-    model, process = models.load_model("gmm-fmnist"), VSDMProcess(2, rates=[[0.2, -0.3]])
+    model, process = store.StoredModel.open("gmm-fmnist").load()[0], VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
         "fitted": {}})
@@ -633,8 +632,7 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
 def test_table_cells_on_a_fitted_grid(monkeypatch, tmp_path):  # issue 11, --grid optimized
     """Without a fitted grid the cell is skipped with the reason (and the row has no sample figure); with one it
     is sampled on it and keyed by its levels, so a refitted grid makes a new cell instead of reusing the cache."""
-    model = models.load_model("gmm-fmnist")
-    schedule = models.load_schedule("edm", model)
+    model, schedule = store.StoredModel.open("gmm-fmnist").load()
     fitted = {}
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": "mixture", "id": "test:fitted", "load": lambda: (model, schedule), "fitted": fitted})

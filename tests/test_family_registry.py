@@ -14,7 +14,7 @@ from aniso_fast.processes import registry
 from aniso_fast.processes.family import Family, Option
 from aniso_fast.sampling import seeded_noise
 from aniso_fast.store import checkpoint as ckpt
-from aniso_fast.store import models
+from aniso_fast import store
 from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 from aniso_fast.utils import figures
@@ -143,7 +143,7 @@ def test_a_toy_family_from_this_file_trains_stores_loads_and_samples(tmp_path, t
     path = ckpt.latest_checkpoint(out)
     tensors, meta = ckpt.load_checkpoint(path)
     assert meta["family"] == "toy" and meta["schedule_config"]["sigma_max"] == 5.0
-    model, process = models.build_model(tensors, meta)
+    model, process = store.build_model(tensors, meta)
     assert isinstance(process, ToyProcess) and torch.equal(process.scale, trainer.process.scale.detach().cpu())
     assert registry.family_of_process(process) is toy
 
@@ -156,10 +156,11 @@ def test_a_toy_family_from_this_file_trains_stores_loads_and_samples(tmp_path, t
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')
-    monkeypatch.setenv(models.ASSETS_ENV, str(assets))
-    models.export_model(path, "tiny-toy", net_dtype="float32")
-    shipped, shipped_process, info = models.load_shipped("tiny-toy")
-    assert info["family"] == "toy" and json.loads((assets / "manifest.json").read_text())["models"]["tiny-toy"][
+    monkeypatch.setenv(store.ASSETS_ENV, str(assets))
+    store.export_model(path, "tiny-toy", net_dtype="float32")
+    stored = store.StoredModel.open("tiny-toy")
+    shipped, shipped_process = stored.load()
+    assert stored.info["family"] == "toy" and json.loads((assets / "manifest.json").read_text())["models"]["tiny-toy"][
         "family"] == "toy"
     y, _, _ = registry.run_sampler(shipped, shipped_process, plan, [0, 1])
     assert torch.equal(x, y)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from aniso_fast.sampling import grid_fit
-from aniso_fast.store import models
+from aniso_fast import store
+from aniso_fast import models
 from aniso_fast import sampling
 from aniso_fast.sampling import grids as G, spec
 from aniso_fast.geometry.bases import DCTBasis
@@ -133,9 +134,9 @@ def test_fit_grid_cli_stores_grids_that_sample_uses(tiny_checkpoint, assets, tmp
                           "--check", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "3 steps: sigma" in printed and "endpoint RMS" in printed
-    grids = models.fitted_grids("tiny")
+    grids = store.fitted_grids("tiny")
     assert sorted(grids) == [3, 4] and all(len(v) == n for n, v in grids.items())
-    entry = models.shipped_models()["tiny"]
+    entry = store.shipped_models()["tiny"]
     assert entry["grids"]["fit"]["teacher_steps"] == 12 and set(entry["grids"]["fit"]["check"]["endpoint_rms"]) \
         == {"3", "4"}
 
@@ -148,7 +149,7 @@ def test_fit_grid_cli_stores_grids_that_sample_uses(tiny_checkpoint, assets, tmp
     _one_line_error(capsys, "--grid", "5 steps", "3, 4")
 
     assert models.main(["export", str(tiny_checkpoint), "--name", "tiny", "--force"]) == 0  # a new network
-    assert models.fitted_grids("tiny") == {}
+    assert store.fitted_grids("tiny") == {}
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -170,14 +171,14 @@ def test_fit_grid_bad_input(tiny_checkpoint, assets, capsys, argv, words):
 def test_manifest_refuses_a_malformed_fitted_grid(tiny_checkpoint, assets):
     assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0
     with pytest.raises(ValueError, match="levels: .*descending"):
-        models.set_fitted_grids("tiny", {3: [1.0, 2.0, 0.5]}, {})
+        store.set_fitted_grids("tiny", {3: [1.0, 2.0, 0.5]}, {})
     with pytest.raises(ValueError, match="name: .*not a shipped model"):
-        models.set_fitted_grids("nope", {3: [3.0, 2.0, 0.5]}, {})
+        store.set_fitted_grids("nope", {3: [3.0, 2.0, 0.5]}, {})
     doc = json.loads((assets / "manifest.json").read_text())
     doc["models"]["tiny"]["grids"] = {"optimized": {"2": [1.0]}}
     (assets / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="corrupt manifest .*2"):
-        models.shipped_models()
+    with pytest.raises(ValueError, match="corrupt manifest: .*2"):
+        store.shipped_models()
 
 
 def test_teacher_is_the_samplers_dpmpp_2m_on_the_logsnr_grid(gmm, aniso_schedule):

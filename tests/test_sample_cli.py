@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from aniso_fast.processes import registry
-from aniso_fast.store import models
+from aniso_fast import store
 from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
 from aniso_fast.sampling.sampler import sample
@@ -48,8 +48,8 @@ def test_npz_individual_classes_and_seeds(tmp_path, capsys):
 
 def test_samples_look_like_their_class():
     """The mixture's own Bayes classifier (class log-likelihood at small noise) recovers the requested class."""
-    model = models.load_model("gmm-fmnist")
-    x, labels, _ = sample(model, models.load_schedule("edm", model), nfe=9, seeds=range(40),
+    model, schedule = store.StoredModel.open("gmm-fmnist").load()
+    x, labels, _ = sample(model, schedule, nfe=9, seeds=range(40),
                           labels=torch.arange(10).repeat(4))
     g = torch.full((40, 2), 1e-3, dtype=torch.float64)
     loglik = torch.stack([model.log_prob(x.double(), g, torch.full((40,), y)) for y in range(10)], dim=1)
@@ -118,8 +118,8 @@ def no_work(monkeypatch):
     def work(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
 
-    for name in ("load_model", "load_trained", "load_shipped"):
-        monkeypatch.setattr(models, name, work)
+    monkeypatch.setattr(store.StoredModel, "load", work)
+    monkeypatch.setattr(store.StoredModel, "state", work)
     monkeypatch.setattr(registry, "run_sampler", work)
 
 
@@ -136,7 +136,7 @@ def _assets(tmp_path, monkeypatch, manifest: str | None) -> None:
     folder.mkdir()
     if manifest is not None:
         (folder / "manifest.json").write_text(manifest)
-    monkeypatch.setenv(models.ASSETS_ENV, str(folder))
+    monkeypatch.setenv(store.ASSETS_ENV, str(folder))
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -213,21 +213,21 @@ def test_huge_seeds_are_refused_not_repeated(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("setup,words", [
-    ("missing", [models.ASSETS_ENV, "no such folder"]),  # issue 10, defect 7: fell back to another model
-    ("no-manifest", [models.ASSETS_ENV, "manifest.json"]),  # defect 7
-    ("file", [models.ASSETS_ENV, "not a folder"]),  # defect 7
-    ("corrupt", [models.ASSETS_ENV, "manifest.json", "corrupt"]),  # defect 8: a JSON traceback from --help's text
+    ("missing", [store.ASSETS_ENV, "no such folder"]),  # issue 10, defect 7: fell back to another model
+    ("no-manifest", [store.ASSETS_ENV, "manifest.json"]),  # defect 7
+    ("file", [store.ASSETS_ENV, "not a folder"]),  # defect 7
+    ("corrupt", [store.ASSETS_ENV, "manifest.json", "corrupt"]),  # defect 8: a JSON traceback from --help's text
     ("no-file-key", ["manifest.json", "'ghost'"]),  # defect 8: a KeyError traceback
 ])
 def test_bad_assets_folder(tmp_path, monkeypatch, capsys, no_work, setup, words):
     if setup == "missing":
-        monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "missing"))
+        monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "missing"))
     elif setup == "file":
         (tmp_path / "file").write_text("{}")
-        monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "file"))
+        monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "file"))
     else:
         _assets(tmp_path, monkeypatch, {"no-manifest": None, "corrupt": "{",
-                                        "no-file-key": json.dumps({"format": models.MANIFEST_FORMAT,
+                                        "no-file-key": json.dumps({"format": store.MANIFEST_FORMAT,
                                                                    "models": {"ghost": {"sha256": "0"}}})}[setup])
     assert main(["--outdir", str(tmp_path / "out")]) == 2
     _one_line_error(capsys, *words)
@@ -236,7 +236,7 @@ def test_bad_assets_folder(tmp_path, monkeypatch, capsys, no_work, setup, words)
 
 def test_missing_shipped_model_file(tmp_path, monkeypatch, capsys):
     """Issue 10, defect 8: a model listed in the manifest whose file is gone gave a FileNotFoundError traceback."""
-    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {
+    _assets(tmp_path, monkeypatch, json.dumps({"format": store.MANIFEST_FORMAT, "models": {
         "ghost": {"file": "ghost.safetensors", "sha256": "0" * 64, "description": "gone", "default": True}}}))
     assert main(["--outdir", str(tmp_path / "out")]) == 2
     _one_line_error(capsys, "--model ghost", "ghost.safetensors", "missing")
@@ -246,12 +246,12 @@ def test_missing_shipped_model_file(tmp_path, monkeypatch, capsys):
 def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
     """Issue 10, defect 9: a shipped model's file is a model (it was refused as 'not a checkpoint'); a directory
     gets a message saying what --model expects."""
-    shipped = models.ASSET_DIR / models.shipped_models(models.ASSET_DIR)["fmnist-dct"]["file"]
+    shipped = store.ASSET_DIR / store.shipped_models(store.ASSET_DIR)["fmnist-dct"]["file"]
     assert main(["--model", str(shipped), "--seeds", "3", "--nfe", "3", "--format", "npz", "--outdir", str(tmp_path),
                  "--no-progress"]) == 0
     path = capsys.readouterr().out.strip()
     assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3.npz")
-    by_name, schedule = models.load_model("fmnist-dct"), models.load_schedule("learned", None, "fmnist-dct")
+    by_name, schedule = store.StoredModel.open("fmnist-dct").load()
     x, _, _ = sample(by_name, schedule, nfe=3, seeds=[3])
     from aniso_fast.utils.data import to_uint8
 
@@ -279,9 +279,9 @@ def test_table_set_default_round_trip(tmp_path, monkeypatch, capsys):  # issue 1
 
     from aniso_fast import evaluate
 
-    entry = models.read_manifest(models.ASSET_DIR)["models"]["fmnist-iso"]
-    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {"fmnist-iso": entry}}))
-    shutil.copy(models.ASSET_DIR / entry["file"], tmp_path / "assets")
+    entry = dict(store.read_manifest(store.ASSET_DIR).models["fmnist-iso"])
+    _assets(tmp_path, monkeypatch, json.dumps({"format": store.MANIFEST_FORMAT, "models": {"fmnist-iso": entry}}))
+    shutil.copy(store.ASSET_DIR / entry["file"], tmp_path / "assets")
 
     def cell(solver, grid, nfe, fd, secondary=None, order=None):
         return {"solver": solver, "grid": grid, "secondary": secondary, "order": order, "nfe": nfe, "mean": fd,
@@ -295,10 +295,10 @@ def test_table_set_default_round_trip(tmp_path, monkeypatch, capsys):  # issue 1
             {**cell("ipndm", "uniform_t", 3, 0, order=4), "skipped": "nfe: too few"}]},
         {"name": "run", "status": "ok", "model_id": "checkpoint:abc", "cells": [cell("euler", "uniform_t", 3, 0.1)]}]}
     evaluate._set_defaults(result, recipe)  # what `table --set-default` runs after the table
-    recorded = models.sampler_defaults()
+    recorded = store.sampler_defaults()
     assert {k: (v["model"], v["solver"], v["grid"], v["order"]) for k, v in recorded.items()} == {
         3: ("fmnist-iso", "dpmpp-2m", "logsnr", 2), 9: ("fmnist-iso", "heun", "uniform_t", None)}
-    assert models.default_model() == "fmnist-iso"
+    assert store.default_model() == "fmnist-iso"
     help_text = build_parser().format_help()
     assert "NFE 3: fmnist-iso, dpmpp-2m order 2 on logsnr, FD 2.00" in help_text
     assert "NFE 9: fmnist-iso, heun (mid point) on uniform_t, FD 1.00" in help_text
@@ -320,7 +320,8 @@ def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  
         def to(self, device):
             return self
 
-    monkeypatch.setattr(models, "load_schedule", lambda *a, **k: NoInverse())
+    load = store.StoredModel.load
+    monkeypatch.setattr(store.StoredModel, "load", lambda self, *a, **k: (load(self, *a, **k)[0], NoInverse()))
     assert main(["--model", "gmm-fmnist", "--grid", "logsnr", "--solver", "dpmpp-2m", "--outdir",
                  str(tmp_path / "out")]) == 2
     _one_line_error(capsys, "--grid", "logsnr")
@@ -371,7 +372,7 @@ def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ck
     path, data = _npz_run(capsys, "--model", ckpt, "--seeds", "0,5", "--classes", "2", *argv, "--outdir",
                           str(tmp_path / "a"))
     assert path.endswith(f"checkpoint-00000001_{stem}.npz") and data["labels"].tolist() == [2, 2]
-    model, process, _ = models.load_trained(ckpt)
+    model, process = store.StoredModel.open(ckpt).load()
     assert registry.family_of_process(process).name == family
     args = sample_cli.build_parser().parse_args(["--model", ckpt, *argv, "--outdir", str(tmp_path / "c")])
     plan = sample_cli._validate(args)[0]
@@ -386,10 +387,11 @@ def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ck
 def test_shipped_vsdm_model_samples_by_name_and_by_file(tmp_path, monkeypatch, capsys, fam_ckpt):
     """`--model fmnist-vsdm` in miniature: a VSDM checkpoint exported to an assets folder samples by its name and by
     its file, with em and with the PF-ODE; its family comes from the manifest entry / the file's header."""
-    _assets(tmp_path, monkeypatch, json.dumps({"format": models.MANIFEST_FORMAT, "models": {}}))
-    shipped = models.export_model(fam_ckpt["vsdm"], "tiny-vsdm")
-    assert models.model_family("tiny-vsdm") == models.model_family(str(shipped)) == "vsdm"
-    assert models.model_family(str(fam_ckpt["vsmd"])) == "vsmd" and models.model_family("gmm-fmnist") == "core"
+    _assets(tmp_path, monkeypatch, json.dumps({"format": store.MANIFEST_FORMAT, "models": {}}))
+    shipped = store.export_model(fam_ckpt["vsdm"], "tiny-vsdm")
+    family = lambda name: store.StoredModel.open(name).family  # noqa: E731
+    assert family("tiny-vsdm") == family(str(shipped)) == "vsdm"
+    assert family(str(fam_ckpt["vsmd"])) == "vsmd" and family("gmm-fmnist") == "core"
     for model in ("tiny-vsdm", str(shipped)):
         for argv in (["--solver", "em", "--nfe", "3"], ["--nfe", "3"]):
             _, data = _npz_run(capsys, "--model", model, "--count", "2", *argv, "--outdir", str(tmp_path / "o"),

@@ -8,7 +8,7 @@ from aniso_fast import sample as sample_cli
 from aniso_fast.processes import registry
 from aniso_fast.sampling import grids, spec
 from aniso_fast.sampling.spec import SOLVERS, choose_for_nfe, resolve_sampler
-from aniso_fast.store import models
+from aniso_fast import store as models
 
 f64 = torch.float64
 

@@ -322,11 +322,11 @@ def test_init_chain_copies_network_ema_and_schedule(tmp_path, npz):
 
 def test_init_from_a_shipped_model(tmp_path, npz, monkeypatch):
     """--init-from takes a shipped model (its name or file): network and EMA from its EMA, schedule copied."""
-    from aniso_fast.store import models
+    from aniso_fast import store
 
-    monkeypatch.setenv(models.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "assets"))
     iso = train.run(train_config.parse_args(argv(npz, tmp_path / "iso", "iso", 2)))
-    path = models.export_model(tmp_path / "iso" / "checkpoint-00000002.safetensors", "tiny-iso", net_dtype="float32")
+    path = store.export_model(tmp_path / "iso" / "checkpoint-00000002.safetensors", "tiny-iso", net_dtype="float32")
     for source in ("tiny-iso", str(path)):
         ani = make_trainer(argv(npz, tmp_path / f"ani-{len(source)}", "aniso", 1, "--init-from", source))
         assert torch.equal(ani.process.psi.detach(), iso.process.psi.detach().expand(1, 2, -1))

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from aniso_fast.store import checkpoint as ckpt
-from aniso_fast.store import models
+from aniso_fast import store
 from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 from aniso_fast.processes import phase_space, vsdm
@@ -139,16 +139,17 @@ def test_vsdm_checkpoint_builds_exports_and_samples(tmp_path, npz, monkeypatch):
     path = ckpt.latest_checkpoint(tmp_path / "run")
     tensors, meta = ckpt.load_checkpoint(path)
     assert meta["family"] == "vsdm" and meta["stage"] is None
-    model, process = models.build_model(tensors, meta)
+    model, process = store.build_model(tensors, meta)
     assert isinstance(process, VSDMProcess) and process.num_classes == 3
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')
-    monkeypatch.setenv(models.ASSETS_ENV, str(assets))
-    models.export_model(path, "tiny-vsdm")
-    assert models.shipped_models()["tiny-vsdm"]["family"] == "vsdm"
-    model, process, info = models.load_shipped("tiny-vsdm")
-    assert isinstance(process, VSDMProcess) and info["family"] == "vsdm"
+    monkeypatch.setenv(store.ASSETS_ENV, str(assets))
+    store.export_model(path, "tiny-vsdm")
+    assert store.shipped_models()["tiny-vsdm"]["family"] == "vsdm"
+    stored = store.StoredModel.open("tiny-vsdm")
+    model, process = stored.load()
+    assert isinstance(process, VSDMProcess) and stored.info["family"] == "vsdm"
     x, labels, _ = vsdm.sample_ode(process, model, [0, 1], 5)
     y, _, _ = vsdm.sample_em(process, model, [0, 1], 4)
     assert x.shape == y.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and torch.isfinite(y).all()
@@ -197,7 +198,7 @@ def test_vsmd_denoiser_head_starts_from_the_core_network_unchanged(tmp_path, npz
     record = trainer.train_step()
     assert "forward_loss" in record and trainer.process.c.abs().max() > 0
     trainer.save_checkpoint()
-    model, _ = models.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
+    model, _ = store.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
     assert isinstance(model, VSMDDenoiser)
 
 
@@ -254,7 +255,7 @@ def test_vsdm_sample_ode_takes_the_families_sampler_rule(tmp_path, npz):
     """vsdm.sample_ode called directly refuses what the vsdm family's `check_sampler` refuses (the Karras grid ignores the
     process), with the same one-line error."""
     train.run(train_config.parse_args(fam_argv(npz, tmp_path / "run", "vsdm", 1)))
-    model, process = models.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
+    model, process = store.build_model(*ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run")))
     with pytest.raises(ValueError, match="^grid: 'karras' ignores the process"):
         vsdm.sample_ode(process, model, [0], 5, grid="karras")
 
@@ -270,14 +271,15 @@ def test_vsmd_checkpoint_and_export_keep_the_gaussian_skip(tmp_path, npz, monkey
                                                       "--sigma-data", sigma)))
         assert trainer.loss_model.sigma_data == expect
         tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
-        assert models.build_model(tensors, meta)[0].sigma_data == expect
+        assert store.build_model(tensors, meta)[0].sigma_data == expect
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "manifest.json").write_text('{"format": "aniso_fast.manifest/1", "models": {}}\n')
-    monkeypatch.setenv(models.ASSETS_ENV, str(assets))
-    models.export_model(ckpt.latest_checkpoint(tmp_path / "run0.7"), "tiny-vsmd")
-    model, process, info = models.load_shipped("tiny-vsmd")
-    assert model.sigma_data == 0.7 and info["family"] == "vsmd"
+    monkeypatch.setenv(store.ASSETS_ENV, str(assets))
+    store.export_model(ckpt.latest_checkpoint(tmp_path / "run0.7"), "tiny-vsmd")
+    stored = store.StoredModel.open("tiny-vsmd")
+    model, process = stored.load()
+    assert model.sigma_data == 0.7 and stored.info["family"] == "vsmd"
     x, _, _ = phase_space.sample_ode(process, model, [0, 1], 5)
     y, _, _ = vsmd.sample_em(process, model, [0, 1], 4)
     assert x.shape == y.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and torch.isfinite(y).all()

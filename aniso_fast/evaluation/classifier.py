@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..store import models
+from ..store.manifest import ASSET_DIR
 from ..utils.atomic import atomic_write_bytes, atomic_write_text
 from ..utils.data import load_fashion_mnist, to_model_range
 from ..utils.machine import machine_description
@@ -24,7 +24,7 @@ from ..utils.machine import machine_description
 __all__ = ["CLASSIFIER_ASSET", "FashionMNISTClassifier", "train_classifier", "evaluate_classifier", "save_classifier",
            "load_classifier", "train_fmnist_classifier", "classifier_markdown"]
 
-CLASSIFIER_ASSET = models.ASSET_DIR / "fmnist_classifier.safetensors"
+CLASSIFIER_ASSET = ASSET_DIR / "fmnist_classifier.safetensors"
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..processes import registry
-from ..store import models
+from .. import store
 from ..store.checkpoint import latest_checkpoint, read_meta
 from ..training.config import config_from_argv
 from ..sampling.spec import MAX_NFE, Sampler
@@ -165,15 +165,15 @@ def _stage_state(row: dict) -> dict:
 def resolve_row(row: dict, source: str = "auto") -> dict:
     """The model a table row evaluates: its shipped model (`row['export']` in the manifest) or the latest
     checkpoint in `row['out']` ('auto': shipped first). Returns status, where, an id for caching, a loader and the
-    model's fitted grids (`models.fitted_grids`; none for a checkpoint)."""
-    shipped = models.shipped_models()
+    model's fitted grids (`store.fitted_grids`; none for a checkpoint)."""
+    shipped = store.shipped_models()
     name = row.get("export")
     if source in ("auto", "shipped") and name in shipped:
         entry = shipped[name]
         trained = f"{entry['stage']} stage" if entry.get("stage") else f"{entry.get('family') or 'core'} family"
         return {"status": "ok", "where": f"shipped model `{name}` ({trained}, step {entry['step']}, "
                                          f"{entry['kimg']:g} kimg)", "id": f"shipped:{entry['sha256']}",
-                "load": lambda: models.load_shipped(name)[:2], "fitted": models.fitted_grids(name)}
+                "load": lambda: store.StoredModel.open(name).load(), "fitted": store.fitted_grids(name)}
     if source in ("auto", "checkpoint"):
         try:
             state = _stage_state(row)
@@ -184,7 +184,7 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
             done = "" if state["done"] else f", unfinished: {state['step']} of {state['target_steps']} steps"
             path = state["latest"]
             return {"status": "ok", "where": f"checkpoint `{path}` (not exported{done})",
-                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: models.load_trained(path)[:2],
+                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: store.StoredModel.open(path).load(),
                     "fitted": {}}
     where = {"auto": f"no shipped model `{name}` and no checkpoint in `{row['out']}`",
              "shipped": f"no shipped model `{name}`", "checkpoint": f"no checkpoint in `{row['out']}`"}[source]
@@ -203,7 +203,7 @@ def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bo
     """
     selected = select_rows(recipe, only)
     rows = {row["name"]: row for row in recipe["rows"]}
-    shipped = models.shipped_models()
+    shipped = store.shipped_models()
 
     def from_shipped(row: dict, state: dict) -> bool:
         # a stage never run here whose model ships stands as done, unless named in `only` (then it retrains)
@@ -239,7 +239,7 @@ def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bo
                 prow = rows[parent]
                 pstate = _stage_state(prow)
                 if from_shipped(prow, pstate):
-                    source = str(models.shipped_path(prow["export"]))  # the EMA network, which fine-tuning starts from
+                    source = str(store.StoredModel.open(prow["export"]).path)  # the EMA network, which fine-tuning starts from
                 else:
                     source = str(pstate["latest"] or f"<final checkpoint of {prow['out']}>")
                 cmd += ["--init-from", source]
@@ -251,10 +251,10 @@ def train_recipe(recipe: dict, *, only: Sequence[str] | None = None, dry_run: bo
                 runner(cmd, check=True)
         if export and row.get("export") and not dry_run:
             final = latest_checkpoint(row["out"])
-            entry = models.shipped_models().get(row["export"])
+            entry = store.shipped_models().get(row["export"])
             sha = read_meta(final)["tensor_sha256"]
             if entry is None or entry.get("source_sha256") != sha:
                 print(f"exporting {final} as {row['export']}", flush=True)
                 # replaces the row's own earlier export; a stray file of that name is refused
-                models.export_model(final, row["export"], row["label"], force=entry is not None)
+                store.export_model(final, row["export"], row["label"], force=entry is not None)
     return commands

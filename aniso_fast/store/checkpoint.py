@@ -9,8 +9,8 @@ Format (`checkpoint-{step:08d}.safetensors`):
 
 One file is one checkpoint, so committing it is one `os.replace` of a fully written, fsynced temporary file in
 the same directory: a crash at any moment leaves either the previous checkpoint or the new one, never half of
-one. Loading reads and validates the whole file (header bounds, JSON, digest) and raises `CheckpointError`
-naming the file and the problem; it never writes.
+one. Loading reads and validates the whole file (header bounds, JSON, digest: `header.read_header`) and raises
+`CheckpointError` naming the file and the problem; it never writes.
 """
 from __future__ import annotations
 
@@ -27,19 +27,20 @@ from safetensors.torch import save as _st_save
 from torch import Tensor
 
 from ..utils.atomic import atomic_write_bytes
+from .header import StoredFileError, parse_json, read_header
 
 __all__ = [
     "FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "checkpoint_path", "flatten_optimizer_state", "unflatten_optimizer_state", "prefixed", "strip_prefix",
-    "compare_configs", "read_header", "read_meta",
+    "compare_configs", "read_meta", "checkpoint_meta", "checkpoint_tensors",
 ]
 
 FORMAT = "aniso_fast.checkpoint/1"
 _NAME = re.compile(r"^checkpoint-(\d{8,})\.safetensors$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt, or does not match the run that loads it."""
+class CheckpointError(StoredFileError):
+    """A training checkpoint is missing, truncated, corrupt, or does not match the run that loads it."""
 
 
 # ---- file names ----
@@ -91,66 +92,42 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta
 
 # ---- read ----
 
-def read_header(source: bytes | str | os.PathLike, name: str | None = None) -> tuple[dict, int]:
-    """The validated JSON header of a safetensors file or blob: (header, offset of the tensor data).
-
-    The one safetensors header parser of the package (checkpoints, shipped models, the recipe runner). From a
-    file it reads the header only. Checks: the length prefix, the JSON object, and that the tensor data the
-    header describes ends exactly at the end of the file. Raises CheckpointError naming the file.
-    """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), name or "<bytes>"
-        total, n_bytes, read = len(data), data[:8], lambda n: data[8:8 + n]
-    else:
-        path = Path(source)
-        name = name or str(path)
-        if not path.is_file():
-            raise CheckpointError(f"{name}: no such file")
-        f = open(path, "rb")
-        total = os.fstat(f.fileno()).st_size
-        n_bytes, read = f.read(8), f.read
-    try:
-        if len(n_bytes) < 8:
-            raise CheckpointError(f"{name}: truncated ({total} bytes; not a safetensors file)")
-        n = int.from_bytes(n_bytes, "little")
-        if n <= 0 or 8 + n > total:
-            raise CheckpointError(f"{name}: truncated or corrupt (header length {n} exceeds the file size {total})")
-        try:
-            header = json.loads(read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{name}: corrupt header ({e})") from None
-    finally:
-        if not isinstance(source, (bytes, bytearray, memoryview)):
-            f.close()
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{name}: corrupt header (not a JSON object)")
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise CheckpointError(f"{name}: corrupt header (bad tensor entries)") from None
-    if 8 + n + end != total:
-        raise CheckpointError(f"{name}: truncated or corrupt (tensor data is {total - 8 - n} bytes, the header "
-                              f"describes {end})")
-    if not isinstance(header.get("__metadata__", {}), dict):
-        raise CheckpointError(f"{name}: corrupt header (metadata is not a JSON object)")
-    return header, 8 + n
-
-
-def _checkpoint_info(header: dict, name: str) -> dict:
+def checkpoint_meta(header: dict, name: str) -> dict:
+    """The JSON metadata of a training checkpoint from its header (`header.read_header`)."""
     info = header.get("__metadata__") or {}
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{name}: not an aniso_fast checkpoint (format {info.get('format')!r}, "
                               f"expected {FORMAT!r})")
+    if not isinstance(info.get("meta"), str):
+        raise CheckpointError(f"{name}: corrupt metadata (no 'meta' document)")
     try:
-        return json.loads(info["meta"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{name}: corrupt metadata ({type(e).__name__}: {e})") from None
+        meta = parse_json(info["meta"], name, allow_nan=True)
+    except StoredFileError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name}: corrupt metadata (not a JSON object)")
+    return meta
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a training checkpoint from its header only (no tensor is read or verified)."""
-    header, _ = read_header(path)
-    return _checkpoint_info(header, str(path))
+    try:
+        header, _ = read_header(path)
+    except StoredFileError as e:
+        raise CheckpointError(str(e)) from None
+    return checkpoint_meta(header, str(path))
+
+
+def checkpoint_tensors(data: bytes, meta: Mapping[str, Any], name: str) -> dict[str, Tensor]:
+    """The tensors of a checkpoint's bytes whose header was read (`read_header`, `checkpoint_meta`), checked
+    against the digest its metadata records."""
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # safetensors raises its own error type
+        raise CheckpointError(f"{name}: corrupt ({type(e).__name__}: {e})") from None
+    if _tensor_digest(tensors) != meta.get("tensor_sha256"):
+        raise CheckpointError(f"{name}: corrupt (tensor checksum mismatch)")
+    return tensors
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -159,15 +136,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     data = path.read_bytes()
-    header, _ = read_header(data, str(path))
-    meta = _checkpoint_info(header, str(path))
     try:
-        tensors = _st_load(data)
-    except Exception as e:  # safetensors raises its own error type
-        raise CheckpointError(f"{path}: corrupt ({type(e).__name__}: {e})") from None
-    if _tensor_digest(tensors) != meta.get("tensor_sha256"):
-        raise CheckpointError(f"{path}: corrupt (tensor checksum mismatch)")
-    return tensors, meta
+        header, _ = read_header(data, str(path))
+    except StoredFileError as e:
+        raise CheckpointError(str(e)) from None
+    meta = checkpoint_meta(header, str(path))
+    return checkpoint_tensors(data, meta, str(path)), meta
 
 
 # ---- helpers for structured state ----

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..utils.devices import resolve_device
+
 __all__ = ["Dist", "resolve_device", "init", "shutdown"]
 
 
@@ -73,25 +75,6 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-
-def resolve_device(device: str | None, name: str = "device") -> torch.device:
-    """The device a run asks for: 'cpu', 'cuda' or 'cuda:N' that this torch can use (None: cuda if available).
-    `name`: the caller's name for the argument in error messages."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: expected a device this torch can use, got {device!r}, but torch "
-                         f"{torch.__version__} sees no CUDA GPU")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{name}: expected one of the {torch.cuda.device_count()} CUDA GPUs, got {device!r}")
-    return dev
 
 
 def init(device: str | None = None) -> Dist:

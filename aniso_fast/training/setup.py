@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +12,7 @@ from ..geometry.bases import DCTBasis, IsotropicBasis, PCABasis, SubspaceBasis
 from ..networks.unet import SongUNet
 from ..processes import registry
 from ..store import checkpoint as ckpt
-from ..store import models
+from ..store import StoredModel, build_model
 from ..utils.data import LoadedDataset
 from .config import attn_resolutions
 
@@ -60,16 +59,14 @@ def network_config(args: argparse.Namespace, C: int, H: int, label_dim: int) -> 
 def load_init_source(source: str) -> tuple[dict[str, Tensor], dict]:
     """(tensors, meta) of an --init-from source: a training checkpoint, or a shipped model's name or file."""
     try:
-        if models.is_shipped_file(source) or (not Path(source).exists() and source in models.shipped_models()):
-            return models.read_shipped(source)
-        return ckpt.load_checkpoint(source)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        return StoredModel.open(source).state()
+    except (OSError, ValueError) as e:  # StoredFileError is a ValueError
         raise ValueError(f"--init-from {source}: {e}") from None
 
 
 def resumed_run(tensors: dict, meta: dict):
     """(network, basis, forward path, EMA state) of a resumed run: the raw network trains on, the EMA continues."""
-    model, process = models.build_model(tensors, meta, weights="net")
+    model, process = build_model(tensors, meta, weights="net")
     return model.net, model.basis, process, ckpt.strip_prefix("ema", tensors)
 
 
@@ -103,7 +100,7 @@ def new_run(args: argparse.Namespace, data: LoadedDataset, num_classes: int):
             raise ValueError(f"--init-from {args.init_from}: a {source.name} model cannot start a "
                              f"--family {family.name} run (only a core network can start another family)")
         # fine-tuning starts from the averaged weights: the raw network of a constant-lr run is far noisier
-        model, source_process = models.build_model(tensors, meta, weights=args.init_weights)
+        model, source_process = build_model(tensors, meta, weights=args.init_weights)
         net, ema_state = model.net, ckpt.strip_prefix("ema", tensors)
         if source is not family:
             net, ema_state = _core_twin(family, args, net, meta["net_config"], ema_state)

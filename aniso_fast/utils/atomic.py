@@ -1,16 +1,32 @@
-"""Atomic file writes: a temporary file in the same folder, fsynced, then one `os.replace`.
+"""Atomic file writes: a temporary file in the same folder, fsynced, then moved into place in one step.
 
 A crash at any moment leaves either the old file or the complete new one, never a half-written file, and no
-temporary file behind (it is removed on any error).
+temporary file behind (it is removed on any error; a killed process may leave one, named `.NAME.XXXXXXXX.tmp`).
+`replace=False` creates the file exclusively: the temporary file is hard-linked to the name, which fails if the
+name exists, so an existing or concurrently written file is never replaced; `replace=True` renames over it, so
+that of concurrent writers the last complete file wins, never a mix.
+
+`fault_hook`, when set, is called with (step, path) before every step that changes the folder: the crash tests
+kill the process there.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "check_writable_file"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "check_writable_file",
+           "folder_lock", "remove_file", "fault_hook"]
+
+fault_hook: Callable[[str, Path], None] | None = None
+
+
+def _fault(step: str, path: Path) -> None:
+    if fault_hook is not None:
+        fault_hook(step, path)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -41,6 +57,25 @@ def check_writable_file(path: str | os.PathLike) -> None:
     check_writable_folder(Path(path).parent)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on a folder (flock on the folder itself: no lock file), for read-modify-write
+    updates of the files in it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete a file if it is there (a fault point like every write)."""
+    _fault("remove", Path(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _create_temp(path: Path) -> tuple[int, str]:
     """A new temporary file beside `path`, opened exclusively with mode 0o666: the umask (or a default ACL) then
     gives it the mode of any new file, where mkstemp's 0o600 would leave outputs unreadable to others."""
@@ -53,37 +88,45 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"{path}: no free temporary file name beside it")
 
 
-def _commit(path: Path, fill: Callable[[int, str], None]) -> Path:
+def _commit(path: Path, fill: Callable[[int, str], None], replace: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _fault("write", path)
     fd, tmp = _create_temp(path)
     try:
         fill(fd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
+        _fault("commit", path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # no-replace: fails if `path` exists, whoever created it
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists (written by another process meanwhile); not replaced") \
+                    from None
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
     def fill(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
-    return _commit(Path(path), fill)
+    return _commit(Path(path), fill, replace)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str, *, replace: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode(), replace=replace)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, replace: bool = True) -> Path:
     """Let `write(tmp_path)` produce the file (e.g. PIL, numpy, safetensors), then move it into place."""
     def fill(fd: int, tmp: str) -> None:
         os.close(fd)
@@ -91,4 +134,4 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 
-    return _commit(Path(path), fill)
+    return _commit(Path(path), fill, replace)

@@ -48,13 +48,14 @@ def image_grid(images, cols: int | None = None, *, rows: int | None = None, colu
     return canvas
 
 
-def save_image_grid(images, path: str | os.PathLike, cols: int | None = None) -> Path:
-    """uint8 images [B, C, H, W] -> one PNG grid (grayscale for C = 1), written atomically."""
+def save_image_grid(images, path: str | os.PathLike, cols: int | None = None, *, replace: bool = True) -> Path:
+    """uint8 images [B, C, H, W] -> one PNG grid (grayscale for C = 1), written atomically (`replace=False`: never
+    over an existing file, `atomic.atomic_write`)."""
     from PIL import Image
 
     canvas = image_grid(images, cols)
     pil = Image.fromarray(canvas[..., 0] if canvas.shape[2] == 1 else canvas)
-    return atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+    return atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"), replace=replace)
 
 
 def _plt():

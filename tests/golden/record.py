@@ -80,7 +80,7 @@ def candidate_cases(models: list[str]) -> list[list[str]]:
 
 
 def main() -> int:
-    from aniso_fast.store import models
+    from aniso_fast import store as models
 
     names = [*models.MODELS]
     kept, images = [], {}
