@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from aniso_fast import models as models_cli
 from aniso_fast import sample as sample_cli
 from aniso_fast import store
-from aniso_fast.processes import families
+from aniso_fast.processes import registry
 from aniso_fast.store import checkpoint as ckpt
 from aniso_fast.store import header as header_module
 from aniso_fast.store import manifest as manifest_module
@@ -163,14 +163,14 @@ def test_output_written_meanwhile_is_never_replaced(tmp_path, monkeypatch, capsy
     discarded the first run's samples. Here the other run's file appears while this one samples."""
     outdir = tmp_path / "out"
     target = outdir / "gmm-fmnist_edm_heun-mid_uniform_t_nfe3.npz"
-    real = families.sample
+    real = registry.run_sampler
 
     def other_run_writes_first(*args, **kwargs):
         outdir.mkdir(exist_ok=True)
         target.write_bytes(b"the other run's samples")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(families, "sample", other_run_writes_first)
+    monkeypatch.setattr(registry, "run_sampler", other_run_writes_first)
     assert _sample(outdir, "--model", "gmm-fmnist") == 2
     _one_line_error(capsys, "--outdir", str(target), "--force")
     assert target.read_bytes() == b"the other run's samples"
@@ -436,5 +436,5 @@ def test_fuzz_manifest_documents(tmp_path, data):
     assert manifest.default_model in (*manifest.models, "gmm-fmnist")
     for nfe, choice in manifest.defaults.items():  # what was accepted runs
         model = manifest.models.get(choice["model"], {})
-        families.resolve_sampler(families.family_of(model) if model else "core", choice["solver"], choice["grid"],
-                                 choice.get("secondary"), nfe, choice.get("order"))
+        registry.family_of(model).resolve_sampler(choice["solver"], choice["grid"], choice.get("secondary"), nfe,
+                                                  choice.get("order"))

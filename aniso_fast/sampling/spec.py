@@ -165,7 +165,7 @@ def resolve_sampler(solver: str = "heun", grid: str = "uniform_t", secondary: st
     Defaults: Heun's secondary point is the grid's (the midpoint on the uniform t grid, the end point elsewhere; on
     the Karras grid, EDM's, Heun takes the end point only); a multistep solver's order is its default order. The
     other solvers spend one call per step, take no secondary point and run on every grid. Which samplers a process
-    family accepts: `families.check_sampler`.
+    family accepts: `Family.check_sampler`.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
