@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+import types
 
 # Triton kernels run under the interpreter on machines without a GPU (CI); set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -66,3 +69,23 @@ def assets(tmp_path, monkeypatch):
     (folder / "manifest.json").write_text(json.dumps({"format": store.MANIFEST_FORMAT, "models": {}}))
     monkeypatch.setenv(store.ASSETS_ENV, str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def kdiffusion():
+    """k_diffusion/sampling.py on its own, the solver oracle: the package __init__ imports heavy optional deps, and
+    its utils.py needs torchvision, so sampling.py runs against a stub package holding the one helper it uses."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed (bash scripts/setup.sh --test)")
+    pkg = types.ModuleType("_kdiffusion_oracle")
+    pkg.__path__ = []
+    pkg.utils = types.ModuleType("_kdiffusion_oracle.utils")
+    pkg.utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.setdefault("_kdiffusion_oracle", pkg)
+    sys.modules.setdefault("_kdiffusion_oracle.utils", pkg.utils)
+    path = os.path.join(spec.submodule_search_locations[0], "sampling.py")
+    mod_spec = importlib.util.spec_from_file_location("_kdiffusion_oracle.sampling", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module

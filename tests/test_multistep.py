@@ -1,11 +1,7 @@
 """Multistep solvers (aniso_fast.sampling.multistep): k-diffusion as the oracle, transcriptions of UniPC's and diff-sampler's
 DEIS updates, isotropic equality, convergence orders on the exact Gaussian mixture, NFE accounting, the logSNR grid
 and bad input."""
-import importlib.util
 import math
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -18,26 +14,6 @@ from aniso_fast.networks.gmm import GaussianMixture
 from aniso_fast.geometry.schedules import MatrixSchedule, karras_sigmas
 
 f64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def kdiffusion():
-    """k_diffusion/sampling.py on its own: the package __init__ imports heavy optional deps, and its utils.py
-    needs torchvision, so sampling.py runs against a stub package holding the one helper it uses."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed (bash scripts/setup.sh --test)")
-    pkg = types.ModuleType("_kdiffusion_oracle")
-    pkg.__path__ = []
-    pkg.utils = types.ModuleType("_kdiffusion_oracle.utils")
-    pkg.utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    sys.modules.setdefault("_kdiffusion_oracle", pkg)
-    sys.modules.setdefault("_kdiffusion_oracle.utils", pkg.utils)
-    path = os.path.join(spec.submodule_search_locations[0], "sampling.py")
-    mod_spec = importlib.util.spec_from_file_location("_kdiffusion_oracle.sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
 
 
 class CountingModel:
