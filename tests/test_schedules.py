@@ -1,4 +1,4 @@
-"""Knot and matrix schedules against METHOD.md §2.1-2.2, §2.5, §8 and §10.7."""
+"""Knot and matrix schedules against docs/METHOD.md §2.1-2.2, §2.5, §8 and §10.7."""
 import json
 import math
 

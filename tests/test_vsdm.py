@@ -1,5 +1,5 @@
 """The VSDM process (issue 12, "The process"): closed form against a dense float64 path (matrix_exp and the
-matrix-fraction covariance of RELATED.md §1.5), the Gaussian transition, the adaptive prior, the mapping onto
+matrix-fraction covariance of docs/METHOD.md §11.2), the Gaussian transition, the adaptive prior, the mapping onto
 the engine's matrix VE process, and the bad-input checks."""
 import json
 import math

@@ -1,5 +1,5 @@
 """The VSMD process and its velocity-score network (issue 13, items 1 and 3 in part): the closed-form 2x2
-transition against matrix_exp and the matrix-fraction covariance (RELATED.md §2.4) in float64, critical damping,
+transition against matrix_exp and the matrix-fraction covariance (docs/METHOD.md §12.2) in float64, critical damping,
 the dense phase-space SDE through a real basis, the velocity prior, gradients to c, the EDM start of the
 network, VSMD's preconditioning and the bad-input checks."""
 import math

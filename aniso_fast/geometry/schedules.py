@@ -1,4 +1,4 @@
-"""Noise schedules: the monotone log-linear knot schedule (METHOD.md §2.1-2.2), K-subspace matrix schedules with
+"""Noise schedules: the monotone log-linear knot schedule (docs/METHOD.md §2.1-2.2), K-subspace matrix schedules with
 optional per-class parameters (§1.2, §8), and the geometric mean with its bisection inverse (§2.5).
 
 All schedule math is float64. `forward` is free of `.item()` and Python branches on tensor values. Times must be

@@ -33,7 +33,7 @@ def time_column(t: float, B: int, device) -> Tensor:
 
 @dataclass
 class Trajectories:
-    """Backward Euler-Maruyama paths, the alternating rule's training data (RELATED.md §1.4, §2.5).
+    """Backward Euler-Maruyama paths, the alternating rule's training data (docs/METHOD.md §11.4, §12.4).
 
     t [N] process times, descending from T; dt [N] their step sizes; x [N, B, C, H, W] the states at t and z_b the
     frozen backward policy there (detached); final: x at t0; labels [B] or None. The phase space (VSMD) adds v and

@@ -1,4 +1,4 @@
-"""VSMD's velocity-score models (RELATED.md §2.3): the phase-space network `VelocityScoreNet`, the contract every
+"""VSMD's velocity-score models (docs/METHOD.md §12.3): the phase-space network `VelocityScoreNet`, the contract every
 velocity-score model keeps for VSMD's loss and samplers (`VelocityModel`), and VSMD's own preconditioning
 `VSMDPrecond` (the velocity head; the denoiser head is `phase_space.VSMDDenoiser`)."""
 from __future__ import annotations
@@ -115,7 +115,7 @@ class VelocityModel(nn.Module):
 
 
 class VSMDPrecond(VelocityModel):
-    """VSMD's preconditioning (`PrecondGeneral`, RELATED.md §2.3): the velocity score
+    """VSMD's preconditioning (`PrecondGeneral`, docs/METHOD.md §12.3): the velocity score
 
         grad_v log p_t(z) = sum_k P_k (-net(z, time_scale t) / L_vv,k(t)),
 

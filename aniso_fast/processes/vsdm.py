@@ -1,4 +1,4 @@
-"""The VSDM process family (Variational Schrödinger Diffusion, ../shared/RELATED.md §1, §3.1) on an engine basis.
+"""The VSDM process family (Variational Schrödinger Diffusion, docs/METHOD.md §11) on an engine basis.
 
 Forward SDE, with A = sum_k lambda_k P_k diagonal in a basis (identity: one rate per pixel, as VSDM's image code;
 DCT bands; PCA) and VSDM's power schedule beta(t) = b_min + (t/T)^{b_r} (b_max - b_min):
@@ -12,7 +12,7 @@ Per subspace the transition is closed-form, x_t = alpha_k x0 + sigma_k eps, with
 and VSDM's adaptive prior is N(0, sum_k sigma_k(T)^2 P_k). In y = x / alpha (per subspace) the process is the
 engine's matrix VE process M = sum_k g_k P_k (METHOD.md §1.2): `ve_schedule()` exposes it to the solvers.
 
-Learning the rates, two ways (RELATED.md §1.4): VSDM's alternating rule, `dsm_loss` for the network with the rates
+Learning the rates, two ways (docs/METHOD.md §11.4): VSDM's alternating rule, `dsm_loss` for the network with the rates
 frozen, then `forward_sb_loss` for the rates on paths that `simulate_backward` draws from the current model; or
 the engine's `losses.trajectory_loss` (with its schedule-gradient estimator) on `ve_schedule()`. Sampling:
 `sample_em` (the reverse SDE, VSDM's sampler) or any engine solver on `ve_schedule()` (the probability flow).
@@ -279,7 +279,7 @@ def forward_score(process: VSDMProcess, basis: SubspaceBasis, x: Tensor, t: Any,
 def forward_score_divergence(process: VSDMProcess, basis: SubspaceBasis, channels: int, t: Any,
                              labels: Tensor | None = None) -> Tensor:
     """div_x (g z_f) = beta(t) tr A = beta(t) sum_k n_k lambda_k [B], exact: A is linear and fixed in the basis,
-    so VSDM's Hutchinson probe is not needed (RELATED.md §3.2)."""
+    so VSDM's Hutchinson probe is not needed (docs/METHOD.md §11.4, §12.4)."""
     tt, decay = process._batch(t, labels)
     dims = torch.tensor(basis.subspace_dims(channels), dtype=_F64, device=decay.device)
     return process.beta.beta(tt) * ((1 - decay) / 2 * dims).sum(1)
@@ -288,7 +288,7 @@ def forward_score_divergence(process: VSDMProcess, basis: SubspaceBasis, channel
 def dsm_loss(process: VSDMProcess, model, x0: Tensor, labels: Tensor | None = None,
              generator: torch.Generator | None = None, *, t: Tensor | None = None,
              noise: Tensor | None = None) -> Tensor:
-    """Denoising score matching with VSDM's closed-form labels, rates frozen (RELATED.md §1.4 step 1).
+    """Denoising score matching with VSDM's closed-form labels, rates frozen (docs/METHOD.md §11.4 step 1).
 
     t ~ U(t0, T), x_t = alpha x0 + sigma eps. VSDM's |z_b - label|^2 with z = sqrt(beta)(score - A x) is
     beta |s_theta - s*|^2, s* = -eps / sigma; in the VE view y = x_t / alpha = x0 + g^{1/2} eps it is the engine's

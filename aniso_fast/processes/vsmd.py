@@ -1,4 +1,4 @@
-"""The VSMD process family (Variational Schrödinger Momentum Diffusion, ../shared/RELATED.md §2, §3.2) on an
+"""The VSMD process family (Variational Schrödinger Momentum Diffusion, docs/METHOD.md §12) on an
 engine basis, and its velocity-score network.
 
 Phase space z = (x, v), images of C channels each. Forward SDE (VSMD's `LinearMomentumSchrodingerBridge`), with
@@ -392,7 +392,7 @@ def forward_score(process: VSMDProcess, basis: SubspaceBasis, x: Tensor, v: Tens
 def forward_score_divergence(process: VSMDProcess, basis: SubspaceBasis, image_shape: Sequence[int],
                              labels: Tensor | None = None) -> Tensor:
     """div_v (g z_f) = gamma beta sum_k n_k c_k [B] ([1] without labels), n_k = dim P_k; exact: z_f is linear in
-    v and fixed in the basis, so VSMD's Hutchinson probe is not needed (RELATED.md §3.2)."""
+    v and fixed in the basis, so VSMD's Hutchinson probe is not needed (docs/METHOD.md §11.4, §12.4)."""
     C, H, W = image_shape
     dims = basis.subspace_dims(C)
     if sum(dims) != C * H * W:
@@ -404,7 +404,7 @@ def forward_score_divergence(process: VSMDProcess, basis: SubspaceBasis, image_s
 
 def forward_sb_loss(process: VSMDProcess, basis: SubspaceBasis, paths: Trajectories,
                     zeta_sb: float = 1.0) -> Tensor:
-    """VSMD's forward (c) update, its `alternate_sb_loss` on backward paths (RELATED.md §2.5):
+    """VSMD's forward (c) update, its `alternate_sb_loss` on backward paths (docs/METHOD.md §12.4):
 
         L = sum_i dt_i mean_b [ z_f . (1/2 z_f + z_b) + zeta_sb div_v(g z_f) ],  g = sqrt(gamma beta) on v,
 

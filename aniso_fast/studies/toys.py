@@ -1,4 +1,4 @@
-"""The 2-D toy study of issues 12 and 13 (../shared/RELATED.md §1.8, §2): VSDM's anisotropic shapes, seven ways
+"""The 2-D toy study of issues 12 and 13 (docs/METHOD.md §12 and docs/TOYS.md): VSDM's anisotropic shapes, seven ways
 to learn a process (isotropic VP, VSDM's two rules, the matrix schedule, VSMD critically and under-damped), and
 the metrics VSDM and VSMD report.
 
@@ -247,7 +247,7 @@ def _adam(params, lr):
     return torch.optim.Adam(params, lr=lr)
 
 
-# fraction of the updates before the rates/schedule start to learn; the trajectory loss fine-tunes (METHOD.md §2.2)
+# fraction of the updates before the rates/schedule start to learn; the trajectory loss fine-tunes (docs/METHOD.md §2.2)
 WARMUP = {"vsdm-a": 0.3, "vsdm-b": 0.7, "aniso": 0.7, "vsmd-crit": 0.3, "vsmd-under": 0.3}
 FINE_TUNE_LR = 0.1  # the network's learning-rate factor under the trajectory loss
 
@@ -258,7 +258,7 @@ def train(method: str, data: str, steps: int, seed: int = 0, batch: int = 256) -
     vp*: DSM, rates fixed at 0. vsdm-a: `_alternate` on the rates. vsdm-b: DSM warm-up (70%), then the
     trajectory loss with the estimator on the VE view for network (lr x 0.1) and rates. aniso: EDM's loss for
     the network from scratch (70%, the schedule at its EDM initialisation), then the trajectory loss with the
-    estimator for network (lr x 0.1) and per-axis schedule (METHOD.md §2.2, §4). vsmd-*: `_alternate` on c, with
+    estimator for network (lr x 0.1) and per-axis schedule (docs/METHOD.md §2.2, §4). vsmd-*: `_alternate` on c, with
     VSMD's velocity DSM and forward SB loss, and a phase-space `PointMLP` inside `VSMDPrecond`.
     """
     if method not in METHODS:
@@ -725,7 +725,7 @@ def report(args) -> None:
               "are not significant.", ""]
     if vsmd_lines:
         lines += ["## VSMD against VSDM and isotropic diffusion", "",
-                  "VSMD's claim (its abstract, ../shared/paper/vsmd-summary.txt): it generates anisotropic shapes "
+                  "VSMD's claim (its abstract; docs/METHOD.md, References): it generates anisotropic shapes "
                   "\"while maintaining transport efficacy, outperforming overdamped alternatives\". Here: sample "
                   "quality and PF-ODE path shape against the overdamped methods vp10, vp20 and vsdm-a. Each line "
                   "compares VSMD's own samplers with the same sampler kind (EM with EM, PF-ODE with PF-ODE); counts "

@@ -1,8 +1,8 @@
 """Image data: Fashion-MNIST (IDX files), image folders, npz arrays; range conversion; a resumable sampler.
 
 Every loader returns uint8 images `[N, C, H, W]` and int64 labels `[N]` (or None). The model sees
-`to_model_range(u8) = u8 / 127.5 - 1` in [-1, 1] (METHOD.md §1.1); samples go back with EDM's
-`to_uint8(x) = uint8(clamp(x * 127.5 + 128, 0, 255))` (METHOD.md §6), which inverts `to_model_range` exactly.
+`to_model_range(u8) = u8 / 127.5 - 1` in [-1, 1] (docs/METHOD.md §1.1); samples go back with EDM's
+`to_uint8(x) = uint8(clamp(x * 127.5 + 128, 0, 255))` (docs/METHOD.md §6), which inverts `to_model_range` exactly.
 """
 from __future__ import annotations
 
@@ -295,14 +295,14 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
 # -------------------------------------------------------------------------------------------- ranges
 
 def to_model_range(images: Tensor) -> Tensor:
-    """uint8 images -> float32 in [-1, 1]: `x / 127.5 - 1` (METHOD.md §1.1)."""
+    """uint8 images -> float32 in [-1, 1]: `x / 127.5 - 1` (docs/METHOD.md §1.1)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be a uint8 tensor, got {images.dtype}")
     return images.to(torch.float32) / 127.5 - 1
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] -> uint8 with EDM's `clamp(x * 127.5 + 128, 0, 255)` (truncating; METHOD.md §6)."""
+    """Images in [-1, 1] -> uint8 with EDM's `clamp(x * 127.5 + 128, 0, 255)` (truncating; docs/METHOD.md §6)."""
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
