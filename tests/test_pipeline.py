@@ -88,3 +88,9 @@ def test_bad_model_and_device():
 def test_auto_device_is_cuda_when_available():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert aniso_fast.load("gmm-fmnist").device == resolve_device("auto")
+
+
+def test_progress_bar_counts_network_calls_and_stays(capsys):
+    aniso_fast.load("gmm-fmnist", device="cpu").sample(1, nfe=5, solver="heun", progress=True)
+    err = capsys.readouterr().err
+    assert "5/5" in err and "call" in err and err.endswith("\n")  # midpoint Heun: 3 steps, 5 calls; left on screen
