@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,3 +429,18 @@ def test_core_models_take_em_on_every_grid(tmp_path, capsys):
                         "--seeds", "2", "--outdir", str(tmp_path / "b"))
     assert np.array_equal(alone["images"][0], data["images"][1])
     assert not np.array_equal(data["images"][0], data["images"][1])
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_outdir_that_cannot_be_made_names_the_option(capsys):
+    assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "1", "--outdir", "/proc/x", "--no-progress"]) == 2
+    _one_line_error(capsys, "--outdir", "/proc/x")
+
+
+def test_out_file_and_nhwc_layout(tmp_path, capsys):
+    target = tmp_path / "mine.npz"
+    assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "2", "--format", "npz", "--layout", "nhwc",
+                 "--out", str(target), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(target) and np.load(target)["images"].shape == (2, 28, 28, 1)
+    assert main(["--model", "gmm-fmnist", "--out", str(tmp_path / "x.npz"), "--no-progress"]) == 2
+    _one_line_error(capsys, "--out", ".png")
