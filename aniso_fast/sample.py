@@ -16,53 +16,21 @@ Every option is checked before any work; an existing output file is replaced onl
 from __future__ import annotations
 
 import argparse
-import re
+import hashlib
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .processes import registry
 from . import store
-from .utils.atomic import atomic_write, check_writable_folder
-from .utils.devices import resolve_device
-from .utils.cli import Parser
-from .utils.data import to_uint8
-from .utils.figures import save_image_grid
-from .sampling.grids import GRIDS, SECONDARIES, fitted_levels
-from .sampling.noise import check_seeds
-from .sampling import spec
+from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
+from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
+from .utils.atomic import atomic_write, check_writable_file, check_writable_folder
+from .utils.cli import Parser
+from .utils.figures import save_image_grid
 
 __all__ = ["main", "build_parser", "parse_seeds", "nfe_choice", "MAX_SAMPLES"]
-
-MAX_SAMPLES = 1_000_000  # samples (and samples per batch) of one run: a typo must not allocate hundreds of GB
-_SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-63' or '1,5,9' or '0-3,10' -> list of seeds (at most MAX_SAMPLES, each a valid generator seed)."""
-    ranges = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        m = _SEED_PART.fullmatch(part)
-        if not m:
-            raise ValueError(f"--seeds: expected non-negative integers and ranges like '0-63' or '1,5,9', "
-                             f"got {text!r}")
-        lo, hi = int(m[1]), int(m[2] or m[1])
-        if hi < lo:
-            raise ValueError(f"--seeds: the range {part!r} is empty (expected low-high with low <= high)")
-        ranges.append((lo, hi))
-    if not ranges:
-        raise ValueError(f"--seeds: expected at least one seed, got {text!r}")
-    total = sum(hi - lo + 1 for lo, hi in ranges)
-    if total > MAX_SAMPLES:
-        raise ValueError(f"--seeds: expected at most {MAX_SAMPLES:,} samples, got {total:,}")
-    try:
-        return check_seeds([s for lo, hi in ranges for s in range(lo, hi + 1)])
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -94,50 +62,6 @@ def _defaults_epilog() -> str:
             "as it was measured, e.g. no midpoint Heun at an even NFE, else the default model with its family's "
             "sampler where it runs as designed, else DPM-Solver++(2M) on the log-SNR grid):\n"
             + "\n".join(f"  NFE {nfe}: {_describe(choice)}" for nfe, choice in recorded.items()))
-
-
-def _admits(choice: dict, plan) -> bool:
-    """A per-NFE candidate is a model that exists, with a sampler its family takes."""
-    if choice["model"] not in store.MODELS:
-        return False  # a recorded model that is no longer shipped
-    try:
-        registry.get(store.model_family(choice["model"])).check_sampler(plan)
-    except ValueError:
-        return False
-    return True
-
-
-def nfe_choice(nfe: int) -> dict | None:
-    """The (model, solver, grid, secondary, order) to sample with at `nfe` when no model or sampler option is given:
-    the recorded choices, else the default model with its family's sampler, else `spec.FALLBACK_SAMPLERS`
-    (`spec.choose_for_nfe` decides)."""
-    return spec.choose_for_nfe(store.sampler_defaults(), nfe, fitted_steps=store.fitted_grids,
-                               fallbacks=_fallbacks(), admits=_admits)
-
-
-def _fallbacks() -> list[dict]:
-    """The default model with its family's default sampler, then with each of `spec.FALLBACK_SAMPLERS`."""
-    default = store.default_model()
-    solver, grid = registry.get(store.model_family(default)).default_sampler()
-    return [{"model": default, "solver": s, "grid": g}
-            for s, g in [(solver, grid), *((c["solver"], c["grid"]) for c in spec.FALLBACK_SAMPLERS)]]
-
-
-def _apply_defaults(args) -> None:
-    """Fill --model, --solver, --grid (and secondary, order) from the choice for --nfe (`nfe_choice`) where the user
-    gave none of them; explicit options always win."""
-    sampler_given = any(getattr(args, k) is not None for k in ("solver", "grid", "secondary", "order"))
-    choice = nfe_choice(args.nfe)
-    if choice is None and args.model is None and not sampler_given and 1 <= args.nfe <= spec.MAX_NFE:
-        raise ValueError(f"--nfe: no recorded or default sampler runs at NFE {args.nfe} as it was measured (the "
-                         f"defaults need at least {min(spec.SOLVERS[c['solver']].min_nfe() for c in _fallbacks())} "
-                         f"network calls); give --solver, e.g. euler (any NFE)")
-    if choice is not None and args.model is None and not sampler_given:
-        args.model, args.solver, args.grid = choice["model"], choice["solver"], choice["grid"]
-        args.secondary, args.order = choice.get("secondary"), choice.get("order")
-        return
-    args.model = args.model or (choice["model"] if choice is not None else store.default_model())
-    # --solver / --grid left unset are the model family's defaults (`Family.default_sampler`, in _validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,73 +102,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="class labels, e.g. '3' or '0,1,2' (cycled over the samples); default: drawn per seed")
     p.add_argument("--batch", type=int, default=256, help=f"samples per solver batch (at most {MAX_SAMPLES:,})")
-    p.add_argument("--outdir", default="samples", help="output directory")
+    p.add_argument("--outdir", default=None,
+                   help="output directory (default: samples); the file name carries the model, sampler, NFE, seeds "
+                        "and classes")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the output file instead (.png or .npz, as --format; --individual images beside it)")
     p.add_argument("--format", default="png", choices=("png", "npz"),
-                   help="png: a grid (plus --individual images); npz: uint8 images and labels")
+                   help="png: a grid (plus --individual images); npz: uint8 images, seeds and labels")
+    p.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"),
+                   help="npz image layout: nchw (PyTorch) or nhwc (clean-fid, torch-fidelity, EDM's fid.py)")
     p.add_argument("--individual", action="store_true", help="also write one PNG per sample (png format only)")
     p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def _check_model(name: str) -> None:
-    if name in store.MODELS:
-        return
-    if Path(name).is_dir():
-        raise ValueError(f"--model: {name} is a directory; expected a model name ({', '.join(store.MODELS)}) or "
-                         f"a .safetensors file (a training checkpoint or a shipped model's file)")
-    if store.is_model_file(name):
-        if not Path(name).is_file():
-            raise ValueError(f"--model: no such file {name}")
-        return
-    raise ValueError(f"--model: unknown model {name!r}; expected a model name ({', '.join(store.MODELS)}) or a "
-                     f".safetensors file (a training checkpoint or a shipped model's file)")
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2+5' (runs of consecutive values)."""
+    parts, lo = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            parts.append(f"{values[lo]}" if lo == i - 1 else f"{values[lo]}-{values[i - 1]}")
+            lo = i
+    return "+".join(parts)
 
 
-def _output_paths(args, outdir: Path, stem: str, seeds: list[int]) -> list[Path]:
+def output_stem(plan, seeds: list[int], classes: list[int] | None) -> str:
+    """The file name of a run without its suffix: model, schedule, sampler, grid, NFE, seeds (and classes), so runs
+    with other counts, seeds or classes never share a name; a long seed list is named by its count and hash."""
+    name = plan.model if plan.model in store.MODELS else Path(plan.model).stem
+    s = plan.sampler
+    variant = s.secondary or s.order or ("sde" if s.solver == EM else "euler")
+    tag = f"seeds{_ranges(seeds)}"
+    if len(tag) > 40:
+        tag = f"seeds{len(seeds)}-{hashlib.sha1(repr(seeds).encode()).hexdigest()[:8]}"
+    if classes is not None:
+        tag += f"_classes{'+'.join(map(str, classes))}"[:40]
+    return f"{name}_{plan.schedule}_{s.solver}-{variant}_{s.grid}_nfe{s.nfe}_{tag}"
+
+
+def _output_paths(args, main_path: Path, seeds: list[int]) -> list[Path]:
     """Every file the run writes, the main one first; refused if one is a directory, or exists without --force."""
-    if args.format == "npz":
-        paths = [outdir / f"{stem}.npz"]
-    else:
-        paths = [outdir / f"{stem}.png"]
-        if args.individual:
-            paths += [outdir / f"{stem}_seed{seed:06d}.png" for seed in seeds]
+    option = "--out" if args.out is not None else "--outdir"
+    paths = [main_path]
+    if args.individual:
+        paths += [main_path.with_name(f"{main_path.stem}_seed{seed:06d}.png") for seed in seeds]
     for path in paths:
         if path.is_dir():
-            raise ValueError(f"--outdir: the output {path} is a directory")
+            raise ValueError(f"{option}: the output {path} is a directory")
         if path.exists() and not args.force:
-            raise ValueError(f"--outdir: the output {path} exists; add --force to replace it")
+            raise ValueError(f"{option}: the output {path} exists; add --force to replace it")
     return paths
+
+
+def _main_path(args, plan, seeds: list[int], classes: list[int] | None) -> Path:
+    suffix = f".{args.format}"
+    if args.out is None:
+        outdir = Path("samples" if args.outdir is None else args.outdir)
+        try:
+            check_writable_folder(outdir)
+        except ValueError as e:
+            raise ValueError(f"--outdir: {e}") from None
+        return outdir / f"{output_stem(plan, seeds, classes)}{suffix}"
+    if args.outdir is not None:
+        raise ValueError("--out: give --out or --outdir, not both")
+    out = Path(args.out)
+    if out.suffix != suffix:
+        raise ValueError(f"--out: expected a {suffix} file with --format {args.format}, got {args.out}")
+    try:
+        check_writable_file(out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
+    return out
 
 
 def _validate(args):
     """Every check that can fail without the model runs before any sampling work (and before loading it)."""
-    store.check_assets()
-    _apply_defaults(args)
-    _check_model(args.model)
-    try:
-        stored = store.StoredModel.open(args.model)  # its header and the manifest, read once
-    except (ValueError, OSError) as e:  # StoredFileError is a ValueError
-        raise ValueError(f"--model {args.model}: {e}") from None
-    family, learned = stored.family, stored.has_learned_schedule  # learned: a shipped model or a .safetensors file
-    if not registry.get(family).matrix_schedule and args.schedule is not None:
-        raise ValueError(f"--schedule: {args.model} is a {family} model, sampled on its own forward path; "
-                         f"drop --schedule")
-    if args.schedule is None:
-        args.schedule = "learned" if learned else store.DEFAULT_SCHEDULE
-    if args.schedule not in store.SCHEDULES:
-        raise ValueError(f"--schedule: unknown schedule {args.schedule!r}; available: {', '.join(store.SCHEDULES)}")
-    if args.schedule == "learned" and not learned:
-        raise ValueError("--schedule: 'learned' needs --model to be a shipped trained model or a .safetensors file")
-    args.solver, args.grid = registry.get(family).default_sampler(args.solver, args.grid)
-    fitted = stored.fitted_grids  # {} for a model without fitted grids (embedded, a file)
-    try:
-        plan = registry.get(family).resolve_sampler(args.solver, args.grid, args.secondary, args.nfe, args.order)
-        if plan.grid == "optimized":
-            fitted_levels(fitted, plan.steps)
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
+    plan = plan_sampling(args.model, nfe=args.nfe, solver=args.solver, grid=args.grid, secondary=args.secondary,
+                         order=args.order, schedule=args.schedule)
     if args.seeds is not None and args.count is not None:
         raise ValueError("--count: give --seeds or --count, not both")
     count = 64 if args.count is None else args.count
@@ -254,86 +190,47 @@ def _validate(args):
         raise ValueError(f"--batch: expected 1..{MAX_SAMPLES:,}, got {args.batch}")
     if args.individual and args.format != "png":
         raise ValueError(f"--individual: writes PNG files, not with --format {args.format}")
+    if args.layout != "nchw" and args.format != "npz":
+        raise ValueError(f"--layout: applies to --format npz, not --format {args.format}")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(count))
-    classes = None
-    if args.classes is not None:
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError:
-            raise ValueError(f"--classes: expected integers like '0,3', got {args.classes!r}") from None
-        if not classes:
-            raise ValueError("--classes: expected at least one class")
-    args.device = resolve_device(args.device, "--device")
-    name = args.model if args.model in store.MODELS else Path(args.model).stem
-    variant = plan.secondary or plan.order or ("sde" if plan.solver == EM else "euler")
-    stem = f"{name}_{args.schedule}_{plan.solver}-{variant}_{plan.grid}_nfe{plan.nfe}"
-    outdir = Path(args.outdir)
-    try:
-        check_writable_folder(outdir)
-    except ValueError as e:
-        raise ValueError(f"--outdir: {e}") from None
-    return plan, stored, seeds, classes, _output_paths(args, outdir, stem, seeds)
+    classes = parse_classes(args.classes)
+    pipeline = Pipeline(plan.model, args.device)
+    return pipeline, plan, seeds, classes, _output_paths(args, _main_path(args, plan, seeds, classes), seeds)
 
 
-def _load(args, stored: store.StoredModel):
-    """(model, forward path) on the device: a MatrixSchedule for the core family, the model's own process for the
-    others; a missing or corrupt model file (NaN weights included) is an error naming --model."""
-    try:
-        model, schedule = stored.load(args.device, args.schedule)
-    except (ValueError, OSError) as e:  # StoredFileError is a ValueError
-        raise ValueError(f"--model {args.model}: {e}") from None
-    try:
-        registry.family_of_process(schedule).check_grid(args.grid, schedule)
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
-    return model, schedule.to(args.device)
-
-
-def run(args) -> Path:
-    plan, stored, seeds, classes, paths = _validate(args)
-    fitted = stored.fitted_grids
-    model, schedule = _load(args, stored)
-    num_classes = model.num_classes
-    labels = None
-    if classes is not None:
-        if not num_classes:
-            raise ValueError(f"--classes: model {args.model!r} is unconditional")
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"--classes: {bad} outside the model's classes 0..{num_classes - 1}")
-        labels = torch.tensor([classes[i % len(classes)] for i in range(len(seeds))])
-    t0 = time.perf_counter()
-    outs, labs = [], []
-    for i in range(0, len(seeds), args.batch):
-        x, lab, _ = registry.run_sampler(model, schedule, plan, seeds[i:i + args.batch],
-                                    None if labels is None else labels[i:i + args.batch], fitted=fitted,
-                                    device=args.device, progress=not args.no_progress)
-        outs.append(to_uint8(x.cpu()))
-        labs.append(lab.cpu() if lab is not None else None)
-    seconds = time.perf_counter() - t0
-    images = torch.cat(outs).numpy()
-    path = paths[0]
-    arrays = {"images": images, "seeds": np.array(seeds)}
-    if labs[0] is not None:
-        arrays["labels"] = torch.cat(labs).numpy()
+def _write(args, paths: list[Path], out) -> None:
+    images = out.images.numpy()
+    arrays = {"images": images.transpose(0, 2, 3, 1) if args.layout == "nhwc" else images,
+              "seeds": np.array(out.seeds)}
+    if out.labels is not None:
+        arrays["labels"] = out.labels.numpy()
 
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to the temporary name
             np.savez(f, **arrays)
 
+    option = "--out" if args.out is not None else "--outdir"
     try:  # without --force, created exclusively: a file another run wrote meanwhile is never replaced
         if args.format == "npz":
-            atomic_write(path, write_npz, replace=args.force)
+            atomic_write(paths[0], write_npz, replace=args.force)
         else:
-            save_image_grid(images, path, replace=args.force)
+            save_image_grid(images, paths[0], replace=args.force)
             for img, individual in zip(images, paths[1:]):
                 save_image_grid(img[None], individual, replace=args.force)
     except FileExistsError as e:
-        raise ValueError(f"--outdir: {e}; add --force to replace it") from None
-    print(f"{len(seeds)} samples, NFE {plan.nfe} ({plan.solver}, {plan.grid} grid), "
-          f"{seconds:.2f} s -> {path}", file=sys.stderr)
-    print(path)
-    return path
+        raise ValueError(f"{option}: {e}; add --force to replace it") from None
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write {paths[0]}: {e.strerror or e}") from None
+
+
+def run(args) -> Path:
+    pipeline, plan, seeds, classes, paths = _validate(args)
+    out = pipeline.run(plan, seeds, classes, batch=args.batch, progress=not args.no_progress, output="uint8")
+    _write(args, paths, out)
+    print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid), "
+          f"{out.info['seconds']:.2f} s -> {paths[0]}", file=sys.stderr)
+    print(paths[0])
+    return paths[0]
 
 
 def main(argv=None) -> int:

@@ -168,7 +168,7 @@ def test_a_toy_family_from_this_file_trains_stores_loads_and_samples(tmp_path, t
     png = tmp_path / "samples"
     assert sample_cli.main(["--model", "tiny-toy", "--nfe", "4", "--count", "2", "--outdir", str(png),
                             "--no-progress"]) == 0
-    assert len(list(png.glob("tiny-toy_*_euler-euler_uniform_t_nfe4.png"))) == 1
+    assert len(list(png.glob("tiny-toy_*_euler-euler_uniform_t_nfe4_seeds0-1.png"))) == 1
 
     resumed = train.run(train_config.parse_args([*map(str, [
         "--family", "toy", "--toy-sigma-max", "5", "--data", data, "--out", out, "--steps", "4", "--batch", "4",

@@ -142,7 +142,7 @@ def test_fit_grid_cli_stores_grids_that_sample_uses(tiny_checkpoint, assets, tmp
 
     assert sample_main(["--model", "tiny", "--grid", "optimized", "--solver", "dpmpp-2m", "--nfe", "3", "--count",
                         "2", "--outdir", str(out), "--no-progress"]) == 0
-    assert (out / "tiny_learned_dpmpp-2m-2_optimized_nfe3.png").is_file()
+    assert (out / "tiny_learned_dpmpp-2m-2_optimized_nfe3_seeds0-1.png").is_file()
     capsys.readouterr()
     assert sample_main(["--model", "tiny", "--grid", "optimized", "--solver", "dpmpp-2m", "--nfe", "5",
                         "--outdir", str(out)]) == 2

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from aniso_fast import sample as sample_cli
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
 from aniso_fast.sampling.sampler import sample
 
-GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9.png"  # the grid `--model gmm-fmnist` writes at the defaults
+GMM_GRID = "gmm-fmnist_edm_heun-mid_uniform_t_nfe9_seeds0-63.png"  # the grid `--model gmm-fmnist` writes at the defaults
 
 
 def test_default_run_writes_png(tmp_path):
@@ -43,7 +44,7 @@ def test_npz_individual_classes_and_seeds(tmp_path, capsys):
     assert np.array_equal(other["images"][3], data["images"][1])
     assert main(["--count", "2", "--individual", "--outdir", str(tmp_path / "c"), "--no-progress", "--nfe", "3",
                  "--solver", "euler"]) == 0
-    assert len(list((tmp_path / "c").glob("*_seed*.png"))) == 2
+    assert len(list((tmp_path / "c").glob("*_seed[0-9]*.png"))) == 2
 
 
 def test_samples_look_like_their_class():
@@ -173,14 +174,11 @@ def test_output_collisions_refused(tmp_path, capsys, no_work):
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path)]) == 2
     _one_line_error(capsys, "--outdir", "exists", "--force")
     assert (tmp_path / GMM_GRID).read_bytes() == b"old"
-    assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--individual", "--seeds", "7"]) == 2
-    _one_line_error(capsys, "--force")
-    stem = GMM_GRID[:-4]
-    (tmp_path / GMM_GRID).unlink()
+    stem = GMM_GRID.replace("seeds0-63.png", "seeds7")
     (tmp_path / f"{stem}_seed000007.png").write_bytes(b"old")  # an individual image collides too
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--individual", "--seeds", "7"]) == 2
     _one_line_error(capsys, "seed000007", "--force")
-    assert not (tmp_path / GMM_GRID).exists()
+    assert not (tmp_path / f"{stem}.png").exists()
 
 
 def test_force_replaces_the_output_with_the_umask_mode(tmp_path, capsys):
@@ -188,7 +186,7 @@ def test_force_replaces_the_output_with_the_umask_mode(tmp_path, capsys):
     (tmp_path / GMM_GRID).write_bytes(b"old")
     umask = os.umask(0o022)
     try:
-        assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--force", "--seeds", "0,1",
+        assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--force", "--seeds", "0-63",
                      "--no-progress"]) == 0
         os.umask(0o027)
         assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--format", "npz", "--seeds", "0",
@@ -196,7 +194,7 @@ def test_force_replaces_the_output_with_the_umask_mode(tmp_path, capsys):
     finally:
         os.umask(umask)
     png, npz = capsys.readouterr().out.split()
-    assert png == str(tmp_path / GMM_GRID) and np.asarray(Image.open(png)).shape == (28, 2 * 28)
+    assert png == str(tmp_path / GMM_GRID) and np.asarray(Image.open(png)).shape == (8 * 28, 8 * 28)
     assert os.stat(png).st_mode & 0o777 == 0o644 and os.stat(npz).st_mode & 0o777 == 0o640
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -250,7 +248,7 @@ def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
     assert main(["--model", str(shipped), "--seeds", "3", "--nfe", "3", "--format", "npz", "--outdir", str(tmp_path),
                  "--no-progress"]) == 0
     path = capsys.readouterr().out.strip()
-    assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3.npz")
+    assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3_seeds3.npz")
     by_name, schedule = store.StoredModel.open("fmnist-dct").load()
     x, _, _ = sample(by_name, schedule, nfe=3, seeds=[3])
     from aniso_fast.utils.data import to_uint8
@@ -267,8 +265,7 @@ def test_schedule_help_states_the_default_the_code_uses(tmp_path):
     assert "'learned' for a shipped model or a .safetensors file, 'edm' for an embedded model" in help_text
     for model, schedule in (("fmnist-dct", "learned"), ("gmm-fmnist", "edm")):
         args = parser.parse_args(["--model", model, "--outdir", str(tmp_path)])
-        sample_cli._validate(args)
-        assert args.schedule == schedule
+        assert sample_cli._validate(args)[1].schedule == schedule
     assert f"at most {MAX_SAMPLES:,}" in help_text and "--force" in help_text
 
 
@@ -308,10 +305,10 @@ def test_table_set_default_round_trip(tmp_path, monkeypatch, capsys):  # issue 1
         assert main(["--count", "2", "--outdir", str(tmp_path / "out"), "--no-progress", "--force", *argv]) == 0
         return os.path.basename(capsys.readouterr().out.strip())
 
-    assert run("--nfe", "4") == "fmnist-iso_learned_dpmpp-2m-2_logsnr_nfe4.png"  # nearest recorded NFE: 3
-    assert run("--nfe", "3", "--solver", "euler") == "fmnist-iso_learned_euler-euler_uniform_t_nfe3.png"
-    assert run("--nfe", "4", "--grid", "uniform_t") == "fmnist-iso_learned_heun-mid_uniform_t_nfe4.png"
-    assert run("--nfe", "3", "--model", "gmm-fmnist") == "gmm-fmnist_edm_heun-mid_uniform_t_nfe3.png"
+    assert run("--nfe", "4") == "fmnist-iso_learned_dpmpp-2m-2_logsnr_nfe4_seeds0-1.png"  # nearest recorded NFE: 3
+    assert run("--nfe", "3", "--solver", "euler") == "fmnist-iso_learned_euler-euler_uniform_t_nfe3_seeds0-1.png"
+    assert run("--nfe", "4", "--grid", "uniform_t") == "fmnist-iso_learned_heun-mid_uniform_t_nfe4_seeds0-1.png"
+    assert run("--nfe", "3", "--model", "gmm-fmnist") == "gmm-fmnist_edm_heun-mid_uniform_t_nfe3_seeds0-1.png"
 
 
 def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  # issue 11, item 5
@@ -371,11 +368,11 @@ def test_family_checkpoint_samples_with_its_own_sampler(tmp_path, capsys, fam_ck
     ckpt = str(fam_ckpt[family])
     path, data = _npz_run(capsys, "--model", ckpt, "--seeds", "0,5", "--classes", "2", *argv, "--outdir",
                           str(tmp_path / "a"))
-    assert path.endswith(f"checkpoint-00000001_{stem}.npz") and data["labels"].tolist() == [2, 2]
+    assert path.endswith(f"checkpoint-00000001_{stem}_seeds0+5_classes2.npz") and data["labels"].tolist() == [2, 2]
     model, process = store.StoredModel.open(ckpt).load()
     assert registry.family_of_process(process).name == family
     args = sample_cli.build_parser().parse_args(["--model", ckpt, *argv, "--outdir", str(tmp_path / "c")])
-    plan = sample_cli._validate(args)[0]
+    plan = sample_cli._validate(args)[1].sampler
     assert plan.nfe == nfe
     x, _, info = registry.run_sampler(model, process, plan, [0, 5], torch.tensor([2, 2]))
     assert info["nfe"] == nfe and np.array_equal(data["images"], to_uint8(x).numpy())
@@ -432,3 +429,18 @@ def test_core_models_take_em_on_every_grid(tmp_path, capsys):
                         "--seeds", "2", "--outdir", str(tmp_path / "b"))
     assert np.array_equal(alone["images"][0], data["images"][1])
     assert not np.array_equal(data["images"][0], data["images"][1])
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_outdir_that_cannot_be_made_names_the_option(capsys):
+    assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "1", "--outdir", "/proc/x", "--no-progress"]) == 2
+    _one_line_error(capsys, "--outdir", "/proc/x")
+
+
+def test_out_file_and_nhwc_layout(tmp_path, capsys):
+    target = tmp_path / "mine.npz"
+    assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "2", "--format", "npz", "--layout", "nhwc",
+                 "--out", str(target), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(target) and np.load(target)["images"].shape == (2, 28, 28, 1)
+    assert main(["--model", "gmm-fmnist", "--out", str(tmp_path / "x.npz"), "--no-progress"]) == 2
+    _one_line_error(capsys, "--out", ".png")

@@ -148,8 +148,8 @@ def test_every_nfe_from_1_to_250_gets_a_choice_the_table_allows():
 def _dry(argv, tmp_path):
     """The CLI's choice and checks without sampling: its own parser and `_validate` (nothing loaded or written)."""
     args = sample_cli.build_parser().parse_args([*argv, "--outdir", str(tmp_path)])
-    plan = sample_cli._validate(args)[0]
-    return args, plan
+    plan = sample_cli._validate(args)[1]  # the pipeline's Plan: the model chosen and the resolved sampler
+    return plan, plan.sampler
 
 
 @pytest.mark.parametrize("nfe", [1, 2])
@@ -192,4 +192,4 @@ def test_sample_nfe_8_runs_the_fallback_through_the_cli(tmp_path, capsys):
     assert sample_cli.main(["--nfe", "8", "--seeds", "0", "--format", "npz", "--no-progress",
                             "--outdir", str(tmp_path)]) == 0
     written = [p.name for p in tmp_path.iterdir()]
-    assert written == [f"{models.default_model()}_learned_dpmpp-2m-2_logsnr_nfe8.npz"]
+    assert written == [f"{models.default_model()}_learned_dpmpp-2m-2_logsnr_nfe8_seeds0.npz"]

@@ -162,7 +162,7 @@ def test_output_written_meanwhile_is_never_replaced(tmp_path, monkeypatch, capsy
     """Issue 23: two `sample` runs with one --outdir both passed the 'exists' check; the second os.replace
     discarded the first run's samples. Here the other run's file appears while this one samples."""
     outdir = tmp_path / "out"
-    target = outdir / "gmm-fmnist_edm_heun-mid_uniform_t_nfe3.npz"
+    target = outdir / "gmm-fmnist_edm_heun-mid_uniform_t_nfe3_seeds0-1.npz"
     real = registry.run_sampler
 
     def other_run_writes_first(*args, **kwargs):

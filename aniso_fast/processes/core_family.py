@@ -127,8 +127,9 @@ class CoreFamily(Family):
         sampling.check_grid(grid, process)
 
     def run_sampler(self, model, process, plan, seeds: Sequence[int], labels, *,
-                    fitted: Mapping[int, Sequence[float]] | None, device, progress: bool) -> tuple[Any, Any, dict]:
+                    fitted: Mapping[int, Sequence[float]] | None, device, progress: bool,
+                    callback=None) -> tuple[Any, Any, dict]:
         x, labels, info = sampling.sample(model, process, nfe=plan.nfe, solver=plan.solver, grid=plan.grid,
                                          secondary=plan.secondary, order=plan.order, seeds=seeds, labels=labels,
-                                         fitted=fitted, device=device, progress=progress)
+                                         fitted=fitted, device=device, progress=progress, callback=callback)
         return x, labels, info

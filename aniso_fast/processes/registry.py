@@ -6,6 +6,7 @@ tensors and `schedule_config`, whatever the family.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 from torch import Tensor
@@ -85,12 +86,19 @@ def where_option_applies(name: str, make_config) -> list[str]:
 
 def run_sampler(model, process, plan: Sampler, seeds: Sequence[int], labels: Tensor | None = None, *,
                 fitted: Mapping[int, Sequence[float]] | None = None, device="cpu",
-                progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+                progress: bool = False, callback=None) -> tuple[Tensor, Tensor | None, dict]:
     """One sample per seed from a model of any family with its forward path (`models.load_trained`'s pair) and a
     resolved sampler, checked against the family's samplers. `fitted`: the model's fitted grids for grid
-    'optimized' (`models.fitted_grids`). Per-seed deterministic. Returns (x, labels, info with the NFE spent)."""
+    'optimized' (`models.fitted_grids`). `callback`: called after each solver step with a dict, for a family whose
+    `run_sampler` takes one. Per-seed deterministic. Returns (x, labels, info with the NFE spent)."""
     if not isinstance(plan, Sampler):
         raise ValueError(f"plan: expected a sampling.Sampler (sampling.resolve_sampler), got {type(plan).__name__}")
     family = family_of_process(process)
     family.check_sampler(plan)
-    return family.run_sampler(model, process, plan, seeds, labels, fitted=fitted, device=device, progress=progress)
+    extra = {}
+    if callback is not None:
+        if "callback" not in inspect.signature(family.run_sampler).parameters:
+            raise ValueError(f"callback: the {family.name} family's samplers report no steps; pass callback=None")
+        extra["callback"] = callback
+    return family.run_sampler(model, process, plan, seeds, labels, fitted=fitted, device=device, progress=progress,
+                              **extra)

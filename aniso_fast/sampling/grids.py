@@ -195,6 +195,12 @@ def build_grid(grid: str, schedule: MatrixSchedule | None, num_steps: int, label
     return schedule_grid(schedule, times[grid](), labels, secondary)
 
 
-def step_indices(num_steps: int, progress: bool = False):
-    """The step indices 0..num_steps-1 of a solver's loop over a grid, with a progress bar when `progress`."""
-    return tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False)
+def step_indices(num_steps: int, progress: bool = False, calls_per_step: int = 1, last_step_calls: int | None = None):
+    """The step indices 0..num_steps-1 of a solver's loop over a grid, with a progress bar in network calls (the
+    NFE: `calls_per_step` per step, `last_step_calls` on the last one) that stays on screen, when `progress`."""
+    last = calls_per_step if last_step_calls is None else last_step_calls
+    with tqdm(total=calls_per_step * (num_steps - 1) + last if num_steps else 0, disable=not progress,
+              desc="sampling", unit="call", leave=True) as bar:
+        for i in range(num_steps):
+            yield i
+            bar.update(last if i == num_steps - 1 else calls_per_step)

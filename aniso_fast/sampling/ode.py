@@ -42,7 +42,7 @@ def heun(model, x: Tensor, grid: Grid, labels: Tensor | None = None, *, final_eu
     """
     basis, ids, B = model.basis, model.basis.group_ids(labels), x.shape[0]
     N = grid.num_steps
-    for i in step_indices(N, progress):
+    for i in step_indices(N, progress, calls_per_step=2, last_step_calls=1 if final_euler else 2):
         g_a, g_b = _at(grid.g, i, B), _at(grid.g, i + 1, B)
         g_s = g_b if grid.g_sec is None else _at(grid.g_sec, i, B)
         S_a, S_b, S_s = g_a.sqrt(), g_b.sqrt(), g_s.sqrt()

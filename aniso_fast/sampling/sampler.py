@@ -1,7 +1,7 @@
 """The sampling entry: build the grid, draw x_T = M(T)^{1/2} z from each seed's stream, run the solver."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
            grid: str = "uniform_t", secondary: str | None = None, order: int | None = None,
            seeds: Sequence[int] = (0,), labels: Tensor | None = None, image_shape: Sequence[int] | None = None,
            fitted: Mapping[int, Sequence[float]] | None = None, dtype=torch.float32,
-           device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+           device: torch.device | str = "cpu", progress: bool = False,
+           callback: Callable[[dict], None] | None = None) -> tuple[Tensor, Tensor | None, dict]:
     """Generate one sample per seed with any solver of `spec.SOLVERS` on any grid of `grids.GRIDS`.
 
     solver: 'euler', 'heun' (matrix Heun, METHOD §6), 'em' (Euler-Maruyama on the reverse SDE, per-seed step
@@ -26,6 +27,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     'edm_sigma' (EDM's sigma grid on the geometric mean, end-point Heun), 'logsnr' (the geometric-mean sigma
     uniform in log sigma), 'karras' (the isotropic EDM baseline; the schedule is not used), 'optimized' (the
     model's grid fitted for the step count, from `fitted`: steps -> geometric-mean sigma levels).
+    `callback` is called after every solver step with {i, x, g, flow, ...}.
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
     """
     plan = resolve_sampler(solver, grid, secondary, nfe, order)
@@ -50,6 +52,6 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     if spec.stochastic:  # the step noises continue each seed's stream after its start noise
         kwargs["noise"] = lambda: streams.draw(shape, dtype, device)
     with torch.no_grad():
-        x = spec.run(model, x, g, labels, progress=progress, **kwargs)
+        x = spec.run(model, x, g, labels, progress=progress, callback=callback, **kwargs)
     return x, labels, {"nfe": plan.nfe, "steps": plan.steps, "solver": solver, "grid": grid,
                        "secondary": plan.secondary, "order": plan.order}

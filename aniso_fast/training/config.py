@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edm-pickle", default=None, metavar="PKL",
                    help="start the network (and its EMA) from an NVlabs/edm network pickle")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun "
-                                                  "each rank takes cuda:LOCAL_RANK)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (under "
+                                                    "torchrun each rank takes cuda:LOCAL_RANK)")
 
     g = p.add_argument_group("network (when not loaded from --init-from / --edm-pickle)")
     g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
