@@ -56,6 +56,9 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--classes": [["--classes", "99"], ["--classes", "abc"], ["--classes", "-1"]],
         "--batch": [["--batch", "0"]],
         "--outdir": [["--outdir", UNDER_A_FILE]],
+        "--out": [["--out", "x.npz"],  # the suffix does not match --format png
+                  ["--out", "x.png", "--outdir", "elsewhere"]],  # one of the two
+        "--layout": [["--layout", "bogus"], ["--layout", "nhwc"]],  # nhwc is an npz layout
         "--format": [["--format", "bogus"]],
         "--individual": [["--individual", "--format", "npz"]],
         "--device": [["--device", "bogus"]],
