@@ -3,9 +3,8 @@ starting state `setup`'s, checkpoints and resume `checkpointing`'s, and everythi
 path, network, loss, forward update, sampler) the family's (`processes.registry`).
 
 Core stages (METHOD §2.2 chain: edm -> iso -> aniso, each `--init-from` the previous checkpoint):
-- `edm`: train or fine-tune the network alone. The loss is `iso_loss` (§4.1, c = 1, batch mean) under the
-  Karras-initialised tied schedule (§2.2) with its parameters frozen: t ~ U(0, T) on that schedule, i.e. EDM's
-  rho = 7 noise levels visited uniformly, weighted by gdot^2 / (g^2 (g + c)). It is not EDM's log-normal loss.
+- `edm`: train or fine-tune the network alone with EDM's own loss (`losses.edm_loss`: log-normal sigma, lambda(sigma)
+  weighting); the schedule stays the frozen Karras initialisation (§2.2).
 - `iso`: learn an isotropic schedule (tied MatrixSchedule) jointly with the network, `iso_loss` (§4.1).
 - `aniso`: learn one schedule per subspace of the basis, `trajectory_loss` with the schedule-gradient estimator
   (§4.2, §5), c = 0.5 and a batch sum by default.
