@@ -432,7 +432,14 @@ def test_core_models_take_em_on_every_grid(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
-def test_outdir_that_cannot_be_made_names_the_option(capsys):
+def test_outdir_that_cannot_be_made_names_the_option(capsys, monkeypatch):
+    """Refused before any sampling (root passes os.access everywhere, so the check probes the folder)."""
+    from aniso_fast.processes import registry
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("sampled before the output folder was checked")
+
+    monkeypatch.setattr(registry, "run_sampler", no_work)
     assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "1", "--outdir", "/proc/x", "--no-progress"]) == 2
     _one_line_error(capsys, "--outdir", "/proc/x")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import secrets
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,6 +49,10 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is not a folder" if not existing.is_dir() else "is not writable"
         raise ValueError(f"cannot write to {folder} ({existing} {what})")
+    try:  # os.access says yes to root everywhere, e.g. in /proc: a probe folder, removed at once, tells
+        os.rmdir(tempfile.mkdtemp(prefix=".aniso_fast-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder} ({existing} does not accept new files: {e.strerror})") from None
 
 
 def check_writable_file(path: str | os.PathLike) -> None:
