@@ -7,15 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import one_line_error
 
-from aniso_fast.sampling import grid_fit
-from aniso_fast import store
-from aniso_fast import models
-from aniso_fast import sampling
-from aniso_fast.sampling import grids as G, spec
-from aniso_fast.geometry.bases import DCTBasis
+from aniso_fast import models, sampling, store
 from aniso_fast.evaluate import main as evaluate_main
+from aniso_fast.geometry.bases import DCTBasis
 from aniso_fast.sample import main as sample_main
+from aniso_fast.sampling import grid_fit, spec
+from aniso_fast.sampling import grids as G
 
 F64 = torch.float64
 
@@ -114,20 +113,13 @@ def test_other_families_refuse_the_fitted_grid():
             registry.get(family).check_sampler(plan)
 
 
-def _one_line_error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-
-
 def test_fit_grid_cli_stores_grids_that_sample_uses(tiny_checkpoint, assets, tmp_path, capsys):
     assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
     assert sample_main(["--model", "tiny", "--grid", "optimized", "--solver", "dpmpp-2m", "--nfe", "3",
                         "--outdir", str(out)]) == 2
-    _one_line_error(capsys, "--grid", "fit-grid")
+    one_line_error(capsys, "--grid", "fit-grid")
     assert not out.exists()
 
     assert evaluate_main(["fit-grid", "--model", "tiny", "--steps", "3,4", "--samples", "4", "--teacher-steps", "12",
@@ -146,7 +138,7 @@ def test_fit_grid_cli_stores_grids_that_sample_uses(tiny_checkpoint, assets, tmp
     capsys.readouterr()
     assert sample_main(["--model", "tiny", "--grid", "optimized", "--solver", "dpmpp-2m", "--nfe", "5",
                         "--outdir", str(out)]) == 2
-    _one_line_error(capsys, "--grid", "5 steps", "3, 4")
+    one_line_error(capsys, "--grid", "5 steps", "3, 4")
 
     assert models.main(["export", str(tiny_checkpoint), "--name", "tiny", "--force"]) == 0  # a new network
     assert store.fitted_grids("tiny") == {}
@@ -164,7 +156,7 @@ def test_fit_grid_bad_input(tiny_checkpoint, assets, capsys, argv, words):
     capsys.readouterr()
     before = (assets / "manifest.json").read_text()
     assert evaluate_main(["fit-grid", *argv, "--no-progress"]) == 2
-    _one_line_error(capsys, *words)
+    one_line_error(capsys, *words)
     assert (assets / "manifest.json").read_text() == before
 
 

@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import one_line_error
 
 from aniso_fast import models as cli
 from aniso_fast import store
-from aniso_fast.store import StoredModel
 from aniso_fast.sample import main as sample_main
-
+from aniso_fast.store import StoredModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,13 +24,6 @@ def no_data(monkeypatch):
         raise AssertionError("work started before the bad input was refused")
 
     monkeypatch.setattr(data, "load_fashion_mnist", work)
-
-
-def _one_line_error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
 
 
 def test_export_load_and_default(tiny_checkpoint, assets, capsys):
@@ -123,7 +116,7 @@ def test_export_never_replaces_a_shipped_model_silently(tiny_checkpoint, assets,
     with pytest.raises(ValueError, match="force"):
         store.export_model(tiny_checkpoint, "tiny", "second", net_dtype="float32")
     assert cli.main(["export", str(tiny_checkpoint), "--name", "tiny", "--description", "second"]) == 2
-    _one_line_error(capsys, "--name", "'tiny'", "--force")
+    one_line_error(capsys, "--name", "'tiny'", "--force")
     assert (path.read_bytes(), (assets / "manifest.json").read_text()) == before
     (assets / "stray.safetensors").write_bytes(b"not ours")  # a file of that name, though not in the manifest
     store.export_model(tiny_checkpoint, "stray")  # staged under a new name: the stray file is left alone
@@ -136,10 +129,10 @@ def test_package_assets_written_only_when_asked(tmp_path, monkeypatch, capsys, n
     """Issue 10, defect 1: build-gmm wrote into the package by default; set-default created a registry wherever a
     mistyped ANISO_FAST_ASSETS pointed."""
     assert cli.main(["build-gmm"]) == 2
-    _one_line_error(capsys, "--out")
+    one_line_error(capsys, "--out")
     monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "typo"))
     assert cli.main(["set-default", "gmm-fmnist"]) == 2
-    _one_line_error(capsys, store.ASSETS_ENV, "no such folder")
+    one_line_error(capsys, store.ASSETS_ENV, "no such folder")
     assert not (tmp_path / "typo").exists()
 
 
@@ -152,7 +145,7 @@ def test_package_assets_written_only_when_asked(tmp_path, monkeypatch, capsys, n
 ])
 def test_build_gmm_bad_options(tmp_path, capsys, no_data, argv, words):
     assert cli.main(["build-gmm", "--out", str(tmp_path / "g.safetensors")] + argv) == 2
-    _one_line_error(capsys, *words)
+    one_line_error(capsys, *words)
     assert not list(tmp_path.iterdir())
 
 
@@ -160,10 +153,10 @@ def test_build_gmm_output_collisions(tmp_path, capsys, no_data):
     """Issue 10, defect 8: an existing --out file is replaced only with --force; a directory is refused."""
     (tmp_path / "g.safetensors").write_bytes(b"old")
     assert cli.main(["build-gmm", "--out", str(tmp_path / "g.safetensors")]) == 2
-    _one_line_error(capsys, "--out", "--force")
+    one_line_error(capsys, "--out", "--force")
     assert (tmp_path / "g.safetensors").read_bytes() == b"old"
     assert cli.main(["build-gmm", "--out", str(tmp_path)]) == 2
-    _one_line_error(capsys, "--out")
+    one_line_error(capsys, "--out")
 
 
 @pytest.mark.parametrize("manifest,words", [
@@ -180,7 +173,7 @@ def test_corrupt_manifest_one_line_error(tiny_checkpoint, assets, capsys, manife
     (assets / "manifest.json").write_text(manifest)
     argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in command]
     assert cli.main(argv) == 2
-    _one_line_error(capsys, store.ASSETS_ENV, *words)
+    one_line_error(capsys, store.ASSETS_ENV, *words)
     assert sorted(p.name for p in assets.iterdir()) == ["manifest.json"]
     assert (assets / "manifest.json").read_text() == manifest
 
@@ -191,7 +184,7 @@ def test_assets_env_must_name_a_registry(tmp_path, monkeypatch, capsys):
     for target, why in ((tmp_path / "missing", "no such folder"), (tmp_path, "no manifest.json")):
         monkeypatch.setenv(store.ASSETS_ENV, str(target))
         assert cli.main(["list"]) == 2
-        _one_line_error(capsys, store.ASSETS_ENV, why)
+        one_line_error(capsys, store.ASSETS_ENV, why)
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(store.ASSETS_ENV, str(tmp_path / "file"))
     with pytest.raises(ValueError, match=store.ASSETS_ENV):
@@ -208,13 +201,13 @@ def test_export_bad_checkpoint_or_assets(tiny_checkpoint, assets, tmp_path, caps
                         (truncated, ["truncated.safetensors", "truncated"]), (tmp_path, ["no such"]),
                         (shipped, ["not an aniso_fast checkpoint"])):
         assert cli.main(["export", str(ckpt), "--name", "m"]) == 2
-        _one_line_error(capsys, *words)
+        one_line_error(capsys, *words)
     assert cli.main(["export", str(tiny_checkpoint), "--name", "m", "--assets", str(truncated)]) == 2
-    _one_line_error(capsys, "--assets", "not a folder")
+    one_line_error(capsys, "--assets", "not a folder")
     assert cli.main(["export", str(tiny_checkpoint), "--name", "Bad/Name"]) == 2
-    _one_line_error(capsys, "--name")
+    one_line_error(capsys, "--name")
     assert cli.main(["set-default", "nope"]) == 2
-    _one_line_error(capsys, "NAME", "'nope'")
+    one_line_error(capsys, "NAME", "'nope'")
     assert "m" not in store.shipped_models() and not list(assets.glob("m.*"))
 
 

@@ -1,25 +1,20 @@
 """The Python API (`aniso_fast.load`): the `sample` CLI's rules and images, and the README's "Use it from Python"
 snippets as written."""
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import readme_python_blocks
 
 import aniso_fast
 from aniso_fast.sample import main
 from aniso_fast.utils.devices import resolve_device
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 HEADING = "## Use it from Python"
 
 
 def _snippets() -> list[str]:
-    text = README.read_text()
-    section = text[text.index(HEADING):]
-    section = section[:section.index("\n## ", len(HEADING))]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return readme_python_blocks(HEADING)
 
 
 def test_readme_pipeline_snippet_runs():

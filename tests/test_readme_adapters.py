@@ -1,18 +1,13 @@
 """The README's "Use with k-diffusion or diffusers" snippets run as written."""
-import re
-from pathlib import Path
 
 import pytest
+from helpers import readme_python_blocks
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 HEADING = "## Use with k-diffusion or diffusers"
 
 
 def _snippets() -> list[str]:
-    text = README.read_text()
-    section = text[text.index(HEADING):]
-    section = section[:section.index("\n## ", len(HEADING))]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return readme_python_blocks(HEADING)
 
 
 def test_the_section_has_both_snippets():

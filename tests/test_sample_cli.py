@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import one_line_error
 from PIL import Image
 
-from aniso_fast.processes import registry
-from aniso_fast import store
 from aniso_fast import sample as sample_cli
+from aniso_fast import store
+from aniso_fast.processes import registry
 from aniso_fast.sample import MAX_SAMPLES, build_parser, main, parse_seeds
 from aniso_fast.sampling.sampler import sample
 
@@ -124,14 +125,6 @@ def no_work(monkeypatch):
     monkeypatch.setattr(registry, "run_sampler", work)
 
 
-def _one_line_error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    return err
-
-
 def _assets(tmp_path, monkeypatch, manifest: str | None) -> None:
     folder = tmp_path / "assets"
     folder.mkdir()
@@ -153,14 +146,14 @@ def _assets(tmp_path, monkeypatch, manifest: str | None) -> None:
 ])
 def test_bad_input_refused_before_work(tmp_path, capsys, no_work, argv, words):
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path / "out")] + argv) == 2
-    _one_line_error(capsys, *words)
+    one_line_error(capsys, *words)
     assert not (tmp_path / "out").exists()
 
 
 def test_errors_found_with_the_model_leave_no_output_folder(tmp_path, capsys):
     """Issue 10, defect 8: the output folder was created before a check that needs the model (--classes) failed."""
     assert main(["--model", "gmm-fmnist", "--classes", "99", "--outdir", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, "--classes")
+    one_line_error(capsys, "--classes")
     assert not (tmp_path / "out").exists()
 
 
@@ -168,16 +161,16 @@ def test_output_collisions_refused(tmp_path, capsys, no_work):
     """Issue 10, defect 8: an output name that is a directory, and an existing output file, are refused."""
     (tmp_path / GMM_GRID).mkdir()
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path)]) == 2
-    _one_line_error(capsys, "--outdir", "directory")
+    one_line_error(capsys, "--outdir", "directory")
     (tmp_path / GMM_GRID).rmdir()
     (tmp_path / GMM_GRID).write_bytes(b"old")
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path)]) == 2
-    _one_line_error(capsys, "--outdir", "exists", "--force")
+    one_line_error(capsys, "--outdir", "exists", "--force")
     assert (tmp_path / GMM_GRID).read_bytes() == b"old"
     stem = GMM_GRID.replace("seeds0-63.png", "seeds7")
     (tmp_path / f"{stem}_seed000007.png").write_bytes(b"old")  # an individual image collides too
     assert main(["--model", "gmm-fmnist", "--outdir", str(tmp_path), "--individual", "--seeds", "7"]) == 2
-    _one_line_error(capsys, "seed000007", "--force")
+    one_line_error(capsys, "seed000007", "--force")
     assert not (tmp_path / f"{stem}.png").exists()
 
 
@@ -207,7 +200,7 @@ def test_huge_seeds_are_refused_not_repeated(tmp_path, capsys):
     data = np.load(capsys.readouterr().out.strip())
     assert data["seeds"].tolist() == [0, top] and not np.array_equal(data["images"][0], data["images"][1])
     assert main(["--model", "gmm-fmnist", "--seeds", str(top + 1), "--outdir", str(tmp_path / "b")]) == 2
-    _one_line_error(capsys, "--seeds")
+    one_line_error(capsys, "--seeds")
 
 
 @pytest.mark.parametrize("setup,words", [
@@ -228,7 +221,7 @@ def test_bad_assets_folder(tmp_path, monkeypatch, capsys, no_work, setup, words)
                                         "no-file-key": json.dumps({"format": store.MANIFEST_FORMAT,
                                                                    "models": {"ghost": {"sha256": "0"}}})}[setup])
     assert main(["--outdir", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, *words)
+    one_line_error(capsys, *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -237,7 +230,7 @@ def test_missing_shipped_model_file(tmp_path, monkeypatch, capsys):
     _assets(tmp_path, monkeypatch, json.dumps({"format": store.MANIFEST_FORMAT, "models": {
         "ghost": {"file": "ghost.safetensors", "sha256": "0" * 64, "description": "gone", "default": True}}}))
     assert main(["--outdir", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, "--model ghost", "ghost.safetensors", "missing")
+    one_line_error(capsys, "--model ghost", "ghost.safetensors", "missing")
     assert not list((tmp_path / "out").glob("*.png"))
 
 
@@ -255,7 +248,7 @@ def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
 
     assert np.array_equal(np.load(path)["images"], to_uint8(x).numpy())
     assert main(["--model", str(tmp_path), "--outdir", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, "--model", "is a directory", ".safetensors")
+    one_line_error(capsys, "--model", "is a directory", ".safetensors")
 
 
 def test_schedule_help_states_the_default_the_code_uses(tmp_path):
@@ -321,7 +314,7 @@ def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  
     monkeypatch.setattr(store.StoredModel, "load", lambda self, *a, **k: (load(self, *a, **k)[0], NoInverse()))
     assert main(["--model", "gmm-fmnist", "--grid", "logsnr", "--solver", "dpmpp-2m", "--outdir",
                  str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, "--grid", "logsnr")
+    one_line_error(capsys, "--grid", "logsnr")
     assert not (tmp_path / "out").exists()
 
 
@@ -329,9 +322,10 @@ def test_grid_that_does_not_apply_to_the_model(tmp_path, monkeypatch, capsys):  
 
 def family_checkpoint(root, family: str):
     """A one-step class-conditional run of `train --family <family>` on 8x8 data (tests/test_train_families.py)."""
-    from aniso_fast.training import trainer as train
     from test_train import make_npz
     from test_train_families import fam_argv
+
+    from aniso_fast.training import trainer as train
 
     npz = make_npz(root / "tiny.npz")
     assert train.main(fam_argv(npz, root / family, family, 1, "--forward-every", "5", "--class-schedules")) == 0
@@ -395,7 +389,7 @@ def test_shipped_vsdm_model_samples_by_name_and_by_file(tmp_path, monkeypatch, c
                                "--force")
             assert data["images"].shape == (2, 1, 8, 8)
     assert main(["--model", "tiny-vsdm", "--schedule", "learned", "--outdir", str(tmp_path / "x")]) == 2
-    _one_line_error(capsys, "--schedule", "vsdm model")
+    one_line_error(capsys, "--schedule", "vsdm model")
 
 
 @pytest.mark.parametrize("family,argv,words", [
@@ -417,7 +411,7 @@ def test_family_sampler_choice_refused_before_loading(tmp_path, capsys, no_work,
     """The family (from the checkpoint header) decides the samplers; a wrong one is refused before the network is
     loaded, and nothing is written."""
     assert main(["--model", str(fam_ckpt[family]), *argv, "--outdir", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, *words)
+    one_line_error(capsys, *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -441,7 +435,7 @@ def test_outdir_that_cannot_be_made_names_the_option(capsys, monkeypatch):
 
     monkeypatch.setattr(registry, "run_sampler", no_work)
     assert main(["--model", "gmm-fmnist", "--nfe", "3", "--count", "1", "--outdir", "/proc/x", "--no-progress"]) == 2
-    _one_line_error(capsys, "--outdir", "/proc/x")
+    one_line_error(capsys, "--outdir", "/proc/x")
 
 
 def test_out_file_and_nhwc_layout(tmp_path, capsys):
@@ -450,4 +444,4 @@ def test_out_file_and_nhwc_layout(tmp_path, capsys):
                  "--out", str(target), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(target) and np.load(target)["images"].shape == (2, 28, 28, 1)
     assert main(["--model", "gmm-fmnist", "--out", str(tmp_path / "x.npz"), "--no-progress"]) == 2
-    _one_line_error(capsys, "--out", ".png")
+    one_line_error(capsys, "--out", ".png")

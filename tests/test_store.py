@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as st_load
@@ -34,14 +35,6 @@ from aniso_fast.utils.devices import resolve_device
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _one_line_error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def _sample(outdir, *argv):
@@ -83,7 +76,7 @@ def test_non_finite_shipped_file_is_refused(tiny_checkpoint, assets, tmp_path, c
 
     bad = _shipped_with(good, tmp_path / "bad.safetensors", poison)
     assert _sample(tmp_path / "out", "--model", str(bad)) == 2
-    _one_line_error(capsys, "--model", "bad.safetensors", repr(name), "not finite")
+    one_line_error(capsys, "--model", "bad.safetensors", repr(name), "not finite")
     assert not (tmp_path / "out").exists()
 
 
@@ -96,7 +89,7 @@ def test_non_finite_checkpoint_is_refused(tiny_checkpoint, tmp_path, capsys):
     meta.pop("tensor_sha256")
     bad = ckpt.save_checkpoint(tmp_path / "checkpoint-00000009.safetensors", tensors, meta)
     assert _sample(tmp_path / "out", "--model", str(bad)) == 2
-    _one_line_error(capsys, repr(key), "not finite")
+    one_line_error(capsys, repr(key), "not finite")
     with pytest.raises(StoredFileError, match="not finite"):
         store.export_model(bad, "nan")
 
@@ -114,7 +107,7 @@ def test_shapes_and_dtypes_as_the_metadata_says(tiny_checkpoint, assets, tmp_pat
     for change, words in ((reshape, ["shape"]), (widen, ["torch.float32", "float16"])):
         bad = _shipped_with(good, tmp_path / "bad.safetensors", change)
         assert _sample(tmp_path / "out", "--model", str(bad)) == 2
-        _one_line_error(capsys, name.partition(".")[2], *words)
+        one_line_error(capsys, name.partition(".")[2], *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -141,9 +134,9 @@ def test_header_bomb_is_a_one_line_error(tmp_path, assets, capsys):
     """Issue 23: a deeply nested header ended in a RecursionError traceback in `sample` and `models export`."""
     bomb = _bomb(tmp_path / "bomb.safetensors")
     assert _sample(tmp_path / "out", "--model", str(bomb)) == 2
-    _one_line_error(capsys, "bomb.safetensors", "nested deeper")
+    one_line_error(capsys, "bomb.safetensors", "nested deeper")
     assert models_cli.main(["export", str(bomb), "--name", "x1"]) == 2
-    _one_line_error(capsys, "bomb.safetensors", "nested deeper")
+    one_line_error(capsys, "bomb.safetensors", "nested deeper")
     assert not (tmp_path / "out").exists() and "x1" not in store.shipped_models()
 
 
@@ -172,7 +165,7 @@ def test_output_written_meanwhile_is_never_replaced(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(registry, "run_sampler", other_run_writes_first)
     assert _sample(outdir, "--model", "gmm-fmnist") == 2
-    _one_line_error(capsys, "--outdir", str(target), "--force")
+    one_line_error(capsys, "--outdir", str(target), "--force")
     assert target.read_bytes() == b"the other run's samples"
     assert [p.name for p in outdir.iterdir()] == [target.name]  # no temporary file left
     assert _sample(outdir, "--model", "gmm-fmnist", "--force") == 0  # --force: the last complete file wins
@@ -276,7 +269,7 @@ def test_two_defaults_are_refused(real_assets, tmp_path, capsys):
     """Issue 23: a manifest with two entries marked default was accepted (which one won was undefined)."""
     _manifest_with(real_assets, lambda doc: doc["models"]["fmnist-edm"].update(default=True))
     assert _sample(tmp_path / "out") == 2
-    _one_line_error(capsys, "manifest.json", "'fmnist-dct-class', 'fmnist-edm'", "marked default")
+    one_line_error(capsys, "manifest.json", "'fmnist-dct-class', 'fmnist-edm'", "marked default")
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -289,7 +282,7 @@ def test_a_stored_choice_is_reported_as_the_manifest_entry(real_assets, tmp_path
     although the user gave no --solver."""
     _manifest_with(real_assets, lambda doc: doc["defaults"]["7"].update({key: value}))
     assert _sample(tmp_path / "out", "--nfe", "7") == 2
-    err = _one_line_error(capsys, "manifest.json", *words)
+    err = one_line_error(capsys, "manifest.json", *words)
     assert "--solver" not in err and "--grid" not in err and "--model" not in err
 
 
@@ -301,7 +294,7 @@ def test_stored_grid_levels_out_of_range(real_assets, tmp_path, capsys):
     _manifest_with(real_assets, huge)
     assert _sample(tmp_path / "out", "--model", "fmnist-dct-class", "--grid", "optimized", "--solver", "ipndm",
                    "--nfe", "4") == 2
-    err = _one_line_error(capsys, "manifest.json", "models['fmnist-dct-class']", "grids.optimized['4']")
+    err = one_line_error(capsys, "manifest.json", "models['fmnist-dct-class']", "grids.optimized['4']")
     assert "y:" not in err
 
 
@@ -330,7 +323,7 @@ def test_unusable_device_is_a_one_line_error(tmp_path, capsys, device, words):
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
     assert _sample(tmp_path / "out", "--model", "gmm-fmnist", "--device", device) == 2
-    _one_line_error(capsys, "--device", *words)
+    one_line_error(capsys, "--device", *words)
     assert not (tmp_path / "out").exists()
 
 
