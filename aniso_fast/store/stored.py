@@ -25,7 +25,7 @@ from ..processes import registry
 from .checkpoint import checkpoint_meta, checkpoint_tensors, strip_prefix
 from .header import StoredFileError, parse_json, read_header
 from .manifest import ASSET_DIR, EMBEDDED, read_manifest
-from .registry import MODELS, SCHEDULES
+from .names import MODELS, SCHEDULES
 
 __all__ = ["StoredModel", "build_model", "check_finite", "SHIPPED_FORMAT", "GMM_FORMAT", "GMM_ASSET"]
 
