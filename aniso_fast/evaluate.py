@@ -10,7 +10,7 @@ Results go to a JSON file and a Markdown table; nothing is typed by hand.
 results table, and ships it (`aniso_fast/assets/fmnist_classifier.*`, `docs/classifier.md`).
 
 `table`: the results table of the trained models (`docs/RESULTS.md`, `docs/results.json`, `docs/figures/`):
-for every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
+for every row of a recipe (`aniso_fast/recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
 NFE with each of the row's samplers, scored by the Frechet distance to the test set in the shipped classifier's
 features with a bootstrap standard error, next to the data floor (N training images); samples and features are
 cached (--cache) so an interrupted run resumes. --set-default records the best measured (model, solver, grid)
@@ -107,6 +107,9 @@ def _names(text: str) -> list[str]:
 _positive, _non_negative, _at_least_two = _int_at_least(1), _int_at_least(0), _int_at_least(2)
 
 
+RECIPE_HELP = "a recipe file, or the name of one shipped with the package (fmnist: aniso_fast/recipes/fmnist.json)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m aniso_fast.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="the results table of a recipe's models -> docs/RESULTS.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--recipe", default="recipes/fmnist.json")
+    t.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
     t.add_argument("--only", type=_names, default=None,
                    help="comma-separated row names: a table of those rows only (default: all); their cells are "
                         "cached like the full table's, which reuses them")
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
 
     r = sub.add_parser("train-recipe", help="run every training stage of a recipe (resumable), export the models")
-    r.add_argument("--recipe", default="recipes/fmnist.json")
+    r.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
     r.add_argument("--only", type=_names, default=None, help="comma-separated row names (default: all, in order)")
     r.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     r.add_argument("--no-export", action="store_true", help="do not export the shipped models")

@@ -87,12 +87,12 @@ def test_bad_names_and_corrupt_files(tiny_checkpoint, assets, capsys):
 
 
 def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
-    """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
+    """The package's own assets: every row of the fmnist recipe ships, files match the manifest's SHA-256, the
     default is one of them, and the default model samples finite class-conditional images with its schedule."""
     from aniso_fast.evaluation import recipes
     from aniso_fast.sampling.sampler import sample
 
-    recipe = recipes.load_recipe("recipes/fmnist.json")
+    recipe = recipes.load_recipe("fmnist")
     shipped = store.shipped_models(store.ASSET_DIR)
     assert {row["export"] for row in recipe["rows"] if row.get("export")} == set(shipped)  # ablations ship none
     assert store.default_model(store.ASSET_DIR) in shipped
