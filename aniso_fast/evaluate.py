@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set-default", action="store_true",
                    help="record per NFE the best measured shipped (model, solver, grid, order) in the manifest "
                         "(`python -m aniso_fast.sample` uses it), and mark the best model at NFE 9 as the default")
+    t.add_argument("--record-scores", action="store_true",
+                   help="record each evaluated shipped model's best FD at NFE 9 in the manifest (`models list` shows "
+                        "it); implied by --set-default")
     t.add_argument("--out", default="docs/RESULTS.md")
     t.add_argument("--json", default="docs/results.json")
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
@@ -301,11 +304,11 @@ def _check_table(args) -> tuple[dict, dict | None]:
         check_writable_folder(args.cache)
     except ValueError as e:
         raise ValueError(f"--cache: {e}") from None
-    if args.set_default:
+    if args.set_default or args.record_scores:
         try:
             store.check_assets()
         except ValueError as e:
-            raise ValueError(f"--set-default: {e}") from None
+            raise ValueError(f"--{'set-default' if args.set_default else 'record-scores'}: {e}") from None
     previous = None
     if not args.fresh and json_path.exists():
         try:
@@ -383,18 +386,39 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
         inception_nfes=args.inception_nfe, inception_ref=ref,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
     print(write_table(result, extras, recipe, Path(args.out), json_path, command))
+    if args.set_default or args.record_scores:
+        record_scores(result, recipe)
     if args.set_default:
         _set_defaults(result, recipe)
     return 0
 
 
-def _set_defaults(result: dict, recipe: dict) -> None:
-    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
-    mark the best of them at NFE 9 as the default model."""
+def _current_rows(result: dict, recipe: dict) -> tuple[list[str], dict[str, str]]:
+    """(the rows that evaluated the shipped model of their name as it is now, row -> shipped name)."""
     shipped = store.shipped_models()
     exports = {row["name"]: row.get("export") for row in recipe["rows"]}
     current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
                and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
+    return current, exports
+
+
+def record_scores(result: dict, recipe: dict, nfe: int = 9) -> dict[str, dict]:
+    """Record each current row's best measured sampler at `nfe` with its shipped model (`store.set_scores`)."""
+    current, exports = _current_rows(result, recipe)
+    scores = {exports[row]: {"nfe": nfe, **best[nfe]} for row in current
+              if nfe in (best := best_samplers(result, [row]))}
+    if scores:
+        store.set_scores(scores)
+    for name, score in scores.items():
+        print(f"score of {name}: FD {score['fd']:.3f} ± {score['se']:.3f} at NFE {nfe} ({score['solver']} on "
+              f"{score['grid']})")
+    return scores
+
+
+def _set_defaults(result: dict, recipe: dict) -> None:
+    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
+    mark the best of them at NFE 9 as the default model."""
+    current, exports = _current_rows(result, recipe)
     # a line measured at its own NFEs only (an eval entry's `nfes`) is recorded with them: never extended elsewhere
     own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row.get("eval", ())
            if cfg.get("nfes")}
