@@ -82,7 +82,7 @@ setup(
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     packages=[*find_packages(include=["aniso_fast", "aniso_fast.*"]), "aniso_fast.kernels", "aniso_fast._csrc"],
     package_dir={"aniso_fast": "aniso_fast", "aniso_fast.kernels": "kernels", "aniso_fast._csrc": "csrc"},
-    package_data={"aniso_fast": ["assets/*.safetensors", "assets/*.json"],
+    package_data={"aniso_fast": ["assets/*.safetensors", "assets/*.json", "recipes/*.json"],
                   "aniso_fast._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=[_native_extension()] if native else [],
     cmdclass={"build_ext": cpp_extension.BuildExtension} if native else {},

@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "sample": "fast low-NFE generation with the shipped models (the main job)",
     "train": "train a model: the core stages, VSDM or VSMD, on your data or from an EDM network",
-    "evaluate": "solver accuracy, the feature classifier, the results table, recipes, fitted grids",
+    "evaluate": "the FD of your own samples, solver accuracy, the results table, recipes, fitted grids, the classifier",
     "models": "list, export and build the shipped models",
 }
 

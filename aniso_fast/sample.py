@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from . import store
 from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
 from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
-from .utils.atomic import atomic_write, check_writable_file, check_writable_folder
+from .utils.atomic import atomic_folder, atomic_write, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.figures import save_image_grid
 
@@ -106,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: samples); the file name carries the model, sampler, NFE, seeds "
                         "and classes")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="the output file instead (.png or .npz, as --format; --individual images beside it)")
-    p.add_argument("--format", default="png", choices=("png", "npz"),
-                   help="png: a grid (plus --individual images); npz: uint8 images, seeds and labels")
+                   help="the output file instead (.png or .npz, as --format; --individual images beside it), or "
+                        "the folder with --format folder")
+    p.add_argument("--format", default="png", choices=("png", "npz", "folder"),
+                   help="png: a grid (plus --individual images); npz: uint8 images, seeds and labels; folder: one "
+                        "PNG per sample (seedNNNNNN.png) and EDM's dataset.json of labels, the input of clean-fid, "
+                        "torch-fidelity, EDM's fid.py and `evaluate fd`")
     p.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"),
                    help="npz image layout: nchw (PyTorch) or nhwc (clean-fid, torch-fidelity, EDM's fid.py)")
     p.add_argument("--individual", action="store_true", help="also write one PNG per sample (png format only)")
@@ -146,6 +150,11 @@ def _output_paths(args, main_path: Path, seeds: list[int]) -> list[Path]:
     """Every file the run writes, the main one first; refused if one is a directory, or exists without --force."""
     option = "--out" if args.out is not None else "--outdir"
     paths = [main_path]
+    if args.format == "folder":
+        if main_path.exists() and not (main_path.is_dir() and args.force):
+            raise ValueError(f"{option}: the output {main_path} exists" + ("; add --force to replace it"
+                                                                           if main_path.is_dir() else ""))
+        return paths
     if args.individual:
         paths += [main_path.with_name(f"{main_path.stem}_seed{seed:06d}.png") for seed in seeds]
     for path in paths:
@@ -157,7 +166,7 @@ def _output_paths(args, main_path: Path, seeds: list[int]) -> list[Path]:
 
 
 def _main_path(args, plan, seeds: list[int], classes: list[int] | None) -> Path:
-    suffix = f".{args.format}"
+    suffix = "" if args.format == "folder" else f".{args.format}"
     if args.out is None:
         outdir = Path("samples" if args.outdir is None else args.outdir)
         try:
@@ -168,6 +177,12 @@ def _main_path(args, plan, seeds: list[int], classes: list[int] | None) -> Path:
     if args.outdir is not None:
         raise ValueError("--out: give --out or --outdir, not both")
     out = Path(args.out)
+    if args.format == "folder":
+        try:
+            check_writable_folder(out.parent)
+        except ValueError as e:
+            raise ValueError(f"--out: {e}") from None
+        return out
     if out.suffix != suffix:
         raise ValueError(f"--out: expected a {suffix} file with --format {args.format}, got {args.out}")
     try:
@@ -211,7 +226,9 @@ def _write(args, paths: list[Path], out) -> None:
 
     option = "--out" if args.out is not None else "--outdir"
     try:  # without --force, created exclusively: a file another run wrote meanwhile is never replaced
-        if args.format == "npz":
+        if args.format == "folder":
+            atomic_folder(paths[0], lambda tmp: write_folder(tmp, out), replace=args.force)
+        elif args.format == "npz":
             atomic_write(paths[0], write_npz, replace=args.force)
         else:
             save_image_grid(images, paths[0], replace=args.force)
@@ -221,6 +238,16 @@ def _write(args, paths: list[Path], out) -> None:
         raise ValueError(f"{option}: {e}; add --force to replace it") from None
     except OSError as e:
         raise ValueError(f"{option}: cannot write {paths[0]}: {e.strerror or e}") from None
+
+
+def write_folder(folder: Path, out) -> None:
+    """One PNG per sample, named by its seed, and (for labelled samples) EDM's dataset.json of labels."""
+    names = [f"seed{seed:06d}.png" for seed in out.seeds]
+    for name, img in zip(names, out.images):
+        save_image_grid(img[None], folder / name)
+    if out.labels is not None:
+        labels = [[name, int(y)] for name, y in zip(names, out.labels)]
+        (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
 
 
 def run(args) -> Path:

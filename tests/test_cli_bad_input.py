@@ -18,7 +18,7 @@ from aniso_fast.training import config as train_config
 from aniso_fast.training import trainer as train
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = str(REPO / "recipes" / "fmnist.json")
+RECIPE = str(REPO / "aniso_fast" / "recipes" / "fmnist.json")
 UNDER_A_FILE = "a_file/sub"  # a path whose parent is a regular file: never creatable
 MISSING = "/nonexistent/x"
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # options with no bad value: flags (given or not) and free text
 NO_BAD_VALUE = {"--no-progress", "--progress", "--force", "--cond", "--no-cond", "--xflip",
          "--no-estimator", "--no-optional", "--fresh", "--set-default", "--dry-run", "--no-export", "--default",
-         "--description", "--inception"}
+         "--description", "--inception", "--record-scores"}
 
 BAD: dict[str, dict[str, list[list[str]]]] = {
     "sample": {
@@ -165,6 +165,17 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--only": [["--only", "nosuchrow"]],
         "--quiet-seconds": [["--quiet-seconds", "-1"]],
     },
+    "evaluate fd": {
+        "--samples": [["--samples", MISSING + ".npz"], ["--samples", "a_file"]],
+        "--ref": [["--ref", MISSING], ["--ref", "fashion-mnist:nosplit"]],
+        "--features": [["--features", "bogus"]],
+        "--bootstrap": [["--bootstrap", "1"]],
+        "--json": [["--json", UNDER_A_FILE + ".json"]],
+        "--threads": [["--threads", "0"]],
+    },
+    "models list": {
+        "--json": [],  # a flag: no bad value
+    },
     "evaluate fit-grid": {
         "--model": [["--model", "gmm-fmnist"], ["--model", "no-such-model"]],  # embedded, not shipped
         "--steps": [["--steps", "abc"], ["--steps", "0"], ["--steps", "3,3"]],
@@ -215,7 +226,8 @@ def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:
                 "classifier": ["--out", "clf/c.safetensors", "--doc", "clf/c.md"],
                 "table": ["--recipe", RECIPE, "--n", "4", "--seeds", "1", "--out", "t/R.md", "--json", "t/r.json"],
                 "train-recipe": ["--recipe", RECIPE, "--dry-run"],
-                "fit-grid": ["--model", "gmm-fmnist", "--no-progress"]}[sub]
+                "fit-grid": ["--model", "gmm-fmnist", "--no-progress"],
+                "fd": ["--samples", "fashion-mnist:test", "--ref", "fashion-mnist:test"]}[sub]
         return evaluate.main, [sub, *base, *fragment]
     if sub == "export":
         ckpt = MISSING + ".safetensors" if fragment == ["MISSING_CKPT"] else tiny["ckpt"]

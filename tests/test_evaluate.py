@@ -86,7 +86,7 @@ def test_shipped_classifier_asset():
 
 
 def test_fmnist_recipe_is_consistent():
-    recipe = recipes.load_recipe("recipes/fmnist.json")
+    recipe = recipes.load_recipe("fmnist")
     rows = {r["name"]: r for r in recipe["rows"]}
     learned = ["iso", "iso-class", "dct", "dct-class", "pca"]
     assert list(rows)[:7] == ["edm", "control", *learned]
@@ -325,7 +325,7 @@ def test_table_floor_winners_skips_cache_and_figure(gmm_recipe, tmp_path, monkey
 
 
 def test_recipe_eval_entries_take_any_sampler(tmp_path):  # issue 11
-    good = json.loads(Path("recipes/fmnist.json").read_text())
+    good = json.loads((recipes.RECIPE_DIR / "fmnist.json").read_text())
     row = good["rows"][0]
     for cfg, match in [({"solver": "unipc", "grid": "logsnr", "order": 5}, "order"),
                        ({"solver": "heun", "grid": "karras", "order": 2}, "order"),
@@ -405,7 +405,7 @@ def test_classifier_refuses_bad_arguments_before_work(args, option, no_work, cap
 
 
 def _bad_recipes(tmp_path) -> dict[str, str]:
-    good = json.loads(Path("recipes/fmnist.json").read_text())
+    good = json.loads((recipes.RECIPE_DIR / "fmnist.json").read_text())
     variants = {"missing": None, "not-json": "{", "not-a-recipe": json.dumps({"rows": []}),
                 "no-rows": json.dumps({**good, "rows": []}),
                 "row-lacks-eval": json.dumps({**good, "rows": [{k: v for k, v in good["rows"][0].items() if k != "eval"}]}),
@@ -493,7 +493,7 @@ def test_train_recipe_failed_training_exits_1(monkeypatch, capsys):  # issue 10:
 # ---- the process families in recipes and the table (issues 12 and 13) ----
 
 def _family_recipe(tmp_path, rows: list[dict]) -> Path:
-    good = json.loads(Path("recipes/fmnist.json").read_text())
+    good = json.loads((recipes.RECIPE_DIR / "fmnist.json").read_text())
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
     path = tmp_path / "r.json"
     path.write_text(json.dumps({**good, "peers": None,
@@ -605,7 +605,7 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
         "fitted": {}})
-    good = json.loads(Path("recipes/fmnist.json").read_text())
+    good = json.loads((recipes.RECIPE_DIR / "fmnist.json").read_text())
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
     path = tmp_path / "r.json"
     for evals, ok in (([HEUN_MID, {**HEUN_MID, "nfes": [9, 5]}], True), ([HEUN_MID, HEUN_MID], False)):
@@ -719,3 +719,25 @@ def test_against_peers_and_the_targets_section():  # issue 11's targets, compute
     assert "best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its samplers: **9**" in md  # not 50
     assert ": not met." in md
     assert table.against_peers(result, {**recipe, "peers": None}, [5]) == []
+
+
+def test_recipe_resolves_by_name_from_any_folder(tmp_path, monkeypatch):
+    """The shipped recipe is found by name wherever the command runs (it ships in the package); a file path wins;
+    an unknown name is one line naming the choices."""
+    monkeypatch.chdir(tmp_path)
+    assert recipes.resolve_recipe("fmnist") == recipes.RECIPE_DIR / "fmnist.json"
+    assert recipes.load_recipe("fmnist")["rows"][0]["name"] == "edm"
+    own = tmp_path / "fmnist"  # a file of the same name in the working folder is the user's, and wins
+    own.write_text("{}")
+    assert recipes.resolve_recipe("fmnist").resolve() == own
+    with pytest.raises(ValueError, match="not a recipe"):
+        recipes.load_recipe("fmnist")
+    with pytest.raises(ValueError, match=r"nope: no such recipe file, and not a shipped recipe \(fmnist\)"):
+        recipes.load_recipe("nope")
+    assert "fmnist" in recipes.shipped_recipes()
+
+
+def test_table_unknown_recipe_exits_2(capsys):
+    assert main(["table", "--recipe", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --recipe: no-such-recipe: no such recipe file")

@@ -87,12 +87,12 @@ def test_bad_names_and_corrupt_files(tiny_checkpoint, assets, capsys):
 
 
 def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
-    """The package's own assets: every row of recipes/fmnist.json ships, files match the manifest's SHA-256, the
+    """The package's own assets: every row of the fmnist recipe ships, files match the manifest's SHA-256, the
     default is one of them, and the default model samples finite class-conditional images with its schedule."""
     from aniso_fast.evaluation import recipes
     from aniso_fast.sampling.sampler import sample
 
-    recipe = recipes.load_recipe("recipes/fmnist.json")
+    recipe = recipes.load_recipe("fmnist")
     shipped = store.shipped_models(store.ASSET_DIR)
     assert {row["export"] for row in recipe["rows"] if row.get("export")} == set(shipped)  # ablations ship none
     assert store.default_model(store.ASSET_DIR) in shipped
@@ -293,7 +293,7 @@ def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11,
     # a later export keeps the record; `list` shows it
     store.export_model(tiny_checkpoint, "tiny2")
     assert store.sampler_defaults() == recorded
-    assert cli.main(["list"]) == 0 and json.loads(capsys.readouterr().out)["defaults_per_nfe"]["9"]["model"] == "tiny"
+    assert cli.main(["list", "--json"]) == 0 and json.loads(capsys.readouterr().out)["defaults_per_nfe"]["9"]["model"] == "tiny"
     # refused: a model that is not shipped, a sampler that cannot spend its NFE; the manifest is unchanged
     before = (assets / "manifest.json").read_text()
     with pytest.raises(ValueError, match="not a shipped model"):
@@ -312,3 +312,37 @@ def test_sampler_defaults_per_nfe(tiny_checkpoint, assets, capsys):  # issue 11,
     (assets / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="nfes"):
         store.sampler_defaults()
+
+
+def test_list_table_and_json(tiny_checkpoint, assets, capsys):
+    """`models list`: a table with every model (family, parameters, size, classes, recorded FD at NFE 9, the sampler
+    `sample --model NAME` uses), the default marked; `--json` the same rows as data. Scores are validated."""
+    assert cli.main(["export", str(tiny_checkpoint), "--name", "tiny", "--default"]) == 0
+    capsys.readouterr()
+    store.set_scores({"tiny": {"nfe": 9, "fd": 1.234, "se": 0.05, "solver": "ipndm", "grid": "uniform_t",
+                               "order": 4}})
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["model", "family", "params", "size", "classes", "FD@9"]
+    tiny = next(line for line in lines if "tiny" in line)
+    params = sum(t.numel() for t in StoredModel.open("tiny").load()[0].net.state_dict().values())  # + buffers
+    assert tiny.startswith("* tiny") and "1.23 ± 0.05 (iPNDM4-u)" in tiny and f"{params / 1e3:.1f}k" in tiny
+    assert next(line for line in lines if "gmm-fmnist" in line).startswith("  gmm-fmnist")
+    assert cli.main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    assert rows["tiny"]["parameters"] == params and rows["tiny"]["default"] and rows["tiny"]["classes"] == 2
+    assert rows["tiny"]["score"]["fd"] == 1.234 and rows["tiny"]["sampler"]["nfe"] == 9
+    assert rows["tiny"]["bytes"] == (assets / store.shipped_models()["tiny"]["file"]).stat().st_size
+    assert rows["gmm-fmnist"]["parameters"] is None and rows["gmm-fmnist"]["score"] is None
+    before = (assets / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="fd and se must be finite"):
+        store.set_scores({"tiny": {"nfe": 9, "fd": -1.0, "se": 0.1, "solver": "heun", "grid": "uniform_t"}})
+    with pytest.raises(ValueError, match="not a shipped model"):
+        store.set_scores({"nope": {"nfe": 9, "fd": 1.0, "se": 0.1, "solver": "heun", "grid": "uniform_t"}})
+    assert (assets / "manifest.json").read_text() == before
+    # a hand-edited manifest with a broken score is one line naming the entry
+    doc = json.loads(before)
+    doc["models"]["tiny"]["score"]["fd"] = "low"
+    (assets / "manifest.json").write_text(json.dumps(doc))
+    assert cli.main(["list"]) == 2
+    assert "models['tiny']: score: fd and se must be finite" in one_line_error(capsys)

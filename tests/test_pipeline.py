@@ -89,3 +89,15 @@ def test_progress_bar_counts_network_calls_and_stays(capsys):
     aniso_fast.load("gmm-fmnist", device="cpu").sample(1, nfe=5, solver="heun", progress=True)
     err = capsys.readouterr().err
     assert "5/5" in err and "call" in err and err.endswith("\n")  # midpoint Heun: 3 steps, 5 calls; left on screen
+
+
+@pytest.mark.parametrize("model, solver, grid, nfe", [("fmnist-vsdm", "em", "uniform_t", 4),
+                                                      ("fmnist-vsmd", "dpmpp-2m", "logsnr", 4),
+                                                      ("fmnist-vsmd", "heun", "uniform_t", 5),
+                                                      ("fmnist-vsmd", "ipndm", "uniform_t", 4),
+                                                      ("fmnist-vsmd", "em", "uniform_t", 3)])
+def test_family_samplers_count_network_calls(capsys, model, solver, grid, nfe):
+    """The process families' own samplers show the same bar as the core solvers: network calls, left on screen."""
+    aniso_fast.load(model, device="cpu").sample(1, nfe=nfe, solver=solver, grid=grid, progress=True)
+    err = capsys.readouterr().err
+    assert f"{nfe}/{nfe}" in err and "call" in err and err.endswith("\n")

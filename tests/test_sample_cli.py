@@ -284,7 +284,10 @@ def test_table_set_default_round_trip(tmp_path, monkeypatch, capsys):  # issue 1
             cell("heun", "uniform_t", 9, 1.0, "mid"), cell("ipndm", "uniform_t", 9, 1.5, order=4),
             {**cell("ipndm", "uniform_t", 3, 0, order=4), "skipped": "nfe: too few"}]},
         {"name": "run", "status": "ok", "model_id": "checkpoint:abc", "cells": [cell("euler", "uniform_t", 3, 0.1)]}]}
-    evaluate._set_defaults(result, recipe)  # what `table --set-default` runs after the table
+    evaluate.record_scores(result, recipe)  # what `table --set-default` (or --record-scores) runs after the table
+    evaluate._set_defaults(result, recipe)
+    score = store.shipped_models()["fmnist-iso"]["score"]  # the row's best at NFE 9; the unshipped row has none
+    assert (score["fd"], score["solver"], score["secondary"], score["nfe"]) == (1.0, "heun", "mid", 9)
     recorded = store.sampler_defaults()
     assert {k: (v["model"], v["solver"], v["grid"], v["order"]) for k, v in recorded.items()} == {
         3: ("fmnist-iso", "dpmpp-2m", "logsnr", 2), 9: ("fmnist-iso", "heun", "uniform_t", None)}

@@ -15,7 +15,7 @@ import torch
 
 from .classifier import CLASSIFIER_ASSET
 
-__all__ = ["FeatureMap", "FrechetScorer", "InceptionFeatures"]
+__all__ = ["FeatureMap", "FrechetScorer", "InceptionFeatures", "classifier_features"]
 
 
 class FeatureMap:
@@ -61,20 +61,29 @@ class FrechetScorer(FeatureMap):
     @classmethod
     def classifier(cls, path: str | os.PathLike = CLASSIFIER_ASSET) -> "FrechetScorer":
         """The protocol of the results table: the shipped classifier's features, the 10k test images."""
-        from ..utils.data import load_fashion_mnist, to_model_range
-        from .classifier import load_classifier
+        from ..utils.data import load_fashion_mnist
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier: {path} is missing; train and ship it with "
-                                    f"`python -m aniso_fast.evaluate classifier`")
-        clf = load_classifier(path)
-        sha = json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
+        space = classifier_features(path)
         test_images, _ = load_fashion_mnist("test")
-        scorer = cls(lambda u8: clf.features(to_model_range(u8)).numpy(), test_images,
-                     id=f"fmnist-classifier:{sha[:16]}")
-        scorer.accuracy = clf.metadata.get("test_accuracy")
+        scorer = cls(space.features, test_images, id=space.id)
+        scorer.accuracy = space.accuracy
         return scorer
+
+
+def classifier_features(path: str | os.PathLike = CLASSIFIER_ASSET) -> FeatureMap:
+    """The shipped Fashion-MNIST classifier's feature space (uint8 1x28x28 images), named by its weights' hash."""
+    from ..utils.data import to_model_range
+    from .classifier import load_classifier
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier: {path} is missing; train and ship it with "
+                                f"`python -m aniso_fast.evaluate classifier`")
+    clf = load_classifier(path)
+    sha = json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
+    space = FeatureMap(lambda u8: clf.features(to_model_range(u8)).numpy(), id=f"fmnist-classifier:{sha[:16]}")
+    space.accuracy = clf.metadata.get("test_accuracy")
+    return space
 
 
 class InceptionFeatures:

@@ -1,4 +1,4 @@
-"""Training recipes (`recipes/*.json`): the rows of the results table, how each is trained, and the runner
+"""Training recipes (shipped in `aniso_fast/recipes/*.json`, or any recipe file): the rows of the results table, how each is trained, and the runner
 behind `python -m aniso_fast.evaluate train-recipe`.
 
 A row names its training arguments (`python -m aniso_fast.train <train> --out <out>`), the row it fine-tunes
@@ -24,9 +24,10 @@ from ..store.checkpoint import latest_checkpoint, read_meta
 from ..training.config import config_from_argv
 from ..sampling.spec import MAX_NFE, Sampler
 
-__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
+__all__ = ["RECIPE_FORMAT", "RECIPE_DIR", "shipped_recipes", "resolve_recipe", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped with the package, found from anywhere
 _EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional", "nfes", "ablation")
 
 
@@ -120,12 +121,27 @@ def _check_row(row, path: Path, seen: set) -> None:
                          f"cells use it at the table's NFEs): it cannot be optional or have its own nfes")
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read and check a recipe: rows with a unique name, the training arguments, the parent row (init-from),
-    the shipped name and the samplers of the evaluation. ValueError naming the file for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such recipe file")
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped with the package (`aniso_fast/recipes/NAME.json`)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def resolve_recipe(spec: str | os.PathLike) -> Path:
+    """A recipe file: `spec` itself when it is an existing file, else the shipped recipe of that name (`fmnist`);
+    ValueError naming both choices otherwise."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.suffix == "" and path.name == str(spec) and (RECIPE_DIR / f"{path.name}.json").is_file():
+        return RECIPE_DIR / f"{path.name}.json"
+    raise ValueError(f"{spec}: no such recipe file, and not a shipped recipe ({', '.join(shipped_recipes())})")
+
+
+def load_recipe(spec: str | os.PathLike) -> dict:
+    """Read and check a recipe (a file, or a shipped recipe's name: `resolve_recipe`): rows with a unique name,
+    the training arguments, the parent row (init-from), the shipped name and the samplers of the evaluation.
+    ValueError naming the file for anything else."""
+    path = resolve_recipe(spec)
     try:
         recipe = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

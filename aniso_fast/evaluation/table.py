@@ -1,7 +1,7 @@
 """The results table of a recipe's models (`python -m aniso_fast.evaluate table`): `docs/RESULTS.md`,
 `docs/results.json` and `docs/figures/`.
 
-For every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
+For every row of a recipe (`aniso_fast/recipes/fmnist.json`) whose model exists, N class-balanced samples per seed set and
 NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`registry.run_sampler`: any family), scored by the Frechet distance to the test set in a feature space
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are

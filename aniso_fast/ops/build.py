@@ -47,8 +47,9 @@ def _build(folder: Path) -> ModuleType:
         cflags.append("-DWITH_CUDA")
     build_dir = _cache_folder()
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"aniso_fast: building the C++ kernels for torch {torch.__version__} (once; cached in {build_dir})",
-          file=sys.stderr)
+    if not (build_dir / "aniso_fast_C.so").exists():  # built once; later loads only let ninja check the sources
+        print(f"aniso_fast: building the C++ kernels for torch {torch.__version__} (once; cached in {build_dir})",
+              file=sys.stderr)
     return cpp_extension.load(name="aniso_fast_C", sources=[str(s) for s in sources], extra_cflags=cflags,
                               extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if cuda else None,
                               extra_ldflags=["-fopenmp"], extra_include_paths=[str(folder)],

@@ -41,11 +41,11 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..geometry.bases import SubspaceBasis
 from ..utils.checks import check_in_range
 from ..geometry.schedules import as_time
+from ..sampling.grids import step_indices
 from ..sampling.multistep import AB_WEIGHTS
 from ..sampling.noise import SeedStreams
 from ..sampling.spec import EM, Sampler, resolve_sampler
@@ -282,7 +282,7 @@ def dpmpp_2m_phase_space(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts:
     classes, pick = _classes(process, labels, x.shape[0])  # ts must depend on a sample only through its class
     rows = _class_rows(ts, pick, 1 if classes is None else len(classes))
     D_prev = tau_prev = None
-    for i in tqdm(range(N), disable=not progress, desc="DPM-Solver++(2M), phase space", leave=False):
+    for i in step_indices(N, progress):
         D = model.denoise(torch.cat([x, v], 1), ts[:, i], labels)
         second = order == 2 and D_prev is not None and i < N - 1
         with torch.no_grad():
@@ -300,7 +300,7 @@ def dpmpp_2m_phase_space(process, model: VSMDDenoiser, x: Tensor, v: Tensor, ts:
 def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tensor, Tensor]:
     """Heun on the grid ts, the last step Euler (VSMD's sampler; EDM's convention): 2N - 1 calls for N steps."""
     N = len(ts) - 1
-    for i in tqdm(range(N), disable=not progress, desc="Heun", leave=False):
+    for i in step_indices(N, progress, calls_per_step=2, last_step_calls=1):
         h = float(ts[i + 1] - ts[i])
         dx, dv = flow(x, v, ts[i])
         x_e, v_e = x + h * dx, v + h * dv  # Euler step
@@ -315,7 +315,7 @@ def _heun(flow, x: Tensor, v: Tensor, ts: Tensor, progress: bool) -> tuple[Tenso
 def _ipndm(flow, x: Tensor, v: Tensor, ts: Tensor, order: int, progress: bool) -> tuple[Tensor, Tensor]:
     """Adams-Bashforth on the uniform grid ts, orders warming up 1, 2, .. `order` (iPNDM): one call per step."""
     hist: list[tuple[Tensor, Tensor]] = []
-    for i in tqdm(range(len(ts) - 1), disable=not progress, desc="iPNDM", leave=False):
+    for i in step_indices(len(ts) - 1, progress):
         h = float(ts[i + 1] - ts[i])
         hist = [flow(x, v, ts[i])] + hist[:order - 1]
         weights = AB_WEIGHTS[len(hist)]

@@ -36,6 +36,7 @@ from ..utils.checks import (
 from .losses import forward_process
 from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
 from ..geometry.schedules import as_time
+from ..sampling.grids import step_indices
 from ..sampling.noise import SeedStreams, check_seeds, seeded_labels
 from ..sampling.sampler import sample
 from ..sampling.spec import EM, Sampler, resolve_sampler
@@ -324,8 +325,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     solvers start from the same point), then the step noises from the same stream: a path depends on its seed
     only, never on the rest of the batch. Each step: x <- x + h beta (r/2 x + score) + sqrt(h beta) xi.
     """
-    from tqdm.auto import tqdm
-
+    
     steps = check_steps(steps)
     seeds = check_seeds(seeds)
     num_classes = getattr(model, "num_classes", None)
@@ -342,7 +342,7 @@ def simulate_backward(process: VSDMProcess, model, seeds: Sequence[int], steps: 
     with torch.no_grad():
         x = process.prior_sample(basis, streams.draw(shape, dtype, device), labels)
         r = _per_sample(process._batch(process.T, labels)[1], B)  # 1 - 2 lambda per sample
-        for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
+        for i in step_indices(steps, progress):
             t_a, h = float(ts[i]), float(ts[i] - ts[i + 1])
             beta = float(process.beta.beta(ts[i]))
             s = score(process, model, x, time_column(t_a, B, device), labels)

@@ -38,7 +38,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..geometry.bases import SubspaceBasis
 from ..utils.checks import (
@@ -48,6 +47,7 @@ from ..utils.checks import (
     check_subspace_values,
 )
 from .process import ContractingProcess, Trajectories, check_steps, path_integral, time_column
+from ..sampling.grids import step_indices
 from ..sampling.noise import SeedStreams, check_labels, check_seeds
 
 __all__ = ["VSMDProcess", "lower_cholesky", "check_image_batch", "Trajectories", "dsm_loss",
@@ -351,7 +351,7 @@ def simulate_backward(process: VSMDProcess, precond, seeds: Sequence[int], steps
     with torch.no_grad():
         x, v = prior(process, basis, streams, shape, labels, device, dtype)
         F, eye = process.drift_blocks(labels).expand(B, -1, -1, -1), torch.eye(2, dtype=_F64, device=device)
-        for i in tqdm(range(steps), disable=not progress, desc="Euler-Maruyama", leave=False):
+        for i in step_indices(steps, progress):
             h = float(ts[i] - ts[i + 1])
             s = velocity_score(precond, x, v, time_column(ts[i], B, device), labels)
             if record:

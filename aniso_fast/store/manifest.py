@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ def entry_problem(entry: Any) -> str | None:
         family_registry.family_of(entry)
     except (ValueError, TypeError):
         return f"family {entry.get('family')!r} is not one of {', '.join(family_registry.FAMILIES)}"
+    if "score" in entry:
+        problem = score_problem(entry["score"])
+        if problem:
+            return f"score: {problem}"
     grids = entry.get("grids", {"optimized": {}})
     optimized = grids.get("optimized") if isinstance(grids, dict) else None
     if not isinstance(optimized, dict):
@@ -143,6 +148,24 @@ def entry_problem(entry: Any) -> str | None:
                 and all(b < a for a, b in zip(levels, levels[1:]))):
             return (f"grids.optimized[{steps[:24]!r}] is not that many positive, descending levels below 1e150 (their "
                     f"squares are variances)")
+    return None
+
+
+def _measure(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def score_problem(score: Any) -> str | None:
+    """What is wrong with a model's recorded score (its best measured FD at one NFE: `names.set_scores`), or None."""
+    if not isinstance(score, dict) or not _is_int(score.get("nfe"), 1):
+        return "expected an object with a positive integer nfe"
+    if not (_measure(score.get("fd")) and _measure(score.get("se"))):
+        return "fd and se must be finite, non-negative numbers"
+    if not all(isinstance(score.get(k), str) for k in ("solver", "grid")):
+        return "solver and grid must be names"
+    if score.get("secondary") not in (None, *SECONDARIES) or not (score.get("order") is None
+                                                                   or _is_int(score["order"], 1)):
+        return "secondary or order is not a secondary point / a positive integer or null"
     return None
 
 

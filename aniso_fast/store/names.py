@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..processes import registry as family_registry
-from .manifest import EMBEDDED, assets_dir, choice_problem, entry_problem, read_manifest, update
+from .manifest import EMBEDDED, assets_dir, choice_problem, entry_problem, read_manifest, score_problem, update
 
 __all__ = ["MODELS", "SCHEDULES", "DEFAULT_SCHEDULE", "shipped_models", "default_model", "is_model_file",
            "model_family", "fitted_grids", "sampler_defaults", "set_sampler_defaults", "set_fitted_grids",
-           "set_default"]
+           "set_default", "set_scores"]
 
 SCHEDULES = {
     "edm": "the EDM/Karras initialisation (isotropic, g = h; METHOD §2.2)",
@@ -124,6 +124,23 @@ def set_fitted_grids(name: str, levels: dict[int, list[float]], fit: dict,
         doc["models"][name] = entry
 
     update(Path(assets if assets is not None else assets_dir()), change)
+
+
+def set_scores(scores: Mapping[str, dict], assets: str | os.PathLike | None = None) -> None:
+    """Record, per shipped model, its best measured Frechet distance at one NFE (`nfe`, `fd`, `se` and the sampler:
+    `solver`, `grid`, `secondary`, `order`), as `models list` shows it; written by `evaluate table
+    --record-scores` (and `--set-default`). Re-exporting a model drops its score (it belongs to that network)."""
+    def change(doc: dict) -> None:
+        for name, score in scores.items():
+            if name not in doc["models"]:
+                raise ValueError(f"scores: {name!r} is not a shipped model ({', '.join(doc['models']) or 'none'})")
+            score = {k: score.get(k) for k in ("nfe", "fd", "se", *_CHOICE_KEYS[1:])}
+            problem = score_problem(score)
+            if problem:
+                raise ValueError(f"scores: {name!r}: {problem}")
+            doc["models"][name] = dict(doc["models"][name], score=score)
+
+    update(_existing(assets), change)
 
 
 def set_default(name: str, assets: str | os.PathLike | None = None) -> None:

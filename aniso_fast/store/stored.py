@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,12 +108,18 @@ def build_model(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], weights:
 class StoredModel:
     """A stored model; `StoredModel.open(name_or_path)` (see the module docstring). Attributes: `name`, `kind`
     ('embedded', 'shipped' by name, 'shipped-file' by path, 'checkpoint'), `path`, `family`, `info` (the stored
-    metadata), `num_classes`, `fitted_grids` (steps -> levels; {} unless a shipped model has some)."""
+    metadata), `num_classes`, `fitted_grids` (steps -> levels; {} unless a shipped model has some),
+    `network_parameters` (the sampling network's stored values, parameters and fixed buffers, counted from the
+    header; None for the mixture)."""
 
     def __init__(self, name: str, kind: str, path: Path, header: dict, entry: Mapping[str, Any] | None,
                  fitted: dict[int, list[float]]):
         self.name, self.kind, self.path, self.fitted_grids = name, kind, path, fitted
         self._entry = entry
+        shipped = (header.get("__metadata__") or {}).get("format") == SHIPPED_FORMAT
+        prefix = "net." if shipped else "ema."  # the network a sample uses: a checkpoint's EMA weights
+        self.network_parameters = sum(math.prod(v.get("shape", ())) for k, v in header.items()
+                                      if k.startswith(prefix) and isinstance(v, dict)) or None
         where = str(path)
         stored = header.get("__metadata__") or {}
         if kind == "embedded":

@@ -4,7 +4,8 @@ A crash at any moment leaves either the old file or the complete new one, never 
 temporary file behind (it is removed on any error; a killed process may leave one, named `.NAME.XXXXXXXX.tmp`).
 `replace=False` creates the file exclusively: the temporary file is hard-linked to the name, which fails if the
 name exists, so an existing or concurrently written file is never replaced; `replace=True` renames over it, so
-that of concurrent writers the last complete file wins, never a mix.
+that of concurrent writers the last complete file wins, never a mix. `atomic_folder` does the same for a folder
+of files (a temporary folder beside it, renamed into place).
 
 `fault_hook`, when set, is called with (step, path) before every step that changes the folder: the crash tests
 kill the process there.
@@ -12,15 +13,17 @@ kill the process there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
-import tempfile
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "check_writable_file",
-           "folder_lock", "remove_file", "fault_hook"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_folder", "check_writable_folder",
+           "check_writable_file", "folder_lock", "remove_file", "fault_hook"]
 
 fault_hook: Callable[[str, Path], None] | None = None
 
@@ -140,3 +143,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, repla
             os.fsync(f.fileno())
 
     return _commit(Path(path), fill, replace)
+
+
+def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Let `fill(tmp_folder)` write a folder of files, then move the whole folder into place, so a reader never
+    sees it half-written. `replace=False`: an existing folder with files in it is never replaced (FileExistsError);
+    `replace=True`: it is swapped out and then deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and path.exists():
+        raise FileExistsError(f"{path} exists")
+    _fault("write", path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _fault("commit", path)
+        if replace and path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.rename(tmp, path)  # replaces nothing but an empty folder: a folder with files raises
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or path.is_file():
+                raise FileExistsError(f"{path} exists (written by another process meanwhile); not replaced") \
+                    from None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old / path.name, path)  # put the previous folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
