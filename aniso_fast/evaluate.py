@@ -33,6 +33,7 @@ import math
 import shlex
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--nproc_per_node N -m aniso_fast.evaluate table ...`, gloo on the CPU) each "
                                    "cell's sampling is shared out by whole batches and rank 0 alone uses the cache "
                                    "and writes: the same results as one process with the same --batch and thread "
-                                   "count.")
+                                   "count. Put `--` before `table` (torchrun -m aniso_fast.evaluate -- table --n "
+                                   "...): torchrun's own parser would take --n for one of its options.")
     t.add_argument("--recipe", default="recipes/fmnist.json")
     t.add_argument("--only", type=_names, default=None,
                    help="comma-separated row names: a table of those rows only (default: all); their cells are "
@@ -375,7 +377,9 @@ def _run_classifier(args, command: str) -> int:
 
 
 def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
-    dist = distributed.init("cpu")  # the table samples on the CPU; under torchrun its ranks share the sampling
+    # the table samples on the CPU; under torchrun its ranks share the sampling and wait while rank 0 alone scores
+    # (features, the Inception reference), which may outlast gloo's default 30 minutes
+    dist = distributed.init("cpu", timeout=timedelta(days=1))
     try:
         if not dist.is_main:
             serve_samples(recipe, args.source, dist)

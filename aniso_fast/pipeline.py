@@ -249,7 +249,8 @@ class Pipeline:
             dist: Dist | None = None) -> Samples | None:
         """Sample a checked plan in batches of `batch` seeds. `dist` (`training.distributed.init()` under
         torchrun): this rank samples its whole batches of the single-process run (`Dist.batch_slices`) and rank 0
-        returns all the samples, byte-identical to one process with the same batch; the other ranks return None."""
+        returns all the samples, byte-identical to one process with the same batch (and device type and thread count);
+        the other ranks return None."""
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_SAMPLES:
             raise ValueError(f"--batch: expected 1..{MAX_SAMPLES:,}, got {batch!r}")
         model, process = self.load(plan)

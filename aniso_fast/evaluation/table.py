@@ -35,8 +35,8 @@ from ..sampling import spec
 from ..sampling.grids import fitted_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "serve_samples",
-           "results_markdown",
-           "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+           "results_markdown", "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge",
+           "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -262,6 +262,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 dist.broadcast_object({"row": row["name"], "id": found["id"], "cfg": cfg, "nfe": nfe,
                                        "seeds": list(seeds), "batch": batch})
             return _generate(model, schedule, cfg, nfe, seeds, batch, found["fitted"], dist)
+
         entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]

@@ -7,14 +7,15 @@ is a single process and every collective below is the identity. Network gradient
 its gradients go through `all_reduce_mean_`.
 
 Sampling is sharded by whole batches (`batch_slices`, `gather_batches`): batch i of the single-process run goes to
-rank i mod world, so every rank runs exactly the batches one process would (on CPU the batch size changes the
-last bits of the network's output, and through uint8 rounding an occasional pixel), and rank 0 reassembles them in
-order: the same bytes as one process with the same --batch, device and thread count.
+rank i mod world, so every rank runs exactly the batches one process would (on the CPU the batch size can change
+the last bits of the network's output, which uint8 rounding can turn into a different pixel), and rank 0
+reassembles them in order: the same bytes as one process with the same --batch, device and thread count.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterable
 
 import torch
@@ -128,8 +129,9 @@ def local_device(device: str | None, name: str = "device") -> torch.device:
     return dev
 
 
-def init(device: str | None = None) -> Dist:
-    """Join the process group torchrun describes (or stay single-process) and pick this rank's device."""
+def init(device: str | None = None, timeout: timedelta | None = None) -> Dist:
+    """Join the process group torchrun describes (or stay single-process) and pick this rank's device. `timeout`:
+    how long a collective waits for the other ranks (default: torch's, 30 minutes on gloo)."""
     world_size, rank = env_world_size(), env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     dev = local_device(device)
@@ -137,7 +139,7 @@ def init(device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
