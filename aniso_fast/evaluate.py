@@ -14,7 +14,10 @@ for every row of a recipe (`aniso_fast/recipes/fmnist.json`) whose model exists,
 NFE with each of the row's samplers, scored by the Frechet distance to the test set in the shipped classifier's
 features with a bootstrap standard error, next to the data floor (N training images); samples and features are
 cached (--cache) so an interrupted run resumes. --set-default records the best measured (model, solver, grid)
-per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
+per NFE in the manifest, which `python -m aniso_fast.sample` then uses. Under torchrun (`torchrun --nproc_per_node
+N -m aniso_fast.evaluate table ...`, gloo on the CPU) each cell's sampling is shared out by whole batches and rank
+0 alone reads and writes the cache, scores and writes the table: the same results as one process with the same
+--batch and --threads (torchrun sets OMP_NUM_THREADS=1). The other subcommands run in one process only.
 
 `train-recipe`: runs every training stage of a recipe (resuming where it stopped) and exports the shipped models.
 
@@ -33,12 +36,14 @@ import math
 import shlex
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from . import store
 from .processes import registry
+from .training import distributed
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
@@ -55,6 +60,7 @@ from .evaluation.table import (
     best_samplers,
     results_table,
     row_samplers,
+    serve_samples,
     write_table,
 )
 
@@ -146,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("table", help="the results table of a recipe's models -> docs/RESULTS.md",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="The results table of a recipe's models. Under torchrun (`torchrun "
+                                   "--nproc_per_node N -m aniso_fast.evaluate table ...`, gloo on the CPU) each "
+                                   "cell's sampling is shared out by whole batches and rank 0 alone uses the cache "
+                                   "and writes: the same results as one process with the same --batch and thread "
+                                   "count. Put `--` before `table` (torchrun -m aniso_fast.evaluate -- table --n "
+                                   "...): torchrun's own parser would take --n for one of its options.")
     t.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
     t.add_argument("--only", type=_names, default=None,
                    help="comma-separated row names: a table of those rows only (default: all); their cells are "
@@ -171,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inception-nfe", type=_nfe_list, default="5,9", help="NFEs of the Inception FID")
     t.add_argument("--inception-ref-n", type=_at_least_two, default=10000,
                    help="test images of the Inception reference")
-    t.add_argument("--batch", type=_positive, default=250, help="samples per solver batch")
+    t.add_argument("--batch", type=_positive, default=250,
+                   help="samples per solver batch (under torchrun: whole batches per process)")
     t.add_argument("--fresh", action="store_true",
                    help="recompute every cell and overwrite the cache (default: reuse matching cells and the cache)")
     t.add_argument("--set-default", action="store_true",
@@ -390,6 +403,19 @@ def _run_classifier(args, command: str) -> int:
 
 
 def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
+    # the table samples on the CPU; under torchrun its ranks share the sampling and wait while rank 0 alone scores
+    # (features, the Inception reference), which may outlast gloo's default 30 minutes
+    dist = distributed.init("cpu", timeout=timedelta(days=1))
+    try:
+        if not dist.is_main:
+            serve_samples(recipe, args.source, dist)
+            return 0
+        return _write_table(args, recipe, previous, command, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _write_table(args, recipe: dict, previous: dict | None, command: str, dist: distributed.Dist) -> int:
     from .utils.data import load_fashion_mnist
 
     scorer = FrechetScorer.classifier(args.classifier)
@@ -404,7 +430,7 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
         batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
         floor_images=floor_images, floor_labels=floor_labels, inception=inception, inception_n=args.inception_n,
         inception_nfes=args.inception_nfe, inception_ref=ref,
-        on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
+        on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)), dist=dist)
     print(write_table(result, extras, recipe, Path(args.out), json_path, command))
     if args.set_default or args.record_scores:
         record_scores(result, recipe)
@@ -518,10 +544,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.cmd != "table" and distributed.env_world_size() > 1:
+            raise ValueError(f"{args.cmd}: runs in one process; under torchrun (WORLD_SIZE="
+                             f"{distributed.env_world_size()}) only `table` shares out its work")
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
                    "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid, "fd": _check_fd}[args.cmd](args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.env_rank() == 0:  # under torchrun every rank finds the same error: rank 0 reports it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -25,6 +25,7 @@ from .sampling import spec
 from .sampling.grids import fitted_levels
 from .sampling.noise import check_seeds
 from .sampling.spec import Sampler
+from .training.distributed import Dist
 from .utils.data import to_uint8
 from .utils.devices import resolve_device
 
@@ -244,8 +245,12 @@ class Pipeline:
                         progress=progress, output=output)
 
     def run(self, plan: Plan, seeds: list[int], classes: list[int] | None, *, batch: int = 256,
-            callback: Callable[[dict], None] | None = None, progress: bool = False, output: str = "float") -> Samples:
-        """Sample a checked plan in batches of `batch` seeds."""
+            callback: Callable[[dict], None] | None = None, progress: bool = False, output: str = "float",
+            dist: Dist | None = None) -> Samples | None:
+        """Sample a checked plan in batches of `batch` seeds. `dist` (`training.distributed.init()` under
+        torchrun): this rank samples its whole batches of the single-process run (`Dist.batch_slices`) and rank 0
+        returns all the samples, byte-identical to one process with the same batch (and device type and thread count);
+        the other ranks return None."""
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_SAMPLES:
             raise ValueError(f"--batch: expected 1..{MAX_SAMPLES:,}, got {batch!r}")
         model, process = self.load(plan)
@@ -258,15 +263,20 @@ class Pipeline:
                 raise ValueError(f"--classes: {bad} outside the model's classes 0..{model.num_classes - 1}")
             labels = torch.tensor([classes[i % len(classes)] for i in range(len(seeds))])
         t0 = time.perf_counter()
-        outs, labs = [], []
-        for i in range(0, len(seeds), batch):
-            x, lab, _ = registry.run_sampler(model, process, plan.sampler, seeds[i:i + batch],
-                                             None if labels is None else labels[i:i + batch],
+        dist = dist or Dist()
+        outs = []
+        for part in dist.batch_slices(len(seeds), batch):
+            x, lab, _ = registry.run_sampler(model, process, plan.sampler, seeds[part],
+                                             None if labels is None else labels[part],
                                              fitted=plan.stored.fitted_grids, device=self.device, progress=progress,
                                              callback=callback)
             x = x.cpu()
-            outs.append(to_uint8(x) if output == "uint8" else x.float().clamp(-1, 1))
-            labs.append(lab.cpu() if lab is not None else None)
+            outs.append((to_uint8(x) if output == "uint8" else x.float().clamp(-1, 1),
+                         lab.cpu() if lab is not None else None))
+        outs = dist.gather_batches(outs)
+        if outs is None:
+            return None
+        outs, labs = zip(*outs)
         s = plan.sampler
         info = {"nfe": s.nfe, "solver": s.solver, "grid": s.grid, "secondary": s.secondary, "order": s.order,
                 "model": plan.model, "schedule": plan.schedule, "seconds": time.perf_counter() - t0}

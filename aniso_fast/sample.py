@@ -12,6 +12,9 @@ A model of a process family (vsdm, vsmd: named in its manifest entry or file hea
 path (no --schedule) with the samplers its family takes (`Family.check_sampler`; e.g. --solver em); a vsmd
 model's default is the phase-space DPM-Solver++(2M) on the logsnr grid (`Family.default_sampler`).
 Every option is checked before any work; an existing output file is replaced only with --force.
+Under torchrun (`torchrun --nproc_per_node N -m aniso_fast.sample ...`) every process checks the options, takes
+whole batches of the single-process run (batch i on rank i mod N) and rank 0 writes the one output: the same bytes
+as one process with the same --batch, device type and thread count (torchrun sets OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from . import store
 from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
 from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
+from .training import distributed
 from .utils.atomic import atomic_folder, atomic_write, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.figures import save_image_grid
@@ -209,7 +213,7 @@ def _validate(args):
         raise ValueError(f"--layout: applies to --format npz, not --format {args.format}")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(count))
     classes = parse_classes(args.classes)
-    pipeline = Pipeline(plan.model, args.device)
+    pipeline = Pipeline(plan.model, distributed.local_device(args.device, "--device"))  # cuda:LOCAL_RANK
     return pipeline, plan, seeds, classes, _output_paths(args, _main_path(args, plan, seeds, classes), seeds)
 
 
@@ -250,9 +254,17 @@ def write_folder(folder: Path, out) -> None:
         (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
 
 
-def run(args) -> Path:
-    pipeline, plan, seeds, classes, paths = _validate(args)
-    out = pipeline.run(plan, seeds, classes, batch=args.batch, progress=not args.no_progress, output="uint8")
+def run(args) -> Path | None:
+    """The run's output path (on rank 0; None on the other ranks under torchrun, which write nothing)."""
+    pipeline, plan, seeds, classes, paths = _validate(args)  # on every rank, before the process group
+    dist = distributed.init(args.device)
+    try:
+        out = pipeline.run(plan, seeds, classes, batch=args.batch, progress=not args.no_progress and dist.is_main,
+                           output="uint8", dist=dist)
+    finally:
+        distributed.shutdown()
+    if out is None:
+        return None
     _write(args, paths, out)
     print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid), "
           f"{out.info['seconds']:.2f} s -> {paths[0]}", file=sys.stderr)
@@ -264,7 +276,8 @@ def main(argv=None) -> int:
     try:
         run(build_parser().parse_args(argv))
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.env_rank() == 0:  # under torchrun every rank finds the same error: rank 0 reports it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

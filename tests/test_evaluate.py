@@ -555,8 +555,8 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     generated = {}
     real = table._generate
 
-    def spy(model, schedule, cfg, nfe, seeds, batch, fitted=None):
-        out = real(model, schedule, cfg, nfe, seeds, batch, fitted)
+    def spy(model, schedule, cfg, nfe, seeds, batch, fitted=None, dist=None):
+        out = real(model, schedule, cfg, nfe, seeds, batch, fitted, dist)
         generated[(cfg["solver"], nfe, tuple(seeds))] = out
         return out
 

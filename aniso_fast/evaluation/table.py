@@ -6,6 +6,11 @@ NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`r
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
 cached per (model, sampler, NFE, N, seed set), so an interrupted run resumes where it stopped.
+
+Under torchrun (`results_table(dist=...)` on rank 0, `serve_samples` on the other ranks) rank 0 runs the table
+alone (cache, features, scores, files) and sends each sampling job to the other ranks; each rank samples its
+whole batches of the single-process run (`Dist.batch_slices`) and rank 0 gathers them: the same images, hence the
+same features and Frechet distances, as one process with the same batch and thread count.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from ..processes import registry
+from ..training.distributed import Dist
 from ..utils.atomic import atomic_write, atomic_write_text
 from ..utils.machine import machine_description
 from .features import FeatureMap, FrechetScorer
@@ -28,8 +34,9 @@ from .recipes import resolve_row, sampler_for, sampler_key
 from ..sampling import spec
 from ..sampling.grids import fitted_levels
 
-__all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
-           "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+__all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "serve_samples",
+           "results_markdown", "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge",
+           "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -58,20 +65,41 @@ def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
 
 
 def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int,
-              fitted: dict | None = None) -> torch.Tensor:
+              fitted: dict | None = None, dist: Dist | None = None) -> torch.Tensor | None:
     """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler
-    (`fitted`: the model's fitted grids, for grid 'optimized')."""
+    (`fitted`: the model's fitted grids, for grid 'optimized'). `dist`: this rank samples its whole batches
+    (`Dist.batch_slices`); rank 0 returns them all, the other ranks None."""
     from ..utils.data import to_uint8
 
-    out = []
+    dist = dist or Dist()
+    seeds, out = list(seeds), []
     num_classes = model.num_classes
     plan = sampler_for(cfg, nfe, registry.family_of_process(schedule).name)
-    for i in range(0, len(seeds), batch):
-        chunk = list(seeds[i:i + batch])
+    for part in dist.batch_slices(len(seeds), batch):
+        chunk = seeds[part]
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
         x, _, _ = registry.run_sampler(model, schedule, plan, chunk, labels, fitted=fitted)
         out.append(to_uint8(x))
-    return torch.cat(out)
+    out = dist.gather_batches(out)
+    return None if out is None else torch.cat(out)
+
+
+def serve_samples(recipe: dict, source: str, dist: Dist) -> None:
+    """The loop of every rank but 0 under torchrun while rank 0 runs `results_table(dist=dist)`: sample this
+    rank's batches of each job rank 0 sends (a row's model, sampler, NFE, seeds, batch), until it sends None. The
+    model is resolved here as on rank 0 (`resolve_row`); a different one (a checkpoint written meanwhile) is an
+    error."""
+    rows = {row["name"]: row for row in recipe["rows"]}
+    loaded: dict[str, tuple] = {}
+    while (job := dist.broadcast_object()) is not None:
+        if job["id"] not in loaded:
+            found = resolve_row(rows[job["row"]], source)
+            if found["id"] != job["id"]:
+                raise ValueError(f"--source: rank {dist.rank} finds {found['id']} for row {job['row']}, rank 0 "
+                                 f"{job['id']} (a checkpoint written meanwhile?)")
+            loaded = {job["id"]: (*found["load"](), found["fitted"])}  # one row at a time
+        model, schedule, fitted = loaded[job["id"]]
+        _generate(model, schedule, job["cfg"], job["nfe"], job["seeds"], job["batch"], fitted, dist)
 
 
 def _seed_list(index: int, n: int) -> list[int]:
@@ -187,15 +215,21 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                   floor_images: torch.Tensor | None = None, floor_labels: torch.Tensor | None = None,
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
                   inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
-                  on_update: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[dict, dict]:
+                  on_update: Callable[[dict], None] | None = None, progress: bool = True,
+                  dist: Dist | None = None) -> tuple[dict, dict]:
     """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
     every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
     `floor_images` (and their `floor_labels`, for class-balanced sets) give the data floor.
     Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused, and
     samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
+    `dist` (torchrun, on rank 0, while the other ranks run `serve_samples`): every sampling is shared out by
+    whole batches; the other ranks are released when the table is done.
     Returns (the result document, {row name: (model, schedule, uint8 samples at `sample_nfe`)} for the figures).
     """
+    dist = dist or Dist()
+    if not dist.is_main:
+        raise ValueError("dist: results_table runs on rank 0; the other ranks run serve_samples")
     store = _Cache(cache, fresh)
     protocol = {"n": n, "seeds": seeds, "nfes": list(nfes), "scorer": scorer.id, "source": source,
                 "num_reference": getattr(scorer, "num_reference", None), "bootstrap": bootstrap,
@@ -221,6 +255,14 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             continue
         model, schedule = found["load"]()
         family = registry.family_of_process(schedule).name
+
+        def generate(cfg: dict, nfe: int, seeds: Sequence[int], row=row, found=found, model=model,
+                     schedule=schedule) -> torch.Tensor:
+            if dist.enabled:  # the job of `serve_samples` on the other ranks
+                dist.broadcast_object({"row": row["name"], "id": found["id"], "cfg": cfg, "nfe": nfe,
+                                       "seeds": list(seeds), "batch": batch})
+            return _generate(model, schedule, cfg, nfe, seeds, batch, found["fitted"], dist)
+
         entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]
@@ -246,8 +288,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     t0, sets = time.perf_counter(), []
                     for s in range(seeds):
                         what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s, **grid_key}
-                        sets.append(store.features(what, scorer, lambda s=s: _generate(
-                            model, schedule, cfg, nfe, _seed_list(s, n), batch, found["fitted"])))
+                        sets.append(store.features(what, scorer, lambda s=s: generate(cfg, nfe, _seed_list(s, n))))
                     cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **grid_key, **_score(sets, scorer, bootstrap),
                             "seconds": round(time.perf_counter() - t0, 1)}
                 entry["cells"].append(cell)
@@ -263,7 +304,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
         except ValueError:  # e.g. no grid fitted for it: the row has no sample figure
             pass
         else:
-            shown = _generate(model, schedule, primary, sample_nfe, range(k), batch, found["fitted"])
+            shown = generate(primary, sample_nfe, range(k))
             extras[row["name"]] = (model, schedule, shown, primary)
         if inception is not None:
             if inception_scorer is None:  # the reference features are cached too: a resumed run reuses them
@@ -283,8 +324,8 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 if cell is None or cell.get("levels") != grid_key.get("levels"):
                     what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0,
                             **grid_key}
-                    feats = store.features(what, inception_scorer, lambda: _generate(
-                        model, schedule, primary, nfe, _seed_list(0, inception_n), batch, found["fitted"]))
+                    feats = store.features(what, inception_scorer, lambda: generate(
+                        primary, nfe, _seed_list(0, inception_n)))
                     from .metrics import frechet_distance_from_statistics
 
                     fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
@@ -296,6 +337,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     print(f"{row['name']:10s} Inception FID NFE {nfe:3d}: {cell['fid']:.2f}", flush=True)
                 if on_update is not None:
                     on_update(result)
+    dist.broadcast_object(None)  # releases `serve_samples`
     return result, extras
 
 

@@ -1,14 +1,21 @@
-"""Process-group setup and the few collectives training needs (gloo on CPU, NCCL on GPU).
+"""Process-group setup and the few collectives that training, `sample` and `evaluate table` need (gloo on CPU,
+NCCL on GPU).
 
 `init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it the run
 is a single process and every collective below is the identity. Network gradients are averaged by DDP itself
 (the loss calls the DDP-wrapped module, unlike the reference, METHOD §10.11); the schedule is not inside DDP, so
 its gradients go through `all_reduce_mean_`.
+
+Sampling is sharded by whole batches (`batch_slices`, `gather_batches`): batch i of the single-process run goes to
+rank i mod world, so every rank runs exactly the batches one process would (on the CPU the batch size can change
+the last bits of the network's output, which uint8 rounding can turn into a different pixel), and rank 0
+reassembles them in order: the same bytes as one process with the same --batch, device and thread count.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterable
 
 import torch
@@ -17,7 +24,7 @@ from torch import Tensor
 
 from ..utils.devices import resolve_device
 
-__all__ = ["Dist", "resolve_device", "init", "shutdown"]
+__all__ = ["Dist", "resolve_device", "local_device", "env_rank", "env_world_size", "init", "shutdown"]
 
 
 @dataclass
@@ -76,19 +83,63 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def batch_slices(self, n: int, batch: int) -> list[slice]:
+        """This rank's share of n items cut into batches of `batch`: the whole batches rank, rank + world, ... of
+        the single-process run (the last one may be short; a rank may get none)."""
+        return [slice(i, min(i + batch, n)) for i in range(self.rank * batch, n, self.world_size * batch)]
 
-def init(device: str | None = None) -> Dist:
-    """Join the process group torchrun describes (or stay single-process) and pick this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    def gather_batches(self, outs: list[Any]) -> list[Any] | None:
+        """On rank 0: the results of every rank's `batch_slices` (`outs`, one per batch, CPU tensors) in batch
+        order; None on the other ranks (one gather_object: each rank's share is pickled once)."""
+        if not self.enabled:
+            return list(outs)
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(list(outs), gathered, dst=0)
+        if not self.is_main:
+            return None
+        count = sum(len(g) for g in gathered)
+        return [gathered[i % self.world_size][i // self.world_size] for i in range(count)]
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """`obj` of rank `src`, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun gives it (0 outside torchrun), known before the process group exists: only
+    rank 0 reports errors found while checking the options, which every rank checks alike."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device(device: str | None, name: str = "device") -> torch.device:
+    """This process's device: `resolve_device` (ValueError naming `name`), with a CUDA device given without an
+    index ('auto' on a GPU machine, 'cuda') meaning cuda:LOCAL_RANK under torchrun."""
+    dev = resolve_device(device, name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", str(env_rank()))))
+    return dev
+
+
+def init(device: str | None = None, timeout: timedelta | None = None) -> Dist:
+    """Join the process group torchrun describes (or stay single-process) and pick this rank's device. `timeout`:
+    how long a collective waits for the other ranks (default: torch's, 30 minutes on gloo)."""
+    world_size, rank = env_world_size(), env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = resolve_device(device)
+    dev = local_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
