@@ -382,13 +382,6 @@ def _check_precision_gate(args) -> dict[int, dict]:
         raise ValueError("--candidate: auto is fp32 on this machine (no AMX or AVX-512 bf16): nothing to compare; "
                          "give --candidate bf16 to measure it anyway")
     args.execution = net_execution.Execution(candidate)
-    store.check_assets()
-    choices = {}
-    for nfe in args.nfe:
-        choice = nfe_choice(nfe)
-        if choice is None or choice["model"] not in store.shipped_models():
-            raise ValueError(f"--nfe: no default sampler of a shipped model runs at NFE {nfe}")
-        choices[nfe] = choice
     _check_classifier_asset(args.classifier)
     _check_fashion_mnist("test")
     for suffix in (".json", ".md"):
@@ -402,6 +395,13 @@ def _check_precision_gate(args) -> dict[int, dict]:
         check_writable_folder(args.cache)
     except ValueError as e:
         raise ValueError(f"--cache: {e}") from None
+    store.check_assets()
+    choices = {}
+    for nfe in args.nfe:
+        choice = nfe_choice(nfe)
+        if choice is None or choice["model"] not in store.shipped_models():
+            raise ValueError(f"--nfe: no default sampler of a shipped model runs at NFE {nfe}")
+        choices[nfe] = choice
     return choices
 
 

@@ -40,9 +40,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # either gives the CPU native bf16 matrix products
-# the --precision default of sample, evaluate and the Python API (train's is fp32): 'auto' only where the FD gate
-# holds (`python -m aniso_fast.evaluate precision-gate`, docs/RESULTS.md "Precision")
-DEFAULT_PRECISION = "fp32"
+# the --precision default of sample, evaluate and the Python API (train's is fp32): 'auto', since the FD gate holds
+# (`python -m aniso_fast.evaluate precision-gate`: bf16 moves the default sampler's FD at NFE 5 and 9 by 0.002 and
+# 0.000, within the cells' bootstrap SE of 0.15 and 0.14; docs/precision_gate.md)
+DEFAULT_PRECISION = "auto"
+COMPILE_BACKEND = "inductor"  # torch.compile's backend (the tests swap in a faster one to check the wrapper)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -133,10 +135,19 @@ def resolve_execution(device, precision: str | None = "auto", compile: bool | st
 
 
 def compile_cache_dir() -> Path:
-    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/aniso_fast/inductor (set then)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR as the user set it, else ~/.cache/aniso_fast/inductor
+    (set then; inductor writes its /tmp default into the variable when first imported, so that value counts as
+    unset)."""
+    import sys
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is None or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "aniso_fast" / "inductor")
+        if "torch._inductor.utils" in sys.modules:  # paths inductor derived from the old folder
+            sys.modules["torch._inductor.utils"].clear_caches()
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
@@ -164,12 +175,12 @@ class ExecutedNetwork(nn.Module):
             net.to(memory_format=torch.channels_last)
         self._call = self._run
         if execution.compile is not None:
+            compile_cache_dir()
             import torch._inductor.config as inductor_config
 
-            compile_cache_dir()
             inductor_config.fx_graph_cache = True
             mode = None if execution.compile == "default" else execution.compile
-            self._call = torch.compile(self._run, mode=mode, dynamic=False)
+            self._call = torch.compile(self._run, mode=mode, dynamic=False, backend=COMPILE_BACKEND)
 
     def __getattr__(self, name: str):
         try:
