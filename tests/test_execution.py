@@ -204,8 +204,9 @@ def test_train_precision_is_checked_and_resolved(tmp_path, monkeypatch):
 
 # ---- torch.compile of the network alone ----
 
-def _compiled_run(backend, monkeypatch):
+def _compiled_run(backend, monkeypatch, cache):
     monkeypatch.setattr(execution, "COMPILE_BACKEND", backend)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # not the user's cache
     torch._dynamo.reset()
     net = _unet()
     wrapped = ExecutedNetwork(net, Execution(compile="default"))
@@ -221,8 +222,8 @@ def _compiled_run(backend, monkeypatch):
     return full, partial, eager, counters["stats"]["unique_graphs"]
 
 
-def test_compile_wraps_the_network_once_and_pads_the_last_batch(monkeypatch):
-    full, partial, eager, graphs = _compiled_run("aot_eager", monkeypatch)
+def test_compile_wraps_the_network_once_and_pads_the_last_batch(monkeypatch, tmp_path):
+    full, partial, eager, graphs = _compiled_run("aot_eager", monkeypatch, tmp_path)
     assert graphs == 1  # the partial batch (4 of 6) ran on the same graph, padded
     assert partial.shape == (4, 1, 8, 8)
     assert torch.allclose(full, eager, atol=1e-5) and torch.allclose(partial, eager[:4], atol=1e-5)
@@ -246,8 +247,7 @@ def test_the_compile_cache_lives_under_the_users_cache(monkeypatch, tmp_path):
 def test_inductor_output_equals_eager(monkeypatch, tmp_path):
     """The real compiler (inductor, C++ on the CPU): measured 70 s of CPU time cold on this project's 2-core
     machine (37 s wall with a warm FX graph cache), hence slow."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    full, partial, eager, graphs = _compiled_run("inductor", monkeypatch)
+    full, partial, eager, graphs = _compiled_run("inductor", monkeypatch, tmp_path / "inductor")
     assert graphs == 1
     assert torch.allclose(full, eager, atol=1e-4) and torch.allclose(partial, eager[:4], atol=1e-4)
 
@@ -269,3 +269,23 @@ def test_api_matches_the_cli_under_bf16(tiny_checkpoint, tmp_path, capsys):
     fp32, bf16 = (pipe.sample(5, nfe=5, precision=p, batch=2) for p in ("fp32", "bf16"))
     assert fp32.info["precision"] == "fp32" and not torch.equal(fp32.images, bf16.images)
     assert aniso_fast.load("gmm-fmnist", device="cpu").sample(2, nfe=3).info["precision"] is None  # no network
+
+
+def test_a_model_that_calls_its_own_network():
+    """The exact mixture has no network: left as it is. A model without set_network cannot run the trainer's
+    network under a policy: refused rather than silently run in fp32."""
+    from aniso_fast import store
+
+    mixture, _ = store.StoredModel.open("gmm-fmnist").load()
+    assert execute(mixture, BF16) is mixture and network_of(mixture) is None
+
+    class Own(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+    net = _unet()
+    model = Own(net)
+    assert execute(model, FP32, network=net) is model  # fp32 on its own network: nothing to change
+    with pytest.raises(ValueError, match="^--precision: a Own calls its network itself"):
+        execute(model, BF16, network=net)

@@ -227,20 +227,25 @@ def network_of(model: nn.Module) -> nn.Module | None:
 def execute(model: nn.Module, execution: Execution, network: nn.Module | None = None) -> nn.Module:
     """`model` calling its network under `execution` (in place; returns `model`). `network`: the module to run in
     place of the model's own (the trainer's DistributedDataParallel wrapper); a previous policy is replaced, and
-    the plain policy (fp32, eager, contiguous) calls the network directly. A model without a network (the exact
-    mixture) is returned as it is."""
+    the plain policy (fp32, eager, contiguous) calls the network directly. A model without a network it swaps
+    through `set_network` (the exact mixture) is returned as it is, unless `network` is given (ValueError)."""
+    if not hasattr(model, "set_network"):
+        if network is not None and not (execution.is_plain and getattr(model, "net", None) is network):
+            raise ValueError(f"--precision: a {type(model).__name__} calls its network itself (no set_network); "
+                             f"it runs in fp32 only")
+        return model
     net = network if network is not None else network_of(model)
-    if net is None:
-        return model
     if execution.is_plain:
-        model.set_network(net)
-        return model
-    # one wrapper per (network, policy), kept with the model: a compiled graph is made once per process
-    made = model.__dict__.setdefault("_executed_networks", {})
-    key = (id(net), execution)
-    if key not in made or made[key].net is not net:
-        made[key] = ExecutedNetwork(net, execution)
-    model.set_network(made[key])
+        target = net
+    else:
+        # one wrapper per (network, policy), kept with the model: a compiled graph is made once per process
+        made = model.__dict__.setdefault("_executed_networks", {})
+        key = (id(net), execution)
+        if key not in made or made[key].net is not net:
+            made[key] = ExecutedNetwork(net, execution)
+        target = made[key]
+    if model.net is not target:
+        model.set_network(target)
     return model
 
 
