@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .networks import execution
 from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
 from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--individual", action="store_true", help="also write one PNG per sample (png format only)")
     p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    execution.add_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -213,7 +215,8 @@ def _validate(args):
         raise ValueError(f"--layout: applies to --format npz, not --format {args.format}")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(count))
     classes = parse_classes(args.classes)
-    pipeline = Pipeline(plan.model, distributed.local_device(args.device, "--device"))  # cuda:LOCAL_RANK
+    pipeline = Pipeline(plan.model, distributed.local_device(args.device, "--device"),  # cuda:LOCAL_RANK
+                        precision=args.precision, compile=args.compile or False, memory_format=args.memory_format)
     return pipeline, plan, seeds, classes, _output_paths(args, _main_path(args, plan, seeds, classes), seeds)
 
 
@@ -266,7 +269,8 @@ def run(args) -> Path | None:
     if out is None:
         return None
     _write(args, paths, out)
-    print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid), "
+    ran = f", {out.info['precision']}" if out.info["precision"] is not None else ""
+    print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid{ran}), "
           f"{out.info['seconds']:.2f} s -> {paths[0]}", file=sys.stderr)
     print(paths[0])
     return paths[0]

@@ -62,6 +62,9 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--format": [["--format", "bogus"]],
         "--individual": [["--individual", "--format", "npz"]],
         "--device": [["--device", "bogus"]],
+        "--precision": [["--precision", "bogus"], ["--precision", "fp16"]],  # fp16: CUDA only
+        "--compile": [["--compile", "bogus"], ["--compile", "reduce-overhead"]],  # CUDA graphs: CUDA only
+        "--memory-format": [["--memory-format", "bogus"]],
     },
     "train": {
         "--stage": [["--stage", "bogus"]],
@@ -73,6 +76,8 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--edm-pickle": [["--edm-pickle", MISSING + ".pkl"]],
         "--seed": [["--seed", "abc"], ["--seed", "-1"]],
         "--device": [["--device", "bogus"], ["--device", "cuda:99"]],
+        "--precision": [["--precision", "bogus"], ["--precision", "fp16"],
+                        ["--stage", "aniso", "--precision", "fp16"]],  # NaN in the estimator, on any device
         "--model-channels": [["--model-channels", "0"]],
         "--channel-mult": [["--channel-mult", "a,b"], ["--channel-mult", "0"]],
         "--num-blocks": [["--num-blocks", "0"]],
@@ -159,6 +164,9 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--out": [["--out", UNDER_A_FILE + ".md"]],
         "--json": [["--json", UNDER_A_FILE + ".json"]],
         "--threads": [["--threads", "0"]],
+        "--precision": [["--precision", "bogus"], ["--precision", "fp16"]],  # fp16: CUDA only
+        "--compile": [["--compile", "bogus"], ["--compile", "reduce-overhead"]],  # CUDA graphs: CUDA only
+        "--memory-format": [["--memory-format", "bogus"]],
     },
     "evaluate train-recipe": {
         "--recipe": [["--recipe", MISSING + ".json"]],
@@ -182,6 +190,21 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--samples": [["--samples", "0"]],
         "--teacher-steps": [["--teacher-steps", "1"]],
         "--check": [["--check", "-1"]],
+        "--threads": [["--threads", "0"]],
+        "--precision": [["--precision", "bogus"], ["--precision", "fp16"]],  # fp16: CUDA only
+        "--compile": [["--compile", "bogus"], ["--compile", "reduce-overhead"]],  # CUDA graphs: CUDA only
+        "--memory-format": [["--memory-format", "bogus"]],
+    },
+    "evaluate precision-gate": {
+        "--candidate": [["--candidate", "fp32"], ["--candidate", "fp16"]],  # fp32: nothing to gate; fp16: CUDA only
+        "--nfe": [["--nfe", "abc"], ["--nfe", "0"]],
+        "--n": [["--n", "1"]],
+        "--bootstrap": [["--bootstrap", "1"]],
+        "--batch": [["--batch", "0"]],
+        "--cache": [["--cache", UNDER_A_FILE]],
+        "--classifier": [["--classifier", MISSING + ".safetensors"]],
+        "--out": [["--out", UNDER_A_FILE]],
+        "--results": [["--results", MISSING + ".md"], ["--results", "a_file/sub.md"]],
         "--threads": [["--threads", "0"]],
     },
     "models build-gmm": {
@@ -227,7 +250,8 @@ def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:
                 "table": ["--recipe", RECIPE, "--n", "4", "--seeds", "1", "--out", "t/R.md", "--json", "t/r.json"],
                 "train-recipe": ["--recipe", RECIPE, "--dry-run"],
                 "fit-grid": ["--model", "gmm-fmnist", "--no-progress"],
-                "fd": ["--samples", "fashion-mnist:test", "--ref", "fashion-mnist:test"]}[sub]
+                "fd": ["--samples", "fashion-mnist:test", "--ref", "fashion-mnist:test"],
+                "precision-gate": ["--candidate", "bf16", "--out", "g/gate", "--results", "none"]}[sub]
         return evaluate.main, [sub, *base, *fragment]
     if sub == "export":
         ckpt = MISSING + ".safetensors" if fragment == ["MISSING_CKPT"] else tiny["ckpt"]

@@ -239,7 +239,7 @@ def test_model_given_as_a_shipped_file_or_a_directory(tmp_path, capsys):
     gets a message saying what --model expects."""
     shipped = store.ASSET_DIR / store.shipped_models(store.ASSET_DIR)["fmnist-dct"]["file"]
     assert main(["--model", str(shipped), "--seeds", "3", "--nfe", "3", "--format", "npz", "--outdir", str(tmp_path),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--precision", "fp32"]) == 0  # as `sample` below runs the network
     path = capsys.readouterr().out.strip()
     assert path.endswith("fmnist-dct_learned_heun-mid_uniform_t_nfe3_seeds3.npz")
     by_name, schedule = store.StoredModel.open("fmnist-dct").load()

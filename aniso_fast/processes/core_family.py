@@ -91,6 +91,11 @@ class CoreFamily(Family):
         check_loss_c(cfg)
         if cfg.stage == "edm" and cfg.class_schedules:
             raise ValueError("--class-schedules: the edm stage has no learned schedule")
+        if getattr(cfg, "precision", None) == "fp16" and cfg.stage == "aniso" and not cfg.no_estimator:
+            # its Hessian-vector products run through the network inside the loss, out of the loss scaler's reach:
+            # NaN in fp16 on a tiny run (tests/test_execution.py)
+            raise ValueError("--precision: fp16 gives NaN in the aniso stage's schedule-gradient estimator; use "
+                             "bf16 (or --no-estimator)")
 
     def new_process(self, cfg, num_subspaces, num_classes):
         """Tied except in the aniso stage (METHOD §2.2)."""

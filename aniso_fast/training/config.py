@@ -12,6 +12,7 @@ import argparse
 import math
 from typing import Sequence
 
+from ..networks import execution
 from ..processes import registry
 from ..utils.atomic import check_writable_folder
 from ..utils.cli import Parser
@@ -22,7 +23,7 @@ __all__ = ["RESUME_FREE", "build_parser", "config_from_argv", "parse_args", "att
 
 # options that may change between a run and its --resume (everything else must match the checkpoint)
 RESUME_FREE = {"out", "resume", "kimg", "steps", "snapshot_every", "keep", "sample_every", "sample_n",
-               "sample_nfe", "plot_every", "progress", "device"}
+               "sample_nfe", "plot_every", "progress", "device", "precision"}
 
 
 def int_list(text: str) -> list[int]:
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (under "
                                                     "torchrun each rank takes cuda:LOCAL_RANK)")
+    # fp32 by default: no training-quality check of bf16 has been made (docs/RESULTS.md, "Precision")
+    execution.add_options(g, precision="fp32", sampling=False)
 
     g = p.add_argument_group("network (when not loaded from --init-from / --edm-pickle)")
     g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=None,
@@ -210,7 +213,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     # the run length is resolved here (a resume compares the actual values); the decay defaults derived from it
     # stay None, so that a resume may change the length (optim.lr_decay resolves them)
     args.steps, args.kimg = optim.train_length(args.kimg, args.steps, args.batch)
-    distributed.resolve_device(args.device, name="--device")
+    device = distributed.resolve_device(args.device, name="--device")
+    # recorded resolved (args.json, checkpoints): 'auto' becomes what it ran as
+    args.precision = execution.resolve_precision(args.precision, device)
     _check_out(args.out)
     return args
 

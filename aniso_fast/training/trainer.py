@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..geometry.bases import SubspaceBasis
+from ..networks.execution import Execution, execute
 from ..processes import registry
 from .. import sampling
 from ..store import checkpoint as ckpt
@@ -148,8 +149,11 @@ class Trainer:
                        inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
             self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
             # the loss calls precond.flow/denoise, which call .net: route that call through DDP's forward so that
-            # network gradients are averaged over ranks (the reference skipped DDP's forward, METHOD §10.11)
-            self.loss_model.set_network(self.ddp)
+            # network gradients are averaged over ranks (the reference skipped DDP's forward, METHOD §10.11): below
+        # the loss's network calls run under --precision (autocast around the network only; the weights, their
+        # gradients, the optimiser state and the EMA stay float32); fp16 scales the loss (CUDA only)
+        execute(self.loss_model, Execution(args.precision), network=self.ddp if self.ddp is not None else self.net)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.ema = EMA(self.net)
         if ema_state is not None:
             self.ema.module.load_state_dict(ema_state)
@@ -233,7 +237,7 @@ class Trainer:
             sync = a == A - 1 or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 loss, stats = loss_fn(x0, labels, gen)
-                (loss / A).backward()
+                (loss / A if self.scaler is None else self.scaler.scale(loss / A)).backward()
             loss_total += loss.detach().double()
             for k, v in (stats or {}).items():  # per-subspace summaries; per-sample ones ("t") are skipped
                 v = torch.as_tensor(v).detach()
@@ -247,18 +251,24 @@ class Trainer:
                 self.process_param.grad = torch.zeros_like(self.process_param)
             process_grads = [self.process_param.grad]
             dist.all_reduce_mean_(process_grads)  # network gradients were averaged by DDP in backward
+        if self.scaler is not None:  # true gradients before the checks; a step with an inf is skipped by the scaler
+            self.scaler.unscale_(self.opt_net)
+            if step_process:
+                self.scaler.unscale_(self.opt_process)
         bad_net, bad_process = optim.sanitize_grads_(net_grads), optim.sanitize_grads_(process_grads)
 
         nimg = self.nimg + B
         f = optim.lr_factor(nimg, args.rampup_kimg, *self.decay)
         for group in self.opt_net.param_groups:
             group["lr"] = args.lr * f
-        self.opt_net.step()
+        self._step(self.opt_net)
         if step_process:
             present = dist.any_over_ranks(present.to(self.device)) if S > 1 else torch.ones(1, dtype=torch.bool)
             for group in self.opt_process.param_groups:
                 group["lr"] = args.glr * f
-            self.opt_process.step(present)
+            self._step(self.opt_process, present)
+        if self.scaler is not None:
+            self.scaler.update()
         grad_norm_net, grad_norm_process = optim.grad_norm(net_grads), optim.grad_norm(process_grads)
         self.opt_net.zero_grad(set_to_none=True)
         if self.opt_process is not None:
@@ -272,7 +282,9 @@ class Trainer:
         record = {"step": self.step, "kimg": self.nimg / 1000, "loss": float(loss_mean),
                   "lr": args.lr * f, "glr": args.glr * f if step_process else 0.0,
                   "grad_norm_net": float(grad_norm_net), "grad_norm_schedule": float(grad_norm_process),
-                  "nonfinite_net": int(bad_net), "nonfinite_schedule": int(bad_process)}
+                  "nonfinite_net": int(bad_net), "nonfinite_schedule": int(bad_process), "precision": args.precision}
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
         if S > 1:
             record["classes_present"] = int(present.sum())
         record.update({k: v.tolist() for k, v in stats_total.items()})
@@ -280,6 +292,13 @@ class Trainer:
             record.update(self.forward_update(f))
         record["sec_per_step"] = time.perf_counter() - t0
         return record
+
+    def _step(self, opt, *args) -> None:
+        """opt.step(*args), through the gradient scaler under fp16 (which skips a step whose gradients overflowed)."""
+        if self.scaler is None:
+            opt.step(*args)
+        else:
+            self.scaler.step(opt, *args)
 
     def forward_update(self, lr_factor: float) -> dict:
         """The alternating rule's process update (VSDM, VSMD): --forward-paths backward Euler-Maruyama paths of the
