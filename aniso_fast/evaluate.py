@@ -56,6 +56,7 @@ from .training import distributed
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
+from .utils.devices import resolve_device
 from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
 from .evaluation.compare import FEATURES, check_pair, feature_map, frechet_between, load_images
 from .evaluation.features import FrechetScorer, InceptionFeatures
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", default="docs/results.json")
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     net_execution.add_options(t)
+    t.add_argument("--device", default="auto", help="where the networks run: auto (cuda when available, else cpu), "
+                                                   "cpu, cuda or cuda:N; the features are computed on the cpu")
 
     r = sub.add_parser("train-recipe", help="run every training stage of a recipe (resumable), export the models")
     r.add_argument("--recipe", default="fmnist", help=RECIPE_HELP)
@@ -265,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results", default="docs/RESULTS.md",
                    help="the results document whose 'Precision' section is replaced (or added); 'none': leave it")
     g.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--device", default="auto", help="where the networks run: auto (cuda when available, else cpu), "
+                                                   "cpu, cuda or cuda:N; the features are computed on the cpu")
     return parser
 
 
@@ -343,8 +348,9 @@ def _check_classifier(args) -> None:
 
 
 def _check_execution(args) -> None:
-    """--precision, --compile, --memory-format resolved for the CPU, where the table and fit-grid sample."""
-    args.execution = net_execution.from_args(args, "cpu")
+    """--device (table; fit-grid runs on the CPU) and --precision, --compile, --memory-format resolved for it."""
+    args.device = distributed.local_device(getattr(args, "device", "cpu"), "--device")  # cuda:LOCAL_RANK
+    args.execution = net_execution.from_args(args, args.device)
 
 
 def _check_classifier_asset(path: str) -> None:
@@ -414,8 +420,9 @@ def _check_precision_gate(args) -> dict[int, dict]:
     """The candidate policy (args.execution) and the default sampler per NFE (a shipped model each)."""
     from .pipeline import nfe_choice
 
+    args.device = resolve_device(args.device, "--device")
     try:
-        candidate = net_execution.resolve_precision(args.candidate, "cpu")
+        candidate = net_execution.resolve_precision(args.candidate, args.device)
     except ValueError as e:
         raise ValueError(f"--candidate: {str(e).removeprefix('--precision: ')}") from None
     if candidate == "fp32":
@@ -480,12 +487,12 @@ def _run_classifier(args, command: str) -> int:
 
 
 def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
-    # the table samples on the CPU; under torchrun its ranks share the sampling and wait while rank 0 alone scores
+    # gloo: the samples are gathered on the CPU; under torchrun the ranks share the sampling and wait while rank 0 alone scores
     # (features, the Inception reference), which may outlast gloo's default 30 minutes
     dist = distributed.init("cpu", timeout=timedelta(days=1))
     try:
         if not dist.is_main:
-            serve_samples(recipe, args.source, dist, args.execution)
+            serve_samples(recipe, args.source, dist, args.execution, args.device)
             return 0
         return _write_table(args, recipe, previous, command, dist)
     finally:
@@ -506,7 +513,7 @@ def _write_table(args, recipe: dict, previous: dict | None, command: str, dist: 
         recipe, scorer, n=args.n, seeds=args.seeds, nfes=args.nfe, source=args.source, optional=not args.no_optional,
         batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
         floor_images=floor_images, floor_labels=floor_labels, inception=inception, inception_n=args.inception_n,
-        inception_nfes=args.inception_nfe, inception_ref=ref, execution=args.execution,
+        inception_nfes=args.inception_nfe, inception_ref=ref, execution=args.execution, device=args.device,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)), dist=dist)
     print(write_table(result, extras, recipe, Path(args.out), json_path, command,
                       _gate_section(Path(args.out), args.execution.precision)))
@@ -538,8 +545,8 @@ def _replace_section(text: str, heading: str, lines: list[str]) -> str:
 
 def _run_precision_gate(args, choices: dict[int, dict], command: str) -> int:
     scorer = FrechetScorer.classifier(args.classifier)
-    result = precision_gate(choices, scorer, args.execution, n=args.n, bootstrap=args.bootstrap, batch=args.batch,
-                            cache=args.cache, fresh=args.fresh)
+    result = precision_gate(choices, scorer, args.execution, device=args.device, n=args.n, bootstrap=args.bootstrap,
+                            batch=args.batch, cache=args.cache, fresh=args.fresh)
     result["command"] = command
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))

@@ -164,6 +164,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--out": [["--out", UNDER_A_FILE + ".md"]],
         "--json": [["--json", UNDER_A_FILE + ".json"]],
         "--threads": [["--threads", "0"]],
+        "--device": [["--device", "mps"], ["--device", "cuda:x"]],
         "--precision": [["--precision", "bogus"], ["--precision", "fp16"]],  # fp16: CUDA only
         "--compile": [["--compile", "bogus"], ["--compile", "reduce-overhead"]],  # CUDA graphs: CUDA only
         "--memory-format": [["--memory-format", "bogus"]],
@@ -206,6 +207,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--out": [["--out", UNDER_A_FILE]],
         "--results": [["--results", MISSING + ".md"], ["--results", "a_file/sub.md"]],
         "--threads": [["--threads", "0"]],
+        "--device": [["--device", "mps"]],
     },
     "models build-gmm": {
         "--out": [["--out", UNDER_A_FILE + ".safetensors"]],

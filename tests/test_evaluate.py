@@ -265,7 +265,7 @@ def gmm_recipe(monkeypatch):
     model, schedule = store.StoredModel.open("gmm-fmnist").load()
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
         "status": "ok", "where": f"mixture for {row['name']}", "id": f"test:{row['name']}",
-        "load": lambda: (model, schedule), "fitted": {}})
+        "load": lambda device="cpu": (model, schedule), "fitted": {}})
     recipe = {"title": "tiny", "rows": [
         {"name": "a", "label": "row A", "out": "-", "eval": [{"solver": "heun", "grid": "karras", "secondary": "end"}],
          "schedule_figure": False},
@@ -545,7 +545,7 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
 
     model, process = store.StoredModel.open("gmm-fmnist").load()[0], VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda device="cpu": (model, process),
         "fitted": {}})
     em = {"solver": "em", "grid": "uniform_t", "nfes": [4, 6]}
     recipe = {"title": "tiny", "rows": [{"name": "v", "label": "VSDM row", "out": "-", "eval": [HEUN_MID, em],
@@ -555,8 +555,8 @@ def test_table_samples_a_family_model_at_a_samplers_own_nfes(tmp_path, monkeypat
     generated = {}
     real = table._generate
 
-    def spy(model, schedule, cfg, nfe, seeds, batch, fitted=None, dist=None):
-        out = real(model, schedule, cfg, nfe, seeds, batch, fitted, dist)
+    def spy(model, schedule, cfg, nfe, seeds, batch, fitted=None, dist=None, device="cpu"):
+        out = real(model, schedule, cfg, nfe, seeds, batch, fitted, dist, device)
         generated[(cfg["solver"], nfe, tuple(seeds))] = out
         return out
 
@@ -603,7 +603,7 @@ def test_a_repeated_sampler_with_its_own_nfes_extends_its_line(tmp_path, monkeyp
 
     model, process = store.StoredModel.open("gmm-fmnist").load()[0], VSDMProcess(2, rates=[[0.2, -0.3]])
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda: (model, process),
+        "status": "ok", "where": "mixture on VSDM", "id": "test:vsdm", "load": lambda device="cpu": (model, process),
         "fitted": {}})
     good = json.loads((recipes.RECIPE_DIR / "fmnist.json").read_text())
     vsdm_row = next(r for r in good["rows"] if r["name"] == "vsdm")
@@ -635,7 +635,7 @@ def test_table_cells_on_a_fitted_grid(monkeypatch, tmp_path):  # issue 11, --gri
     model, schedule = store.StoredModel.open("gmm-fmnist").load()
     fitted = {}
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "mixture", "id": "test:fitted", "load": lambda: (model, schedule), "fitted": fitted})
+        "status": "ok", "where": "mixture", "id": "test:fitted", "load": lambda device="cpu": (model, schedule), "fitted": fitted})
     recipe = {"title": "tiny", "rows": [{"name": "a", "label": "row A", "out": "-", "schedule_figure": False,
                                          "eval": [{"solver": "dpmpp-2m", "grid": "optimized"}]}]}
     gen = torch.Generator().manual_seed(0)

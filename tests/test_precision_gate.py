@@ -82,7 +82,7 @@ def test_gate_on_a_shipped_model(tmp_path, capsys):
 def test_table_cells_keep_their_precision(tiny_checkpoint, tmp_path, monkeypatch):
     model, schedule = store.StoredModel.open(str(tiny_checkpoint)).load()
     monkeypatch.setattr(table, "resolve_row", lambda row, source: {
-        "status": "ok", "where": "tiny", "id": "test:tiny", "load": lambda: (model, schedule), "fitted": {}})
+        "status": "ok", "where": "tiny", "id": "test:tiny", "load": lambda device="cpu": (model, schedule), "fitted": {}})
     recipe = {"title": "tiny", "rows": [{"name": "t", "label": "tiny", "out": "-", "schedule_figure": False,
                                          "eval": [{"solver": "euler", "grid": "uniform_t"}]}]}
     scorer = _pixels_scorer(8)

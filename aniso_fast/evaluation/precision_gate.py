@@ -31,7 +31,7 @@ def _cell(feats: np.ndarray, scorer, draws: int) -> dict:
     return {"fd": fd, "se": bootstrap_se([feats], scorer.mu, scorer.sigma, draws)}
 
 
-def precision_gate(choices: Mapping[int, dict], scorer, candidate: Execution, *, n: int = 1000,
+def precision_gate(choices: Mapping[int, dict], scorer, candidate: Execution, *, device="cpu", n: int = 1000,
                    bootstrap: int = 200, batch: int = 250, cache=None, fresh: bool = False,
                    progress: bool = True) -> dict:
     """The gate's result document. `choices`: per NFE the sampler to test, {model (a shipped name), solver, grid,
@@ -43,7 +43,7 @@ def precision_gate(choices: Mapping[int, dict], scorer, candidate: Execution, *,
     for nfe, choice in sorted(choices.items()):
         name = choice["model"]
         stored = store.StoredModel.open(name)
-        model, schedule = stored.load()
+        model, schedule = stored.load(device)
         cfg = {k: choice.get(k) for k in ("solver", "grid", "secondary", "order")}
         plan = sampler_for(cfg, nfe, stored.family)
         seeds = _seed_list(0, n)
@@ -55,7 +55,7 @@ def precision_gate(choices: Mapping[int, dict], scorer, candidate: Execution, *,
             what = {"model": shipped_id(name), **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": 0,
                     **_precision_key(model, execution)}
             feats[execution.precision] = folder.features(what, scorer, lambda: _generate(
-                model, schedule, cfg, nfe, seeds, batch, stored.fitted_grids))
+                model, schedule, cfg, nfe, seeds, batch, stored.fitted_grids, device=device))
             row[execution.precision] = {**_cell(feats[execution.precision], scorer, bootstrap),
                                         "seconds": round(time.perf_counter() - t0, 1)}
         execute(model, FP32)

@@ -195,7 +195,7 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
         trained = f"{entry['stage']} stage" if entry.get("stage") else f"{entry.get('family') or 'core'} family"
         return {"status": "ok", "where": f"shipped model `{name}` ({trained}, step {entry['step']}, "
                                          f"{entry['kimg']:g} kimg)", "id": shipped_id(name),
-                "load": lambda: store.StoredModel.open(name).load(), "fitted": store.fitted_grids(name)}
+                "load": lambda device="cpu": store.StoredModel.open(name).load(device), "fitted": store.fitted_grids(name)}
     if source in ("auto", "checkpoint"):
         try:
             state = _stage_state(row)
@@ -206,7 +206,7 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
             done = "" if state["done"] else f", unfinished: {state['step']} of {state['target_steps']} steps"
             path = state["latest"]
             return {"status": "ok", "where": f"checkpoint `{path}` (not exported{done})",
-                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda: store.StoredModel.open(path).load(),
+                    "id": f"checkpoint:{meta['tensor_sha256']}", "load": lambda device="cpu": store.StoredModel.open(path).load(device),
                     "fitted": {}}
     where = {"auto": f"no shipped model `{name}` and no checkpoint in `{row['out']}`",
              "shipped": f"no shipped model `{name}`", "checkpoint": f"no checkpoint in `{row['out']}`"}[source]

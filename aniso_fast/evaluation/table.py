@@ -69,7 +69,7 @@ def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
 
 
 def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch: int,
-              fitted: dict | None = None, dist: Dist | None = None) -> torch.Tensor | None:
+              fitted: dict | None = None, dist: Dist | None = None, device="cpu") -> torch.Tensor | None:
     """uint8 samples of a model of any family (`schedule`: its forward path) with an `eval` entry's sampler
     (`fitted`: the model's fitted grids, for grid 'optimized'). `dist`: this rank samples its whole batches
     (`Dist.batch_slices`); rank 0 returns them all, the other ranks None."""
@@ -82,13 +82,13 @@ def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch:
     for part in dist.batch_slices(len(seeds), batch):
         chunk = seeds[part]
         labels = None if not num_classes else torch.tensor([s % num_classes for s in chunk])
-        x, _, _ = registry.run_sampler(model, schedule, plan, chunk, labels, fitted=fitted)
-        out.append(to_uint8(x))
+        x, _, _ = registry.run_sampler(model, schedule, plan, chunk, labels, fitted=fitted, device=device)
+        out.append(to_uint8(x.cpu()))
     out = dist.gather_batches(out)
     return None if out is None else torch.cat(out)
 
 
-def serve_samples(recipe: dict, source: str, dist: Dist, execution: Execution = FP32) -> None:
+def serve_samples(recipe: dict, source: str, dist: Dist, execution: Execution = FP32, device="cpu") -> None:
     """The loop of every rank but 0 under torchrun while rank 0 runs `results_table(dist=dist)`: sample this
     rank's batches of each job rank 0 sends (a row's model, sampler, NFE, seeds, batch), until it sends None. The
     model is resolved here as on rank 0 (`resolve_row`); a different one (a checkpoint written meanwhile) is an
@@ -101,10 +101,10 @@ def serve_samples(recipe: dict, source: str, dist: Dist, execution: Execution = 
             if found["id"] != job["id"]:
                 raise ValueError(f"--source: rank {dist.rank} finds {found['id']} for row {job['row']}, rank 0 "
                                  f"{job['id']} (a checkpoint written meanwhile?)")
-            loaded = {job["id"]: (*found["load"](), found["fitted"])}  # one row at a time
+            loaded = {job["id"]: (*found["load"](device), found["fitted"])}  # one row at a time
             execute(loaded[job["id"]][0], execution)  # the network runs as on rank 0
         model, schedule, fitted = loaded[job["id"]]
-        _generate(model, schedule, job["cfg"], job["nfe"], job["seeds"], job["batch"], fitted, dist)
+        _generate(model, schedule, job["cfg"], job["nfe"], job["seeds"], job["batch"], fitted, dist, device)
 
 
 def _precision_key(model, execution: Execution) -> dict:
@@ -258,7 +258,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
                   inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
                   on_update: Callable[[dict], None] | None = None, progress: bool = True,
-                  dist: Dist | None = None, execution: Execution = FP32) -> tuple[dict, dict]:
+                  dist: Dist | None = None, execution: Execution = FP32, device="cpu") -> tuple[dict, dict]:
     """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
     every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
@@ -267,7 +267,8 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
     samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
     `dist` (torchrun, on rank 0, while the other ranks run `serve_samples`): every sampling is shared out by
     whole batches; the other ranks are released when the table is done.
-    `execution`: how the networks run (`networks.execution`; the protocol records it).
+    `execution`: how the networks run (`networks.execution`; the protocol records it); `device`: where they run
+    (the samples come back to the CPU for the features).
     Returns (the result document, {row name: (model, schedule, uint8 samples at `sample_nfe`)} for the figures).
     """
     dist = dist or Dist()
@@ -297,7 +298,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             if progress:
                 print(f"{row['name']}: skipped ({found['where']})", flush=True)
             continue
-        model, schedule = found["load"]()
+        model, schedule = found["load"](device)
         execute(model, execution)
         run_key = _precision_key(model, execution)
         family = registry.family_of_process(schedule).name
@@ -307,7 +308,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             if dist.enabled:  # the job of `serve_samples` on the other ranks
                 dist.broadcast_object({"row": row["name"], "id": found["id"], "cfg": cfg, "nfe": nfe,
                                        "seeds": list(seeds), "batch": batch})
-            return _generate(model, schedule, cfg, nfe, seeds, batch, found["fitted"], dist)
+            return _generate(model, schedule, cfg, nfe, seeds, batch, found["fitted"], dist, device)
 
         entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
