@@ -26,7 +26,7 @@ from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
 from ..sampling import spec
-from ..sampling.grids import fitted_levels
+from ..sampling.grids import fitted_levels, learned_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
            "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
@@ -51,9 +51,11 @@ def _cell_key(cfg: dict) -> dict:
 
 
 def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
-    """What a cell's cache key adds for its grid: the fitted levels of an 'optimized' grid (a refitted grid is a
-    new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
+    """What a cell's cache key adds for its grid: the levels of an 'optimized' or 'learned' grid (a refitted grid is
+    a new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
     plan = sampler_for(cfg, nfe, family)
+    if plan.grid == "learned":
+        return {"levels": learned_levels(fitted, spec.learned_key(plan.solver, plan.order), plan.steps).tolist()}
     return {"levels": fitted_levels(fitted, plan.steps).tolist()} if plan.grid == "optimized" else {}
 
 
