@@ -386,6 +386,10 @@ def _check_fit_grid(args) -> None:
 
 def _check_learn_grid(args):
     """The resolved plans per NFE, once every option is checked."""
+    if args.cache is not None:
+        if Path(args.cache).suffix != ".pt":
+            raise ValueError(f"--cache: expected a .pt file, got {args.cache!r}")
+        _check_output("cache", Path(args.cache))
     if args.model not in store.shipped_models():
         raise ValueError(f"--model: expected a shipped model ({', '.join(store.shipped_models()) or 'none'}), "
                          f"got {args.model!r}")
@@ -417,10 +421,6 @@ def _check_learn_grid(args):
                          f"got {args.teacher_steps}")
     if stored.num_classes and args.samples < stored.num_classes:
         raise ValueError(f"--samples: expected at least one per class ({stored.num_classes}), got {args.samples}")
-    if args.cache is not None:
-        if Path(args.cache).suffix != ".pt":
-            raise ValueError(f"--cache: expected a .pt file, got {args.cache!r}")
-        _check_output("cache", Path(args.cache))
     return plans
 
 
