@@ -260,3 +260,25 @@ def test_learn_grid_bad_input(tiny_checkpoint, assets, capsys, argv, words):
     assert evaluate_main(["learn-grid", *argv, "--no-progress"]) == 2
     one_line_error(capsys, *words)
     assert (assets / "manifest.json").read_text() == before
+
+
+def test_paired_difference_cancels_shared_noise():
+    """Two feature sets sharing most of their per-seed noise: the paired SE is far below the unpaired ones, the
+    difference is the difference of the FDs, and a set against itself differs by exactly 0."""
+    import numpy as np
+
+    from aniso_fast.evaluation.table import bootstrap_se, paired_difference
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(400, 6))
+    a, b = shared + 0.05 * rng.normal(size=shared.shape), shared + 0.05 * rng.normal(size=shared.shape) + 0.1
+    mu, sigma = np.ones(6), np.eye(6)  # the sets' means are off the reference's: FD moves with them
+    diff, se = paired_difference(a, b, mu, sigma, draws=100)
+    from aniso_fast.evaluation.metrics import feature_statistics, frechet_distance_from_statistics
+
+    fd = [frechet_distance_from_statistics(*feature_statistics(f), mu, sigma) for f in (a, b)]
+    assert diff == pytest.approx(fd[0] - fd[1], rel=1e-6)
+    assert se < 0.3 * bootstrap_se([a], mu, sigma, draws=100)
+    assert paired_difference(a, a, mu, sigma, draws=10) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="features_b"):
+        paired_difference(a, b[:10], mu, sigma)

@@ -29,7 +29,8 @@ from ..sampling import spec
 from ..sampling.grids import fitted_levels, learned_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
-           "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+           "write_table", "best_row", "best_samplers", "bootstrap_se", "paired_difference", "nfe_to_converge",
+           "sampler_code", "cell_features"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -105,6 +106,48 @@ def bootstrap_se(feature_sets: Sequence[np.ndarray], mu_ref: np.ndarray, sigma_r
                            - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
         values[b] = total / len(feature_sets)
     return float(values.std(ddof=1))
+
+
+def _fd(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, root: np.ndarray) -> float:
+    mu, sigma = feature_statistics(feats)
+    ev = np.linalg.eigvalsh(root @ sigma @ root)
+    return float(((mu - mu_ref) ** 2).sum() + np.trace(sigma) + np.trace(sigma_ref)
+                 - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def paired_difference(features_a: np.ndarray, features_b: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                      draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(FD(a) - FD(b), its bootstrap standard error) for two sets generated from the same seeds (row i of each from
+    seed i): each draw resamples the seeds once, for both sets, so the noise they share cancels (as `bootstrap_se`,
+    the reference statistics held fixed)."""
+    if draws < 2:
+        raise ValueError(f"draws: expected at least 2 bootstrap draws, got {draws}")
+    if features_a.shape != features_b.shape:
+        raise ValueError(f"features_b: expected the shape of features_a {features_a.shape} (the same seeds), got "
+                         f"{features_b.shape}")
+    sigma_ref = np.atleast_2d(np.asarray(sigma_ref, dtype=np.float64))
+    mu_ref = np.atleast_1d(np.asarray(mu_ref, dtype=np.float64))
+    w, V = np.linalg.eigh(sigma_ref)
+    root = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for b in range(draws):
+        idx = rng.integers(0, len(features_a), len(features_a))
+        values[b] = _fd(features_a[idx], mu_ref, sigma_ref, root) - _fd(features_b[idx], mu_ref, sigma_ref, root)
+    diff = _fd(features_a, mu_ref, sigma_ref, root) - _fd(features_b, mu_ref, sigma_ref, root)
+    return diff, float(values.std(ddof=1))
+
+
+def cell_features(cache: str | Path, model_id: str, cell: dict, scorer_id: str, seed_set: int = 0) -> np.ndarray:
+    """The cached features of a results-table cell (a cell of results.json, its row's `model_id`, the protocol's
+    scorer id) from the table's cache folder; FileNotFoundError when the cell was not computed there."""
+    what = {"model": model_id, **{k: cell[k] for k in ("solver", "grid", "secondary", "order")}, "nfe": cell["nfe"],
+            "n": cell["n"], "seed_set": seed_set, **({"levels": cell["levels"]} if "levels" in cell else {})}
+    path = _Cache(cache).path(what)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the cell's samples were not cached there")
+    with np.load(path) as f:
+        return f["features_" + hashlib.sha256(scorer_id.encode()).hexdigest()[:16]]
 
 
 class _Cache:
