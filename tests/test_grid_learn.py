@@ -282,3 +282,12 @@ def test_paired_difference_cancels_shared_noise():
     assert paired_difference(a, a, mu, sigma, draws=10) == (0.0, 0.0)
     with pytest.raises(ValueError, match="features_b"):
         paired_difference(a, b[:10], mu, sigma)
+
+
+def test_choose_for_nfe_needs_the_learned_grid():
+    choice = {"model": "m", "solver": "ipndm", "grid": "learned", "order": 4}
+    lv = [80.0, 2.0, 0.5, 0.01]
+    with_grid = G.FittedGrids({}, {"ipndm-4": {4: lv}})
+    assert spec.choose_for_nfe({4: choice}, 4, fitted_steps=lambda m: with_grid) is choice
+    assert spec.choose_for_nfe({4: choice}, 4, fitted_steps=lambda m: G.FittedGrids({4: lv})) is None
+    assert spec.choose_for_nfe({4: choice}, 5, fitted_steps=lambda m: with_grid) is None  # none for 5 steps
