@@ -138,16 +138,23 @@ def paired_difference(features_a: np.ndarray, features_b: np.ndarray, mu_ref: np
     return diff, float(values.std(ddof=1))
 
 
-def cell_features(cache: str | Path, model_id: str, cell: dict, scorer_id: str, seed_set: int = 0) -> np.ndarray:
-    """The cached features of a results-table cell (a cell of results.json, its row's `model_id`, the protocol's
-    scorer id) from the table's cache folder; FileNotFoundError when the cell was not computed there."""
-    what = {"model": model_id, **{k: cell[k] for k in ("solver", "grid", "secondary", "order")}, "nfe": cell["nfe"],
-            "n": cell["n"], "seed_set": seed_set, **({"levels": cell["levels"]} if "levels" in cell else {})}
-    path = _Cache(cache).path(what)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the cell's samples were not cached there")
-    with np.load(path) as f:
-        return f["features_" + hashlib.sha256(scorer_id.encode()).hexdigest()[:16]]
+def cell_features(cache: str | Path, model_id: str, cell: dict, scorer, seed_set: int = 0,
+                  row_model=None) -> np.ndarray:
+    """The features of a results-table cell (a cell of results.json, its row's `model_id`) in `scorer`'s space, from
+    the table's cache folder, as the table caches them. A cell not cached there is generated again when `row_model`
+    (model, schedule, fitted grids) is given (and cached), else FileNotFoundError."""
+    cfg = {k: cell[k] for k in ("solver", "grid", "secondary", "order")}
+    what = {"model": model_id, **cfg, "nfe": cell["nfe"], "n": cell["n"], "seed_set": seed_set,
+            **({"levels": cell["levels"]} if "levels" in cell else {})}
+    store = _Cache(cache)
+    if row_model is None and not store.path(what).is_file():
+        raise FileNotFoundError(f"{store.path(what)}: the cell's samples were not cached there")
+
+    def make() -> torch.Tensor:
+        model, schedule, fitted = row_model
+        return _generate(model, schedule, cfg, cell["nfe"], _seed_list(seed_set, cell["n"]), 250, fitted)
+
+    return store.features(what, scorer, make)
 
 
 class _Cache:
