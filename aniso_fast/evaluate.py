@@ -1,5 +1,5 @@
 """Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid |
-precision-gate | fd`.
+learn-grid | precision-gate | fd`.
 
 `solvers`: on the exact Gaussian mixture (default: the embedded Fashion-MNIST mixture) every solver/grid/NFE is measured
 by (1) the endpoint error against a high-NFE solution from the same initial noise (per-sample RMS over pixels,
@@ -25,6 +25,11 @@ N -m aniso_fast.evaluate table ...`, gloo on the CPU) each cell's sampling is sh
 `fit-grid`: fits a shipped core model's time grids to its own trajectories (`grid_fit`) for each step count and
 stores them with the model (`--grid optimized`), with their endpoint error against the teacher next to the
 log-SNR grid's on held-out seeds.
+
+`learn-grid`: learns a shipped core model's grid for one solver (and order) at each NFE by matching a
+high-NFE teacher from the same start noise, backpropagating through the solver (LD3-style, `grid_learn`), and
+stores it with the model under the solver's key (`--grid learned`), with the held-out endpoint error of the
+starting grid and of the learned one.
 
 `precision-gate`: the FD of the default sampler at each NFE with the network in fp32 and in a lower precision
 (`--candidate`, default: what `--precision auto` gives here), same seeds, with bootstrap SEs of both and of their
@@ -62,9 +67,10 @@ from .evaluation.compare import FEATURES, check_pair, feature_map, frechet_betwe
 from .evaluation.features import FrechetScorer, InceptionFeatures
 from .evaluation.precision_gate import gate_markdown, precision_gate, precision_section
 from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
+from .sampling import grid_learn
 from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report
-from .sampling.spec import MAX_NFE, resolve_sampler
+from .sampling.spec import MAX_NFE, SOLVERS, learned_key, resolve_sampler
 from .evaluation.table import (
     DEFAULT_NFES,
     best_row,
@@ -233,6 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     f.add_argument("--no-progress", action="store_true")
     net_execution.add_options(f)
+
+    lg = sub.add_parser("learn-grid", help="learn a shipped model's grid for one solver by matching a teacher "
+                                           "(LD3-style; --grid learned)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lg.add_argument("--model", required=True, help="a shipped core model (python -m aniso_fast.models list)")
+    lg.add_argument("--solver", required=True, choices=[s.name for s in SOLVERS.values() if not s.stochastic],
+                    help="the solver the grid is learned for (it is stored under its name and order)")
+    lg.add_argument("--order", type=_positive, default=None, help="a multistep solver's order (default: its default)")
+    lg.add_argument("--nfe", type=_nfe_list, default="3,4,5", help="comma-separated network-call counts")
+    lg.add_argument("--samples", type=_positive, default=128, help="training seeds (teacher endpoints)")
+    lg.add_argument("--val", type=_positive, default=32,
+                    help="held-out validation seeds: the grid with the lowest error on them is kept")
+    lg.add_argument("--teacher-steps", type=_at_least_two, default=grid_learn.TEACHER_STEPS,
+                    help="steps of the teacher (DPM-Solver++(2M) on the log-SNR grid), above every --nfe")
+    lg.add_argument("--epochs", type=_positive, default=10)
+    lg.add_argument("--batch", type=_positive, default=16)
+    lg.add_argument("--lr", type=_number(0, above=True), default=0.05, help="Adam's learning rate on the logits")
+    lg.add_argument("--start", default="auto", choices=("auto", "optimized", "logsnr"),
+                    help="the starting grid: the model's fitted grid ('auto': where it has one), or the log-SNR grid")
+    lg.add_argument("--cache", default=None, metavar="FILE",
+                    help="a .pt file keeping the teacher's endpoints (read when it holds the same seeds and steps)")
+    lg.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    lg.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("fd", help="the Frechet distance between your samples and a reference set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -452,6 +481,46 @@ def _check_precision_gate(args) -> dict[int, dict]:
     return choices
 
 
+def _check_learn_grid(args):
+    """The resolved plans per NFE, once every option is checked."""
+    if args.cache is not None:
+        if Path(args.cache).suffix != ".pt":
+            raise ValueError(f"--cache: expected a .pt file, got {args.cache!r}")
+        _check_output("cache", Path(args.cache))
+    if args.model not in store.shipped_models():
+        raise ValueError(f"--model: expected a shipped model ({', '.join(store.shipped_models()) or 'none'}), "
+                         f"got {args.model!r}")
+    stored = store.StoredModel.open(args.model)
+    family = registry.get(stored.family)
+    if not family.matrix_schedule:
+        raise ValueError(f"--model: {args.model} is a {stored.family} model; grids are learned for core models")
+    spec = SOLVERS[args.solver]
+    if args.order is not None and not spec.orders:
+        raise ValueError(f"--order: {args.solver} takes no order")
+    try:
+        spec.check_order(args.order)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    plans = {}
+    for nfe in args.nfe:
+        try:
+            plans[nfe] = family.resolve_sampler(args.solver, "learned", None, nfe, args.order)
+        except ValueError as e:
+            raise ValueError(f"--nfe: {e}") from None
+        if plans[nfe].steps < 2:
+            raise ValueError(f"--nfe: {nfe} network calls are 1 step of {args.solver}: nothing to learn (the first "
+                             f"level is fixed)")
+        if args.start == "optimized" and plans[nfe].steps not in stored.fitted_grids:
+            raise ValueError(f"--start: {args.model} has no optimized grid for {plans[nfe].steps} steps "
+                             f"(python -m aniso_fast.evaluate fit-grid)")
+    if args.teacher_steps <= max(args.nfe):
+        raise ValueError(f"--teacher-steps: expected more steps than every --nfe ({max(args.nfe)}), "
+                         f"got {args.teacher_steps}")
+    if stored.num_classes and args.samples < stored.num_classes:
+        raise ValueError(f"--samples: expected at least one per class ({stored.num_classes}), got {args.samples}")
+    return plans
+
+
 def _check_train_recipe(args) -> dict:
     recipe = _load_recipe(args.recipe)
     try:
@@ -631,6 +700,24 @@ def _run_fit_grid(args) -> int:
     return 0
 
 
+def _run_learn_grid(args, plans) -> int:
+    stored = store.StoredModel.open(args.model)
+    model, schedule = stored.load()
+    order = next(iter(plans.values())).order
+    key = learned_key(args.solver, order)
+    levels, how = grid_learn.learn_grids(
+        model, schedule, args.solver, args.nfe, order=order, samples=args.samples, val=args.val,
+        teacher_steps=args.teacher_steps, epochs=args.epochs, batch=args.batch, lr=args.lr, start=args.start,
+        fitted=stored.fitted_grids, cache=args.cache, progress=not args.no_progress)
+    store.set_learned_grids(args.model, key, levels, how)
+    for steps, fit in how.items():
+        print(f"{key} NFE {fit['nfe']:3d} ({steps} steps): sigma {', '.join(f'{v:.3g}' for v in levels[steps])}, 0  "
+              f"held-out endpoint RMS {fit['best_val']:.4f} (start, {fit['start_grid']} grid: {fit['start_val']:.4f}; "
+              f"best epoch {fit['best_epoch']})")
+    print(f"stored with {args.model} under grids.learned[{key!r}] in {store.assets_dir() / 'manifest.json'}")
+    return 0
+
+
 def _run_train_recipe(args, recipe: dict) -> int:
     try:
         train_recipe(recipe, only=args.only, dry_run=args.dry_run, export=not args.no_export,
@@ -671,7 +758,7 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.cmd}: runs in one process; under torchrun (WORLD_SIZE="
                              f"{distributed.env_world_size()}) only `table` shares out its work")
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
-                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid,
+                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid, "learn-grid": _check_learn_grid,
                    "precision-gate": _check_precision_gate, "fd": _check_fd}[args.cmd](args)
     except ValueError as e:
         if distributed.env_rank() == 0:  # under torchrun every rank finds the same error: rank 0 reports it
@@ -688,6 +775,8 @@ def main(argv=None) -> int:
         return _run_table(args, *checked, command)
     if args.cmd == "fit-grid":
         return _run_fit_grid(args)
+    if args.cmd == "learn-grid":
+        return _run_learn_grid(args, checked)
     if args.cmd == "fd":
         return _run_fd(args, *checked)
     if args.cmd == "precision-gate":

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import store
 from .processes import registry
 from .sampling import spec
-from .sampling.grids import fitted_levels
+from .sampling.grids import fitted_levels, learned_levels
 from .sampling.noise import check_seeds
 from .networks.execution import DEFAULT_PRECISION, Execution, execute, network_of, resolve_execution
 from .sampling.spec import Sampler
@@ -184,6 +184,8 @@ def plan_sampling(model: str | None = None, *, nfe: int = 9, solver: str | None 
         sampler = family.resolve_sampler(solver, grid, secondary, nfe, order)
         if sampler.grid == "optimized":
             fitted_levels(stored.fitted_grids, sampler.steps)
+        if sampler.grid == "learned":
+            learned_levels(stored.fitted_grids, spec.learned_key(sampler.solver, sampler.order), sampler.steps)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     return Plan(model, stored, schedule, sampler)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "geometric mean; "
                         "karras: the isotropic EDM baseline (ignores the schedule); logsnr: the geometric-mean "
                         "sigma uniform in log sigma (DPM-Solver's grid); optimized: the grid fitted to a shipped "
-                        "core model's own trajectories for the step count (python -m aniso_fast.evaluate fit-grid)")
+                        "core model's own trajectories for the step count (python -m aniso_fast.evaluate fit-grid); "
+                        "learned: the grid learned for the solver and NFE (python -m aniso_fast.evaluate learn-grid)")
     p.add_argument("--secondary", default=None, choices=SECONDARIES,
                    help="Heun's secondary point (default: mid on uniform_t, end otherwise)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sample")

@@ -209,6 +209,21 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--threads": [["--threads", "0"]],
         "--device": [["--device", "mps"]],
     },
+    "evaluate learn-grid": {
+        "--model": [["--model", "gmm-fmnist"], ["--model", "no-such-model"]],  # embedded, not shipped
+        "--solver": [["--solver", "em"], ["--solver", "bogus"]],
+        "--order": [["--order", "0"]],
+        "--nfe": [["--nfe", "abc"], ["--nfe", "0"], ["--nfe", "4,4"]],
+        "--samples": [["--samples", "0"]],
+        "--val": [["--val", "0"]],
+        "--teacher-steps": [["--teacher-steps", "1"]],
+        "--epochs": [["--epochs", "0"]],
+        "--batch": [["--batch", "0"]],
+        "--lr": [["--lr", "0"], ["--lr", "nan"]],
+        "--start": [["--start", "bogus"]],
+        "--cache": [["--cache", "teacher.npz"], ["--cache", UNDER_A_FILE + ".pt"]],
+        "--threads": [["--threads", "0"]],
+    },
     "models build-gmm": {
         "--out": [["--out", UNDER_A_FILE + ".safetensors"]],
         "--rank": [["--rank", "0"], ["--rank", "784"]],
@@ -252,6 +267,7 @@ def _command(cli: str, fragment: list[str], tiny: dict) -> tuple:
                 "table": ["--recipe", RECIPE, "--n", "4", "--seeds", "1", "--out", "t/R.md", "--json", "t/r.json"],
                 "train-recipe": ["--recipe", RECIPE, "--dry-run"],
                 "fit-grid": ["--model", "gmm-fmnist", "--no-progress"],
+                "learn-grid": ["--model", "gmm-fmnist", "--solver", "ipndm", "--no-progress"],
                 "fd": ["--samples", "fashion-mnist:test", "--ref", "fashion-mnist:test"],
                 "precision-gate": ["--candidate", "bf16", "--out", "g/gate", "--results", "none"]}[sub]
         return evaluate.main, [sub, *base, *fragment]

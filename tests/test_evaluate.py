@@ -104,7 +104,8 @@ def test_fmnist_recipe_is_consistent():
     assert rows["dct-class"]["eval"][2:] == [
         {"solver": "ipndm", "grid": "uniform_t", "order": 4, "optional": True},
         {"solver": "dpmpp-2m", "grid": "optimized", "order": 2, "optional": True},
-        {"solver": "ipndm", "grid": "optimized", "order": 4, "optional": True}]
+        {"solver": "ipndm", "grid": "optimized", "order": 4, "optional": True},
+        {"solver": "ipndm", "grid": "learned", "order": 4, "optional": True}]  # issue 25: LD3-style learned grid
     edm = vars(train_config.parse_args([*rows["edm"]["train"], "--out", rows["edm"]["out"]]))
     assert edm["steps"] == 2500 and edm["lr"] == 2e-3 and edm["ema_halflife_kimg"] == 50
     # the ablation: the EDM network on the learned rows' sampler
@@ -116,7 +117,9 @@ def test_fmnist_recipe_is_consistent():
                      ("dpmpp-3m", "logsnr", None, 3), ("unipc", "logsnr", None, 3), ("ipndm", "karras", None, 4),
                      ("deis", "karras", None, 3), ("dpmpp-2m", "optimized", None, 2), ("ipndm", "optimized", None, 4)}
     control = [recipes.sampler_key(c) for c in rows["control"]["eval"]]
-    assert control == [("dpmpp-2m", "logsnr", None, 2), ("ipndm", "karras", None, 4), ("ipndm", "optimized", None, 4)]
+    assert control == [("dpmpp-2m", "logsnr", None, 2), ("ipndm", "karras", None, 4), ("ipndm", "optimized", None, 4),
+                       ("ipndm", "learned", None, 4)]
+    assert ("ipndm", "learned", None, 4) in peers  # issue 25: the peers learn their grids too
     started = Path(rows["edm"]["out"]) / "args.json"
     if started.exists():  # the recipe resumes the run that was started by hand
         theirs = json.loads(started.read_text())

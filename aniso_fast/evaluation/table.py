@@ -35,12 +35,11 @@ from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import resolve_row, sampler_for, sampler_key
 from ..sampling import spec
-from ..sampling.grids import fitted_levels
+from ..sampling.grids import fitted_levels, learned_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "serve_samples",
            "results_markdown", "write_table", "best_row", "best_samplers", "bootstrap_se", "bootstrap_difference_se",
-           "nfe_to_converge",
-           "sampler_code"]
+           "paired_difference", "nfe_to_converge", "sampler_code", "cell_features"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -62,9 +61,11 @@ def _cell_key(cfg: dict) -> dict:
 
 
 def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
-    """What a cell's cache key adds for its grid: the fitted levels of an 'optimized' grid (a refitted grid is a
-    new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
+    """What a cell's cache key adds for its grid: the levels of an 'optimized' or 'learned' grid (a refitted grid is
+    a new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
     plan = sampler_for(cfg, nfe, family)
+    if plan.grid == "learned":
+        return {"levels": learned_levels(fitted, spec.learned_key(plan.solver, plan.order), plan.steps).tolist()}
     return {"levels": fitted_levels(fitted, plan.steps).tolist()} if plan.grid == "optimized" else {}
 
 
@@ -173,6 +174,34 @@ def bootstrap_difference_se(feats_a: np.ndarray, feats_b: np.ndarray, mu_ref: np
         idx = rng.integers(0, len(feats_a), len(feats_a))
         values[b] = fd(feats_a[idx]) - fd(feats_b[idx])
     return float(values.std(ddof=1))
+
+
+def paired_difference(features_a: np.ndarray, features_b: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                      draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(FD(a) - FD(b), its bootstrap standard error `bootstrap_difference_se`) for two sets generated from the same
+    seeds (row i of each from seed i), the reference statistics held fixed."""
+    se = bootstrap_difference_se(features_a, features_b, mu_ref, sigma_ref, draws, seed)
+    fd = _ReferenceFD(mu_ref, sigma_ref)
+    return fd(features_a) - fd(features_b), se
+
+
+def cell_features(cache: str | Path, model_id: str, cell: dict, scorer, seed_set: int = 0,
+                  row_model=None) -> np.ndarray:
+    """The features of a results-table cell (a cell of results.json, its row's `model_id`) in `scorer`'s space, from
+    the table's cache folder, as the table caches them. A cell not cached there is generated again when `row_model`
+    (model, schedule, fitted grids) is given (and cached), else FileNotFoundError."""
+    cfg = {k: cell[k] for k in ("solver", "grid", "secondary", "order")}
+    what = {"model": model_id, **cfg, "nfe": cell["nfe"], "n": cell["n"], "seed_set": seed_set,
+            **({"levels": cell["levels"]} if "levels" in cell else {})}
+    store = _Cache(cache)
+    if row_model is None and not store.path(what).is_file():
+        raise FileNotFoundError(f"{store.path(what)}: the cell's samples were not cached there")
+
+    def make() -> torch.Tensor:
+        model, schedule, fitted = row_model
+        return _generate(model, schedule, cfg, cell["nfe"], _seed_list(seed_set, cell["n"]), 250, fitted)
+
+    return store.features(what, scorer, make)
 
 
 class _Cache:

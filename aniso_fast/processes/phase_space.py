@@ -376,9 +376,9 @@ def check_sampler(plan: Sampler) -> None:
     """ValueError naming `solver`, `grid` or `secondary` when a VSMD model does not take the resolved sampler:
     Euler-Maruyama, Heun (end point, last step Euler) or iPNDM on the uniform t grid, and the phase-space
     DPM-Solver++(2M) on `PHASE_SPACE_GRIDS` (the engine's other solvers integrate the VE form)."""
-    if plan.grid == "optimized":
-        raise ValueError("grid: 'optimized' grids are fitted for core models (grid_fit); a vsmd model takes its "
-                         "family's grids")
+    if plan.grid in ("optimized", "learned"):
+        raise ValueError(f"grid: {plan.grid!r} grids are fitted for core models (grid_fit, grid_learn); a vsmd model "
+                         f"takes its family's grids")
     if plan.solver not in (EM, *PHASE_SPACE_SOLVERS):
         raise ValueError(f"solver: a vsmd model samples with {EM}, {', '.join(PHASE_SPACE_SOLVERS)} (the other "
                          f"solvers integrate the VE form, not the phase space), got {plan.solver!r}")

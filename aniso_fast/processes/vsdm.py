@@ -405,9 +405,9 @@ def check_sampler(plan: Sampler) -> None:
     """ValueError naming `grid` when a VSDM model does not take the resolved sampler: Euler-Maruyama on the uniform
     t grid (its own sampler in x space), or the PF-ODE through any engine solver on the VE view, on every grid but
     the Karras grid (which ignores the process) and the fitted grids (fitted for core models)."""
-    if plan.grid == "optimized":
-        raise ValueError("grid: 'optimized' grids are fitted for core models (grid_fit); a vsdm model takes its "
-                         "family's grids")
+    if plan.grid in ("optimized", "learned"):
+        raise ValueError(f"grid: {plan.grid!r} grids are fitted for core models (grid_fit, grid_learn); a vsdm model "
+                         f"takes its family's grids")
     if plan.solver == EM and plan.grid != "uniform_t":
         raise ValueError(f"grid: a vsdm model's Euler-Maruyama runs on the uniform t grid ('uniform_t'), "
                          f"got {plan.grid!r}")

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from ..geometry.schedules import MatrixSchedule, karras_sigmas
 
-__all__ = ["GridSpec", "GRIDS", "SECONDARIES", "Grid", "check_grid", "uniform_t", "geometric_sigma_span",
-           "edm_sigma_t", "logsnr_grid", "logsnr_levels", "fitted_levels", "optimized_t", "schedule_grid",
-           "karras_grid", "build_grid", "step_indices"]
+__all__ = ["GridSpec", "GRIDS", "SECONDARIES", "Grid", "FittedGrids", "check_grid", "uniform_t",
+           "geometric_sigma_span", "edm_sigma_t", "logsnr_grid", "logsnr_levels", "fitted_levels", "learned_levels",
+           "optimized_t", "schedule_grid", "karras_grid", "build_grid", "step_indices"]
 
 SECONDARIES = ("end", "mid")  # Heun's secondary point: the step's end point, or the midpoint in t
 
@@ -41,7 +41,20 @@ GRIDS: dict[str, GridSpec] = {g.name: g for g in (
     GridSpec("karras", "Karras grid", "K", secondaries=("end",), uses_schedule=False),
     GridSpec("logsnr", "log-SNR grid on the geometric mean", "λ", on_geometric_mean=True),
     GridSpec("optimized", "fitted grid on the geometric mean", "o", on_geometric_mean=True),
+    GridSpec("learned", "learned grid (LD3) on the geometric mean", "L", on_geometric_mean=True, secondaries=("end",)),
 )}
+
+
+class FittedGrids(dict):
+    """A model's grids fitted to it: steps -> geometric-mean sigma levels of its 'optimized' grids (the dict itself),
+    and `learned`: solver key (`spec.learned_key`, e.g. 'ipndm-4') -> {steps: levels} of the grids learned for that
+    solver (`grid_learn`, grid 'learned'). A plain {steps: levels} mapping still serves where only 'optimized' is
+    used."""
+
+    def __init__(self, optimized: Mapping[int, Sequence[float]] | None = None,
+                 learned: Mapping[str, Mapping[int, Sequence[float]]] | None = None):
+        super().__init__(optimized or {})
+        self.learned = {key: dict(levels) for key, levels in (learned or {}).items()}
 
 
 @dataclass
@@ -125,6 +138,14 @@ def logsnr_levels(schedule: MatrixSchedule, num_steps: int, labels: Tensor | Non
     return torch.linspace(math.log(hi), math.log(lo), num_steps, dtype=torch.float64).exp()
 
 
+def _checked_levels(values: Sequence[float], num_steps: int, what: str) -> Tensor:
+    levels = torch.as_tensor(values, dtype=torch.float64)
+    if levels.shape != (num_steps,) or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
+            or not bool((levels[1:] < levels[:-1]).all()):
+        raise ValueError(f"grid: the {what} {num_steps}-step grid is not {num_steps} positive, descending levels")
+    return levels
+
+
 def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) -> Tensor:
     """The geometric-mean sigma levels [num_steps] of a model's fitted `num_steps`-step grid (`grid_fit`, stored
     with a shipped model: `models.fitted_grids`); ValueError naming `grid` when there is none or it is malformed."""
@@ -134,11 +155,22 @@ def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) 
     if num_steps not in fitted:
         raise ValueError(f"grid: no optimized grid fitted for {num_steps} steps; this model has grids for "
                          f"{', '.join(map(str, sorted(fitted)))} steps")
-    levels = torch.as_tensor(fitted[num_steps], dtype=torch.float64)
-    if levels.shape != (num_steps,) or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
-            or not bool((levels[1:] < levels[:-1]).all()):
-        raise ValueError(f"grid: the fitted {num_steps}-step grid is not {num_steps} positive, descending levels")
-    return levels
+    return _checked_levels(fitted[num_steps], num_steps, "fitted")
+
+
+def learned_levels(fitted: Mapping[int, Sequence[float]] | None, key: str | None, num_steps: int) -> Tensor:
+    """The geometric-mean sigma levels [num_steps] of the `num_steps`-step grid learned for the solver `key`
+    (`spec.learned_key`; `grid_learn`, stored with a shipped model in `FittedGrids.learned`); ValueError naming
+    `grid` when the model has none for that solver and step count."""
+    learned = getattr(fitted, "learned", None) or {}
+    if key not in learned or not learned[key]:
+        have = f"it has learned grids for {', '.join(sorted(learned))}" if learned else "it has none"
+        raise ValueError(f"grid: 'learned' needs a grid learned for {key} on the model (python -m "
+                         f"aniso_fast.evaluate learn-grid --model NAME --solver ...); {have}")
+    if num_steps not in learned[key]:
+        raise ValueError(f"grid: no grid learned for {key} at {num_steps} steps; the model has {key} grids for "
+                         f"{', '.join(map(str, sorted(learned[key])))} steps")
+    return _checked_levels(learned[key][num_steps], num_steps, f"learned {key}")
 
 
 def optimized_t(schedule: MatrixSchedule, fitted: Mapping[int, Sequence[float]] | None, num_steps: int,
@@ -184,14 +216,17 @@ def karras_grid(num_steps: int, num_subspaces: int = 1, *, sigma_min: float = 0.
 
 def build_grid(grid: str, schedule: MatrixSchedule | None, num_steps: int, labels: Tensor | None = None, *,
                secondary: str = "end", fitted: Mapping[int, Sequence[float]] | None = None,
-               num_subspaces: int = 1) -> Grid:
-    """The named grid of `num_steps` steps on the schedule (the Karras grid ignores it: `num_subspaces` copies)."""
+               num_subspaces: int = 1, learned_key: str | None = None) -> Grid:
+    """The named grid of `num_steps` steps on the schedule (the Karras grid ignores it: `num_subspaces` copies);
+    'learned' takes the grid learned for the solver `learned_key` (`spec.learned_key`) from `fitted.learned`."""
     if grid == "karras":
         return karras_grid(num_steps, num_subspaces)
     times = {"uniform_t": lambda: uniform_t(num_steps, schedule.T),
              "edm_sigma": lambda: edm_sigma_t(schedule, num_steps, labels),
              "logsnr": lambda: logsnr_grid(schedule, num_steps, labels),
-             "optimized": lambda: optimized_t(schedule, fitted, num_steps, labels)}
+             "optimized": lambda: optimized_t(schedule, fitted, num_steps, labels),
+             "learned": lambda: _on_geometric_mean(schedule, learned_levels(fitted, learned_key, num_steps), labels,
+                                                   48)}
     return schedule_grid(schedule, times[grid](), labels, secondary)
 
 

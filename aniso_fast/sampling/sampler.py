@@ -9,7 +9,7 @@ from torch import Tensor
 from ..geometry.schedules import MatrixSchedule
 from .grids import GRIDS, Grid, build_grid, check_grid
 from .noise import SeedStreams, check_labels, check_seeds
-from .spec import resolve_sampler
+from .spec import learned_key, resolve_sampler
 
 __all__ = ["sample"]
 
@@ -26,7 +26,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     noises) or a multistep solver (with its `order`). grid: 'uniform_t' (the paper's, midpoint Heun by default),
     'edm_sigma' (EDM's sigma grid on the geometric mean, end-point Heun), 'logsnr' (the geometric-mean sigma
     uniform in log sigma), 'karras' (the isotropic EDM baseline; the schedule is not used), 'optimized' (the
-    model's grid fitted for the step count, from `fitted`: steps -> geometric-mean sigma levels).
+    model's grid fitted for the step count, from `fitted`: steps -> geometric-mean sigma levels), 'learned' (the
+    grid learned for this solver and order, from `fitted.learned`: a `grids.FittedGrids`).
     `callback` is called after every solver step with {i, x, g, flow, ...}.
     Returns (x [B, C, H, W], labels, info with the NFE actually spent).
     """
@@ -37,7 +38,8 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     seeds = check_seeds(seeds)
     labels = check_labels(labels, seeds, getattr(model, "num_classes", None), device)
     g = build_grid(grid, schedule, plan.steps, labels, secondary=plan.secondary or "end", fitted=fitted,
-                   num_subspaces=model.basis.num_subspaces)
+                   num_subspaces=model.basis.num_subspaces,
+                   learned_key=learned_key(solver, plan.order) if grid == "learned" else None)
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
     shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
     streams = SeedStreams(seeds)

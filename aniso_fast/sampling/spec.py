@@ -17,7 +17,7 @@ from . import multistep, ode
 from .grids import GRIDS, SECONDARIES
 
 __all__ = ["SolverSpec", "SOLVERS", "EM", "MAX_NFE", "NAMED_SAMPLERS", "FALLBACK_SAMPLERS", "Sampler", "resolve_sampler",
-           "sampler_name", "sampler_code", "choose_for_nfe"]
+           "sampler_name", "sampler_code", "choose_for_nfe", "learned_key", "LEARNED_KEYS"]
 
 EM = "em"  # Euler-Maruyama, the stochastic solver: the families' own SDE samplers dispatch on it
 MAX_NFE = 10_000  # far beyond any useful sampler; keeps a typo from allocating a grid of 10^11 steps
@@ -97,6 +97,17 @@ SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
     SolverSpec("deis", "DEIS-tAB", "DEIS", multistep.deis, orders=(1, 2, 3, 4), default_order=3,
                order_in_name=True),
 )}
+
+def learned_key(solver: str, order: int | None = None) -> str:
+    """The key a grid learned for a solver is stored under (`grids.FittedGrids.learned`, the manifest's
+    grids.learned): the solver's name, with its order where the order is part of the sampler's name ('ipndm-4')."""
+    spec = SOLVERS[solver]
+    return f"{solver}-{spec.check_order(order)}" if spec.order_in_name else solver
+
+
+# every key a learned grid may be stored under: the deterministic solvers at each of their orders
+LEARNED_KEYS = tuple(dict.fromkeys(learned_key(s.name, o) for s in SOLVERS.values() if not s.stochastic
+                                   for o in (s.orders or (None,))))
 
 # samplers with a name of their own (the paper's, EDM's): (solver, grid, secondary) -> (name, one-letter code)
 NAMED_SAMPLERS = {("heun", "karras", "end"): ("Heun, Karras grid (EDM)", "K"),
@@ -222,12 +233,18 @@ def choose_for_nfe(recorded: Mapping[int, Mapping], nfe: int, *,
     the first of `fallbacks` (the caller's default model with its family's default sampler, then
     `FALLBACK_SAMPLERS`) that runs at `nfe` as designed: spent exactly, ending on an Euler step where its solver
     does (`SolverSpec.final_euler`), not stochastic. Every candidate also needs a fitted grid for its step count on
-    the 'optimized' grid (`fitted_steps(model)`: the step counts the model has grids for) and the caller's
+    the 'optimized' grid (`fitted_steps(model)`: the step counts the model has grids for; on the 'learned' grid, its
+    `.learned` grids for the solver, as `grids.FittedGrids` holds them) and the caller's
     `admits(choice, plan)` (a model that still exists, a sampler its family takes). None when nothing applies.
     """
     def usable(choice: Mapping, plan: Sampler | None) -> bool:
-        return plan is not None and (plan.grid != "optimized" or plan.steps in fitted_steps(choice["model"])) \
-            and admits(choice, plan)
+        if plan is None:
+            return False
+        if plan.grid == "learned":  # fitted_steps returns the model's grids.FittedGrids
+            learned = getattr(fitted_steps(choice["model"]), "learned", {})
+            if plan.steps not in learned.get(learned_key(plan.solver, plan.order), ()):
+                return False
+        return (plan.grid != "optimized" or plan.steps in fitted_steps(choice["model"])) and admits(choice, plan)
 
     if nfe in recorded and usable(recorded[nfe], _plan(recorded[nfe], nfe)):
         return recorded[nfe]

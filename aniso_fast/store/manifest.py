@@ -4,7 +4,8 @@ as one transaction.
 Reading: the manifest is parsed once per process and version (cached by its path and bytes: rereading a few kB
 costs nothing, and unlike a timestamp it cannot miss a change), and validated as a whole: every model entry names
 a file in the folder with its SHA-256 and size, at most one entry is marked default (none: the embedded
-`gmm-fmnist` is the default model), fitted grids are positive, descending and finite, and every per-NFE choice
+`gmm-fmnist` is the default model), fitted and learned grids are positive, descending and finite (learned ones
+under a deterministic solver's key), and every per-NFE choice
 (`defaults`) names a known model, solver and grid that runs at its NFE. A problem is one error naming the
 manifest entry, e.g. `defaults[7]: solver: ...`.
 
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..processes import registry as family_registry
-from ..sampling.grids import SECONDARIES
+from ..sampling.grids import SECONDARIES, FittedGrids
+from ..sampling.spec import LEARNED_KEYS, learned_key
 from ..utils.atomic import atomic_write_bytes, folder_lock, remove_file
 from .header import StoredFileError, parse_json
 
@@ -73,10 +75,13 @@ class Manifest:
         """The entry marked `default: true`, else the embedded `gmm-fmnist`."""
         return next((name for name, entry in self.models.items() if entry.get("default")), "gmm-fmnist")
 
-    def fitted_grids(self, name: str) -> dict[int, list[float]]:
-        """Step count -> the geometric-mean sigma levels of a shipped model's fitted grids; {} for none."""
-        entry = self.models.get(name) or {}
-        return {int(k): list(v) for k, v in entry.get("grids", {}).get("optimized", {}).items()}
+    def fitted_grids(self, name: str) -> FittedGrids:
+        """Step count -> the geometric-mean sigma levels of a shipped model's fitted grids ({} for none), with the
+        grids learned per solver in `.learned` (solver key -> {steps: levels})."""
+        grids = (self.models.get(name) or {}).get("grids", {})
+        return FittedGrids({int(k): list(v) for k, v in grids.get("optimized", {}).items()},
+                           {key: {int(k): list(v) for k, v in by_steps.items()}
+                            for key, by_steps in grids.get("learned", {}).items()})
 
 
 def assets_dir() -> Path:
@@ -143,12 +148,31 @@ def entry_problem(entry: Any) -> str | None:
     if not isinstance(optimized, dict):
         return "grids is not an object with 'optimized'"
     for steps, levels in optimized.items():
-        if not (_COUNT.match(steps) and isinstance(levels, list) and len(levels) == int(steps)
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e150 for v in levels)
-                and all(b < a for a, b in zip(levels, levels[1:]))):
+        if not _levels_ok(steps, levels):
             return (f"grids.optimized[{steps[:24]!r}] is not that many positive, descending levels below 1e150 (their "
                     f"squares are variances)")
+    learned = grids.get("learned", {})
+    if not isinstance(learned, dict):
+        return "grids.learned is not an object (solver key -> {steps: levels})"
+    for key, by_steps in learned.items():
+        if key not in LEARNED_KEYS:
+            return (f"grids.learned[{key[:24]!r}] is not a deterministic solver's key ({', '.join(LEARNED_KEYS)}: "
+                    f"the solver, with its order where the sampler's name has it)")
+        if not isinstance(by_steps, dict):
+            return f"grids.learned[{key!r}] is not an object (steps -> levels)"
+        for steps, levels in by_steps.items():
+            if not _levels_ok(steps, levels):
+                return (f"grids.learned[{key!r}][{steps[:24]!r}] is not that many positive, descending levels below "
+                        f"1e150 (their squares are variances)")
     return None
+
+
+def _levels_ok(steps: Any, levels: Any) -> bool:
+    """A step count (a JSON key) and that many positive, strictly descending levels below 1e150."""
+    return (isinstance(steps, str) and bool(_COUNT.match(steps)) and isinstance(levels, list)
+            and len(levels) == int(steps)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e150 for v in levels)
+            and all(b < a for a, b in zip(levels, levels[1:])))
 
 
 def _measure(value: Any) -> bool:
@@ -194,9 +218,12 @@ def choice_problem(nfe: Any, choice: Any, models: Mapping[str, Any]) -> str | No
                                         order)
     except ValueError as e:
         return str(e)
-    grids = (models.get(model) or {}).get("grids", {}).get("optimized", {})
-    if plan.grid == "optimized" and str(plan.steps) not in grids:
+    grids = (models.get(model) or {}).get("grids", {})
+    if plan.grid == "optimized" and str(plan.steps) not in grids.get("optimized", {}):
         return f"grid: {model!r} has no optimized grid fitted for {plan.steps} steps"
+    key = learned_key(plan.solver, plan.order)
+    if plan.grid == "learned" and str(plan.steps) not in grids.get("learned", {}).get(key, {}):
+        return f"grid: {model!r} has no grid learned for {key} at {plan.steps} steps"
     return None
 
 

@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..processes import registry as family_registry
+from ..sampling.grids import FittedGrids
 from .manifest import EMBEDDED, assets_dir, choice_problem, entry_problem, read_manifest, score_problem, update
 
 __all__ = ["MODELS", "SCHEDULES", "DEFAULT_SCHEDULE", "shipped_models", "default_model", "is_model_file",
            "model_family", "fitted_grids", "sampler_defaults", "set_sampler_defaults", "set_fitted_grids",
-           "set_default", "set_scores"]
+           "set_default", "set_scores", "set_learned_grids"]
 
 SCHEDULES = {
     "edm": "the EDM/Karras initialisation (isotropic, g = h; METHOD §2.2)",
@@ -74,9 +75,10 @@ def model_family(name: str, assets: str | os.PathLike | None = None) -> str:
     return family_registry.family_of(models[name]).name
 
 
-def fitted_grids(name: str, assets: str | os.PathLike | None = None) -> dict[int, list[float]]:
+def fitted_grids(name: str, assets: str | os.PathLike | None = None) -> FittedGrids:
     """Step count -> the geometric-mean sigma levels of a shipped model's fitted grids (`--grid optimized`,
-    `grid_fit`); {} for a model without any (never fitted, embedded, or a training checkpoint)."""
+    `grid_fit`), with its learned grids per solver in `.learned` (`--grid learned`, `grid_learn`); empty for a
+    model without any (never fitted, embedded, or a training checkpoint)."""
     return read_manifest(assets).fitted_grids(name)
 
 
@@ -116,8 +118,33 @@ def set_fitted_grids(name: str, levels: dict[int, list[float]], fit: dict,
         if name not in doc["models"]:
             raise ValueError(f"name: {name!r} is not a shipped model ({', '.join(doc['models']) or 'none'}); grids "
                              f"are stored with shipped models")
-        entry = dict(doc["models"][name], grids={"optimized": {str(k): [float(v) for v in levels[k]]
-                                                               for k in sorted(levels)}, "fit": fit})
+        grids = dict(doc["models"][name].get("grids", {}), fit=fit,  # learned grids are kept
+                     optimized={str(k): [float(v) for v in levels[k]] for k in sorted(levels)})
+        entry = dict(doc["models"][name], grids=grids)
+        problem = entry_problem(entry)
+        if problem:
+            raise ValueError(f"levels: {problem}")
+        doc["models"][name] = entry
+
+    update(Path(assets if assets is not None else assets_dir()), change)
+
+
+def set_learned_grids(name: str, key: str, levels: Mapping[int, list[float]], fit: Mapping[int, dict],
+                      assets: str | os.PathLike | None = None) -> None:
+    """Store grids learned for one solver (`key`: `sampling.spec.learned_key`, e.g. 'ipndm-4') with a shipped
+    model, as grids.learned[key][steps] (the descending geometric-mean sigma levels), with `fit[steps]`, how each
+    was learned, under grids.learned_fit[key][steps]. A step count learned before is replaced; the model's other
+    grids are kept. Re-exporting the model drops them (they belong to its network). ValueError otherwise."""
+    def change(doc: dict) -> None:
+        if name not in doc["models"]:
+            raise ValueError(f"name: {name!r} is not a shipped model ({', '.join(doc['models']) or 'none'}); grids "
+                             f"are stored with shipped models")
+        grids = dict(doc["models"][name].get("grids", {}))
+        grids.setdefault("optimized", {})
+        learned, how = dict(grids.get("learned", {})), dict(grids.get("learned_fit", {}))
+        learned[key] = dict(learned.get(key, {})) | {str(k): [float(v) for v in levels[k]] for k in sorted(levels)}
+        how[key] = dict(how.get(key, {})) | {str(k): dict(fit.get(k, {})) for k in sorted(levels)}
+        entry = dict(doc["models"][name], grids=dict(grids, learned=learned, learned_fit=how))
         problem = entry_problem(entry)
         if problem:
             raise ValueError(f"levels: {problem}")
