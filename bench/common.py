@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from aniso_fast import ops
-from aniso_fast.utils.machine import cpu_model
+from aniso_fast.utils.machine import cpu_model, machine_description
 from aniso_fast.geometry.bases import DCTBasis, PCABasis, dct_matrix
 
 BACKENDS = ops.BACKENDS  # reference, cpp, cuda, triton
@@ -117,6 +117,71 @@ def reference_gather_bytes(basis, B: int) -> int:
         return 0
     _, r, d = basis.V32.shape
     return B * r * d * 4
+
+
+# ---------------------------------------------------------------- how the network runs (precision, compile, layout)
+
+# PRECISION HOOK: the execution policy is aniso_fast.networks.execution (issue 24, branch tput-prec). Where it is
+# missing, only fp32, eager, contiguous runs; every other case is skipped with NO_EXECUTION_API as its reason.
+try:
+    from aniso_fast.networks import execution as _execution
+except ImportError:
+    _execution = None
+NO_EXECUTION_API = "aniso_fast.networks.execution (precision, compile, memory format) is not in this tree"
+
+
+@dataclass(frozen=True)
+class Run:
+    """How a benchmark runs the network: precision fp32/bf16/fp16, compile None or a torch.compile mode, memory
+    format contiguous/channels_last (`aniso_fast.networks.execution`'s options, resolved there)."""
+    precision: str = "fp32"
+    compile: str | None = None
+    memory_format: str = "contiguous"
+
+    @property
+    def name(self) -> str:
+        parts = [self.precision] + ([self.compile] if self.compile else []) + \
+            (["channels_last"] if self.memory_format == "channels_last" else [])
+        return "-".join(parts)
+
+    @property
+    def is_plain(self) -> bool:
+        return self == Run()
+
+
+def why_not_runnable(run: Run, device: str) -> str | None:
+    """None if `run` can run on `device`, else the reason (for pytest.skip)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    if _execution is None:
+        return None if run.is_plain else NO_EXECUTION_API
+    try:
+        execution(run, device)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def execution(run: Run, device: str):
+    """The resolved policy of `run` on `device` (aniso_fast.networks.execution.Execution)."""
+    return _execution.resolve_execution(device, run.precision, run.compile or False, run.memory_format)
+
+
+def execute(model, run: Run, device: str):
+    """`model` calling its network as `run` says (in place; a channels_last run converts the network's weights, so
+    give it a model of its own). The plain run leaves a model without the policy API as it is."""
+    if _execution is None:
+        assert run.is_plain, NO_EXECUTION_API
+        return model
+    return _execution.execute(model, execution(run, device))
+
+
+def pipeline_options(run: Run) -> dict:
+    """The keyword arguments of `aniso_fast.load` for `run` (none without the policy API)."""
+    if _execution is None:
+        assert run.is_plain, NO_EXECUTION_API
+        return {}
+    return {"precision": run.precision, "compile": run.compile or False, "memory_format": run.memory_format}
 
 
 # ---------------------------------------------------------------- cost model (for bandwidth and roofline figures)
@@ -234,7 +299,8 @@ def environment() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+    return {"description": machine_description(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_affinity": affinity,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
             "cuda_runtime": torch.version.cuda, "gpu": gpu_name(), "backends": ops.backends(),
             "loadavg": _loadavg()}
