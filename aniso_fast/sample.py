@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .networks import execution
 from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
 from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--individual", action="store_true", help="also write one PNG per sample (png format only)")
     p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    execution.add_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -194,7 +196,8 @@ def _validate(args):
         raise ValueError(f"--layout: applies to --format npz, not --format {args.format}")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(count))
     classes = parse_classes(args.classes)
-    pipeline = Pipeline(plan.model, args.device)
+    pipeline = Pipeline(plan.model, args.device, precision=args.precision, compile=args.compile or False,
+                        memory_format=args.memory_format)
     return pipeline, plan, seeds, classes, _output_paths(args, _main_path(args, plan, seeds, classes), seeds)
 
 
@@ -227,7 +230,8 @@ def run(args) -> Path:
     pipeline, plan, seeds, classes, paths = _validate(args)
     out = pipeline.run(plan, seeds, classes, batch=args.batch, progress=not args.no_progress, output="uint8")
     _write(args, paths, out)
-    print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid), "
+    ran = f", {out.info['precision']}" if out.info["precision"] is not None else ""
+    print(f"{len(seeds)} samples, NFE {plan.sampler.nfe} ({plan.sampler.solver}, {plan.sampler.grid} grid{ran}), "
           f"{out.info['seconds']:.2f} s -> {paths[0]}", file=sys.stderr)
     print(paths[0])
     return paths[0]

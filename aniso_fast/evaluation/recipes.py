@@ -24,7 +24,8 @@ from ..store.checkpoint import latest_checkpoint, read_meta
 from ..training.config import config_from_argv
 from ..sampling.spec import MAX_NFE, Sampler
 
-__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "train_recipe"]
+__all__ = ["RECIPE_FORMAT", "load_recipe", "sampler_key", "sampler_for", "select_rows", "resolve_row", "shipped_id",
+           "train_recipe"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
 _EVAL_KEYS = ("solver", "grid", "secondary", "order", "optional", "nfes", "ablation")
@@ -162,6 +163,11 @@ def _stage_state(row: dict) -> dict:
     return {"target_steps": target, "latest": latest, "step": step, "done": latest is not None and step >= target}
 
 
+def shipped_id(name: str) -> str:
+    """A shipped model's id in cache keys and results documents: its file's SHA-256."""
+    return f"shipped:{store.shipped_models()[name]['sha256']}"
+
+
 def resolve_row(row: dict, source: str = "auto") -> dict:
     """The model a table row evaluates: its shipped model (`row['export']` in the manifest) or the latest
     checkpoint in `row['out']` ('auto': shipped first). Returns status, where, an id for caching, a loader and the
@@ -172,7 +178,7 @@ def resolve_row(row: dict, source: str = "auto") -> dict:
         entry = shipped[name]
         trained = f"{entry['stage']} stage" if entry.get("stage") else f"{entry.get('family') or 'core'} family"
         return {"status": "ok", "where": f"shipped model `{name}` ({trained}, step {entry['step']}, "
-                                         f"{entry['kimg']:g} kimg)", "id": f"shipped:{entry['sha256']}",
+                                         f"{entry['kimg']:g} kimg)", "id": shipped_id(name),
                 "load": lambda: store.StoredModel.open(name).load(), "fitted": store.fitted_grids(name)}
     if source in ("auto", "checkpoint"):
         try:

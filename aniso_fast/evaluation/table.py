@@ -5,7 +5,9 @@ For every row of a recipe (`recipes/fmnist.json`) whose model exists, N class-ba
 NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`registry.run_sampler`: any family), scored by the Frechet distance to the test set in a feature space
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
-cached per (model, sampler, NFE, N, seed set), so an interrupted run resumes where it stopped.
+cached per (model, sampler, NFE, N, seed set, and the network's precision unless fp32), so an interrupted run
+resumes where it stopped. The network runs under an execution policy (`networks.execution`: `--precision`,
+`--compile`); a cell records its precision when not fp32 and is reused only under the same precision.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..networks.execution import FP32, Execution, execute, network_of
 from ..processes import registry
 from ..utils.atomic import atomic_write, atomic_write_text
 from ..utils.machine import machine_description
@@ -29,7 +32,8 @@ from ..sampling import spec
 from ..sampling.grids import fitted_levels
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "results_markdown",
-           "write_table", "best_row", "best_samplers", "bootstrap_se", "nfe_to_converge", "sampler_code"]
+           "write_table", "best_row", "best_samplers", "bootstrap_se", "bootstrap_difference_se", "nfe_to_converge",
+           "sampler_code"]
 
 DEFAULT_NFES = (3, 4, 5, 6, 7, 9, 13, 35)
 CONVERGED = 1.05  # "converged": FD within 5% of the same line's FD at the table's largest NFE
@@ -74,34 +78,71 @@ def _generate(model, schedule, cfg: dict, nfe: int, seeds: Sequence[int], batch:
     return torch.cat(out)
 
 
+def _precision_key(model, execution: Execution) -> dict:
+    """What a cell's cache key and record add for the network's precision: nothing for fp32 (and for a model
+    without a network), else {'precision': ...}."""
+    if execution.precision == "fp32" or network_of(model) is None:
+        return {}
+    return {"precision": execution.precision}
+
+
 def _seed_list(index: int, n: int) -> list[int]:
     """Seed set `index` of n samples; sample seed s has class s mod num_classes, so every set is balanced."""
     return list(range(index * n, (index + 1) * n))
 
 
+class _ReferenceFD:
+    """The Frechet distance of feature rows to fixed reference statistics, with tr((S1 S_ref)^(1/2)) as the sum of
+    sqrt(eig(R S1 R)), R = S_ref^(1/2) factored once: the same value as metrics.frechet_distance_from_statistics,
+    about ten times faster than a general sqrtm per bootstrap draw."""
+
+    def __init__(self, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.sigma_ref = np.atleast_2d(np.asarray(sigma_ref, dtype=np.float64))
+        self.mu_ref = np.atleast_1d(np.asarray(mu_ref, dtype=np.float64))
+        w, V = np.linalg.eigh(self.sigma_ref)
+        self.root = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+    def __call__(self, feats: np.ndarray) -> float:
+        mu, sigma = feature_statistics(feats)
+        ev = np.linalg.eigvalsh(self.root @ sigma @ self.root)
+        return float(((mu - self.mu_ref) ** 2).sum() + np.trace(sigma) + np.trace(self.sigma_ref)
+                     - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def _check_draws(draws: int) -> None:
+    if draws < 2:
+        raise ValueError(f"draws: expected at least 2 bootstrap draws, got {draws}")
+
+
 def bootstrap_se(feature_sets: Sequence[np.ndarray], mu_ref: np.ndarray, sigma_ref: np.ndarray, draws: int = 200,
                  seed: int = 0) -> float:
     """Bootstrap standard error of the mean Frechet distance over seed sets: each set's feature rows resampled
-    with replacement `draws` times (the reference statistics held fixed), the FD recomputed each time.
-
-    tr((S1 S_ref)^(1/2)) is computed as the sum of sqrt(eig(R S1 R)), R = S_ref^(1/2) factored once: the same
-    value as metrics.frechet_distance_from_statistics, about ten times faster than a general sqrtm per draw."""
-    if draws < 2:
-        raise ValueError(f"draws: expected at least 2 bootstrap draws, got {draws}")
-    sigma_ref = np.atleast_2d(np.asarray(sigma_ref, dtype=np.float64))
-    mu_ref = np.atleast_1d(np.asarray(mu_ref, dtype=np.float64))
-    w, V = np.linalg.eigh(sigma_ref)
-    root = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    with replacement `draws` times (the reference statistics held fixed), the FD recomputed each time."""
+    _check_draws(draws)
+    fd = _ReferenceFD(mu_ref, sigma_ref)
     rng = np.random.default_rng(seed)
     values = np.empty(draws)
     for b in range(draws):
         total = 0.0
         for feats in feature_sets:
-            mu, sigma = feature_statistics(feats[rng.integers(0, len(feats), len(feats))])
-            ev = np.linalg.eigvalsh(root @ sigma @ root)
-            total += float(((mu - mu_ref) ** 2).sum() + np.trace(sigma) + np.trace(sigma_ref)
-                           - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+            total += fd(feats[rng.integers(0, len(feats), len(feats))])
         values[b] = total / len(feature_sets)
+    return float(values.std(ddof=1))
+
+
+def bootstrap_difference_se(feats_a: np.ndarray, feats_b: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                            draws: int = 200, seed: int = 0) -> float:
+    """Bootstrap standard error of FD(a) - FD(b) for paired feature rows (row i of both from the same seed, e.g. one
+    model in two precisions): the same rows resampled for both in each draw, so what the seeds share cancels."""
+    _check_draws(draws)
+    if feats_a.shape != feats_b.shape:
+        raise ValueError(f"feats_b: expected rows paired with feats_a's {feats_a.shape}, got {feats_b.shape}")
+    fd = _ReferenceFD(mu_ref, sigma_ref)
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for b in range(draws):
+        idx = rng.integers(0, len(feats_a), len(feats_a))
+        values[b] = fd(feats_a[idx]) - fd(feats_b[idx])
     return float(values.std(ddof=1))
 
 
@@ -187,19 +228,22 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                   floor_images: torch.Tensor | None = None, floor_labels: torch.Tensor | None = None,
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
                   inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
-                  on_update: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[dict, dict]:
+                  on_update: Callable[[dict], None] | None = None, progress: bool = True,
+                  execution: Execution = FP32) -> tuple[dict, dict]:
     """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
     every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
     `floor_images` (and their `floor_labels`, for class-balanced sets) give the data floor.
     Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused, and
     samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
+    `execution`: how the networks run (`networks.execution`; the protocol records it).
     Returns (the result document, {row name: (model, schedule, uint8 samples at `sample_nfe`)} for the figures).
     """
     store = _Cache(cache, fresh)
     protocol = {"n": n, "seeds": seeds, "nfes": list(nfes), "scorer": scorer.id, "source": source,
                 "num_reference": getattr(scorer, "num_reference", None), "bootstrap": bootstrap,
-                "scorer_accuracy": getattr(scorer, "accuracy", None), "sample_nfe": sample_nfe}
+                "scorer_accuracy": getattr(scorer, "accuracy", None), "sample_nfe": sample_nfe,
+                "precision": execution.precision}
     if inception is not None:
         protocol.update(inception=inception.id, inception_n=inception_n,
                         inception_nfes=list(inception_nfes or nfes), inception_reference=len(inception_ref))
@@ -220,13 +264,16 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 print(f"{row['name']}: skipped ({found['where']})", flush=True)
             continue
         model, schedule = found["load"]()
+        execute(model, execution)
+        run_key = _precision_key(model, execution)
         family = registry.family_of_process(schedule).name
         entry["subspaces"] = model.basis.num_subspaces  # more than one: an anisotropic row
         old = old_rows.get(row["name"])
         reusable = old if (old and old.get("model_id") == found["id"]
                            and (previous or {}).get("protocol", {}).get("scorer") == scorer.id) else None
         old_cells = {(sampler_key(c), c["nfe"]): c for c in (reusable or {}).get("cells", [])
-                     if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds}
+                     if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds
+                     and c.get("precision") == run_key.get("precision")}
         configs = row_samplers(row, optional)
         done = set()
         for cfg in configs:
@@ -245,11 +292,12 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 else:
                     t0, sets = time.perf_counter(), []
                     for s in range(seeds):
-                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s, **grid_key}
+                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s, **grid_key,
+                                **run_key}
                         sets.append(store.features(what, scorer, lambda s=s: _generate(
                             model, schedule, cfg, nfe, _seed_list(s, n), batch, found["fitted"])))
-                    cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **grid_key, **_score(sets, scorer, bootstrap),
-                            "seconds": round(time.perf_counter() - t0, 1)}
+                    cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **grid_key, **run_key,
+                            **_score(sets, scorer, bootstrap), "seconds": round(time.perf_counter() - t0, 1)}
                 entry["cells"].append(cell)
                 if progress:
                     print(f"{row['name']:10s} {sampler_code(cfg):9s} NFE {nfe:3d}  FD {cell['mean']:.3f} ± "
@@ -273,7 +321,8 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 inception_scorer = FrechetScorer(inception, inception_ref, inception.id, batch_size=50,
                                                  reference_features=ref)
             old_inc = {(c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
-                       if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)}
+                       if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)
+                       and c.get("precision") == run_key.get("precision")}
             for nfe in inception_nfes or nfes:
                 try:
                     grid_key = _grid_key(primary, nfe, family, found["fitted"])
@@ -282,14 +331,14 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 cell = old_inc.get((nfe, inception_n))
                 if cell is None or cell.get("levels") != grid_key.get("levels"):
                     what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0,
-                            **grid_key}
+                            **grid_key, **run_key}
                     feats = store.features(what, inception_scorer, lambda: _generate(
                         model, schedule, primary, nfe, _seed_list(0, inception_n), batch, found["fitted"]))
                     from .metrics import frechet_distance_from_statistics
 
                     fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
                                                            inception_scorer.sigma)
-                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, **grid_key, "fid": fid,
+                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, **grid_key, **run_key, "fid": fid,
                             "scorer": inception.id, "reference": len(inception_ref)}
                 entry["inception"].append(cell)
                 if progress:
@@ -412,7 +461,8 @@ def _sampler_name(key: tuple) -> str:
     return sampler_for({"solver": solver, "grid": grid, "secondary": secondary, "order": order}).name
 
 
-def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str]) -> str:
+def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str],
+                     sections: Sequence[str] = ()) -> str:
     p = result["protocol"]
     nfes = sorted({*p["nfes"], *(c["nfe"] for row in result["rows"] for c in row["cells"])})  # and samplers' own
     head = "| model | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " | NFE to converge |"
@@ -447,7 +497,7 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
               "its family's step counts, the only NFEs of its line. "
               f"**NFE to converge**: the lowest NFE whose FD is within {100 * (CONVERGED - 1):.0f}% of the same "
               f"line's FD at its largest NFE (NFE {max(p['nfes'])} at the table's NFEs).", "",
-              f"Machine: {result['machine']}.", ""]
+              f"Machine: {result['machine']}; networks in {p.get('precision', 'fp32')}.", ""]
     winners = _winners(result, nfes)
     body, skipped = [], {}
     for row in result["rows"]:
@@ -520,11 +570,14 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
                   "g(t) over its initialisation; one colour per class for class-conditional schedules.", ""]
         for name, fig in sched:
             lines += [f"### {recipe_rows[name]['label']}", "", f"![{name}]({fig})", ""]
+    lines += sections
     return "\n".join(lines)
 
 
-def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str) -> Path:
-    """docs/RESULTS.md, docs/results.json and docs/figures/*.png from a results_table() run."""
+def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str,
+                sections: Sequence[str] = ()) -> Path:
+    """docs/RESULTS.md, docs/results.json and docs/figures/*.png from a results_table() run; `sections`: Markdown
+    lines appended (the precision gate's section)."""
     from ..utils.data import FASHION_MNIST_CLASSES
 
     figdir = out.parent / "figures"
@@ -550,7 +603,7 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
             plot_schedule(schedule, figdir / f"schedule-{name}.png", f"Learned schedule: {labels[name]}", class_names)
             figures[name] = f"figures/schedule-{name}.png"
     atomic_write_text(json_path, json.dumps(result, indent=1))
-    atomic_write_text(out, results_markdown(result, recipe, command, figures))
+    atomic_write_text(out, results_markdown(result, recipe, command, figures, sections))
     return out
 
 
