@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from aniso_fast import ops
+from aniso_fast.networks import execution
 from aniso_fast.utils.machine import cpu_model, machine_description
 from aniso_fast.geometry.bases import DCTBasis, PCABasis, dct_matrix
 
@@ -121,19 +122,10 @@ def reference_gather_bytes(basis, B: int) -> int:
 
 # ---------------------------------------------------------------- how the network runs (precision, compile, layout)
 
-# PRECISION HOOK: the execution policy is aniso_fast.networks.execution (issue 24, branch tput-prec). Where it is
-# missing, only fp32, eager, contiguous runs; every other case is skipped with NO_EXECUTION_API as its reason.
-try:
-    from aniso_fast.networks import execution as _execution
-except ImportError:
-    _execution = None
-NO_EXECUTION_API = "aniso_fast.networks.execution (precision, compile, memory format) is not in this tree"
-
-
 @dataclass(frozen=True)
 class Run:
     """How a benchmark runs the network: precision fp32/bf16/fp16, compile None or a torch.compile mode, memory
-    format contiguous/channels_last (`aniso_fast.networks.execution`'s options, resolved there)."""
+    format contiguous/channels_last (the options of `aniso_fast.networks.execution`, resolved there)."""
     precision: str = "fp32"
     compile: str | None = None
     memory_format: str = "contiguous"
@@ -148,40 +140,30 @@ class Run:
     def is_plain(self) -> bool:
         return self == Run()
 
+    def execution(self, device: str) -> execution.Execution:
+        """The resolved policy on `device`; ValueError naming the option where it cannot run there."""
+        return execution.resolve_execution(device, self.precision, self.compile or False, self.memory_format)
+
+    def pipeline_options(self) -> dict:
+        """The keyword arguments of `aniso_fast.load` for this run."""
+        return {"precision": self.precision, "compile": self.compile or False, "memory_format": self.memory_format}
+
 
 def why_not_runnable(run: Run, device: str) -> str | None:
     """None if `run` can run on `device`, else the reason (for pytest.skip)."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device on this machine"
-    if _execution is None:
-        return None if run.is_plain else NO_EXECUTION_API
     try:
-        execution(run, device)
+        run.execution(device)
     except ValueError as e:
         return str(e)
     return None
 
 
-def execution(run: Run, device: str):
-    """The resolved policy of `run` on `device` (aniso_fast.networks.execution.Execution)."""
-    return _execution.resolve_execution(device, run.precision, run.compile or False, run.memory_format)
-
-
 def execute(model, run: Run, device: str):
     """`model` calling its network as `run` says (in place; a channels_last run converts the network's weights, so
-    give it a model of its own). The plain run leaves a model without the policy API as it is."""
-    if _execution is None:
-        assert run.is_plain, NO_EXECUTION_API
-        return model
-    return _execution.execute(model, execution(run, device))
-
-
-def pipeline_options(run: Run) -> dict:
-    """The keyword arguments of `aniso_fast.load` for `run` (none without the policy API)."""
-    if _execution is None:
-        assert run.is_plain, NO_EXECUTION_API
-        return {}
-    return {"precision": run.precision, "compile": run.compile or False, "memory_format": run.memory_format}
+    give it a model of its own)."""
+    return execution.execute(model, run.execution(device))
 
 
 # ---------------------------------------------------------------- cost model (for bandwidth and roofline figures)

@@ -63,7 +63,7 @@ _FP32_IMAGES: dict = {}  # (device, nfe, batch) -> the fp32 run's images, for th
 @functools.cache
 def _pipeline(device: str, run: Run, batch: int | None):
     """One pipeline per run (a compiled one per batch too: its graph is made for one batch size)."""
-    return aniso_fast.load(None, device, **common.pipeline_options(run))
+    return aniso_fast.load(None, device, **run.pipeline_options())
 
 
 def _skip_unless_runnable(run: Run, device: str) -> None:
