@@ -55,7 +55,8 @@ def _has_gpu() -> bool:
 def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str], e2e: bool = False) -> int:
     """pytest over the throughput files (e2e) or over bench/ without them."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    files = list(E2E_FILES) if e2e else ["bench/", *(f"--ignore={f}" for f in E2E_FILES)]
+    # the throughput cases take seconds each: at least 3 timed rounds for their medians (overridable after `--`)
+    files = [*E2E_FILES, "--aniso-min-rounds=3"] if e2e else ["bench/", *(f"--ignore={f}" for f in E2E_FILES)]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={json_path}", f"--aniso-skips={skips_path}", "--benchmark-columns=median,rounds",
            *pytest_args]

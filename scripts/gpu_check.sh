@@ -16,8 +16,9 @@ PY=${PYTHON:-python}
 BUDGET=${BENCH_BUDGET:-0.5}
 STEP=${STEP_TIMEOUT:-1800}
 
-if ! gpu=$(timeout 120 "$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))" 2>/dev/null); then
-  echo "gpu_check: no CUDA GPU available to torch (torch.cuda.is_available() is False or torch is missing): nothing checked" >&2
+probe="import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"
+if ! gpu=$(timeout 120 "$PY" -c "$probe" 2>/dev/null); then
+  echo "gpu_check: no CUDA GPU available to torch (no CUDA torch or no device): nothing checked" >&2
   exit 1
 fi
 if ! command -v nvcc >/dev/null && [[ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
