@@ -32,9 +32,11 @@ from .utils.data import to_uint8
 from .utils.devices import resolve_device
 
 __all__ = ["load", "Pipeline", "Plan", "Samples", "nfe_choice", "plan_sampling", "parse_seeds", "parse_classes",
-           "MAX_SAMPLES", "OUTPUTS"]
+           "MAX_SAMPLES", "DEFAULT_BATCH", "OUTPUTS"]
 
 MAX_SAMPLES = 1_000_000  # samples (and samples per batch) of one run: a typo must not allocate hundreds of GB
+DEFAULT_BATCH = 256  # samples per solver batch of `sample --batch` and `Pipeline.sample`/`run` (bench/RESULTS.md,
+                     # "Throughput": the network forward per batch size)
 OUTPUTS = ("float", "uint8")
 _SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
 
@@ -253,7 +255,7 @@ class Pipeline:
 
     def sample(self, n_or_seeds: int | Sequence[int] = 64, *, nfe: int = 9, classes=None, solver: str | None = None,
                grid: str | None = None, secondary: str | None = None, order: int | None = None,
-               schedule: str | None = None, batch: int = 256, callback: Callable[[dict], None] | None = None,
+               schedule: str | None = None, batch: int = DEFAULT_BATCH, callback: Callable[[dict], None] | None = None,
                progress: bool = False, output: str = "float", precision: str | None = None,
                compile: bool | str | None = None, memory_format: str | None = None) -> Samples:
         """One sample per seed (n: seeds 0..n-1), per-seed deterministic (the same images as the CLI for the same
@@ -267,7 +269,7 @@ class Pipeline:
         return self.run(plan, resolve_seeds(n_or_seeds), parse_classes(classes), batch=batch, callback=callback,
                         progress=progress, output=output, execution=execution)
 
-    def run(self, plan: Plan, seeds: list[int], classes: list[int] | None, *, batch: int = 256,
+    def run(self, plan: Plan, seeds: list[int], classes: list[int] | None, *, batch: int = DEFAULT_BATCH,
             callback: Callable[[dict], None] | None = None, progress: bool = False, output: str = "float",
             dist: Dist | None = None, execution: Execution | None = None) -> Samples | None:
         """Sample a checked plan in batches of `batch` seeds, the network run under `execution` (default: the

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import store
 from .networks import execution
-from .pipeline import MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
+from .pipeline import DEFAULT_BATCH, MAX_SAMPLES, Pipeline, nfe_choice, parse_classes, parse_seeds, plan_sampling
 from .sampling.grids import GRIDS, SECONDARIES
 from .sampling.spec import EM, SOLVERS
 from .training import distributed
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"number of samples when --seeds is not given (default: 64; at most {MAX_SAMPLES:,})")
     p.add_argument("--classes", default=None,
                    help="class labels, e.g. '3' or '0,1,2' (cycled over the samples); default: drawn per seed")
-    p.add_argument("--batch", type=int, default=256, help=f"samples per solver batch (at most {MAX_SAMPLES:,})")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"samples per solver batch (at most {MAX_SAMPLES:,})")
     p.add_argument("--outdir", default=None,
                    help="output directory (default: samples); the file name carries the model, sampler, NFE, seeds "
                         "and classes")

@@ -16,7 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from aniso_fast import ops
-from aniso_fast.utils.machine import cpu_model
+from aniso_fast.networks import execution
+from aniso_fast.utils.machine import cpu_model, machine_description
 from aniso_fast.geometry.bases import DCTBasis, PCABasis, dct_matrix
 
 BACKENDS = ops.BACKENDS  # reference, cpp, cuda, triton
@@ -117,6 +118,52 @@ def reference_gather_bytes(basis, B: int) -> int:
         return 0
     _, r, d = basis.V32.shape
     return B * r * d * 4
+
+
+# ---------------------------------------------------------------- how the network runs (precision, compile, layout)
+
+@dataclass(frozen=True)
+class Run:
+    """How a benchmark runs the network: precision fp32/bf16/fp16, compile None or a torch.compile mode, memory
+    format contiguous/channels_last (the options of `aniso_fast.networks.execution`, resolved there)."""
+    precision: str = "fp32"
+    compile: str | None = None
+    memory_format: str = "contiguous"
+
+    @property
+    def name(self) -> str:
+        parts = [self.precision] + ([self.compile] if self.compile else []) + \
+            (["channels_last"] if self.memory_format == "channels_last" else [])
+        return "-".join(parts)
+
+    @property
+    def is_plain(self) -> bool:
+        return self == Run()
+
+    def execution(self, device: str) -> execution.Execution:
+        """The resolved policy on `device`; ValueError naming the option where it cannot run there."""
+        return execution.resolve_execution(device, self.precision, self.compile or False, self.memory_format)
+
+    def pipeline_options(self) -> dict:
+        """The keyword arguments of `aniso_fast.load` for this run."""
+        return {"precision": self.precision, "compile": self.compile or False, "memory_format": self.memory_format}
+
+
+def why_not_runnable(run: Run, device: str) -> str | None:
+    """None if `run` can run on `device`, else the reason (for pytest.skip)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    try:
+        run.execution(device)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def execute(model, run: Run, device: str):
+    """`model` calling its network as `run` says (in place; a channels_last run converts the network's weights, so
+    give it a model of its own)."""
+    return execution.execute(model, run.execution(device))
 
 
 # ---------------------------------------------------------------- cost model (for bandwidth and roofline figures)
@@ -234,7 +281,8 @@ def environment() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+    return {"description": machine_description(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_affinity": affinity,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
             "cuda_runtime": torch.version.cuda, "gpu": gpu_name(), "backends": ops.backends(),
             "loadavg": _loadavg()}

@@ -3,8 +3,13 @@
     python bench/report.py                       # full run -> bench/results/<device>.json -> bench/RESULTS.md
     python bench/report.py --no-run              # rewrite RESULTS.md from the existing JSON
     python bench/report.py -- -k "32x32x3"       # pass arguments on to pytest (a partial run)
+    python bench/report.py --e2e                 # throughput (issue 24): bench/test_bench_e2e.py, _forward.py,
+                                                 # _peers.py -> bench/results/<device>-e2e.json -> its section
+                                                 # of bench/RESULTS.md (the rest of the file is kept)
 
-<device> is `cuda` on a machine with a GPU (the run then holds the CPU and the GPU cases), else `cpu`.
+<device> is `cuda` on a machine with a GPU (the run then holds the CPU and the GPU cases), else `cpu`. The default
+run leaves out the throughput files (E2E_FILES); a full rewrite of RESULTS.md keeps the throughput section of the
+existing <device>-e2e.json.
 Every ratio below compares medians taken in the same run; the implementations of one case run back to back.
 """
 from __future__ import annotations
@@ -33,6 +38,8 @@ HEADLINE = {"size": "32x32x3", "batch": 256}  # the issue's CPU targets are stat
 FEW_ROUNDS = 3  # medians of fewer rounds are marked
 LOADED_SHARE = 0.10  # other processes using this share of the cores or more: the run is flagged as under load
 PLAIN_ALL = ("reference", "grouped", "authors")  # every plain-PyTorch composition measured
+E2E_FILES = ("bench/test_bench_e2e.py", "bench/test_bench_forward.py", "bench/test_bench_peers.py")
+E2E_BEGIN, E2E_END = "<!-- throughput: begin (python bench/report.py --e2e) -->", "<!-- throughput: end -->"
 
 
 def _has_gpu() -> bool:
@@ -45,9 +52,12 @@ def _has_gpu() -> bool:
 
 # ---------------------------------------------------------------- running
 
-def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str]) -> int:
+def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str], e2e: bool = False) -> int:
+    """pytest over the throughput files (e2e) or over bench/ without them."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+    # the throughput cases take seconds each: at least 3 timed rounds for their medians (overridable after `--`)
+    files = [*E2E_FILES, "--aniso-min-rounds=3"] if e2e else ["bench/", *(f"--ignore={f}" for f in E2E_FILES)]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={json_path}", f"--aniso-skips={skips_path}", "--benchmark-columns=median,rounds",
            *pytest_args]
     print("+", " ".join(cmd), flush=True)
@@ -151,7 +161,8 @@ def status(r: float | None, goal: float, higher: bool = True) -> str:
 
 # ---------------------------------------------------------------- sections
 
-def section_machine(res: Results, source: str) -> list[str]:
+def section_machine(res: Results, source: str, heading: str = "## Machine",
+                    command: str = "python bench/report.py") -> list[str]:
     info = res.data.get("machine_info", {}).get("aniso_fast", {})
     start, end = info.get("start") or {}, info.get("end") or {}
     commit = res.data.get("commit_info", {})
@@ -161,6 +172,7 @@ def section_machine(res: Results, source: str) -> list[str]:
     before, during = info.get("others_cpu_before"), info.get("others_cpu_during")
     loaded = max(before or 0, during or 0) >= LOADED_SHARE
     rows = [
+        ["machine (`machine_description()`)", start.get("description") or "not recorded"],
         ["CPU", f"{start.get('cpu_model')} ({cores} logical cores, {start.get('cpu_affinity')} usable, "
                 f"torch threads {start.get('torch_threads')})"],
         ["GPU", start.get("gpu") or "none"],
@@ -175,12 +187,15 @@ def section_machine(res: Results, source: str) -> list[str]:
         ["run", f"{res.data.get('datetime')}, commit {str(commit.get('id', '?'))[:10]}"
                 f"{' (working tree dirty)' if commit.get('dirty') else ''}, {len(res.bench)} cases, from `{source}`"],
     ]
-    out = ["## Machine", ""] + table(["", ""], rows) + [""]
+    out = [heading, ""] + table(["", ""], rows) + [""]
     if loaded:
         out += [f"**Measured under load:** other processes used {pct(before)} of the {cores} cores before the run "
                 f"and {pct(during)} during it, so medians are noisy (implementations of one case run back to back, "
-                "so their ratios suffer less than the absolute times). Rerun `python bench/report.py` on a quiet "
+                f"so their ratios suffer less than the absolute times). Rerun `{command}` on a quiet "
                 "machine for figures to quote.", ""]
+    elif before is not None and during is not None:
+        out += [f"The machine was quiet: other processes used {pct(before)} of the cores before the run and "
+                f"{pct(during)} during it (below {pct(LOADED_SHARE)}).", ""]
     return out
 
 
@@ -446,6 +461,147 @@ def section_skips(skips: list[dict]) -> list[str]:
                                                        [[str(n), r] for r, n in counts.most_common()]) + [""]
 
 
+# ---------------------------------------------------------------- throughput (issue 24: `--e2e`)
+
+def _e2e(res: Results, suite: str) -> list[dict]:
+    return [b for b in res.bench if b["extra_info"].get("suite") == suite]
+
+
+def _per_image(b: dict | None) -> float | None:
+    return None if b is None else b["stats"]["median"] / b["extra_info"]["images"]
+
+
+def _mark(b: dict) -> str:
+    return "*" if b["stats"]["rounds"] < FEW_ROUNDS else ""
+
+
+def section_e2e_sample(res: Results) -> list[str]:
+    runs = {}
+    for b in _e2e(res, "e2e"):
+        e = b["extra_info"]
+        if e["op"] == "sample":
+            runs[(e["device"], e["nfe"], e["batch"], e["impl"])] = b
+    if not runs:
+        return []
+    impls = [i for i in ("fp32", "bf16", "bf16-reduce-overhead") if any(k[3] == i for k in runs)]
+    header = ["device", "NFE", "B"] + [f"`{i}` images/s (ms/image)" for i in impls] + \
+        [f"`{i}` vs `fp32`" for i in impls[1:]] + [f"`{i}`: uint8 levels moved vs fp32 (max, share)" for i in impls[1:]]
+    rows = []
+    for device, nfe, B in sorted({k[:3] for k in runs}, key=lambda k: (k[0] != "cpu", k[1], k[2])):
+        cells, speed, moved = [], [], []
+        fp32 = runs.get((device, nfe, B, "fp32"))
+        for i in impls:
+            b = runs.get((device, nfe, B, i))
+            t = _per_image(b)
+            cells.append("–" if t is None else f"{1 / t:.1f} ({ms(t)}){_mark(b)}")
+            if i != "fp32":
+                speed.append(fx(ratio(_per_image(fp32), t)))
+                e = b["extra_info"] if b else {}
+                moved.append(f"{e['levels_moved_max']}, {pct(e['levels_moved_share'])}" if "levels_moved_max" in e
+                             else "–")
+        rows.append([device, str(nfe), str(B)] + cells + speed + moved)
+    e = next(iter(runs.values()))["extra_info"]
+    return ["### The default sample job", "",
+            f"`aniso_fast.load(device=..., precision=..., compile=...).sample(B seeds, nfe=NFE, batch=B, "
+            f"output='uint8')` with no model or sampler named: the per-NFE choice (here `{e['model']}`, "
+            f"{e['solver']} on {e['grid']}), one batch per call (`bench/test_bench_e2e.py`). Images per second = B / "
+            "median; the ratio is fp32's time over the run's.", ""] + table(header, rows) + [""]
+
+
+def section_e2e_train(res: Results) -> list[str]:
+    runs = [b for b in _e2e(res, "e2e") if b["extra_info"]["op"] == "train_step"]
+    if not runs:
+        return []
+    rows = []
+    for b in sorted(runs, key=lambda b: (b["extra_info"]["device"] != "cpu", b["extra_info"]["impl"] != "fp32")):
+        e = b["extra_info"]
+        fp32 = next((c for c in runs if c["extra_info"]["device"] == e["device"] and c["extra_info"]["impl"] == "fp32"),
+                    None)
+        rows.append([e["device"], f"`{e['impl']}`", f"{b['stats']['median']:.3f}{_mark(b)}", str(b["stats"]["rounds"]),
+                     mib(e.get("peak_bytes")), fx(ratio(fp32["stats"]["median"] if fp32 else None,
+                                                        b["stats"]["median"]))])
+    e = runs[0]["extra_info"]
+    return ["### The default recipe's training step", "",
+            f"One forward + backward of `{e['model']}`'s recipe row (recipes/fmnist.json: family `{e['family']}`, "
+            f"stage `{e['stage']}`, its loss options) at batch {e['batch']} on the shipped network "
+            f"({e['params']} parameters); bf16: the network under autocast (`networks.execution`).", ""] + \
+        table(["device", "precision", "median s", "rounds", "peak memory", "vs fp32"], rows) + [""]
+
+
+def section_e2e_forward(res: Results) -> list[str]:
+    runs = {}
+    for b in _e2e(res, "forward"):
+        e = b["extra_info"]
+        runs[(e["device"], e["threads"] if e["device"] == "cpu" else None, e["layout"], e["batch"])] = b
+    if not runs:
+        return []
+    configs = sorted({k[:3] for k in runs}, key=lambda k: (k[0] != "cpu", k[1] or 0, k[2]))
+    batches = sorted({k[3] for k in runs})
+    header = ["B"] + [f"{d}{'' if t is None else f', {t} thread' + ('s' if t > 1 else '')}, {layout}"
+                      for d, t, layout in configs]
+    rows = [[str(B)] + [(ms(_per_image(runs.get((*c, B)))) + _mark(runs[(*c, B)])) if (*c, B) in runs else "–"
+                        for c in configs] for B in batches]
+    out = ["### The network forward: batch, memory format, threads (ms per image)", "",
+           f"One call of `{next(iter(runs.values()))['extra_info']['model']}`'s flow under no_grad at sigma = 2 "
+           "(`bench/test_bench_forward.py`); median / B. channels_last: the network's weights and input converted "
+           "by `networks.execution`.", ""] + table(header, rows) + [""]
+    for device in sorted({c[0] for c in configs}):
+        cases = [(_per_image(b), k) for k, b in runs.items() if k[0] == device]
+        t, (d, threads, layout, B) = min(cases)
+        best_per_B = {n: min(_per_image(b) for k, b in runs.items() if k[0] == device and k[3] == n)
+                      for n in batches if any(k[0] == device and k[3] == n for k in runs)}
+        threads_text = "" if threads is None else f", {threads} thread" + ("s" if threads > 1 else "")
+        out += [f"Fastest on {device}: B = {B}, {layout}{threads_text} ({ms(t)} ms/image). Best per B: " +
+                ", ".join(f"{n}: {ms(v)}" for n, v in best_per_B.items()) + " ms/image.", ""]
+    return out
+
+
+def section_e2e_peers(res: Results) -> list[str]:
+    runs = {(b["extra_info"]["driver"], b["extra_info"]["run"]): b for b in _e2e(res, "peers")}
+    if not runs:
+        return []
+    drivers = [d for d in ("engine", "adapter", "k-diffusion", "diffusers", "engine-scheduler")
+               if any(k[0] == d for k in runs)]
+    kd = runs.get(("k-diffusion", "stand-in"))
+    rows = []
+    for d in drivers:
+        net, alone = runs.get((d, "network")), runs.get((d, "stand-in"))
+        diff = net["extra_info"].get("max_abs_diff") if net else None
+        rows.append([f"`{d}`", ms(_per_image(net)) + (_mark(net) if net else ""),
+                     ms(alone["stats"]["median"] if alone else None),
+                     fx(ratio(alone["stats"]["median"] if alone else None, kd["stats"]["median"] if kd else None)),
+                     pct(ratio(_per_image(alone), _per_image(net))) if alone and net else "–",
+                     "–" if diff is None else f"{diff:.2g}"])
+    e = next(iter(runs.values()))["extra_info"]
+    return ["### The sampling loop against k-diffusion and diffusers", "",
+            f"`{e['model']}` (isotropic), DPM-Solver++(2M) at NFE {e['nfe']} on EDM's Karras sigmas, batch "
+            f"{e['batch']}, one start noise (`bench/test_bench_peers.py`, whose docstring names each driver). "
+            "`stand-in`: the U-Net swapped for a module returning a precomputed tensor (the loop, the "
+            "preconditioning and the updates are left). max |x - x_k-diffusion|: images in [-1, 1].", ""] + \
+        table(["driver", "ms per image, with network", "ms per batch, stand-in", "stand-in vs k-diffusion",
+               "stand-in / with network", "max abs diff vs k-diffusion"], rows) + [""]
+
+
+def render_e2e(data: dict, skips: list[dict], source: str) -> str:
+    """The throughput section of RESULTS.md, between its markers."""
+    res = Results(data)
+    lines = [E2E_BEGIN, "## Throughput (issue 24)", "",
+             "Generated by `python bench/report.py --e2e` (one command: the three files run in one pytest session, "
+             f"results in `{source}`). Medians; `*` marks a median of fewer than {FEW_ROUNDS} rounds.", ""]
+    lines += section_machine(res, source, heading="### Machine of this run", command="python bench/report.py --e2e")
+    lines += section_e2e_sample(res) + section_e2e_train(res) + section_e2e_forward(res) + section_e2e_peers(res)
+    lines += section_skips(skips)
+    return "\n".join(lines).rstrip() + "\n" + E2E_END + "\n"
+
+
+def splice_e2e(text: str, section: str) -> str:
+    """`text` with its throughput section replaced by `section` (appended where it has none)."""
+    if E2E_BEGIN in text and E2E_END in text:
+        head, rest = text.split(E2E_BEGIN, 1)
+        return head + section.rstrip("\n") + rest.split(E2E_END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + section
+
+
 def render(data: dict, skips: list[dict], source: str) -> str:
     res = Results(data)
     lines = ["# aniso_fast benchmark results", "",
@@ -478,7 +634,21 @@ def render(data: dict, skips: list[dict], source: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _source(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _read(json_path: Path) -> tuple[dict, list[dict]]:
+    skips_path = json_path.with_name(json_path.stem + "-skips.json")
+    return json.loads(json_path.read_text()), json.loads(skips_path.read_text()) if skips_path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
+    from aniso_fast.utils.atomic import atomic_write_text
+
     argv = sys.argv[1:] if argv is None else argv
     extra = []
     if "--" in argv:
@@ -486,33 +656,38 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     device = "cuda" if _has_gpu() else "cpu"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path, default=BENCH / "results" / f"{device}.json",
-                   help="pytest-benchmark JSON to write (and read)")
+    p.add_argument("--e2e", action="store_true",
+                   help=f"the throughput run ({', '.join(E2E_FILES)}): rewrites only its section of --out")
+    p.add_argument("--json", type=Path, default=None,
+                   help=f"pytest-benchmark JSON to write (and read); default bench/results/{device}.json, "
+                        f"{device}-e2e.json with --e2e")
     p.add_argument("--out", type=Path, default=BENCH / "RESULTS.md", help="Markdown to write")
     p.add_argument("--no-run", action="store_true", help="only rewrite the Markdown from the existing JSON")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="more pytest-benchmark JSON files whose cases join the report (e.g. a separate run of "
                         "bench/test_bench_solvers.py); their sources are listed")
     args = p.parse_args(argv)
-    skips_path = args.json.with_name(args.json.stem + "-skips.json")
+    e2e_json = BENCH / "results" / f"{device}-e2e.json"
+    if args.json is None:
+        args.json = e2e_json if args.e2e else BENCH / "results" / f"{device}.json"
     rc = 0
     if not args.no_run:
-        rc = run_suite(args.json, skips_path, extra)
+        rc = run_suite(args.json, args.json.with_name(args.json.stem + "-skips.json"), extra, e2e=args.e2e)
         if not args.json.exists():
             print(f"no results written to {args.json}", file=sys.stderr)
             return rc or 1
-    data = json.loads(args.json.read_text())
-    skips = json.loads(skips_path.read_text()) if skips_path.exists() else []
-    sources = []
-    for path in [args.json, *args.also]:
-        try:
-            sources.append(str(path.resolve().relative_to(ROOT)))
-        except ValueError:
-            sources.append(str(path))
+    data, skips = _read(args.json)
+    sources = [_source(path) for path in [args.json, *args.also]]
     for path in args.also:
-        more = json.loads(path.read_text())
-        data["benchmarks"] += more["benchmarks"]
-    args.out.write_text(render(data, skips, " + ".join(sources)))
+        data["benchmarks"] += json.loads(path.read_text())["benchmarks"]
+    if args.e2e:
+        old = args.out.read_text() if args.out.exists() else "# aniso_fast benchmark results\n"
+        text = splice_e2e(old, render_e2e(data, skips, " + ".join(sources)))
+    else:
+        text = render(data, skips, " + ".join(sources))
+        if e2e_json.exists():  # the throughput section of the last --e2e run is kept
+            text = splice_e2e(text, render_e2e(*_read(e2e_json), _source(e2e_json)))
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     if rc:
         print(f"warning: pytest exited with {rc} (failed cases are missing from the tables)", file=sys.stderr)

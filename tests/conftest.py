@@ -1,9 +1,7 @@
-import importlib.util
 import os
-import sys
-import types
 
-# Triton kernels run under the interpreter on machines without a GPU (CI); set before triton is imported.
+# Triton kernels run under the interpreter on machines without a GPU (CI); set before triton is imported. On a GPU,
+# `TRITON_INTERPRET=0 python -m pytest --device cuda tests/test_ops.py ...` runs them compiled (scripts/gpu_check.sh).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -14,6 +12,40 @@ import torch  # noqa: E402
 import aniso_fast.training.trainer  # noqa: E402
 from aniso_fast.networks.gmm import GaussianMixture  # noqa: E402
 from aniso_fast.geometry.schedules import MatrixSchedule  # noqa: E402
+from helpers import kdiffusion_sampling  # noqa: E402
+
+DEVICES = ("cpu", "cuda")
+# the op backends the device-parametrised op tests run per device (the reference backend through the dispatch
+# checks the plumbing; the float64 reference is always computed on the CPU)
+DEVICE_BACKENDS = {"cpu": ("reference", "cpp"), "cuda": ("reference", "cuda", "triton")}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=DEVICES,
+                     help="device of the op tests' tensors (tests that take `device_backend`: test_ops.py, "
+                          "test_block_ops.py, test_ops_autograd.py): cpu runs the reference and cpp backends, cuda "
+                          "the reference, cuda and triton backends on the GPU (skipped without one)")
+
+
+def pytest_generate_tests(metafunc):
+    """`device_backend`: (device, backend) for each backend available on the --device; a skipped case with the
+    reason where none can run (no CUDA device, or no backend built for it)."""
+    if "device_backend" not in metafunc.fixturenames:
+        return
+    from aniso_fast import ops
+
+    unavailable = ops.backends()["unavailable"]
+    device = metafunc.config.getoption("device")
+    if device == "cuda" and not torch.cuda.is_available():
+        params = [pytest.param(None, marks=pytest.mark.skip(reason="--device cuda: no CUDA device on this machine"),
+                               id="cuda-unavailable")]
+    else:
+        params = [pytest.param((device, b), id=f"{device}-{b}") for b in DEVICE_BACKENDS[device]
+                  if device not in unavailable.get(b, {})]
+        if not params:
+            params = [pytest.param(None, marks=pytest.mark.skip(reason=f"no op backend available for {device}"),
+                                   id=f"{device}-none")]
+    metafunc.parametrize("device_backend", params)
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +105,8 @@ def assets(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def kdiffusion():
-    """k_diffusion/sampling.py on its own, the solver oracle: the package __init__ imports heavy optional deps, and
-    its utils.py needs torchvision, so sampling.py runs against a stub package holding the one helper it uses."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
+    """k_diffusion/sampling.py on its own, the solver oracle (`helpers.kdiffusion_sampling`)."""
+    module = kdiffusion_sampling()
+    if module is None:
         pytest.skip("k-diffusion is not installed (bash scripts/setup.sh --test)")
-    pkg = types.ModuleType("_kdiffusion_oracle")
-    pkg.__path__ = []
-    pkg.utils = types.ModuleType("_kdiffusion_oracle.utils")
-    pkg.utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    sys.modules.setdefault("_kdiffusion_oracle", pkg)
-    sys.modules.setdefault("_kdiffusion_oracle.utils", pkg.utils)
-    path = os.path.join(spec.submodule_search_locations[0], "sampling.py")
-    mod_spec = importlib.util.spec_from_file_location("_kdiffusion_oracle.sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
     return module

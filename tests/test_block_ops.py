@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from aniso_fast import ops
 from aniso_fast.ops import reference as ref
 from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
-from test_ops import (CPU_BACKENDS, DTYPES, SETTINGS, SIZES, TRITON_SKIP, assert_combine_close, dct_matrix, f64,
+from test_ops import (CPU_BACKENDS, DTYPES, SETTINGS, SIZES, TRITON_SKIP, assert_combine_close, dct_matrix, f64, on,
                       needs_triton, orthonormal_rows, rand)
 
 ALL_BACKENDS = CPU_BACKENDS + ([] if TRITON_SKIP else ["triton"])
-EXAMPLES = {"reference": 8, "cpp": 30}
+EXAMPLES = {"reference": 8, "cpp": 30, "cuda": 30, "triton": 30}
 
 
 def blocks(n, K, dtype, gen, layout="contiguous"):
@@ -72,7 +72,8 @@ def lowrank_basis(case, gen):
                 ids=ids)
 
 
-def check(case, family, backend):
+def check(case, family, backend, device="cpu"):
+    """The op on `device` against the float64 reference computed on the CPU."""
     gen = torch.Generator().manual_seed(case["seed"])
     args = images(case, gen)
     basis = separable_basis(case, gen) if family == "separable" else lowrank_basis(case, gen)
@@ -80,18 +81,19 @@ def check(case, family, backend):
                   "lowrank": (ops.lowrank_block_combine, ref.lowrank_block_combine)}[family]
     basis64 = {k: f64(t) if t is not None and t.is_floating_point() else t for k, t in basis.items()}
     expected = ref_op(*(f64(args[k]) for k in ("x", "v", "B", "base_x", "base_v")), **basis64)
-    out = op(**args, **basis, backend=backend)
+    out = op(**on(device, args), **on(device, basis), backend=backend)
     assert isinstance(out, tuple) and len(out) == 2
-    for o, e in zip(out, expected):
-        assert_combine_close(o, e, case["dtype"], *args.values())
     assert out[0].data_ptr() != out[1].data_ptr()
+    for o, e in zip(out, expected):
+        assert_combine_close(o.cpu(), e, case["dtype"], *(args.values() if device == "cpu" else ()))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# `device_backend` (tests/conftest.py): (device, backend) per backend of the --device
 @pytest.mark.parametrize("family", ["separable", "lowrank"])
-def test_block_combine_matches_reference(family, backend):
+def test_block_combine_matches_reference(family, device_backend):
+    device, backend = device_backend
     settings(SETTINGS, max_examples=EXAMPLES[backend])(given(case=block_cases())(
-        lambda case: check(case, family, backend)))()
+        lambda case: check(case, family, backend, device)))()
 
 
 @needs_triton

@@ -165,44 +165,57 @@ def build_lowrank(case):
     return args, dict(V=V, vband=vband, ids=ids), K
 
 
-def check_separable(case, backend):
+def on(device, tensors: dict) -> dict:
+    """The tensors of a dict on `device` (None kept)."""
+    return {k: None if t is None else t.to(device) for k, t in tensors.items()}
+
+
+def check_separable(case, backend, device="cpu"):
+    """The op on `device` against the float64 reference computed on the CPU."""
     args, basis, K = build_separable(case)
     basis64 = dict(CH=f64(basis["CH"]), CW=f64(basis["CW"]), band=basis["band"])
     expected = ref.separable_combine(*(f64(args[k]) for k in ("u", "a", "v", "c", "base")), **basis64)
-    out = ops.separable_combine(**args, **basis, backend=backend)
-    assert_combine_close(out, expected, case["dtype"], *args.values())
+    args_d, basis_d = on(device, args), on(device, basis)
+    out = ops.separable_combine(**args_d, **basis_d, backend=backend)
+    assert_combine_close(out.cpu(), expected, case["dtype"], *(args.values() if device == "cpu" else ()))
     v = args["v"] if args["v"] is not None else args["u"]
     expected = ref.separable_dot(f64(args["u"]), f64(v), K=K, **basis64)
-    assert_dot_close(ops.separable_dot(args["u"], v, K=K, **basis, backend=backend), expected, args["u"], v)
+    out = ops.separable_dot(args_d["u"], v.to(device), K=K, **basis_d, backend=backend)
+    assert_dot_close(out.cpu(), expected, args["u"], v)
 
 
-def check_lowrank(case, backend):
+def check_lowrank(case, backend, device="cpu"):
+    """The op on `device` against the float64 reference computed on the CPU."""
     args, basis, K = build_lowrank(case)
     basis64 = dict(V=f64(basis["V"]), vband=basis["vband"], ids=basis["ids"])
     expected = ref.lowrank_combine(*(f64(args[k]) for k in ("u", "a", "v", "c", "base")), **basis64)
-    out = ops.lowrank_combine(**args, **basis, backend=backend)
-    assert_combine_close(out, expected, case["dtype"], *args.values())
+    args_d, basis_d = on(device, args), on(device, basis)
+    out = ops.lowrank_combine(**args_d, **basis_d, backend=backend)
+    assert_combine_close(out.cpu(), expected, case["dtype"], *(args.values() if device == "cpu" else ()))
     v = args["v"] if args["v"] is not None else args["u"]
     expected = ref.lowrank_dot(f64(args["u"]), f64(v), K=K, **basis64)
-    assert_dot_close(ops.lowrank_dot(args["u"], v, K=K, **basis, backend=backend), expected, args["u"], v)
+    out = ops.lowrank_dot(args_d["u"], v.to(device), K=K, **basis_d, backend=backend)
+    assert_dot_close(out.cpu(), expected, args["u"], v)
 
 
 # ---------------------------------------------------------------- backends vs the reference
 
 # The reference backend through the dispatch only checks the plumbing (preparation, custom op): fewer examples.
-EXAMPLES = {"reference": 12, "cpp": 40}
+EXAMPLES = {"reference": 12, "cpp": 40, "cuda": 40, "triton": 40}
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_separable_matches_reference(backend):
+# `device_backend` (tests/conftest.py): (device, backend) per backend of the --device (cpu: reference, cpp; cuda:
+# reference, cuda, triton compiled)
+def test_separable_matches_reference(device_backend):
+    device, backend = device_backend
     settings(SETTINGS, max_examples=EXAMPLES[backend])(given(case=separable_cases())(
-        lambda case: check_separable(case, backend)))()
+        lambda case: check_separable(case, backend, device)))()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_lowrank_matches_reference(backend):
+def test_lowrank_matches_reference(device_backend):
+    device, backend = device_backend
     settings(SETTINGS, max_examples=EXAMPLES[backend])(given(case=lowrank_cases())(
-        lambda case: check_lowrank(case, backend)))()
+        lambda case: check_lowrank(case, backend, device)))()
 
 
 @needs_triton
@@ -219,23 +232,26 @@ def test_lowrank_triton_matches_reference(case):
     check_lowrank(case, "triton")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_paper_shapes(backend):
+def test_paper_shapes(device_backend):
     """The paper's cases: 32x32x3 with a 16x16 DCT corner (K=2), and per-class spatial PCA with one call."""
+    device, backend = device_backend
     gen = torch.Generator().manual_seed(0)
     CH = dct_matrix(32)[:16]
     band = torch.zeros(16, 16, dtype=torch.int64)
     u, v = rand((16, 3, 32, 32), torch.float64, gen), rand((16, 3, 32, 32), torch.float64, gen)
     a, c = scalars(16, 2, torch.float64, gen), scalars(16, 2, torch.float64, gen)
-    out = ops.separable_combine(u, a, v, c, CH=CH, CW=CH, band=band, backend=backend)
-    assert_combine_close(out, ref.separable_combine(u, a, v, c, CH=CH, CW=CH, band=band), torch.float64)
+    d = on(device, dict(u=u, a=a, v=v, c=c, CH=CH, band=band))
+    out = ops.separable_combine(d["u"], d["a"], d["v"], d["c"], CH=d["CH"], CW=d["CH"], band=d["band"],
+                                backend=backend)
+    assert_combine_close(out.cpu(), ref.separable_combine(u, a, v, c, CH=CH, CW=CH, band=band), torch.float64)
     V = orthonormal_rows(10, 20, 28 * 28, gen)
     ids = torch.randint(0, 10, (16,), generator=gen)
     x = rand((16, 1, 28, 28), torch.float64, gen)
     vband = torch.tensor([0] * 8 + [1] * 8 + [2] * 4)
     a = scalars(16, 3, torch.float64, gen)
-    out = ops.lowrank_combine(x, a, V=V, vband=vband, ids=ids, backend=backend)
-    assert_combine_close(out, ref.lowrank_combine(x, a, V=V, vband=vband, ids=ids), torch.float64)
+    d = on(device, dict(x=x, a=a, V=V, vband=vband, ids=ids))
+    out = ops.lowrank_combine(d["x"], d["a"], V=d["V"], vband=d["vband"], ids=d["ids"], backend=backend)
+    assert_combine_close(out.cpu(), ref.lowrank_combine(x, a, V=V, vband=vband, ids=ids), torch.float64)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

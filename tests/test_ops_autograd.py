@@ -45,13 +45,20 @@ def _inputs(shape, K=3, seed=0):
             torch.randn(B, K, **F64), torch.randn(shape, **F64))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def _on(device, basis: dict, inputs: tuple) -> tuple[dict, tuple]:
+    """The basis and the float64 leaf inputs on `device` (leaves again there)."""
+    basis = {k: t.to(device) for k, t in basis.items()}
+    return basis, tuple(t.detach().to(device).requires_grad_() for t in inputs)
+
+
+# `device_backend` (tests/conftest.py): (device, backend) per backend of the --device
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_gradcheck_and_gradgradcheck(family, backend):
+def test_gradcheck_and_gradgradcheck(family, device_backend):
     """Full Jacobians for first order; gradgradcheck in fast mode (random projections) to stay quick."""
+    device, backend = device_backend
     make, combine, dot, _, _ = FAMILIES[family]
     basis, shape = make()
-    u, a, v, c, base = _inputs(shape)
+    basis, (u, a, v, c, base) = _on(device, basis, _inputs(shape))
     f = lambda u, a, v, c, base: combine(u, a, v, c, base, **basis, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, (u, a, v, c, base))
     assert torch.autograd.gradgradcheck(f, (u, a, v, c, base), fast_mode=True)
@@ -65,22 +72,32 @@ def _double_backward(combine, dot, basis, inputs, **kw):
     u, a, v, c, base = inputs
     y = combine(u, a, v, c, base, **basis, **kw)
     n = dot(y, y, **basis, K=a.shape[1], **kw)
-    loss = (n * torch.linspace(0.5, 1.5, a.shape[1], dtype=n.dtype)).sum() + (y * u).sum()
+    loss = (n * torch.linspace(0.5, 1.5, a.shape[1], dtype=n.dtype, device=n.device)).sum() + (y * u).sum()
     gu, ga = torch.autograd.grad(loss, (u, a), create_graph=True)
     second = torch.autograd.grad((gu.pow(2).sum() + ga.pow(3).sum()), inputs)
     return (loss, gu, ga) + second
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ([] if TRITON_SKIP else ["triton"]))
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_double_backward_matches_reference_autograd(family, backend):
+def _check_double_backward(family, backend, device="cpu"):
     make, combine, dot, ref_combine, ref_dot = FAMILIES[family]
     basis, shape = make()
     inputs = _inputs(shape, seed=3)
-    got = _double_backward(combine, dot, basis, inputs, backend=backend)
-    want = _double_backward(ref_combine, ref_dot, basis, inputs)  # plain PyTorch autograd, no custom op
+    got = _double_backward(combine, dot, *_on(device, basis, inputs), backend=backend)
+    want = _double_backward(ref_combine, ref_dot, basis, inputs)  # plain PyTorch autograd on the CPU, no custom op
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_double_backward_matches_reference_autograd(family, device_backend):
+    _check_double_backward(family, device_backend[1], device_backend[0])
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=f"triton backend unavailable: {TRITON_SKIP}")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_double_backward_triton_interpreted(family):
+    """Triton under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py)."""
+    _check_double_backward(family, "triton")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
