@@ -8,14 +8,18 @@
 // the compute dtype are read and written in place; others go through tile buffers, so the scratch is bounded by
 // the tile size, never by the batch.
 //
-// Two ways to run the tiles (the rule is LowrankPlan's constructor, the one place that chooses):
-//  - per thread: tiles of about kTileUnits units, as many as the threads can share evenly, each run start to end by
-//    one thread (its GEMMs single-threaded). For class-conditional bases, where a tile cannot outgrow a class run.
-//  - shared: when every sample uses one basis and the tiles are in place (the global basis in fp32 / fp64), tiles
-//    of up to kSharedTileUnits units run one after another, each GEMM on all threads (BLAS threads it) and each row
-//    loop split among them. A BLAS GEMM re-packs V for every call: with one basis, the big tile packs it once
-//    (shared by the threads) where per-thread tiles of 64 rows packed it a dozen times, which made the fused op
-//    slower than the plain one-einsum composition for large bases (64x64 images, r = 1024).
+// How the tiles are cut and run (the rule is LowrankPlan's constructor, the one place that chooses). A BLAS GEMM
+// packs its V operand on every call, so a tile should be tall enough to amortise that; a parallel region costs
+// little on a quiet machine but a scheduler time slice on a loaded one, so the fewer the better.
+//  - One basis for the whole batch, tiles in place (the global basis, fp32 / fp64 images): the fewest tiles, of up
+//    to kBigTileUnits units. If V[id] is over kSharedBasisBytes (it does not stay in a core's cache, e.g. 64x64
+//    images with r = 1024: 16 MiB), the tiles are *shared*: they run one after another, each GEMM on all threads
+//    (BLAS threads it and packs V once for all of them) and each row loop split among the threads. Otherwise they
+//    run *per thread*, as many as the threads (one parallel region per call).
+//  - Otherwise (class-conditional bases, or images to convert): per-thread tiles of about kTileUnits units, each
+//    run of equal ids cut evenly, as many tiles as the threads can share evenly (tile buffers stay small).
+// Per-thread tiles of 64 units against one big basis re-packed V a dozen times per call: the fused op was then
+// slower than the plain one-einsum composition (0.83x at 64x64x3, B = 256, bench/RESULTS.md before issue 24).
 #include "../subspace.h"
 #include "isa.h"
 
@@ -32,8 +36,9 @@ namespace {
 
 #define ANISO_FAST_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kTileUnits = 64;          // per-thread tiles: rows of one GEMM (at most, about)
-constexpr int64_t kSharedTileUnits = 1024;   // shared tiles: rows of one GEMM at most (scratch: this many rows of r)
+constexpr int64_t kTileUnits = 64;      // class-conditional tiles: rows of one GEMM (at most, about)
+constexpr int64_t kBigTileUnits = 1024;  // one-basis tiles: rows of one GEMM at most (scratch: this many rows of r)
+constexpr int64_t kSharedBasisBytes = int64_t(4) << 20;  // one basis above this: shared tiles
 
 // <x, y> in 8 independent lanes (vectorisable without -ffast-math).
 template <typename acc_t, typename xs_t, typename ys_t>
@@ -83,16 +88,14 @@ struct LowrankPlan {
     std::iota(order.begin(), order.end(), int64_t(0));
     const int64_t* id = ids.has_value() ? ids->data_ptr<int64_t>() : nullptr;
     if (id) std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return id[i] < id[j]; });
-    // The rule: shared tiles when one basis serves the whole batch and the tiles are in place.
-    shared = in_place && B > 0 && (!id || id[order[0]] == id[order[B - 1]]);
-    int64_t total;
-    if (shared) {
-      total = (B * rows + kSharedTileUnits - 1) / kSharedTileUnits;
-    } else {
+    // The rule (see the file comment): big tiles for one basis in place, shared when that basis is large.
+    const bool big = in_place && B > 0 && (!id || id[order[0]] == id[order[B - 1]]);
+    shared = big && r * d * static_cast<int64_t>(V.element_size()) > kSharedBasisBytes;
+    int64_t total = (B * rows + (big ? kBigTileUnits : kTileUnits) - 1) / (big ? kBigTileUnits : kTileUnits);
+    if (!shared) {
       // Tiles split each run of equal ids evenly, and their number is a multiple of the thread count when there
       // is enough work to share: 3 tiles on 2 threads would leave one thread idle for a third of the call.
       const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-      total = (B * rows + kTileUnits - 1) / kTileUnits;
       if (B * rows * d * r >= (int64_t(1) << 20)) total = std::max(total, threads);
       total = (total + threads - 1) / threads * threads;
     }
