@@ -180,6 +180,7 @@ def section_machine(res: Results, source: str, heading: str = "## Machine",
                                           f"{start.get('cuda_runtime') or 'none'}"],
         ["backends available", ", ".join(backends.get("available", [])) +
          f" (default: CPU `{backends.get('cpu')}`, CUDA `{backends.get('cuda')}`)"],
+        ["instruction set of the C++ CPU kernels", backends.get("cpu_isa") or "not recorded"],
         ["CPU used by other processes", f"{pct(before)} of all cores in the second before the run, {pct(during)} "
                                         f"during it (/proc/stat minus this process's CPU time)"],
         ["load average (1, 5, 15 min)", f"{load} at the start, {end.get('loadavg')} at the end (the end includes "

@@ -2,6 +2,7 @@
 // validated and prepared the arguments (preconditions in subspace.h).
 #include <torch/extension.h>
 
+#include "cpu/isa.h"
 #include "subspace.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,6 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_dot_cpu", &lowrank_dot_cpu);
   m.def("separable_block_combine_cpu", &separable_block_combine_cpu);
   m.def("lowrank_block_combine_cpu", &lowrank_block_combine_cpu);
+  // The instruction set the CPU kernels use now: the CPU's widest, capped by ANISO_FAST_CPU_ISA (csrc/cpu/isa.h).
+  m.def("cpu_isa", [] {
+    const Isa isa = best_isa();
+    return std::string(isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx ? "avx" : "base");
+  });
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("separable_combine_cuda", &separable_combine_cuda);

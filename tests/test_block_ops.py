@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from aniso_fast import ops
 from aniso_fast.ops import reference as ref
 from aniso_fast.geometry.bases import DCTBasis, IsotropicBasis, PCABasis
-from test_ops import (CPU_BACKENDS, DTYPES, SETTINGS, SIZES, TRITON_SKIP, assert_combine_close, dct_matrix, f64, on,
-                      needs_triton, orthonormal_rows, rand)
+from test_ops import (CPU_BACKENDS, CPU_ISAS, DTYPES, SETTINGS, SIZES, TRITON_SKIP, assert_combine_close, cap_isa,
+                      dct_matrix, f64, needs_cpp, needs_triton, on, orthonormal_rows, rand)
 
 ALL_BACKENDS = CPU_BACKENDS + ([] if TRITON_SKIP else ["triton"])
 EXAMPLES = {"reference": 8, "cpp": 30, "cuda": 30, "triton": 30}
@@ -86,6 +86,22 @@ def check(case, family, backend, device="cpu"):
     assert out[0].data_ptr() != out[1].data_ptr()
     for o, e in zip(out, expected):
         assert_combine_close(o.cpu(), e, case["dtype"], *(args.values() if device == "cpu" else ()))
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_block_combine_every_isa(isa, monkeypatch):
+    """Each instruction-set variant of the cpp kernels this CPU has (tests/test_ops.py, cap_isa): separable block
+    loops on the benchmark sizes and an odd one; low-rank with one big basis (shared tiles) and per class."""
+    cap_isa(monkeypatch, isa)
+    for H, W in ((28, 28), (32, 32), (64, 64), (12, 20)):
+        for i, dtype in enumerate(DTYPES):
+            case = dict(B=2, C=3, H=H, W=W, K=3, dtype=dtype, block_dtype=torch.float64, with_bx=True, with_bv=True,
+                        layout="contiguous", hfrac=2, wfrac=2, joint=False, G=1, r=min(H * W // 4, 260),
+                        seed=H * W + i)
+            check(case, "separable", "cpp")
+            check({**case, "r": 24}, "lowrank", "cpp")
+            check({**case, "G": 3, "r": 24}, "lowrank", "cpp")
 
 
 # `device_backend` (tests/conftest.py): (device, backend) per backend of the --device

@@ -282,6 +282,102 @@ def test_lowrank_batches_spanning_many_tiles(backend, dtype, ids_kind):
             assert_dot_close(ops.lowrank_dot(u, w, V=Vx, vband=vband, K=K, ids=ids, backend=backend), expected, u, w)
 
 
+def _reference_by_chunks(u, a, v, c, base, *, V, vband, ids, K, chunk=8):
+    """The float64 reference of lowrank combine and dot, a few samples at a time (samples are independent; the
+    reference copies V[ids] per sample, which for a large basis and batch would take gigabytes)."""
+    outs, dots = [], []
+    for i in range(0, u.shape[0], chunk):
+        part = lambda t: None if t is None else f64(t[i:i + chunk])  # noqa: E731
+        basis64 = dict(V=f64(V), vband=vband, ids=None if ids is None else ids[i:i + chunk])
+        outs.append(ref.lowrank_combine(part(u), part(a), part(v), part(c), part(base), **basis64))
+        if v is not None:
+            dots.append(ref.lowrank_dot(part(u), part(v), K=K, **basis64))
+    return torch.cat(outs), (torch.cat(dots) if dots else None)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("side", ["per_thread", "shared"])
+@pytest.mark.parametrize("ids_kind", ["none", "one_group"])
+def test_lowrank_one_basis_tiles(dtype, side, ids_kind):
+    """One basis for the whole batch, images in place: the cpp kernel cuts the fewest tiles of <= 1024 units and
+    shares each among the threads when V[id] is over 4 MiB, else runs them per thread (csrc/cpu/lowrank.cpp,
+    LowrankPlan). Both sides of that switch: a 64x64 spatial basis of 4 MiB is r = 256 in fp32 (128 in fp64),
+    one more direction is over. 3 samples of 3 channels: one tile shared, or two per-thread tiles on 2 threads."""
+    gen = torch.Generator().manual_seed(7)
+    B, C, H, W, K = 3, 3, 64, 64, 3
+    r = (256 if dtype == torch.float32 else 128) + (1 if side == "shared" else 0)
+    G = 1 if ids_kind == "none" else 2
+    V = orthonormal_rows(G, r, H * W, gen).to(dtype)
+    assert (r * H * W * V.element_size() > 4 << 20) == (side == "shared")
+    vband = torch.randint(0, K, (r,), generator=gen)
+    ids = None if ids_kind == "none" else torch.full((B,), 1)
+    u, v, base = (rand((B, C, H, W), dtype, gen) for _ in range(3))
+    a, c = scalars(B, K, torch.float64, gen), scalars(B, K, torch.float64, gen)
+    expected, expected_dot = _reference_by_chunks(u, a, v, c, base, V=V, vband=vband, ids=ids, K=K)
+    out = ops.lowrank_combine(u, a, v, c, base, V=V, vband=vband, ids=ids, backend="cpp")
+    assert_combine_close(out, expected, dtype, u, v, base)
+    assert_dot_close(ops.lowrank_dot(u, v, V=V, vband=vband, K=K, ids=ids, backend="cpp"), expected_dot, u, v)
+    scale_only, _ = _reference_by_chunks(u, a, None, None, None, V=V, vband=vband, ids=ids, K=K)
+    assert_combine_close(ops.lowrank_combine(u, a, V=V, vband=vband, ids=ids, backend="cpp"), scale_only, dtype, u)
+
+
+@needs_cpp
+@pytest.mark.parametrize("side", ["per_thread", "shared"])
+def test_lowrank_one_basis_several_big_tiles(side):
+    """More units than one big tile (1024): per-thread tiles (8x8 basis, 1100 samples) and shared tiles (64x64
+    basis over 4 MiB, 342 samples of 3 channels = 1026 units), fp32 in place, against the float64 reference."""
+    gen = torch.Generator().manual_seed(8)
+    (B, C, H, W), r, K = ((1100, 1, 8, 8), 24, 3) if side == "per_thread" else ((342, 3, 64, 64), 257, 2)
+    V = orthonormal_rows(1, r, H * W, gen).float()
+    vband = torch.randint(0, K, (r,), generator=gen)
+    u, v, base = (rand((B, C, H, W), torch.float32, gen) for _ in range(3))
+    a, c = scalars(B, K, torch.float32, gen), scalars(B, K, torch.float32, gen)
+    expected, expected_dot = _reference_by_chunks(u, a, v, c, base, V=V, vband=vband, ids=None, K=K, chunk=64)
+    out = ops.lowrank_combine(u, a, v, c, base, V=V, vband=vband, backend="cpp")
+    assert_combine_close(out, expected, torch.float32, u, v, base)
+    assert_dot_close(ops.lowrank_dot(u, v, V=V, vband=vband, K=K, backend="cpp"), expected_dot, u, v)
+
+
+CPU_ISAS = ("base", "avx", "avx512")  # narrowest first, as ANISO_FAST_CPU_ISA names them
+
+
+def cap_isa(monkeypatch, isa):
+    """Cap the cpp kernels' instruction set at `isa` (ANISO_FAST_CPU_ISA, read per call); skip if the CPU lacks it."""
+    monkeypatch.setenv("ANISO_FAST_CPU_ISA", isa)
+    used = dispatch._C.cpu_isa()
+    if used != isa:
+        pytest.skip(f"this CPU has no {isa} (the kernels run {used})")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_separable_every_isa(isa, monkeypatch):
+    """The separable tile loops are compiled for AVX-512, AVX+FMA and the baseline ISA and picked at run time: each
+    variant this CPU has, on the benchmark sizes (whole vectors), an odd one (scalar tails) and every dtype."""
+    cap_isa(monkeypatch, isa)
+    for H, W in ((28, 28), (32, 32), (64, 64), (12, 20)):
+        for i, dtype in enumerate(DTYPES):
+            for two_band in (True, False):
+                check_separable(dict(B=2, C=3, H=H, W=W, K=3, h=H // 2, w=W // 2, dtype=dtype,
+                                     scalar_dtype=torch.float64, with_v=True, with_base=True, layout="contiguous",
+                                     seed=H * W + i, two_band=two_band), "cpp")
+
+
+def test_cpu_isa_cap(monkeypatch):
+    """backends()["cpu_isa"] follows ANISO_FAST_CPU_ISA down to `base`, and an unknown value caps nothing."""
+    if "cpp" not in CPU_BACKENDS:
+        assert ops.backends()["cpu_isa"] is None
+        return
+    monkeypatch.delenv("ANISO_FAST_CPU_ISA", raising=False)
+    widest = ops.backends()["cpu_isa"]
+    assert widest in CPU_ISAS
+    monkeypatch.setenv("ANISO_FAST_CPU_ISA", "base")
+    assert ops.backends()["cpu_isa"] == "base"
+    monkeypatch.setenv("ANISO_FAST_CPU_ISA", "bogus")
+    assert ops.backends()["cpu_isa"] == widest
+
+
 # ---------------------------------------------------------------- projector identities through the ops
 
 def _projector_checks(combine, dot, x, K):

@@ -99,12 +99,19 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+def _cpu_isa() -> str | None:
+    isa = getattr(_C, "cpu_isa", None)  # None without the extension (or with one built before it had cpu_isa)
+    return isa() if isa is not None else None
+
+
 def backends() -> dict:
     """What is built and available, and which backend each device type uses by default (or by ANISO_FAST_BACKEND).
 
     Keys: `available` (backends usable for CPU or CUDA tensors), `cpu` and `cuda` (the backend a call without
     `backend=` picks; None when the environment override cannot run there), `unavailable` (backend -> reason,
-    for CPU and CUDA tensors), `env` (ANISO_FAST_BACKEND or None), `triton_interpret`.
+    for CPU and CUDA tensors), `env` (ANISO_FAST_BACKEND or None), `triton_interpret`, `cpu_isa` (the instruction
+    set of the cpp kernels: `avx512`, `avx` or `base`, the CPU's widest capped by ANISO_FAST_CPU_ISA; None without
+    the extension).
     """
     env = os.environ.get(ENV_VAR) or None
     picked = {}
@@ -120,7 +127,7 @@ def backends() -> dict:
         if any(reasons.values()):
             unavailable[name] = {d: why for d, why in reasons.items() if why is not None}
     return {"available": available, "cpu": picked["cpu"], "cuda": picked["cuda"], "unavailable": unavailable,
-            "env": env, "triton_interpret": _triton_interpreted()}
+            "env": env, "triton_interpret": _triton_interpreted(), "cpu_isa": _cpu_isa()}
 
 
 # Each op's arguments in the positional order of the compiled kernels (csrc/bindings.cpp); the Python

@@ -46,7 +46,7 @@ ANISO_FAST_INLINE void gemm_block(int64_t K, const T* __restrict A, int64_t lda,
     V b[NV];
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
     for (int r = 0; r < MR; ++r) {
-      const V a = V{} + A[r * lda + k];
+      const T a = A[r * lda + k];  // scalar * vector: a broadcast load (a `V{} + a` splat costs an add and a shuffle)
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -54,11 +54,29 @@ ANISO_FAST_INLINE void gemm_block(int64_t K, const T* __restrict A, int64_t lda,
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
 }
 
+// Rows of C per block: MR * NV accumulators, NV loads of B and one broadcast of A per step stay in the SIMD
+// registers: 4 rows with 16 registers (AVX), 8 (16 for a single column vector) with 32 (AVX-512).
+template <int VB, int NV>
+constexpr int kRows = VB >= 64 ? (NV == 1 ? 16 : 8) : 4;
+
 template <typename T, int VB, int NV>
 ANISO_FAST_INLINE void gemm_columns(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                                     int64_t ldc) {
+  constexpr int MR = kRows<VB, NV>;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemm_block<T, VB, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m + MR <= M; m += MR) gemm_block<T, VB, MR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  if constexpr (MR > 8) {
+    if (m + 8 <= M) {
+      gemm_block<T, VB, 8, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+      m += 8;
+    }
+  }
+  if constexpr (MR > 4) {
+    if (m + 4 <= M) {
+      gemm_block<T, VB, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+      m += 4;
+    }
+  }
   for (; m < M; ++m) gemm_block<T, VB, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
 }
 
@@ -95,6 +113,21 @@ ANISO_FAST_INLINE double dot_lanes(const scalar_t* __restrict x, const scalar_t*
   return s;
 }
 
+// sum_n m[n] x[n] y[n] over n elements: the products in acc_t (m is 0 or 1, so m x y is exactly x y or 0), summed
+// in 8 independent double lanes (vectorisable without -ffast-math).
+template <typename acc_t>
+ANISO_FAST_INLINE double masked_dot(const acc_t* __restrict m, const acc_t* __restrict x, const acc_t* __restrict y,
+                                    int64_t n) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(m[i + l] * (x[i + l] * y[i + l]));
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += lane[l];
+  for (; i < n; ++i) s += static_cast<double>(m[i] * (x[i] * y[i]));
+  return s;
+}
+
 // Column counts of the scratch matrices are padded to this many elements (zero columns), so every product runs
 // whole SIMD vectors: 28x28 images with a 14x14 block would otherwise spend ~40% of the time in scalar tails.
 constexpr int64_t kPad = 8;
@@ -110,6 +143,7 @@ struct SeparablePlan {
   std::vector<acc_t> cwt;        // [W, wcp] their transpose (zero padding)
   std::vector<acc_t> cht;        // [H, hr] transpose of ch
   std::vector<int64_t> label;    // [hr, wcp] band restricted to the active box; padding is labelled K-1
+  std::vector<acc_t> onehot;     // [K-1, hr * wcp]: 1 where label == k (dot's per-band sums as vector passes)
 
   SeparablePlan(const at::Tensor& CH, const at::Tensor& CW, const at::Tensor& band, int64_t K_) : K(K_) {
     const int64_t h = CH.size(0), w = CW.size(0);
@@ -152,6 +186,9 @@ struct SeparablePlan {
       }
     for (int64_t p = 0; p < hr; ++p)
       for (int64_t q = 0; q < wc; ++q) label[p * wcp + q] = bd[rows[p] * w + cols[q]];
+    onehot.assign((K - 1) * hr * wcp, acc_t(0));
+    for (int64_t n = 0; n < hr * wcp; ++n)
+      if (label[n] < K - 1) onehot[label[n] * hr * wcp + n] = acc_t(1);
   }
 
   // Y [hr, wcp] = CH_active X CW_active^T for one channel image X [H, W] (padding columns 0); Xc [H, W]
@@ -271,7 +308,8 @@ ANISO_FAST_INLINE void dot_samples(const SeparableCall<scalar_t, acc_t>& call, i
         plan.template analyse<VB>(y, Xc.data(), T.data(), Yv.data());
         yv = Yv.data();
       }
-      for (int64_t n = 0; n < hr * wcp; ++n) acc[plan.label[n]] += static_cast<double>(Yu[n] * yv[n]);
+      for (int64_t k = 0; k < K - 1; ++k)  // per band: one vector pass (a scatter by label is a serial chain)
+        acc[k] += masked_dot(plan.onehot.data() + k * hr * wcp, Yu.data(), yv, hr * wcp);
     }
     double rest = total;
     for (int64_t k = 0; k < K - 1; ++k) {
@@ -348,6 +386,10 @@ ANISO_FAST_INLINE void block_images(const SeparableBlockCall<scalar_t, acc_t>& c
 }
 
 template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX512 void block_images_avx512(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  block_images<64>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
 ANISO_FAST_AVX void block_images_avx(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
   block_images<32>(call, begin, end);
 }
@@ -357,12 +399,20 @@ void block_images_base(const SeparableBlockCall<scalar_t, acc_t>& call, int64_t 
 }
 
 template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX512 void combine_images_avx512(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  combine_images<64>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
 ANISO_FAST_AVX void combine_images_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
   combine_images<32>(call, begin, end);
 }
 template <typename scalar_t, typename acc_t>
 void combine_images_base(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
   combine_images<16>(call, begin, end);
+}
+template <typename scalar_t, typename acc_t>
+ANISO_FAST_AVX512 void dot_samples_avx512(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
+  dot_samples<64>(call, begin, end);
 }
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_AVX void dot_samples_avx(const SeparableCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
@@ -383,10 +433,12 @@ void separable_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c1
       plan, u.size(1), K, u.data_ptr<scalar_t>(), v.has_value() ? v->data_ptr<scalar_t>() : nullptr,
       base.has_value() ? base->data_ptr<scalar_t>() : nullptr, a.data_ptr<acc_t>(),
       v.has_value() ? c->data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>(), nullptr};
-  const bool avx = cpu_has_avx_fma();
+  const Isa isa = best_isa();
   const int64_t grain = parallel_grain(plan.H * plan.W * (plan.hr + plan.wc + 1));
   at::parallel_for(0, u.size(0) * u.size(1), grain, [&](int64_t begin, int64_t end) {
-    avx ? combine_images_avx(call, begin, end) : combine_images_base(call, begin, end);
+    if (isa == Isa::kAvx512) combine_images_avx512(call, begin, end);
+    else if (isa == Isa::kAvx) combine_images_avx(call, begin, end);
+    else combine_images_base(call, begin, end);
   });
 }
 
@@ -397,10 +449,12 @@ void separable_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Te
   const SeparableCall<scalar_t, acc_t> call{
       plan, u.size(1), K, u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr,
       out.data_ptr<acc_t>()};
-  const bool avx = cpu_has_avx_fma();
+  const Isa isa = best_isa();
   const int64_t grain = parallel_grain(u.size(1) * plan.H * plan.W * (plan.hr + plan.wc + 1));
   at::parallel_for(0, u.size(0), grain, [&](int64_t begin, int64_t end) {
-    avx ? dot_samples_avx(call, begin, end) : dot_samples_base(call, begin, end);
+    if (isa == Isa::kAvx512) dot_samples_avx512(call, begin, end);
+    else if (isa == Isa::kAvx) dot_samples_avx(call, begin, end);
+    else dot_samples_base(call, begin, end);
   });
 }
 
@@ -416,10 +470,12 @@ void separable_block_kernel(const at::Tensor& x, const at::Tensor& v, const at::
       base_x.has_value() ? base_x->data_ptr<scalar_t>() : nullptr,
       base_v.has_value() ? base_v->data_ptr<scalar_t>() : nullptr, B.data_ptr<acc_t>(), out_x.data_ptr<scalar_t>(),
       out_v.data_ptr<scalar_t>()};
-  const bool avx = cpu_has_avx_fma();
+  const Isa isa = best_isa();
   const int64_t grain = parallel_grain(2 * plan.H * plan.W * (plan.hr + plan.wc + 1));
   at::parallel_for(0, x.size(0) * x.size(1), grain, [&](int64_t begin, int64_t end) {
-    avx ? block_images_avx(call, begin, end) : block_images_base(call, begin, end);
+    if (isa == Isa::kAvx512) block_images_avx512(call, begin, end);
+    else if (isa == Isa::kAvx) block_images_avx(call, begin, end);
+    else block_images_base(call, begin, end);
   });
 }
 
