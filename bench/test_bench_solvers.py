@@ -6,9 +6,9 @@ Two runs per solver, back to back on the same grid and start point:
 - `solver`: the same call with a stand-in whose flow returns a precomputed tensor, so what is left is the grid,
   the start point and the solver's `basis.combine` algebra.
 The overhead share reported by bench/report.py is `solver / network` (the stand-in run does all the solver's work
-and none of the network's). `fmnist-vsmd`: the phase-space DPM-Solver++(2M) on log-SNR (`vsmd.sample_ode`), its
-stand-in a denoiser that returns a precomputed tensor (the grids, the per-class step coefficients and the
-`block_combine` algebra are left).
+and none of the network's). `fmnist-vsmd`: the phase-space DPM-Solver++(2M) on log-SNR
+(`phase_space.sample_ode`), its stand-in a denoiser that returns a precomputed tensor (the grids, the per-class step
+coefficients and the `block_combine` algebra are left).
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_solver(benchmark, case: SolverCase, opts: common.Options):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_phase_space_solver(benchmark, run: str, opts: common.Options):
-    from aniso_fast.processes import vsmd
+    from aniso_fast.processes import phase_space
 
     name = "fmnist-vsmd"
     if name not in store.shipped_models():
@@ -106,7 +106,8 @@ def test_phase_space_solver(benchmark, run: str, opts: common.Options):
     labels = torch.arange(BATCH) % model.num_classes
 
     def go():
-        return vsmd.sample_ode(process, model, seeds, NFE, solver="dpmpp-2m", grid="logsnr", labels=labels)[0]
+        return phase_space.sample_ode(process, model, seeds, NFE, solver="dpmpp-2m", grid="logsnr",
+                                      labels=labels)[0]
 
     benchmark.group = f"solver-{name}-dpmpp-2m-nfe{NFE}-B{BATCH}"
     benchmark.extra_info.update(suite="solvers", model=name, solver="dpmpp-2m", grid="logsnr", nfe=NFE,

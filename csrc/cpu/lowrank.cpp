@@ -11,13 +11,15 @@
 // How the tiles are cut and run (the rule is LowrankPlan's constructor, the one place that chooses). A BLAS GEMM
 // packs its V operand on every call, so a tile should be tall enough to amortise that; a parallel region costs
 // little on a quiet machine but a scheduler time slice on a loaded one, so the fewer the better.
-//  - One basis for the whole batch, tiles in place (the global basis, fp32 / fp64 images): the fewest tiles, of up
-//    to kBigTileUnits units. If V[id] is over kSharedBasisBytes (it does not stay in a core's cache, e.g. 64x64
-//    images with r = 1024: 16 MiB), the tiles are *shared*: they run one after another, each GEMM on all threads
-//    (BLAS threads it and packs V once for all of them) and each row loop split among the threads. Otherwise they
-//    run *per thread*, as many as the threads (one parallel region per call).
+//  - One basis for the whole batch, images in place (the global basis, fp32 / fp64): the fewest tiles, of up to
+//    kBigTileUnits units. If V[id] is over kSharedBasisBytes (it does not stay in a core's cache, e.g. 64x64 images
+//    with r = 1024: 16 MiB), the tiles are *shared*: they run one after another, each GEMM on all threads (BLAS
+//    threads it and packs V once for all of them) and each row loop split among the threads. Otherwise they run
+//    *per thread*, as many as the threads (one parallel region per call).
 //  - Otherwise (class-conditional bases, or images to convert): per-thread tiles of about kTileUnits units, each
-//    run of equal ids cut evenly, as many tiles as the threads can share evenly (tile buffers stay small).
+//    run of equal ids cut evenly, as many as the threads can share evenly (one parallel region; tile buffers stay
+//    small). Shared tiles measured the same here on a quiet machine (64x64 class bases, 2 threads) and cost one
+//    parallel region per GEMM and row loop of every class.
 // Per-thread tiles of 64 units against one big basis re-packed V a dozen times per call: the fused op was then
 // slower than the plain one-einsum composition (0.83x at 64x64x3, B = 256, bench/RESULTS.md before issue 24).
 #include "../subspace.h"
@@ -38,7 +40,7 @@ namespace {
 
 constexpr int64_t kTileUnits = 64;      // class-conditional tiles: rows of one GEMM (at most, about)
 constexpr int64_t kBigTileUnits = 1024;  // one-basis tiles: rows of one GEMM at most (scratch: this many rows of r)
-constexpr int64_t kSharedBasisBytes = int64_t(4) << 20;  // one basis above this: shared tiles
+constexpr int64_t kSharedBasisBytes = int64_t(4) << 20;  // a basis above this: shared tiles
 
 // <x, y> in 8 independent lanes (vectorisable without -ffast-math).
 template <typename acc_t, typename xs_t, typename ys_t>
@@ -91,7 +93,8 @@ struct LowrankPlan {
     // The rule (see the file comment): big tiles for one basis in place, shared when that basis is large.
     const bool big = in_place && B > 0 && (!id || id[order[0]] == id[order[B - 1]]);
     shared = big && r * d * static_cast<int64_t>(V.element_size()) > kSharedBasisBytes;
-    int64_t total = (B * rows + (big ? kBigTileUnits : kTileUnits) - 1) / (big ? kBigTileUnits : kTileUnits);
+    const int64_t cap = big ? kBigTileUnits : kTileUnits;
+    int64_t total = (B * rows + cap - 1) / cap;
     if (!shared) {
       // Tiles split each run of equal ids evenly, and their number is a multiple of the thread count when there
       // is enough work to share: 3 tiles on 2 threads would leave one thread idle for a third of the call.
@@ -177,19 +180,21 @@ struct TileBuffer {
 };
 
 // The tile's units as a [n, d] matrix in the compute dtype: a view of `data` when they are consecutive and of that
-// dtype already, else gathered (and converted) into `buffer`.
+// dtype already, else gathered (and converted) into `buffer` by the tile's row loop.
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_INLINE at::Tensor tile_rows(const scalar_t* data, const LowrankPlan& plan, int64_t t,
-                                       TileBuffer<acc_t>& buffer, const at::TensorOptions& opts) {
+                                       TileBuffer<acc_t>& buffer, const at::TensorOptions& opts, const RowLoop& loop) {
   const int64_t n = plan.units(t), d = plan.d;
   if (std::is_same<scalar_t, acc_t>::value && plan.consecutive[t])
     return at::from_blob(const_cast<scalar_t*>(data) + plan.first_unit(t) * d, {n, d}, opts);
   at::Tensor rows = buffer.rows(plan, n, d, opts);
   acc_t* dst = rows.data_ptr<acc_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* src = data + plan.unit(t, i) * d;
-    for (int64_t k = 0; k < d; ++k) dst[i * d + k] = static_cast<acc_t>(src[k]);
-  }
+  loop(n, [&](int64_t i0, int64_t i1) __attribute__((always_inline)) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t* src = data + plan.unit(t, i) * d;
+      for (int64_t k = 0; k < d; ++k) dst[i * d + k] = static_cast<acc_t>(src[k]);
+    }
+  });
   return rows;
 }
 
@@ -216,8 +221,8 @@ void lowrank_combine_kernel(const at::Tensor& u, const at::Tensor& a, const c10:
     const int64_t n = plan.units(t);
     const at::Tensor Vg = V.select(0, plan.tile_id[t]);
     at::Tensor Zu = s.zu.rows(plan, n, r, opts), Zv = vd ? s.zv.rows(plan, n, r, opts) : at::Tensor();
-    at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, s.xbuf, opts), Vg.t());  // analysis
-    if (vd) at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts), Vg.t());
+    at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, s.xbuf, opts, loop), Vg.t());  // analysis
+    if (vd) at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts, loop), Vg.t());
     // weighting: coef[i, j] = (a_l - a_last) <V_j, u_i> + (c_l - c_last) <V_j, v_i>, l the label of row j
     acc_t* zu_d = Zu.data_ptr<acc_t>();
     const acc_t* zv_d = vd ? Zv.data_ptr<acc_t>() : nullptr;
@@ -294,8 +299,8 @@ void lowrank_block_kernel(const at::Tensor& x, const at::Tensor& v, const at::Te
     const int64_t n = plan.units(t);
     const at::Tensor Vg = V.select(0, plan.tile_id[t]);
     at::Tensor Z[2] = {s.zx.rows(plan, n, r, opts), s.zv.rows(plan, n, r, opts)};
-    at::mm_out(Z[0], tile_rows<scalar_t, acc_t>(xd, plan, t, s.xbuf, opts), Vg.t());  // analysis
-    at::mm_out(Z[1], tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts), Vg.t());
+    at::mm_out(Z[0], tile_rows<scalar_t, acc_t>(xd, plan, t, s.xbuf, opts, loop), Vg.t());  // analysis
+    at::mm_out(Z[1], tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts, loop), Vg.t());
     // mixing: (zx, zv)[i, j] <- (B_l - B_last) (zx, zv)[i, j], l the label of row j
     acc_t* zx_d = Z[0].data_ptr<acc_t>();
     acc_t* zv_d = Z[1].data_ptr<acc_t>();
@@ -362,11 +367,11 @@ void lowrank_dot_kernel(const at::Tensor& u, const at::Tensor& v, const at::Tens
     const int64_t n = plan.units(t);
     const at::Tensor Vg = V.select(0, plan.tile_id[t]);
     at::Tensor Zu = s.zu.rows(plan, n, r, opts);
-    at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, s.xbuf, opts), Vg.t());
+    at::mm_out(Zu, tile_rows<scalar_t, acc_t>(ud, plan, t, s.xbuf, opts, loop), Vg.t());
     at::Tensor Zv = Zu;
     if (!same) {
       Zv = s.zv.rows(plan, n, r, opts);
-      at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts), Vg.t());
+      at::mm_out(Zv, tile_rows<scalar_t, acc_t>(vd, plan, t, s.ybuf, opts, loop), Vg.t());
     }
     const acc_t* zu_d = Zu.data_ptr<acc_t>();
     const acc_t* zv_d = Zv.data_ptr<acc_t>();
