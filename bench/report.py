@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,19 +53,29 @@ def _has_gpu() -> bool:
 
 # ---------------------------------------------------------------- running
 
-def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str], e2e: bool = False) -> int:
-    """pytest over the throughput files (e2e) or over bench/ without them."""
+def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str],
+              e2e: bool = False) -> tuple[int, bool]:
+    """pytest over the throughput files (e2e) or over bench/ without them. The results go to temporary files moved
+    into place when pytest ends (pytest-benchmark empties its JSON file at the start: a run that is killed must not
+    take the previous results with it)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    partial_json, partial_skips = json_path.with_name(json_path.name + ".partial"), \
+        skips_path.with_name(skips_path.name + ".partial")
     # the throughput cases take seconds each: at least 3 timed rounds for their medians (overridable after `--`)
     files = [*E2E_FILES, "--aniso-min-rounds=3"] if e2e else ["bench/", *(f"--ignore={f}" for f in E2E_FILES)]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
-           f"--benchmark-json={json_path}", f"--aniso-skips={skips_path}", "--benchmark-columns=median,rounds",
+           f"--benchmark-json={partial_json}", f"--aniso-skips={partial_skips}", "--benchmark-columns=median,rounds",
            *pytest_args]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT)
     print(f"pytest exited with {rc} after {time.perf_counter() - start:.0f} s", flush=True)
-    return rc
+    if not (partial_json.exists() and partial_json.stat().st_size > 0):
+        return rc, False
+    os.replace(partial_json, json_path)
+    if partial_skips.exists():
+        os.replace(partial_skips, skips_path)
+    return rc, True
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -696,9 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json = e2e_json if args.e2e else BENCH / "results" / f"{device}.json"
     rc = 0
     if not args.no_run:
-        rc = run_suite(args.json, args.json.with_name(args.json.stem + "-skips.json"), extra, e2e=args.e2e)
-        if not args.json.exists():
-            print(f"no results written to {args.json}", file=sys.stderr)
+        rc, written = run_suite(args.json, args.json.with_name(args.json.stem + "-skips.json"), extra, e2e=args.e2e)
+        if not written:
+            print(f"no results written to {args.json} (the previous ones are kept)", file=sys.stderr)
             return rc or 1
     data, skips = _read(args.json)
     sources = [_source(path) for path in [args.json, *args.also]]
