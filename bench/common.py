@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -244,14 +245,22 @@ def warm_up_profiler() -> None:
     peak_bytes(lambda: torch.ones(8) * 2, "cpu")
 
 
-def measure(benchmark, fn, device: str, opts: Options, check=None, min_rounds: int | None = None):
+def measure(benchmark, fn, device: str, opts: Options, check=None, min_rounds: int | None = None,
+            cpu_time: bool = False):
     """A warm-up call profiled for memory (its output goes to `check`; its time sizes the run), then the timed
     rounds (at least `min_rounds`, default opts.min_rounds).
 
-    Records peak_bytes, warmup_s, device and threads in benchmark.extra_info; returns the peak bytes."""
+    Records peak_bytes, warmup_s, device and threads in benchmark.extra_info; with `cpu_time`, also cpu_s_median:
+    the median CPU time of this process (all its threads, time.process_time) over the timed calls, which other
+    processes' load barely moves (they take wall time, not this process's CPU time). Returns the peak bytes."""
+    cpu_seconds = []
+
     def call():
+        start = time.process_time() if cpu_time else 0.0
         out = fn()
         synchronize(device)
+        if cpu_time:
+            cpu_seconds.append(time.process_time() - start)
         return out
 
     start = time.perf_counter()
@@ -265,8 +274,11 @@ def measure(benchmark, fn, device: str, opts: Options, check=None, min_rounds: i
         call()
         warm = time.perf_counter() - start
     rounds = max(min_rounds or opts.min_rounds, min(opts.max_rounds, math.ceil(opts.budget / max(warm, 1e-6))))
+    cpu_seconds.clear()  # the warm-up calls are not timed
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(peak_bytes=int(peak), warmup_s=warm, device=device, threads=torch.get_num_threads())
+    if cpu_time and cpu_seconds:
+        benchmark.extra_info["cpu_s_median"] = statistics.median(cpu_seconds)
     return peak
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,19 +53,29 @@ def _has_gpu() -> bool:
 
 # ---------------------------------------------------------------- running
 
-def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str], e2e: bool = False) -> int:
-    """pytest over the throughput files (e2e) or over bench/ without them."""
+def run_suite(json_path: Path, skips_path: Path, pytest_args: list[str],
+              e2e: bool = False) -> tuple[int, bool]:
+    """pytest over the throughput files (e2e) or over bench/ without them. The results go to temporary files moved
+    into place when pytest ends (pytest-benchmark empties its JSON file at the start: a run that is killed must not
+    take the previous results with it)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    partial_json, partial_skips = json_path.with_name(json_path.name + ".partial"), \
+        skips_path.with_name(skips_path.name + ".partial")
     # the throughput cases take seconds each: at least 3 timed rounds for their medians (overridable after `--`)
     files = [*E2E_FILES, "--aniso-min-rounds=3"] if e2e else ["bench/", *(f"--ignore={f}" for f in E2E_FILES)]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
-           f"--benchmark-json={json_path}", f"--aniso-skips={skips_path}", "--benchmark-columns=median,rounds",
+           f"--benchmark-json={partial_json}", f"--aniso-skips={partial_skips}", "--benchmark-columns=median,rounds",
            *pytest_args]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT)
     print(f"pytest exited with {rc} after {time.perf_counter() - start:.0f} s", flush=True)
-    return rc
+    if not (partial_json.exists() and partial_json.stat().st_size > 0):
+        return rc, False
+    os.replace(partial_json, json_path)
+    if partial_skips.exists():
+        os.replace(partial_skips, skips_path)
+    return rc, True
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -454,11 +465,11 @@ def section_gpu_limits(res: Results) -> list[str]:
     return ["## GPU limits measured in this run", ""] + table(["", ""], rows) + [""]
 
 
-def section_skips(skips: list[dict]) -> list[str]:
+def section_skips(skips: list[dict], heading: str = "## Cases skipped in this run") -> list[str]:
     if not skips:
         return []
     counts = Counter(s["reason"] for s in skips)
-    return ["## Cases skipped in this run", ""] + table(["cases", "reason"],
+    return [heading, ""] + table(["cases", "reason"],
                                                        [[str(n), r] for r, n in counts.most_common()]) + [""]
 
 
@@ -470,6 +481,13 @@ def _e2e(res: Results, suite: str) -> list[dict]:
 
 def _per_image(b: dict | None) -> float | None:
     return None if b is None else b["stats"]["median"] / b["extra_info"]["images"]
+
+
+def _cpu_per_image(b: dict | None) -> float | None:
+    """CPU seconds of the benchmark process per image (median over the timed calls), CPU cases only."""
+    if b is None or b["extra_info"].get("device") != "cpu" or "cpu_s_median" not in b["extra_info"]:
+        return None
+    return b["extra_info"]["cpu_s_median"] / b["extra_info"]["images"]
 
 
 def _mark(b: dict) -> str:
@@ -485,7 +503,7 @@ def section_e2e_sample(res: Results) -> list[str]:
     if not runs:
         return []
     impls = [i for i in ("fp32", "bf16", "bf16-reduce-overhead") if any(k[3] == i for k in runs)]
-    header = ["device", "NFE", "B"] + [f"`{i}` images/s (ms/image)" for i in impls] + \
+    header = ["device", "NFE", "B"] + [f"`{i}` images/s (ms/image; CPU ms/image)" for i in impls] + \
         [f"`{i}` vs `fp32`" for i in impls[1:]] + [f"`{i}`: uint8 levels moved vs fp32 (max, share)" for i in impls[1:]]
     rows = []
     for device, nfe, B in sorted({k[:3] for k in runs}, key=lambda k: (k[0] != "cpu", k[1], k[2])):
@@ -494,7 +512,8 @@ def section_e2e_sample(res: Results) -> list[str]:
         for i in impls:
             b = runs.get((device, nfe, B, i))
             t = _per_image(b)
-            cells.append("–" if t is None else f"{1 / t:.1f} ({ms(t)}){_mark(b)}")
+            c = _cpu_per_image(b)
+            cells.append("–" if t is None else f"{1 / t:.1f} ({ms(t)}{'' if c is None else '; ' + ms(c)}){_mark(b)}")
             if i != "fp32":
                 speed.append(fx(ratio(_per_image(fp32), t)))
                 e = b["extra_info"] if b else {}
@@ -506,7 +525,9 @@ def section_e2e_sample(res: Results) -> list[str]:
             f"`aniso_fast.load(device=..., precision=..., compile=...).sample(B seeds, nfe=NFE, batch=B, "
             f"output='uint8')` with no model or sampler named: the per-NFE choice (here `{e['model']}`, "
             f"{e['solver']} on {e['grid']}), one batch per call (`bench/test_bench_e2e.py`). Images per second = B / "
-            "median; the ratio is fp32's time over the run's.", ""] + table(header, rows) + [""]
+            "median; the ratio is fp32's time over the run's. CPU ms/image: the process's CPU time (all threads) per "
+            "image, median of the same calls: barely moved by other processes' load, unlike wall time.", ""] + \
+        table(header, rows) + [""]
 
 
 def section_e2e_train(res: Results) -> list[str]:
@@ -518,7 +539,9 @@ def section_e2e_train(res: Results) -> list[str]:
         e = b["extra_info"]
         fp32 = next((c for c in runs if c["extra_info"]["device"] == e["device"] and c["extra_info"]["impl"] == "fp32"),
                     None)
-        rows.append([e["device"], f"`{e['impl']}`", f"{b['stats']['median']:.3f}{_mark(b)}", str(b["stats"]["rounds"]),
+        cpu = e.get("cpu_s_median") if e["device"] == "cpu" else None
+        rows.append([e["device"], f"`{e['impl']}`", f"{b['stats']['median']:.3f}{_mark(b)}",
+                     "–" if cpu is None else f"{cpu:.3f}", str(b["stats"]["rounds"]),
                      mib(e.get("peak_bytes")), fx(ratio(fp32["stats"]["median"] if fp32 else None,
                                                         b["stats"]["median"]))])
     e = runs[0]["extra_info"]
@@ -526,7 +549,8 @@ def section_e2e_train(res: Results) -> list[str]:
             f"One forward + backward of `{e['model']}`'s recipe row (recipes/fmnist.json: family `{e['family']}`, "
             f"stage `{e['stage']}`, its loss options) at batch {e['batch']} on the shipped network "
             f"({e['params']} parameters); bf16: the network under autocast (`networks.execution`).", ""] + \
-        table(["device", "precision", "median s", "rounds", "peak memory", "vs fp32"], rows) + [""]
+        table(["device", "precision", "median s", "CPU s (all threads)", "rounds", "peak memory", "vs fp32"],
+              rows) + [""]
 
 
 def section_e2e_forward(res: Results) -> list[str]:
@@ -546,6 +570,13 @@ def section_e2e_forward(res: Results) -> list[str]:
            f"One call of `{next(iter(runs.values()))['extra_info']['model']}`'s flow under no_grad at sigma = 2 "
            "(`bench/test_bench_forward.py`); median / B. channels_last: the network's weights and input converted "
            "by `networks.execution`.", ""] + table(header, rows) + [""]
+    cpu_configs = [c for c in configs if c[0] == "cpu"]
+    cpu_rows = [[str(B)] + [ms(_cpu_per_image(runs.get((*c, B)))) for c in cpu_configs] for B in batches]
+    if any(x != "–" for row in cpu_rows for x in row[1:]):
+        out += ["CPU time of the process (all its threads) per image, median of the same calls: with one thread, "
+                "the cost of the work itself, which other processes' load barely moves; with two, it also counts "
+                "the threads' waiting for each other.", ""] + \
+            table(["B"] + header[1:len(cpu_configs) + 1], cpu_rows) + [""]
     for device in sorted({c[0] for c in configs}):
         cases = [(_per_image(b), k) for k, b in runs.items() if k[0] == device]
         t, (d, threads, layout, B) = min(cases)
@@ -568,10 +599,10 @@ def section_e2e_peers(res: Results) -> list[str]:
     for d in drivers:
         net, alone = runs.get((d, "network")), runs.get((d, "stand-in"))
         diff = net["extra_info"].get("max_abs_diff") if net else None
-        rows.append([f"`{d}`", ms(_per_image(net)) + (_mark(net) if net else ""),
+        rows.append([f"`{d}`", ms(_per_image(net)) + (_mark(net) if net else ""), ms(_cpu_per_image(net)),
                      ms(alone["stats"]["median"] if alone else None),
                      fx(ratio(alone["stats"]["median"] if alone else None, kd["stats"]["median"] if kd else None)),
-                     pct(ratio(_per_image(alone), _per_image(net))) if alone and net else "–",
+                     f"{100 * _per_image(alone) / _per_image(net):.2f}%" if alone and net else "–",
                      "–" if diff is None else f"{diff:.2g}"])
     e = next(iter(runs.values()))["extra_info"]
     return ["### The sampling loop against k-diffusion and diffusers", "",
@@ -579,19 +610,23 @@ def section_e2e_peers(res: Results) -> list[str]:
             f"{e['batch']}, one start noise (`bench/test_bench_peers.py`, whose docstring names each driver). "
             "`stand-in`: the U-Net swapped for a module returning a precomputed tensor (the loop, the "
             "preconditioning and the updates are left). max |x - x_k-diffusion|: images in [-1, 1].", ""] + \
-        table(["driver", "ms per image, with network", "ms per batch, stand-in", "stand-in vs k-diffusion",
-               "stand-in / with network", "max abs diff vs k-diffusion"], rows) + [""]
+        table(["driver", "ms per image, with network", "CPU ms per image, with network", "ms per batch, stand-in",
+               "stand-in vs k-diffusion", "stand-in / with network", "max abs diff vs k-diffusion"], rows) + [""]
 
 
 def render_e2e(data: dict, skips: list[dict], source: str) -> str:
     """The throughput section of RESULTS.md, between its markers."""
     res = Results(data)
+    timers = sorted({b.get("options", {}).get("timer", "perf_counter") for b in res.bench})
+    clock = "wall time" if timers == ["perf_counter"] else \
+        f"**the clock is {', '.join(timers)}** (`--benchmark-timer`): CPU time of this process, not wall time"
     lines = [E2E_BEGIN, "## Throughput (issue 24)", "",
              "Generated by `python bench/report.py --e2e` (one command: the three files run in one pytest session, "
-             f"results in `{source}`). Medians; `*` marks a median of fewer than {FEW_ROUNDS} rounds.", ""]
+             f"results in `{source}`). Medians of {clock}; `*` marks a median of fewer than {FEW_ROUNDS} rounds.",
+             ""]
     lines += section_machine(res, source, heading="### Machine of this run", command="python bench/report.py --e2e")
     lines += section_e2e_sample(res) + section_e2e_train(res) + section_e2e_forward(res) + section_e2e_peers(res)
-    lines += section_skips(skips)
+    lines += section_skips(skips, heading="### Cases skipped in this run")
     return "\n".join(lines).rstrip() + "\n" + E2E_END + "\n"
 
 
@@ -673,9 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json = e2e_json if args.e2e else BENCH / "results" / f"{device}.json"
     rc = 0
     if not args.no_run:
-        rc = run_suite(args.json, args.json.with_name(args.json.stem + "-skips.json"), extra, e2e=args.e2e)
-        if not args.json.exists():
-            print(f"no results written to {args.json}", file=sys.stderr)
+        rc, written = run_suite(args.json, args.json.with_name(args.json.stem + "-skips.json"), extra, e2e=args.e2e)
+        if not written:
+            print(f"no results written to {args.json} (the previous ones are kept)", file=sys.stderr)
             return rc or 1
     data, skips = _read(args.json)
     sources = [_source(path) for path in [args.json, *args.also]]

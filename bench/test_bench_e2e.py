@@ -96,7 +96,7 @@ def test_sample(benchmark, case: SampleCase, opts: common.Options):
     benchmark.extra_info.update(suite="e2e", op="sample", nfe=case.nfe, batch=case.batch, impl=case.run.name,
                                 precision=case.run.precision, compile=case.run.compile, images=case.batch,
                                 model=choice["model"], solver=choice["solver"], grid=choice["grid"])
-    common.measure(benchmark, go, case.device, opts, check=check)
+    common.measure(benchmark, go, case.device, opts, check=check, cpu_time=True)
 
 
 # ---------------------------------------------------------------- the training step
@@ -164,7 +164,7 @@ def test_train_step(benchmark, case: TrainCase, opts: common.Options, request):
                                 stage=getattr(cfg, "stage", None),
                                 params=sum(p.numel() for p in model.parameters()))
     try:
-        common.measure(benchmark, step, case.device, opts, check=check,
+        common.measure(benchmark, step, case.device, opts, check=check, cpu_time=True,
                        min_rounds=request.config.getoption("aniso_train_rounds"))
     finally:
         common.execute(model, Run(), case.device)  # the next case starts from the plain network

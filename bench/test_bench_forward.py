@@ -85,6 +85,6 @@ def test_forward(benchmark, case: ForwardCase, opts: common.Options):
     if case.threads is not None:
         torch.set_num_threads(case.threads)
     try:
-        common.measure(benchmark, forward, case.device, opts, check=check)
+        common.measure(benchmark, forward, case.device, opts, check=check, cpu_time=True)
     finally:
         torch.set_num_threads(threads)

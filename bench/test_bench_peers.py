@@ -155,4 +155,4 @@ def test_peer(benchmark, case: PeerCase, opts: common.Options):
     benchmark.group = case.group
     benchmark.extra_info.update(suite="peers", op="sample", model=MODEL, solver="dpmpp-2m", nfe=NFE, batch=BATCH,
                                 run=case.run, driver=case.driver, impl=case.driver, images=BATCH, **extra)
-    common.measure(benchmark, go, "cpu", opts, check=check)
+    common.measure(benchmark, go, "cpu", opts, check=check, cpu_time=True)

@@ -17,7 +17,7 @@ def _data():
     sample = dict(suite="e2e", op="sample", nfe=5, batch=64, images=64, model="m", solver="heun", grid="uniform_t")
     return {"machine_info": {"aniso_fast": {"start": {"description": "a machine"}, "others_cpu_before": 0.01,
                                             "others_cpu_during": 0.02}},
-            "benchmarks": [_bench(0.64, impl="fp32", precision="fp32", **sample),
+            "benchmarks": [_bench(0.64, impl="fp32", precision="fp32", cpu_s_median=1.28, **sample),
                            _bench(0.32, impl="bf16", precision="bf16", levels_moved_max=3, levels_moved_share=0.25,
                                   **sample),
                            _bench(0.128, suite="forward", op="flow", batch=64, images=64, layout="contiguous",
@@ -30,7 +30,8 @@ def test_e2e_section_figures():
     text = report.render_e2e(_data(), [], "results.json")
     assert text.startswith(report.E2E_BEGIN) and text.rstrip().endswith(report.E2E_END)
     assert "a machine" in text and "The machine was quiet" in text
-    assert "| cpu | 5 | 64 | 100.0 (10) | 200.0 (5) | 2.00x | 3, 25% |" in text  # 64 / 0.64 s, 64 / 0.32 s
+    # 64 / 0.64 s (CPU 1.28 s / 64), 64 / 0.32 s
+    assert "| cpu | 5 | 64 | 100.0 (10; 20) | 200.0 (5) | 2.00x | 3, 25% |" in text
     assert "| 64 | 2 |" in text and "| 128 | 2 |" in text  # ms per image: 128 ms / 64, 256 ms / 128
     assert "Fastest on cpu: B = 64, contiguous, 2 threads (2 ms/image)" in text
 
