@@ -457,7 +457,8 @@ def _check_precision_gate(args) -> dict[int, dict]:
     if candidate == "fp32":
         raise ValueError("--candidate: auto is fp32 on this machine (no AMX or AVX-512 bf16): nothing to compare; "
                          "give --candidate bf16 to measure it anyway")
-    args.execution = net_execution.Execution(candidate)
+    # the candidate runs as sampling runs by default: its precision in the default memory format
+    args.execution = net_execution.resolve_execution(args.device, candidate, False, "auto")
     _check_classifier_asset(args.classifier)
     _check_fashion_mnist("test")
     for suffix in (".json", ".md"):

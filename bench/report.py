@@ -494,6 +494,12 @@ def _mark(b: dict) -> str:
     return "*" if b["stats"]["rounds"] < FEW_ROUNDS else ""
 
 
+E2E_RUN_ORDER = ("fp32", "bf16-channels_last", "fp32-channels_last", "bf16", "bf16-default-channels_last",
+                 "bf16-reduce-overhead")
+E2E_DEFAULT_JOB = (9, 64)  # (NFE, B) of `python -m aniso_fast.sample` with no options
+E2E_TARGET = 2.5  # issue 24: the default job's images per second against fp32 eager's
+
+
 def section_e2e_sample(res: Results) -> list[str]:
     runs = {}
     for b in _e2e(res, "e2e"):
@@ -502,32 +508,37 @@ def section_e2e_sample(res: Results) -> list[str]:
             runs[(e["device"], e["nfe"], e["batch"], e["impl"])] = b
     if not runs:
         return []
-    impls = [i for i in ("fp32", "bf16", "bf16-reduce-overhead") if any(k[3] == i for k in runs)]
-    header = ["device", "NFE", "B"] + [f"`{i}` images/s (ms/image; CPU ms/image)" for i in impls] + \
-        [f"`{i}` vs `fp32`" for i in impls[1:]] + [f"`{i}`: uint8 levels moved vs fp32 (max, share)" for i in impls[1:]]
+    order = {name: i for i, name in enumerate(E2E_RUN_ORDER)}
     rows = []
-    for device, nfe, B in sorted({k[:3] for k in runs}, key=lambda k: (k[0] != "cpu", k[1], k[2])):
-        cells, speed, moved = [], [], []
-        fp32 = runs.get((device, nfe, B, "fp32"))
-        for i in impls:
-            b = runs.get((device, nfe, B, i))
-            t = _per_image(b)
-            c = _cpu_per_image(b)
-            cells.append("–" if t is None else f"{1 / t:.1f} ({ms(t)}{'' if c is None else '; ' + ms(c)}){_mark(b)}")
-            if i != "fp32":
-                speed.append(fx(ratio(_per_image(fp32), t)))
-                e = b["extra_info"] if b else {}
-                moved.append(f"{e['levels_moved_max']}, {pct(e['levels_moved_share'])}" if "levels_moved_max" in e
-                             else "–")
-        rows.append([device, str(nfe), str(B)] + cells + speed + moved)
+    for key in sorted(runs, key=lambda k: (k[0] != "cpu", k[1], k[2], order.get(k[3], len(order)))):
+        device, nfe, B, impl = key
+        b, fp32 = runs[key], runs.get((device, nfe, B, "fp32"))
+        e, t, c = b["extra_info"], _per_image(b), _cpu_per_image(b)
+        moved = f"{e['levels_moved_max']}, {pct(e['levels_moved_share'])}" if "levels_moved_max" in e else "–"
+        rows.append([device, str(nfe), str(B), f"`{impl}`", f"{1 / t:.1f}{_mark(b)}", ms(t), ms(c),
+                     fx(ratio(_per_image(fp32), t)) if impl != "fp32" else "1.00x", moved,
+                     f"{e['warmup_s']:.1f}" if e.get("warmup_s") is not None else "–"])
     e = next(iter(runs.values()))["extra_info"]
-    return ["### The default sample job", "",
-            f"`aniso_fast.load(device=..., precision=..., compile=...).sample(B seeds, nfe=NFE, batch=B, "
-            f"output='uint8')` with no model or sampler named: the per-NFE choice (here `{e['model']}`, "
-            f"{e['solver']} on {e['grid']}), one batch per call (`bench/test_bench_e2e.py`). Images per second = B / "
-            "median; the ratio is fp32's time over the run's. CPU ms/image: the process's CPU time (all threads) per "
-            "image, median of the same calls: barely moved by other processes' load, unlike wall time.", ""] + \
-        table(header, rows) + [""]
+    out = ["### The default sample job", "",
+           f"`aniso_fast.load(device=..., precision=..., compile=..., memory_format=...).sample(B seeds, nfe=NFE, "
+           f"batch=B, output='uint8')` with no model or sampler named: the per-NFE choice (here `{e['model']}`, "
+           f"{e['solver']} on {e['grid']}), one batch per call (`bench/test_bench_e2e.py`, whose docstring names "
+           "each run). Images per second = B / median; `vs fp32`: fp32 eager contiguous's time over the run's. CPU "
+           "ms/image: the process's CPU time (all threads) per image, median of the same calls: barely moved by "
+           "other processes' load, unlike wall time. Warm-up: the first call's seconds (for a compiled run, the "
+           "compilation).", ""]
+    out += table(["device", "NFE", "B", "run", "images/s", "ms/image", "CPU ms/image", "vs fp32",
+                  "uint8 levels moved vs fp32 (max, share)", "warm-up s"], rows) + [""]
+    for device in sorted({k[0] for k in runs}):
+        plain = runs.get((device, *E2E_DEFAULT_JOB, "fp32"))
+        auto = runs.get((device, *E2E_DEFAULT_JOB, "bf16-channels_last"))
+        if plain and auto:
+            r = ratio(_per_image(plain), _per_image(auto))
+            status = "PASS" if r is not None and r >= E2E_TARGET else "MISSED"
+            out += [f"**Target on {device}** (issue 24: the default job, NFE {E2E_DEFAULT_JOB[0]}, "
+                    f"{E2E_DEFAULT_JOB[1]} images, at least {E2E_TARGET}x fp32 eager's images per second): "
+                    f"{fx(r)}, {status}.", ""]
+    return out
 
 
 def section_e2e_train(res: Results) -> list[str]:
@@ -557,7 +568,8 @@ def section_e2e_forward(res: Results) -> list[str]:
     runs = {}
     for b in _e2e(res, "forward"):
         e = b["extra_info"]
-        runs[(e["device"], e["threads"] if e["device"] == "cpu" else None, e["layout"], e["batch"])] = b
+        layout = f"{e.get('precision', 'fp32')} {e['layout']}"
+        runs[(e["device"], e["threads"] if e["device"] == "cpu" else None, layout, e["batch"])] = b
     if not runs:
         return []
     configs = sorted({k[:3] for k in runs}, key=lambda k: (k[0] != "cpu", k[1] or 0, k[2]))
@@ -566,10 +578,10 @@ def section_e2e_forward(res: Results) -> list[str]:
                       for d, t, layout in configs]
     rows = [[str(B)] + [(ms(_per_image(runs.get((*c, B)))) + _mark(runs[(*c, B)])) if (*c, B) in runs else "–"
                         for c in configs] for B in batches]
-    out = ["### The network forward: batch, memory format, threads (ms per image)", "",
+    out = ["### The network forward: precision, batch, memory format, threads (ms per image)", "",
            f"One call of `{next(iter(runs.values()))['extra_info']['model']}`'s flow under no_grad at sigma = 2 "
-           "(`bench/test_bench_forward.py`); median / B. channels_last: the network's weights and input converted "
-           "by `networks.execution`.", ""] + table(header, rows) + [""]
+           "(`bench/test_bench_forward.py`); median / B. bf16: autocast; channels_last: the network's weights and "
+           "input converted by `networks.execution`.", ""] + table(header, rows) + [""]
     cpu_configs = [c for c in configs if c[0] == "cpu"]
     cpu_rows = [[str(B)] + [ms(_cpu_per_image(runs.get((*c, B)))) for c in cpu_configs] for B in batches]
     if any(x != "–" for row in cpu_rows for x in row[1:]):

@@ -4,9 +4,12 @@ precision, side by side in one run.
 sample: `aniso_fast.load(device=..., precision=..., compile=...).sample(seeds, nfe=NFE, batch=B, output="uint8")`
         with no model or sampler named, so the per-NFE choice runs (the manifest's recorded model and sampler, as
         `python -m aniso_fast.sample --nfe NFE`); one batch of B seeds per call, at NFE 5 and 9, B in BATCHES.
-        `fp32`, `bf16` (the network under autocast) and, on CUDA, `bf16-reduce-overhead` (torch.compile's CUDA
-        graphs) run back to back per (NFE, B). A non-fp32 run's images are compared with the fp32 run's (uint8
-        levels), recorded as `levels_moved_max` / `levels_moved_share`.
+        Per (NFE, B), back to back: `fp32` (eager, contiguous: the plain network, the job before issue 24) and
+        `bf16-channels_last` (what `--precision auto --memory-format auto` runs on a CPU with AMX or AVX-512 bf16:
+        the default job); at B = 64 also `fp32-channels_last` and `bf16` (contiguous), each change alone, and at
+        B = 64, NFE 9 `bf16-default-channels_last` (torch.compile: its first call, the warm-up, includes the
+        compilation, recorded as warmup_s); on CUDA `bf16-reduce-overhead` (CUDA graphs). A non-fp32 run's images
+        are compared with the fp32 run's (uint8 levels): `levels_moved_max` / `levels_moved_share`.
 train:  one forward + backward of the default model's training recipe (recipes/fmnist.json, its `export` row:
         the family's loss with the recipe's options) at batch TRAIN_BATCH on the shipped network, fp32 vs bf16.
 
@@ -33,7 +36,11 @@ from bench.common import Run
 
 NFES = (5, 9)
 BATCHES = (16, 64, 256)
-RUNS = (Run("fp32"), Run("bf16"), Run("bf16", "reduce-overhead"))
+DEFAULT_JOB = {"nfe": 9, "batch": 64}  # `python -m aniso_fast.sample`'s defaults (--count 64, --nfe 9)
+PLAIN, AUTO = Run("fp32"), Run("bf16", memory_format="channels_last")
+EACH_CHANGE = (Run("fp32", memory_format="channels_last"), Run("bf16"))  # at B = 64
+COMPILED = Run("bf16", "default", "channels_last")  # at the default job only: a compile takes about a minute
+CUDA_GRAPHS = Run("bf16", "reduce-overhead")
 TRAIN_BATCH = 64
 TRAIN_RUNS = (Run("fp32"), Run("bf16"))
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fmnist.json"
@@ -55,8 +62,17 @@ class SampleCase:
         return f"{self.group}-{self.run.name}"
 
 
+def _runs(nfe: int, batch: int) -> list[Run]:
+    runs = [PLAIN, AUTO, CUDA_GRAPHS]
+    if batch == DEFAULT_JOB["batch"]:
+        runs += EACH_CHANGE
+    if (nfe, batch) == (DEFAULT_JOB["nfe"], DEFAULT_JOB["batch"]):
+        runs.append(COMPILED)
+    return runs
+
+
 SAMPLE_CASES = [SampleCase(nfe, B, run, device) for device in common.DEVICES for nfe in NFES for B in BATCHES
-                for run in RUNS]
+                for run in _runs(nfe, B)]
 _FP32_IMAGES: dict = {}  # (device, nfe, batch) -> the fp32 run's images, for the other runs' comparison
 
 

@@ -1,11 +1,11 @@
-"""The network forward per batch size, memory format and thread count: what decides the sampling defaults (the
-batch of `sample --batch` / `Pipeline.sample`, the memory format of `networks.execution`'s 'auto').
+"""The network forward per precision, batch size, memory format and thread count: what decides the sampling
+defaults (the batch of `sample --batch` / `Pipeline.sample`, the memory format of `networks.execution`'s 'auto').
 
 One call of the default model's flow `model.flow(x, g, labels)` (the preconditioned U-Net and one `combine`: what
-each solver step calls) under no_grad, at one mid noise level, for B in BATCHES; `contiguous` and `channels_last`
-(the network's weights and input converted by `networks.execution`, each on a model of its own), with
-torch.set_num_threads(t) for t in THREADS (1, 2 and the default count, at most the cores). bench/report.py divides
-the median by B: ms per image.
+each solver step calls) under no_grad, at one mid noise level, for B in BATCHES; fp32 and bf16 (autocast; on the
+CPU only where it has AMX or AVX-512 bf16), `contiguous` and `channels_last` (the network's weights and input
+converted by `networks.execution`, each on a model of its own), with torch.set_num_threads(t) for t in THREADS (1,
+2 and the default count, at most the cores). bench/report.py divides the median by B: ms per image.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from aniso_fast import store
+from aniso_fast.networks import execution
 from bench import common
 from bench.common import Run
 
@@ -25,12 +26,20 @@ LAYOUTS = ("contiguous", "channels_last")
 THREADS = tuple(sorted({t for t in (1, 2, torch.get_num_threads()) if t <= (os.cpu_count() or 1)}))
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class ForwardCase:
     batch: int
+    precision: str
     layout: str
     threads: int | None  # None on CUDA
     device: str
+
+    @property
+    def run(self) -> Run:
+        return Run(self.precision, memory_format=self.layout)
 
     @property
     def group(self) -> str:
@@ -39,19 +48,20 @@ class ForwardCase:
 
     @property
     def id(self) -> str:
-        return f"{self.group}-{self.layout}"
+        return f"{self.group}-{self.precision}-{self.layout}"
 
 
-CASES = [ForwardCase(B, layout, t, "cpu") for t in THREADS for B in BATCHES for layout in LAYOUTS] + \
-    [ForwardCase(B, layout, None, "cuda") for B in BATCHES for layout in LAYOUTS]
+CASES = [ForwardCase(B, p, layout, t, "cpu") for t in THREADS for B in BATCHES for p in PRECISIONS
+         for layout in LAYOUTS] + \
+    [ForwardCase(B, p, layout, None, "cuda") for B in BATCHES for p in PRECISIONS for layout in LAYOUTS]
 
 
 @functools.cache
-def _model(device: str, layout: str):
-    """The default model on `device`, its network run in `layout` (a model per layout: channels_last converts the
+def _model(device: str, run: Run):
+    """The default model on `device`, its network run as `run` says (a model per run: channels_last converts the
     network's weights in place)."""
     model, _ = store.StoredModel.open(store.default_model()).load(device)
-    return common.execute(model, Run(memory_format=layout), device)
+    return common.execute(model, run, device)
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,10 +75,12 @@ def _inputs(batch: int, device: str, K: int, num_classes: int | None, shape: tup
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward(benchmark, case: ForwardCase, opts: common.Options):
-    why = common.why_not_runnable(Run(memory_format=case.layout), case.device)
+    why = common.why_not_runnable(case.run, case.device)
+    if why is None and case.precision == "bf16" and execution.resolve_precision("auto", case.device) != "bf16":
+        why = f"bf16 is not the automatic precision on this {case.device} (no AMX or AVX-512 bf16)"
     if why is not None:
         pytest.skip(why)
-    model = _model(case.device, case.layout)
+    model = _model(case.device, case.run)
     x, g, labels = _inputs(case.batch, case.device, model.basis.num_subspaces, model.num_classes, model.image_shape)
 
     def forward():
@@ -79,8 +91,9 @@ def test_forward(benchmark, case: ForwardCase, opts: common.Options):
         assert out.shape == x.shape and bool(torch.isfinite(out).all())
 
     benchmark.group = case.group
-    benchmark.extra_info.update(suite="forward", op="flow", batch=case.batch, impl=case.layout,
-                                layout=case.layout, model=store.default_model(), images=case.batch)
+    benchmark.extra_info.update(suite="forward", op="flow", batch=case.batch, impl=f"{case.precision}-{case.layout}",
+                                precision=case.precision, layout=case.layout, model=store.default_model(),
+                                images=case.batch)
     threads = torch.get_num_threads()
     if case.threads is not None:
         torch.set_num_threads(case.threads)

@@ -1,8 +1,9 @@
-// Python bindings of the subspace ops (module aniso_fast._C). Only aniso_fast/ops.py calls these, after it has
-// validated and prepared the arguments (preconditions in subspace.h).
+// Python bindings of the subspace ops and the networks' GroupNorm (module aniso_fast._C). Only aniso_fast/ops calls
+// these, after it has validated and prepared the arguments (preconditions in subspace.h and norm.h).
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
+#include "norm.h"
 #include "subspace.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_dot_cpu", &lowrank_dot_cpu);
   m.def("separable_block_combine_cpu", &separable_block_combine_cpu);
   m.def("lowrank_block_combine_cpu", &lowrank_block_combine_cpu);
+  m.def("group_norm_nhwc_cpu", &group_norm_nhwc_cpu);
   // The instruction set the CPU kernels use now: the CPU's widest, capped by ANISO_FAST_CPU_ISA (csrc/cpu/isa.h).
   m.def("cpu_isa", [] {
     const Isa isa = best_isa();

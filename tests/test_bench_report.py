@@ -14,12 +14,12 @@ def _bench(median, rounds=5, **extra):
 
 
 def _data():
-    sample = dict(suite="e2e", op="sample", nfe=5, batch=64, images=64, model="m", solver="heun", grid="uniform_t")
+    sample = dict(suite="e2e", op="sample", nfe=9, batch=64, images=64, model="m", solver="heun", grid="uniform_t")
     return {"machine_info": {"aniso_fast": {"start": {"description": "a machine"}, "others_cpu_before": 0.01,
                                             "others_cpu_during": 0.02}},
             "benchmarks": [_bench(0.64, impl="fp32", precision="fp32", cpu_s_median=1.28, **sample),
-                           _bench(0.32, impl="bf16", precision="bf16", levels_moved_max=3, levels_moved_share=0.25,
-                                  **sample),
+                           _bench(0.32, impl="bf16-channels_last", precision="bf16", levels_moved_max=3,
+                                  levels_moved_share=0.25, warmup_s=1.5, **sample),
                            _bench(0.128, suite="forward", op="flow", batch=64, images=64, layout="contiguous",
                                   threads=2, model="m", impl="contiguous"),
                            _bench(0.256, suite="forward", op="flow", batch=128, images=128, layout="contiguous",
@@ -31,9 +31,12 @@ def test_e2e_section_figures():
     assert text.startswith(report.E2E_BEGIN) and text.rstrip().endswith(report.E2E_END)
     assert "a machine" in text and "The machine was quiet" in text
     # 64 / 0.64 s (CPU 1.28 s / 64), 64 / 0.32 s
-    assert "| cpu | 5 | 64 | 100.0 (10; 20) | 200.0 (5) | 2.00x | 3, 25% |" in text
+    assert "| cpu | 9 | 64 | `fp32` | 100.0 | 10 | 20 | 1.00x | – | – |" in text
+    assert "| cpu | 9 | 64 | `bf16-channels_last` | 200.0 | 5 | – | 2.00x | 3, 25% | 1.5 |" in text
+    assert "**Target on cpu** (issue 24: the default job, NFE 9, 64 images, at least 2.5x fp32 eager's images per " \
+           "second): 2.00x, MISSED." in text
     assert "| 64 | 2 |" in text and "| 128 | 2 |" in text  # ms per image: 128 ms / 64, 256 ms / 128
-    assert "Fastest on cpu: B = 64, contiguous, 2 threads (2 ms/image)" in text
+    assert "Fastest on cpu: B = 64, fp32 contiguous, 2 threads (2 ms/image)" in text
 
 
 def test_splice_replaces_only_its_section():

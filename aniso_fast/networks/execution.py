@@ -12,8 +12,11 @@ master weights: autocast casts them per call, the backward runs through the cast
 The rules, each decided here once:
 - precision: 'auto' is bf16 on a CPU with AMX or AVX-512 bf16 (`utils.machine.cpu_flags`) and on a CUDA GPU that
   supports bf16, fp32 elsewhere; fp16 runs on CUDA only (refused on the CPU).
-- memory format: 'auto' is contiguous on the CPU (channels_last measured slower on this project's CPU, issue 24)
-  and channels_last on CUDA (PyTorch's guidance for convolutions on tensor cores; not measured here).
+- memory format: 'auto' is channels_last for sampling, on the CPU and on CUDA. On the CPU it was measured
+  (bench/RESULTS.md, "The network forward"): oneDNN runs channels_last convolutions on AMX in bf16 and faster in
+  fp32 too, and the U-Net's GroupNorm + SiLU then runs in this project's fused kernel (`ops.norm`); on CUDA it is
+  PyTorch's guidance for convolutions on tensor cores (not measured here). Training runs contiguous (the fused
+  GroupNorm kernel has no backward): `train` has no --memory-format and `from_args` gives it contiguous.
 - compile: `torch.compile` of the network alone (never the solver), with inductor's FX graph cache kept under
   ~/.cache/aniso_fast/inductor (unless TORCHINDUCTOR_CACHE_DIR is set), so that a second process reuses the
   compiled kernels. The graph is compiled for one batch size (`dynamic=False`): a smaller batch (the last partial
@@ -104,12 +107,13 @@ def resolve_precision(precision: str | None, device) -> str:
 
 
 def resolve_memory_format(memory_format: str | None, device) -> str:
-    """'auto' (or None) -> channels_last on CUDA, contiguous elsewhere; the others as given."""
+    """'auto' (or None) -> channels_last (see the module docstring); the others as given."""
     memory_format = "auto" if memory_format is None else memory_format
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"--memory-format: expected one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if memory_format == "auto":
-        return "channels_last" if _device(device).type == "cuda" else "contiguous"
+        _device(device)  # a bad device fails here as everywhere else
+        return "channels_last"
     return memory_format
 
 
@@ -262,10 +266,12 @@ def add_options(parser, precision: str = DEFAULT_PRECISION, sampling: bool = Tru
                                                  f"{', '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs, CUDA "
                                                  "only; default: default)")
         parser.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS,
-                            help="the network's memory format: auto = contiguous on the CPU, channels_last on CUDA")
+                            help="the network's memory format: auto = channels_last (measured faster on the CPU, "
+                                 "in bf16 and fp32; PyTorch's advice on CUDA)")
 
 
 def from_args(args, device) -> Execution:
-    """The policy of a parsed command line (`add_options`) on `device`; ValueError naming the option."""
+    """The policy of a parsed command line (`add_options`) on `device`; ValueError naming the option. A command
+    line without --memory-format (training's) runs contiguous."""
     return resolve_execution(device, args.precision, getattr(args, "compile", None),
-                             getattr(args, "memory_format", "auto"))
+                             getattr(args, "memory_format", "contiguous"))

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import silu
 
+from ..ops.norm import group_norm
+
 __all__ = [
     "Linear",
     "Conv2d",
@@ -52,6 +54,11 @@ class Linear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (channels_last and not also contiguous, as one channel or one pixel would be)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class Conv2d(torch.nn.Module):
     """Square convolution with optional 2x up/downsampling by a separable FIR filter.
 
@@ -79,12 +86,17 @@ class Conv2d(torch.nn.Module):
         f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         f = torch.outer(f, f)[None, None] / f.sum().square()  # 2-D filter with unit sum
         self.register_buffer("resample_filter", f if up or down else None)
+        # a 2-tap box filter ([1, 1], DDPM++'s): 2x upsampling by it is nearest-neighbour, exactly (each output
+        # pixel is one input pixel times 1), which is far faster than the depthwise transposed convolution in bf16
+        self.nearest_up = up and len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
 
     def _down(self, x: Tensor, f: Tensor, pad: int) -> Tensor:
         c = x.shape[1]
         return torch.nn.functional.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
     def _up(self, x: Tensor, f: Tensor, pad: int) -> Tensor:
+        if self.nearest_up and pad == 0:
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
         c = x.shape[1]
         return torch.nn.functional.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
@@ -102,6 +114,10 @@ class Conv2d(torch.nn.Module):
                 x = self._up(x, f, f_pad)
             if self.down:
                 x = self._down(x, f, f_pad)
+            if w is not None and self.bias is not None and _is_channels_last(x):
+                # channels_last (networks.execution's fast layout): the bias goes into the convolution, which adds
+                # it in its accumulator, one pass fewer; the contiguous path keeps EDM's separate add, bit for bit
+                return torch.nn.functional.conv2d(x, w, self.bias.to(x.dtype), padding=w_pad)
             if w is not None:
                 x = torch.nn.functional.conv2d(x, w, padding=w_pad)
         if self.bias is not None:
@@ -119,9 +135,9 @@ class GroupNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype),
-                                              self.eps)
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """group_norm(x), then SiLU when `silu` (one fused pass for channels_last CPU tensors: `ops.norm`)."""
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
 
 
 class PositionalEmbedding(torch.nn.Module):
@@ -183,9 +199,9 @@ class UNetBlock(torch.nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         orig = x
-        x = self.conv0(silu(self.norm0(x)))
+        x = self.conv0(self.norm0(x, silu=True))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
-        x = silu(self.norm1(x + params))
+        x = self.norm1(x + params, silu=True)
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:

@@ -49,8 +49,9 @@ def run_case(argv: list[str]) -> np.ndarray | None:
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             try:
-                # the record is of the fp32 network, whatever the sample CLI's default --precision
-                code = sample.main([*argv, "--outdir", tmp, "--format", "npz", "--no-progress", "--precision", "fp32"])
+                # the record is of the plain fp32 network (contiguous), whatever the sample CLI's defaults
+                code = sample.main([*argv, "--outdir", tmp, "--format", "npz", "--no-progress", "--precision", "fp32",
+                                    "--memory-format", "contiguous"])
             finally:
                 torch.set_num_threads(threads)
         if code != 0:
