@@ -39,6 +39,7 @@ HEADLINE = {"size": "32x32x3", "batch": 256}  # the issue's CPU targets are stat
 FEW_ROUNDS = 3  # medians of fewer rounds are marked
 LOADED_SHARE = 0.10  # other processes using this share of the cores or more: the run is flagged as under load
 PLAIN_ALL = ("reference", "grouped", "authors")  # every plain-PyTorch composition measured
+NORM_PLAIN = ("torch-contiguous", "torch-channels_last")  # the plain GroupNorm compositions (test_bench_norm.py)
 E2E_FILES = ("bench/test_bench_e2e.py", "bench/test_bench_forward.py", "bench/test_bench_peers.py")
 E2E_BEGIN, E2E_END = "<!-- throughput: begin (python bench/report.py --e2e) -->", "<!-- throughput: end -->"
 
@@ -248,6 +249,26 @@ def section_targets(res: Results) -> list[str]:
     rows.append([f"class-conditional PCA scale (10 classes, mixed batch), {size}, B={B}, CPU (cpp) vs the label "
                  f"loop", "≥ 5x", fx(r) + extra, status(r, 5)])
 
+    # issue 24: no fused op below its best plain-PyTorch composition, on any benchmarked case of the CPU
+    slow, n = [], 0
+    for key in res.by_key:
+        suite, op, basis, s, b, device, impl = key
+        if device != "cpu" or (suite, impl) not in (("ops", "cpp"), ("norm", "fused")):
+            continue
+        plain = PLAIN_ALL if suite == "ops" else NORM_PLAIN
+        _, pt = res.best(suite, op, basis, s, b, device, plain)
+        r = ratio(pt, res.median(*key))
+        if r is not None:
+            n += 1
+            if r < 1.0:
+                slow.append((r, f"{suite} {op} {basis} {s} B={b}"))
+    measured = "not measured" if n == 0 else (
+        f"{n - len(slow)} of {n} cases at ≥ 1.0x" + (f"; below: {', '.join(f'{c} {r:.2f}x' for r, c in sorted(slow))}"
+                                                     if slow else ""))
+    rows.append(["every fused CPU op (subspace ops, GroupNorm) vs the best plain-PyTorch composition of its case "
+                 "(issue 24)", "≥ 1.0x on every case", measured,
+                 "not measured" if n == 0 else ("MISSED" if slow else "PASS")])
+
     # allocation: every fused op case on every device
     n, over_cases, casts, worst = 0, [], 0, None
     for b in res.bench:
@@ -348,6 +369,30 @@ def section_ops(res: Results, device: str) -> list[str]:
             rows.append(row)
         out += [f"### {OP_TITLES[op]}", ""] + table(header, rows) + [""]
     return out
+
+
+def section_norm(res: Results) -> list[str]:
+    """The network's GroupNorm (+ SiLU), bench/test_bench_norm.py."""
+    keys = sorted({k[1:5] for k in res.by_key if k[0] == "norm"},
+                  key=lambda k: (k[0], -int(k[2].split("x")[1]), int(k[2].split("x")[0]), k[1]))
+    if not keys:
+        return []
+    rows = []
+    for op, dtype, size, B in keys:
+        key = ("norm", op, dtype, size, B, "cpu")
+        ft = res.median(*key, "fused")
+        pi, pt = res.best(*key, NORM_PLAIN)
+        e = res.get(*key, "fused")
+        bw = f"{e['extra_info']['bytes'] / ft / 1e9:.1f}" if e and ft else "–"
+        rows.append([op.replace("_", " "), dtype, f"{B}x{size}"] + [res.cell(*key, i) for i in (*NORM_PLAIN, "fused")]
+                    + [fx(ratio(pt, ft)) + (f" ({pi})" if pi and pt and ft else ""), bw])
+    return ["## The network's GroupNorm on CPU (median ms per call)", "",
+            "`ops.norm.group_norm` on channels_last tensors (`fused`: csrc/cpu/group_norm.cpp, SiLU in the "
+            "normalising pass) against `F.group_norm` (+ `F.silu`) on the same channels_last tensor and on a "
+            "contiguous one, at the default U-Net's shapes for batch 64 (`bench/test_bench_norm.py`; no_grad). "
+            "GB/s: one read and one write of the tensor over the fused time.", ""] + \
+        table(["op", "dtype", "shape", "`torch-contiguous`", "`torch-channels_last`", "`fused`",
+               "fused vs best plain", "fused GB/s"], rows) + [""]
 
 
 def section_step(res: Results, device: str) -> list[str]:
@@ -557,7 +602,7 @@ def section_e2e_train(res: Results) -> list[str]:
                                                         b["stats"]["median"]))])
     e = runs[0]["extra_info"]
     return ["### The default recipe's training step", "",
-            f"One forward + backward of `{e['model']}`'s recipe row (recipes/fmnist.json: family `{e['family']}`, "
+            f"One forward + backward of `{e['model']}`'s recipe row (aniso_fast/recipes/fmnist.json: family `{e['family']}`, "
             f"stage `{e['stage']}`, its loss options) at batch {e['batch']} on the shipped network "
             f"({e['params']} parameters); bf16: the network under autocast (`networks.execution`).", ""] + \
         table(["device", "precision", "median s", "CPU s (all threads)", "rounds", "peak memory", "vs fp32"],
@@ -626,7 +671,42 @@ def section_e2e_peers(res: Results) -> list[str]:
                "stand-in vs k-diffusion", "stand-in / with network", "max abs diff vs k-diffusion"], rows) + [""]
 
 
-def render_e2e(data: dict, skips: list[dict], source: str) -> str:
+def section_profile(doc: dict | None, source: str = "bench/results/cpu-profile.json") -> list[str]:
+    """Where the time goes (bench/profile_network.py's JSON): self CPU ms per image by kind of op, per run."""
+    if not doc:
+        return []
+    kinds, rows = doc["kinds"], doc["rows"]
+    header = ["workload", "run", "wall ms/image"] + [f"{k}" for k in kinds]
+    body = []
+    for r in rows:
+        total = sum(r["self_cpu_s"].values()) or 1.0
+        body.append([r["workload"], f"`{r['precision']} {r['memory_format']}`", ms(r["seconds"] / r["images"])] +
+                    [f"{ms(r['self_cpu_s'][k] / r['images'])} ({100 * r['self_cpu_s'][k] / total:.0f}%)"
+                     for k in kinds])
+    out = ["### Where the time goes", "",
+           f"`{doc['command']}` ({source}; {doc['machine']}, {doc['threads']} torch threads): one call of each "
+           "workload under torch.profiler after a warm-up; self CPU ms per image of the ops of each kind (all "
+           "threads; share of the profiled total in brackets). Wall ms/image is the profiled call's (the profiler "
+           "adds a little).", ""] + table(header, body) + [""]
+    by = {(r["workload"], r["precision"]): r for r in rows}
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        lo, hi = by.get((workload, "fp32")), by.get((workload, "bf16"))
+        if lo and hi:
+            parts = [f"{k} {fx(ratio(lo['self_cpu_s'][k], hi['self_cpu_s'][k]))}" for k in kinds
+                     if lo["self_cpu_s"][k] > 0.02 * sum(lo["self_cpu_s"].values())]
+            out += [f"{workload}, fp32 time over bf16 time per kind: " + ", ".join(parts) + ".", ""]
+    isa = doc.get("bf16_isa")
+    if isa == "avx512_bf16":
+        out += ["This CPU has AVX-512 BF16 but no AMX: oneDNN's bf16 convolutions run on `vdpbf16ps`, which does "
+                "twice the multiply-adds per instruction of an fp32 FMA, so bf16 can at most halve the "
+                "convolutions' arithmetic; the kinds that move memory gain from the halved bytes alone. On a CPU with "
+                "AMX the tile units take the convolutions instead (several times fp32's rate).", ""]
+    elif isa == "amx":
+        out += ["This CPU has AMX: oneDNN runs the bf16 convolutions on its tile units.", ""]
+    return out
+
+
+def render_e2e(data: dict, skips: list[dict], source: str, profile: dict | None = None) -> str:
     """The throughput section of RESULTS.md, between its markers."""
     res = Results(data)
     timers = sorted({b.get("options", {}).get("timer", "perf_counter") for b in res.bench})
@@ -637,7 +717,8 @@ def render_e2e(data: dict, skips: list[dict], source: str) -> str:
              f"results in `{source}`). Medians of {clock}; `*` marks a median of fewer than {FEW_ROUNDS} rounds.",
              ""]
     lines += section_machine(res, source, heading="### Machine of this run", command="python bench/report.py --e2e")
-    lines += section_e2e_sample(res) + section_e2e_train(res) + section_e2e_forward(res) + section_e2e_peers(res)
+    lines += section_e2e_sample(res) + section_e2e_train(res) + section_profile(profile) + section_e2e_forward(res)
+    lines += section_e2e_peers(res)
     lines += section_skips(skips, heading="### Cases skipped in this run")
     return "\n".join(lines).rstrip() + "\n" + E2E_END + "\n"
 
@@ -668,6 +749,7 @@ def render(data: dict, skips: list[dict], source: str) -> str:
         if device in ("cpu", "cuda"):
             lines += section_ops(res, device)
             lines += section_step(res, device)
+    lines += section_norm(res)
     lines += section_train(res)
     lines += section_solvers(res)
     for device in res.devices():
@@ -692,6 +774,12 @@ def _source(path: Path) -> str:
 def _read(json_path: Path) -> tuple[dict, list[dict]]:
     skips_path = json_path.with_name(json_path.stem + "-skips.json")
     return json.loads(json_path.read_text()), json.loads(skips_path.read_text()) if skips_path.exists() else []
+
+
+def _profile(device: str) -> dict | None:
+    """bench/profile_network.py's results for `device`, if it has been run."""
+    path = BENCH / "results" / f"{device}-profile.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -730,11 +818,11 @@ def main(argv: list[str] | None = None) -> int:
         data["benchmarks"] += json.loads(path.read_text())["benchmarks"]
     if args.e2e:
         old = args.out.read_text() if args.out.exists() else "# aniso_fast benchmark results\n"
-        text = splice_e2e(old, render_e2e(data, skips, " + ".join(sources)))
+        text = splice_e2e(old, render_e2e(data, skips, " + ".join(sources), _profile(device)))
     else:
         text = render(data, skips, " + ".join(sources))
         if e2e_json.exists():  # the throughput section of the last --e2e run is kept
-            text = splice_e2e(text, render_e2e(*_read(e2e_json), _source(e2e_json)))
+            text = splice_e2e(text, render_e2e(*_read(e2e_json), _source(e2e_json), _profile(device)))
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     if rc:

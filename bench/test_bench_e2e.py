@@ -10,7 +10,7 @@ sample: `aniso_fast.load(device=..., precision=..., compile=...).sample(seeds, n
         B = 64, NFE 9 `bf16-default-channels_last` (torch.compile: its first call, the warm-up, includes the
         compilation, recorded as warmup_s); on CUDA `bf16-reduce-overhead` (CUDA graphs). A non-fp32 run's images
         are compared with the fp32 run's (uint8 levels): `levels_moved_max` / `levels_moved_share`.
-train:  one forward + backward of the default model's training recipe (recipes/fmnist.json, its `export` row:
+train:  one forward + backward of the default model's training recipe (aniso_fast/recipes/fmnist.json, its `export` row:
         the family's loss with the recipe's options) at batch TRAIN_BATCH on the shipped network, fp32 vs bf16.
 
 Run alone: `python bench/report.py --e2e` (this file, bench/test_bench_forward.py and bench/test_bench_peers.py).
@@ -29,6 +29,7 @@ import torch
 import aniso_fast
 from aniso_fast import store
 from aniso_fast.pipeline import nfe_choice
+from aniso_fast.evaluation.recipes import resolve_recipe
 from aniso_fast.processes import registry
 from aniso_fast.training.config import config_from_argv
 from bench import common
@@ -43,7 +44,7 @@ COMPILED = Run("bf16", "default", "channels_last")  # at the default job only: a
 CUDA_GRAPHS = Run("bf16", "reduce-overhead")
 TRAIN_BATCH = 64
 TRAIN_RUNS = (Run("fp32"), Run("bf16"))
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fmnist.json"
+RECIPE = resolve_recipe("fmnist")  # the shipped recipe (aniso_fast/recipes/fmnist.json)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ TRAIN_CASES = [TrainCase(run, device) for device in common.DEVICES for run in TR
 
 
 def recipe_argv(model: str) -> list[str]:
-    """The training arguments of the recipe row that exports `model` (recipes/fmnist.json)."""
+    """The training arguments of the recipe row that exports `model` (aniso_fast/recipes/fmnist.json)."""
     rows = [r for r in json.loads(RECIPE.read_text())["rows"] if r.get("export") == model]
     if len(rows) != 1:
         raise ValueError(f"model: expected one recipe row exporting {model!r} in {RECIPE}, found {len(rows)}")

@@ -47,3 +47,38 @@ def test_splice_replaces_only_its_section():
     newer = section.replace("a machine", "another machine")
     twice = report.splice_e2e(once + "\ntail\n", newer)
     assert twice == doc + "\n" + newer + "\ntail\n"
+
+
+def _norm_and_ops():
+    norm = dict(suite="norm", op="group_norm_silu", basis="bfloat16", size="32x28x28", batch=64, bytes=2e6)
+    ops = dict(suite="ops", op="scale", basis="pca", size="64x64x3", batch=256)
+    return {"machine_info": {}, "benchmarks": [
+        _bench(4e-3, impl="torch-contiguous", **norm), _bench(8e-3, impl="torch-channels_last", **norm),
+        _bench(1e-3, impl="fused", **norm),
+        _bench(2e-3, impl="authors", **ops), _bench(3e-3, impl="reference", **ops), _bench(2.5e-3, impl="cpp", peak_bytes=0, out_bytes=0, scalar_bytes=0, **ops)]}
+
+
+def test_norm_section_and_the_one_times_target():
+    res = report.Results(_norm_and_ops())
+    text = "\n".join(report.section_norm(res))
+    # fused 1 ms against the best plain 4 ms (contiguous); 2 MB in 1 ms
+    assert "| group norm silu | bfloat16 | 64x32x28x28 | 4 | 8 | 1 | 4.00x (torch-contiguous) | 2.0 |" in text
+    targets = "\n".join(report.section_targets(res))
+    # the PCA case: 2.5 ms fused against the authors' 2 ms -> 0.80x, below 1.0x
+    assert "| 1 of 2 cases at ≥ 1.0x; below: ops scale pca 64x64x3 B=256 0.80x | MISSED |" in targets
+
+
+def test_profile_section():
+    kinds = ["convolution", "GroupNorm (+ SiLU)", "elementwise and the rest"]
+    row = dict(workload="sample, NFE 9, B 64", memory_format="contiguous", images=64)
+    doc = {"command": "python bench/profile_network.py", "machine": "a machine", "threads": 2, "kinds": kinds,
+           "rows": [{**row, "precision": "fp32", "seconds": 1.28,
+                     "self_cpu_s": {"convolution": 1.92, "GroupNorm (+ SiLU)": 0.32, "elementwise and the rest": 0.32}},
+                    {**row, "precision": "bf16", "memory_format": "channels_last", "seconds": 0.64,
+                     "self_cpu_s": {"convolution": 0.96, "GroupNorm (+ SiLU)": 0.16, "elementwise and the rest": 0.0}}]}
+    text = "\n".join(report.section_profile(doc))
+    # 1.92 s / 64 images = 30 ms, 75% of 2.56 s; wall 1.28 s / 64 = 20 ms
+    assert "| sample, NFE 9, B 64 | `fp32 contiguous` | 20 | 30 (75%) | 5 (12%) | 5 (12%) |" in text
+    assert "fp32 time over bf16 time per kind: convolution 2.00x, GroupNorm (+ SiLU) 2.00x, elementwise and the " \
+           "rest –." in text
+    assert report.section_profile(None) == []

@@ -114,3 +114,19 @@ def test_gate_cli_writes_its_documents(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "gate.md").read_text().startswith("# Precision gate: bf16 against fp32")
     text = results.read_text()
     assert text.startswith("# Results\n\n## Models\n\nx") and "## Precision" in text and "(gate.md)" in text
+
+
+def test_cells_are_kept_apart_by_memory_format():
+    """A channels_last run calls other kernels: its cells have keys of their own, and recorded cells are reused
+    only for the same precision and memory format."""
+    model, _ = store.StoredModel.open("fmnist-dct-class").load()
+    mixture, _ = store.StoredModel.open("gmm-fmnist").load()
+    runs = (FP32, Execution("fp32", memory_format="channels_last"), Execution("bf16"),
+            Execution("bf16", memory_format="channels_last"))
+    keys = [table._precision_key(model, e) for e in runs]
+    assert keys == [{}, {"memory_format": "channels_last"}, {"precision": "bf16"},
+                    {"precision": "bf16", "memory_format": "channels_last"}]
+    assert table._precision_key(mixture, Execution("bf16", memory_format="channels_last")) == {}  # no network
+    assert table._same_run({"fd": 1}, keys[0]) and not table._same_run({"fd": 1}, keys[1])
+    assert table._same_run({"precision": "bf16", "memory_format": "channels_last"}, keys[3])
+    assert not table._same_run({"precision": "bf16"}, keys[3])

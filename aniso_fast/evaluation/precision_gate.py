@@ -72,6 +72,7 @@ def precision_gate(choices: Mapping[int, dict], scorer, candidate: Execution, *,
     return {"protocol": {"n": n, "seeds": f"0..{n - 1}", "classes": "seed mod 10", "bootstrap": bootstrap,
                          "scorer": scorer.id, "num_reference": getattr(scorer, "num_reference", None),
                          "baseline": "fp32", "candidate": candidate.precision,
+                         "candidate_memory_format": candidate.memory_format,
                          "rule": "|FD_candidate - FD_fp32| <= the fp32 cell's bootstrap SE at every NFE"},
             "machine": machine_description(), "rows": rows, "holds": all(r["holds"] for r in rows)}
 
@@ -100,7 +101,8 @@ def gate_markdown(result: dict) -> str:
         f"# Precision gate: {p['candidate']} against fp32", "",
         f"Regenerate: `{result.get('command', 'python -m aniso_fast.evaluate precision-gate')}`", "",
         f"Per NFE, the sampler `python -m aniso_fast.sample` uses there by default, N = {p['n']} samples (seeds "
-        f"{p['seeds']}, class {p['classes']}) with the network in fp32 and in {p['candidate']} (torch.autocast around "
+        f"{p['seeds']}, class {p['classes']}) with the network in fp32 (contiguous) and in {p['candidate']} "
+        f"({p.get('candidate_memory_format', 'contiguous')}, as sampling runs it by default; torch.autocast around "
         f"the network only; the solver, schedule and subspace ops unchanged), the same seeds. Each is scored as a "
         f"results-table cell: FD to the {p['num_reference'] or ''} test images in the shipped classifier's features "
         f"(`{p['scorer']}`), ± its bootstrap SE ({p['bootstrap']} draws). Paired SE: the bootstrap SE of the "
@@ -114,8 +116,9 @@ def precision_section(result: dict, table_precision: str = "fp32", link: str = "
     """The short "Precision" section of docs/RESULTS.md (`write_table` adds it when the gate's JSON lies beside)."""
     p = result["protocol"]
     return ["## Precision", "",
-            f"The networks of the table above ran in {table_precision}. Running them in {p['candidate']} (autocast "
-            f"around the network only; `--precision` of `sample`, `evaluate` and the Python API) moves the FD of "
+            f"The networks of the table above ran in {table_precision}. Running them in {p['candidate']} "
+            f"({p.get('candidate_memory_format', 'contiguous')}; autocast around the network only; `--precision` of "
+            f"`sample`, `evaluate` and the Python API) moves the FD of "
             f"the default sampler by:", "", *_table(result), "",
             f"N = {p['n']}, the table's protocol; {_verdict(result)} ([details]({link})). Command: "
             f"`{result.get('command', 'python -m aniso_fast.evaluate precision-gate')}`.", ""]

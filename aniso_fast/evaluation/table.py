@@ -109,11 +109,20 @@ def serve_samples(recipe: dict, source: str, dist: Dist, execution: Execution = 
 
 
 def _precision_key(model, execution: Execution) -> dict:
-    """What a cell's cache key and record add for the network's precision: nothing for fp32 (and for a model
-    without a network), else {'precision': ...}."""
-    if execution.precision == "fp32" or network_of(model) is None:
+    """What a cell's cache key and record add for how the network ran: nothing for fp32 contiguous (and for a
+    model without a network), else its precision when not fp32 and its memory format when not contiguous (a
+    channels_last run calls other kernels, so its samples differ in the last bits, in bf16 by more)."""
+    if network_of(model) is None:
         return {}
-    return {"precision": execution.precision}
+    key = {} if execution.precision == "fp32" else {"precision": execution.precision}
+    if execution.memory_format != "contiguous":
+        key["memory_format"] = execution.memory_format
+    return key
+
+
+def _same_run(cell: dict, run_key: dict) -> bool:
+    """Whether a recorded cell ran the network as `run_key` (`_precision_key`) says."""
+    return all(cell.get(k) == run_key.get(k) for k in ("precision", "memory_format"))
 
 
 def _seed_list(index: int, n: int) -> list[int]:
@@ -307,7 +316,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
     protocol = {"n": n, "seeds": seeds, "nfes": list(nfes), "scorer": scorer.id, "source": source,
                 "num_reference": getattr(scorer, "num_reference", None), "bootstrap": bootstrap,
                 "scorer_accuracy": getattr(scorer, "accuracy", None), "sample_nfe": sample_nfe,
-                "precision": execution.precision}
+                "precision": execution.precision, "memory_format": execution.memory_format}
     if inception is not None:
         protocol.update(inception=inception.id, inception_n=inception_n,
                         inception_nfes=list(inception_nfes or nfes), inception_reference=len(inception_ref))
@@ -345,7 +354,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                            and (previous or {}).get("protocol", {}).get("scorer") == scorer.id) else None
         old_cells = {(sampler_key(c), c["nfe"]): c for c in (reusable or {}).get("cells", [])
                      if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds
-                     and c.get("precision") == run_key.get("precision")}
+                     and _same_run(c, run_key)}
         configs = row_samplers(row, optional)
         done = set()
         for cfg in configs:
@@ -393,7 +402,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                                                  reference_features=ref)
             old_inc = {(c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)
-                       and c.get("precision") == run_key.get("precision")}
+                       and _same_run(c, run_key)}
             for nfe in inception_nfes or nfes:
                 try:
                     grid_key = _grid_key(primary, nfe, family, found["fitted"])
