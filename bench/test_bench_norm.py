@@ -3,9 +3,12 @@
 Shapes: the default U-Net's GroupNorm inputs at batch 64 (28x28x1 images, 32/64/64 channels at 28, 14 and 7
 pixels; the decoder's concatenations give 96 and 128), EDM's group count min(32, C / 4).
 impl:  `fused`: `ops.norm.group_norm` on a channels_last tensor (the C++ kernel, SiLU in its normalising pass);
-       `torch-channels_last`: `F.group_norm` (+ `F.silu`) on the same channels_last tensor (what the network ran
-       before the kernel); `torch-contiguous`: the same on a contiguous copy (the best plain PyTorch composition on
-       the CPU). Each is first checked against a float64 reference of the same input.
+       the plain compositions of the same op (a channels_last tensor in, a channels_last tensor out):
+       `torch-channels_last`: `F.group_norm` (+ `F.silu`) on it (what the network ran before the kernel);
+       `torch-via-contiguous`: converted to contiguous, `F.group_norm` (+ `F.silu`), converted back;
+       and for scale, not the same op: `torch-contiguous`, `F.group_norm` (+ `F.silu`) on a tensor that is
+       contiguous already (PyTorch's fast layout; what a contiguous network runs).
+       Each is first checked against a float64 reference of the same input.
 Inference only (no_grad): the kernel has no backward, and training runs contiguous (`networks.execution`).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from bench import common
 
 SHAPES = ((64, 32, 28, 28), (64, 96, 28, 28), (64, 64, 14, 14), (64, 128, 7, 7))
 DTYPES = ("float32", "bfloat16")
-IMPLS = ("torch-contiguous", "torch-channels_last", "fused")
+IMPLS = ("torch-contiguous", "torch-channels_last", "torch-via-contiguous", "fused")
 EPS = 1e-5
 
 
@@ -75,14 +78,17 @@ def _call(case: NormCase, x, weight, bias):
         x = x.contiguous(memory_format=torch.channels_last)
         assert norm.group_norm_path(x, weight, bias) == "cpp", "the kernel does not run this case"
         return lambda: norm.group_norm(x, case.groups, weight, bias, EPS, silu=case.silu)
-    x = x.contiguous(memory_format=torch.channels_last if case.impl == "torch-channels_last" else
-                     torch.contiguous_format)
     w, b = weight.to(x.dtype), bias.to(x.dtype)
 
-    def plain():
+    def plain(x):
         y = F.group_norm(x, case.groups, w, b, EPS)
         return F.silu(y) if case.silu else y
-    return plain
+    if case.impl == "torch-via-contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+        return lambda: plain(x.contiguous()).contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last if case.impl == "torch-channels_last" else
+                     torch.contiguous_format)
+    return lambda: plain(x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
