@@ -711,7 +711,38 @@ def section_profile(doc: dict | None, source: str = "bench/results/cpu-profile.j
     return out
 
 
-def render_e2e(data: dict, skips: list[dict], source: str, profile: dict | None = None) -> str:
+def section_cli(doc: dict | None, source: str = "bench/results/cpu-cli.json") -> list[str]:
+    """The main job from the command line at two revisions (bench/compare_cli.py's JSON): medians per revision."""
+    if not doc or not doc.get("runs"):
+        return []
+    import statistics
+
+    rows, med = [], {}
+    for name, rev in doc["revisions"].items():
+        runs = [r for r in doc["runs"] if r["revision"] == name]
+        if not runs:
+            continue
+        wall = statistics.median(r["wall_s"] for r in runs)
+        sampling = statistics.median(r["sampling_s"] for r in runs)
+        images = runs[0]["images"]
+        med[name] = (wall, sampling)
+        rows.append([f"{name} (`{rev['commit']}`)", str(len(runs)), f"{wall:.2f}", f"{sampling:.2f}",
+                     f"{images / sampling:.1f}", f"`{runs[0]['printed']}`"])
+    out = ["### The main job from the command line, against the revision before issue 24", "",
+           f"`{doc['command']}` (its defaults: the default model, 64 images at NFE 9) run alternately from each "
+           f"checkout in a fresh process (`python bench/compare_cli.py --baseline DIR`; {source}; {doc['machine']}). "
+           "Wall: the whole process (start-up, model loading, first-call warm-up, writing the PNG); sampling: the "
+           "time the command prints. Medians over the rounds.", ""] + \
+        table(["revision", "runs", "wall s", "sampling s", "images/s (sampling)", "the command's line"], rows) + [""]
+    if "baseline" in med and "this" in med:
+        out += [f"This revision against the baseline: {fx(ratio(med['baseline'][1], med['this'][1]))} the images "
+                f"per second of sampling, {fx(ratio(med['baseline'][0], med['this'][0]))} on the whole process's "
+                "wall time.", ""]
+    return out
+
+
+def render_e2e(data: dict, skips: list[dict], source: str, profile: dict | None = None,
+               cli: dict | None = None) -> str:
     """The throughput section of RESULTS.md, between its markers."""
     res = Results(data)
     timers = sorted({b.get("options", {}).get("timer", "perf_counter") for b in res.bench})
@@ -722,7 +753,8 @@ def render_e2e(data: dict, skips: list[dict], source: str, profile: dict | None 
              f"results in `{source}`). Medians of {clock}; `*` marks a median of fewer than {FEW_ROUNDS} rounds.",
              ""]
     lines += section_machine(res, source, heading="### Machine of this run", command="python bench/report.py --e2e")
-    lines += section_e2e_sample(res) + section_e2e_train(res) + section_profile(profile) + section_e2e_forward(res)
+    lines += section_e2e_sample(res) + section_cli(cli) + section_e2e_train(res) + section_profile(profile)
+    lines += section_e2e_forward(res)
     lines += section_e2e_peers(res)
     lines += section_skips(skips, heading="### Cases skipped in this run")
     return "\n".join(lines).rstrip() + "\n" + E2E_END + "\n"
@@ -781,10 +813,10 @@ def _read(json_path: Path) -> tuple[dict, list[dict]]:
     return json.loads(json_path.read_text()), json.loads(skips_path.read_text()) if skips_path.exists() else []
 
 
-def _profile(device: str) -> dict | None:
-    """bench/profile_network.py's results for `device`, if it has been run."""
-    path = BENCH / "results" / f"{device}-profile.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _extras(device: str) -> tuple[dict | None, dict | None]:
+    """The results of bench/profile_network.py and bench/compare_cli.py for `device`, where they have been run."""
+    paths = [BENCH / "results" / f"{device}-{name}.json" for name in ("profile", "cli")]
+    return tuple(json.loads(path.read_text()) if path.exists() else None for path in paths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -823,11 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         data["benchmarks"] += json.loads(path.read_text())["benchmarks"]
     if args.e2e:
         old = args.out.read_text() if args.out.exists() else "# aniso_fast benchmark results\n"
-        text = splice_e2e(old, render_e2e(data, skips, " + ".join(sources), _profile(device)))
+        text = splice_e2e(old, render_e2e(data, skips, " + ".join(sources), *_extras(device)))
     else:
         text = render(data, skips, " + ".join(sources))
         if e2e_json.exists():  # the throughput section of the last --e2e run is kept
-            text = splice_e2e(text, render_e2e(*_read(e2e_json), _source(e2e_json), _profile(device)))
+            text = splice_e2e(text, render_e2e(*_read(e2e_json), _source(e2e_json), *_extras(device)))
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     if rc:

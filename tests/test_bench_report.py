@@ -83,3 +83,17 @@ def test_profile_section():
     assert "fp32 time over bf16 time per kind: convolution 2.00x, GroupNorm (+ SiLU) 2.00x, elementwise and the " \
            "rest –." in text
     assert report.section_profile(None) == []
+
+
+def test_cli_section():
+    line = "64 samples, NFE 9 (heun, uniform_t grid), 2.00 s -> x.png"
+    runs = [{"revision": "baseline", "round": r, "wall_s": w, "sampling_s": s, "images": 64, "nfe": 9, "printed": line}
+            for r, (w, s) in enumerate([(5.0, 2.0), (6.0, 3.0), (4.0, 2.0)])]
+    runs += [{"revision": "this", "round": r, "wall_s": 2.5, "sampling_s": 0.8, "images": 64, "nfe": 9, "printed": line}
+             for r in range(3)]
+    doc = {"machine": "a machine", "command": "python -m aniso_fast.sample", "runs": runs,
+           "revisions": {"baseline": {"path": "/old", "commit": "abc"}, "this": {"path": "/new", "commit": "def"}}}
+    text = "\n".join(report.section_cli(doc))
+    assert "| baseline (`abc`) | 3 | 5.00 | 2.00 | 32.0 |" in text and "| this (`def`) | 3 | 2.50 | 0.80 | 80.0 |" in text
+    assert "2.50x the images per second of sampling, 2.00x on the whole process's wall time" in text
+    assert report.section_cli(None) == []

@@ -8,8 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .dispatch import BACKENDS, ENV_VAR, backends, resolve
-from .registration import (lowrank_block_op, lowrank_combine_op, lowrank_dot_op, separable_block_op,
-                           separable_combine_op, separable_dot_op)
+from .registration import EAGER
 from .validation import NAMES, prepare_block, prepare_combine, prepare_dot, prepare_lowrank, prepare_separable
 
 __all__ = ["BACKENDS", "ENV_VAR", "backends", "separable_combine", "separable_dot", "lowrank_combine", "lowrank_dot",
@@ -22,7 +21,7 @@ def separable_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor |
     """`base + sum_k P_k (a[:, k] u + c[:, k] v)` for the separable basis (CH, CW, band); returns u.dtype."""
     u, a, v, c, base, dt = prepare_combine(u, a, v, c, base, names)
     CH, CW, band = prepare_separable(u, CH, CW, band, a.shape[1], dt)
-    return separable_combine_op(u, a, v, c, base, CH, CW, band, resolve(backend, u.device))
+    return EAGER["separable_combine"](u, a, v, c, base, CH, CW, band, resolve(backend, u.device))
 
 
 def separable_dot(u: Tensor, v: Tensor, *, CH: Tensor, CW: Tensor, band: Tensor, K: int,
@@ -30,7 +29,7 @@ def separable_dot(u: Tensor, v: Tensor, *, CH: Tensor, CW: Tensor, band: Tensor,
     """`[B, K]`: `<P_k u_b, v_b>` for the separable basis; fp32 (fp64 for fp64 inputs)."""
     u, v, K, dt = prepare_dot(u, v, K, names)
     CH, CW, band = prepare_separable(u, CH, CW, band, K, dt)
-    return separable_dot_op(u, v, CH, CW, band, K, resolve(backend, u.device))
+    return EAGER["separable_dot"](u, v, CH, CW, band, K, resolve(backend, u.device))
 
 
 def lowrank_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
@@ -39,7 +38,7 @@ def lowrank_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | N
     """`base + sum_k P_k (a[:, k] u + c[:, k] v)` for the low-rank basis V[ids] (one call for all groups)."""
     u, a, v, c, base, dt = prepare_combine(u, a, v, c, base, names)
     V, vband, ids = prepare_lowrank(u, V, vband, ids, a.shape[1], dt)
-    return lowrank_combine_op(u, a, v, c, base, V, vband, ids, resolve(backend, u.device))
+    return EAGER["lowrank_combine"](u, a, v, c, base, V, vband, ids, resolve(backend, u.device))
 
 
 def lowrank_dot(u: Tensor, v: Tensor, *, V: Tensor, vband: Tensor, K: int, ids: Tensor | None = None,
@@ -47,7 +46,7 @@ def lowrank_dot(u: Tensor, v: Tensor, *, V: Tensor, vband: Tensor, K: int, ids: 
     """`[B, K]`: `<P_k u_b, v_b>` for the low-rank basis V[ids]; fp32 (fp64 for fp64 inputs)."""
     u, v, K, dt = prepare_dot(u, v, K, names)
     V, vband, ids = prepare_lowrank(u, V, vband, ids, K, dt)
-    return lowrank_dot_op(u, v, V, vband, ids, K, resolve(backend, u.device))
+    return EAGER["lowrank_dot"](u, v, V, vband, ids, K, resolve(backend, u.device))
 
 
 def isotropic_combine(u: Tensor, a: Tensor, v: Tensor | None = None, c: Tensor | None = None,
@@ -77,7 +76,7 @@ def separable_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | No
     [B, K, 2, 2], for the separable basis (CH, CW, band); both in x.dtype."""
     x, v, B, base_x, base_v, dt = prepare_block(x, v, B, base_x, base_v)
     CH, CW, band = prepare_separable(x, CH, CW, band, B.shape[1], dt)
-    return separable_block_op(x, v, B, base_x, base_v, CH, CW, band, resolve(backend, x.device))
+    return EAGER["separable_block_combine"](x, v, B, base_x, base_v, CH, CW, band, resolve(backend, x.device))
 
 
 def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,
@@ -86,7 +85,7 @@ def lowrank_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None
     """`(x', v')` of `separable_block_combine` for the low-rank basis V[ids] (one call for all groups)."""
     x, v, B, base_x, base_v, dt = prepare_block(x, v, B, base_x, base_v)
     V, vband, ids = prepare_lowrank(x, V, vband, ids, B.shape[1], dt)
-    return lowrank_block_op(x, v, B, base_x, base_v, V, vband, ids, resolve(backend, x.device))
+    return EAGER["lowrank_block_combine"](x, v, B, base_x, base_v, V, vband, ids, resolve(backend, x.device))
 
 
 def isotropic_block_combine(x: Tensor, v: Tensor, B: Tensor, base_x: Tensor | None = None,

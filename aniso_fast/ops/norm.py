@@ -11,7 +11,8 @@ Two ways to run it, one result (the tests hold them to a float64 reference):
   the kernel existed, bit for bit.
 
 `aniso_fast::group_norm_nhwc` is a `torch.library` custom op with a fake implementation, so `torch.compile` traces
-through it. It has no autograd formula: a call that needs gradients takes the reference path.
+through it; an eager call runs the kernel directly (`registration.is_plain_eager`). It has no autograd formula: a
+call that needs gradients takes the reference path.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import _C, resolve
+from .registration import is_plain_eager
 
 __all__ = ["group_norm", "group_norm_path"]
 
@@ -63,6 +65,8 @@ def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
         y = F.group_norm(x, groups, weight.to(x.dtype), bias.to(x.dtype), eps)
         return F.silu(y) if silu else y
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y, _, _ = _group_norm_nhwc(x, weight.detach().to(compute).contiguous(), bias.detach().to(compute).contiguous(),
-                               groups, float(eps), bool(silu))
+    args = (x, weight.detach().to(compute).contiguous(), bias.detach().to(compute).contiguous(), groups, float(eps),
+            bool(silu))
+    # eager: the kernel itself (as the subspace ops, registration.is_plain_eager); traced: the custom op
+    y, _, _ = _C.group_norm_nhwc_cpu(*args) if is_plain_eager(x) else _group_norm_nhwc(*args)
     return y

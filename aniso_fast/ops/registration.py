@@ -9,7 +9,7 @@ from . import reference
 from .dispatch import OP_ARGS, run as run_kernel
 
 __all__ = ["separable_combine_op", "separable_dot_op", "lowrank_combine_op", "lowrank_dot_op",
-           "separable_block_op", "lowrank_block_op"]
+           "separable_block_op", "lowrank_block_op", "is_plain_eager", "EAGER"]
 
 _COMBINE_ARGS = "Tensor u, Tensor a, Tensor? v, Tensor? c, Tensor? base"
 _BLOCK_ARGS = "Tensor x, Tensor v, Tensor B, Tensor? base_x, Tensor? base_v"
@@ -148,3 +148,35 @@ def _register_block_autograd(block_op, dot_op, n_basis):
 
 _register_block_autograd(separable_block_op, separable_dot_op, 3)
 _register_block_autograd(lowrank_block_op, lowrank_dot_op, 3)
+
+
+def is_plain_eager(*args) -> bool:
+    """Whether a call with these arguments is plain eager work that autograd will not record: not traced by
+    torch.compile, no tensor subclass (FakeTensor, functorch wrappers), and no input that requires grad while grad
+    mode is on."""
+    if torch.compiler.is_compiling():
+        return False
+    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _eager(op: str, op_def):
+    """The op as the public functions call it: the backend's kernel itself for a plain eager call
+    (`is_plain_eager`), the custom op otherwise. The same kernel runs either way; the direct call spares the custom
+    op's dispatch, whose first call in a process imports torch._dynamo (about 1.5 s on a 2-core CPU: most of the
+    warm-up of a 64-image sample job before this rule)."""
+    def call(*args):
+        if is_plain_eager(*args):
+            return run_kernel(op, args[-1], *args[:-1])
+        return op_def(*args)
+
+    call.__name__ = call.__qualname__ = op
+    return call
+
+
+# op name -> what the public functions call (ops/__init__.py)
+EAGER = {op: _eager(op, op_def) for op, op_def in zip(OP_ARGS, (
+    separable_combine_op, separable_dot_op, lowrank_combine_op, lowrank_dot_op, separable_block_op,
+    lowrank_block_op))}
