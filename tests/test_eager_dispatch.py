@@ -45,6 +45,13 @@ def test_is_plain_eager():
     assert not registration.is_plain_eager(x, torch.ones(2, requires_grad=True))
     with torch.no_grad():
         assert registration.is_plain_eager(x, torch.ones(2, requires_grad=True))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():  # forward-mode AD: the custom op (which refuses it) rather than a lost tangent
+        assert not registration.is_plain_eager(fwAD.make_dual(x, torch.ones(2)))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(registration.is_plain_eager(t)) or t)(torch.ones(3, 2))
+    assert seen == [False]  # a torch.func transform
 
 
 @pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])

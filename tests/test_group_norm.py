@@ -147,3 +147,21 @@ def test_network_channels_last_matches_contiguous():
     transposed = torch.nn.functional.conv_transpose2d(z, (f * 4).expand(6, 1, -1, -1), groups=6, stride=2)
     assert torch.equal(up(z), transposed)
     assert not Conv2d(6, 6, kernel=0, up=True, resample_filter=(1, 3, 3, 1)).nearest_up
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_outlying_first_pixel_and_huge_negative_silu(isa, monkeypatch):
+    """The float statistics of the AVX-512 variant shift each group by a mean of pixels spread over the image: an
+    outlying first pixel (60 standard deviations) keeps fp32 accuracy. SiLU of a huge negative value is -0 (its
+    exp overflows to inf), as in float64."""
+    monkeypatch.setenv("ANISO_FAST_CPU_ISA", isa)
+    if dispatch._C.cpu_isa() != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    x, weight, bias = make(2, 32, 12, 12, torch.float32, seed=5)
+    x[:, :, 0, 0] = 3.0 + 2.5 * 60
+    for silu in (False, True):
+        assert_close(group_norm(x, 8, weight, bias, 1e-6, silu=silu), x, 8, weight, bias, 1e-6, silu)
+    huge = torch.full((32,), -1e38)
+    y = group_norm(x, 8, torch.ones(32), huge, 1e-6, silu=True)
+    assert y.abs().max().item() == 0.0  # -1e38 * sigmoid(-1e38) rounds to zero; the old clamp gave -0.6

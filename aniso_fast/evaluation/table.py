@@ -5,9 +5,11 @@ For every row of a recipe (`aniso_fast/recipes/fmnist.json`) whose model exists,
 NFE (the table's, or a sampler's own `nfes`) with each of the row's samplers (`registry.run_sampler`: any family), scored by the Frechet distance to the test set in a feature space
 (`features.FrechetScorer`; the shipped classifier's by default, Inception-v3 as an optional extra), with a
 bootstrap standard error, next to the data floor (N training images scored alike). Samples and features are
-cached per (model, sampler, NFE, N, seed set, and the network's precision unless fp32), so an interrupted run
-resumes where it stopped. The network runs under an execution policy (`networks.execution`: `--precision`,
-`--compile`); a cell records its precision when not fp32 and is reused only under the same precision.
+cached per (model, sampler, NFE, N, seed set, and the network's precision unless fp32 and memory format unless
+contiguous), so an interrupted run resumes where it stopped. The network runs under an execution policy
+(`networks.execution`: `--precision`, `--compile`, `--memory-format`); a cell records its precision when not fp32
+and its memory format when not contiguous, and is reused only under the same ones (`_same_run`). Cells recorded
+before the memory format was part of the key count as contiguous: that is how the CPU ran them.
 
 Under torchrun (`results_table(dist=...)` on rank 0, `serve_samples` on the other ranks) rank 0 runs the table
 alone (cache, features, scores, files) and sends each sampling job to the other ranks; each rank samples its

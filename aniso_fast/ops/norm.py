@@ -68,5 +68,9 @@ def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
     args = (x, weight.detach().to(compute).contiguous(), bias.detach().to(compute).contiguous(), groups, float(eps),
             bool(silu))
     # eager: the kernel itself (as the subspace ops, registration.is_plain_eager); traced: the custom op
-    y, _, _ = _C.group_norm_nhwc_cpu(*args) if is_plain_eager(x) else _group_norm_nhwc(*args)
-    return y
+    if not is_plain_eager(x):
+        return _group_norm_nhwc(*args)[0]
+    if torch.autograd.profiler._is_profiler_enabled:  # the profiler sees it under the custom op's name
+        with torch.profiler.record_function("aniso_fast::group_norm_nhwc"):
+            return _C.group_norm_nhwc_cpu(*args)[0]
+    return _C.group_norm_nhwc_cpu(*args)[0]

@@ -53,10 +53,12 @@ ANISO_FAST_INLINE void store(scalar_t* p, int64_t i, acc_t v) {
   }
 }
 
-// exp(x) for float, |error| about 2 ulp on [-87, 88] (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
-// 2^n through the exponent bits); inputs are clamped to that range. Plain arithmetic, so the loop vectorises.
+// exp(x) for float, |error| about 2 ulp on [-87, 88.3] (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
+// 2^n through the exponent bits); inputs are clamped to [-87, 89], where the top gives inf (2^128), so that SiLU's
+// z / (1 + exp(-z)) is -0 for a huge negative z (and NaN for -inf, as PyTorch's). Plain arithmetic, so the loop
+// vectorises.
 ANISO_FAST_INLINE float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);  // min/max, not a branch: GCC vectorises it for every ISA
+  x = std::min(std::max(x, -87.0f), 89.0f);  // min/max, not a branch: GCC vectorises it for every ISA; 89 -> inf
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   const float t = x * 1.44269504088896341f + shifter;
   const float n = t - shifter;
@@ -215,7 +217,7 @@ ANISO_FAST_GN512 void store16(c10::BFloat16* p, __m512 v) {  // round to nearest
 }
 // exp as exp_poly above: x = n ln2 + r, the same polynomial in r, times 2^n (vscalefps)
 ANISO_FAST_GN512 __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(89.0f));  // 89 -> inf
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -231,13 +233,16 @@ ANISO_FAST_GN512 __m512 exp16(__m512 x) {
 }
 ANISO_FAST_GN512 __m512 silu16(__m512 z) {
   // z / d with d = 1 + exp(-z) in [1, inf]: 1/d from vrcp14ps (relative error below 2^-14) and one Newton step
-  // (below 2^-27, under float's rounding), cheaper than vdivps; d = inf gives 0, and z / inf = -0 as divps would
+  // (below 2^-27, under float's rounding), cheaper than vdivps. d = inf: 1/d = 0 set directly (the Newton step
+  // would make inf * 0 = NaN), so z * 0 = -0 as z / inf would be (NaN for z = -inf, as PyTorch's silu)
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z)));
   __m512 r = _mm512_rcp14_ps(d);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(d, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), _mm512_setzero_ps());
   return _mm512_mul_ps(z, r);
 }
 
+constexpr int64_t kShiftPixels = 16;  // pixels whose mean shifts a group's data before the float sums
 constexpr int64_t kMaxChunks = 8;  // 16-channel registers of sums and of squares held at once (2 x 8 of 32)
 
 // The shifted sums and sums of squares of `rows` pixel rows (stride C) over NC * 16 channels, accumulated in
@@ -281,7 +286,16 @@ __attribute__((target("avx512f,avx2,fma"))) void group_norm_avx512_vec(const Gro
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* x = call.x + n * HW * C;
     scalar_t* y = call.y + n * HW * C;
-    for (int64_t c = 0; c < C; ++c) shifts[c] = load<scalar_t, float>(x, (c / Cg) * Cg);  // the shifted data
+    // the shift of each group: the mean of kShiftPixels pixels spread over the image (the shifted-data algorithm;
+    // float sums keep about 1e-6 of var + (mean - shift)^2, so the shift must be near the mean: not one value,
+    // which may be an outlier, nor a border row, which padding may offset)
+    const int64_t picks = std::min(kShiftPixels, HW);
+    for (int64_t g = 0; g < G; ++g) {
+      double m0 = 0;
+      for (int64_t i = 0; i < picks; ++i)
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) m0 += load<scalar_t, double>(x + (i * HW / picks) * C, c);
+      std::fill(shifts.begin() + g * Cg, shifts.begin() + (g + 1) * Cg, static_cast<float>(m0 / (picks * Cg)));
+    }
     std::fill(sums.begin(), sums.end(), 0.0);
     std::fill(squares.begin(), squares.end(), 0.0);
     for (int64_t p0 = 0; p0 < HW; p0 += kPixels) {
