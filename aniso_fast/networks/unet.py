@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import silu
 
-from ..ops.norm import group_norm
+from ..ops.norm import group_norm, is_nhwc
 
 __all__ = [
     "Linear",
@@ -52,11 +52,6 @@ class Linear(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """A 4-D tensor laid out NHWC (channels_last and not also contiguous, as one channel or one pixel would be)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class Conv2d(torch.nn.Module):
@@ -114,7 +109,7 @@ class Conv2d(torch.nn.Module):
                 x = self._up(x, f, f_pad)
             if self.down:
                 x = self._down(x, f, f_pad)
-            if w is not None and self.bias is not None and _is_channels_last(x):
+            if w is not None and self.bias is not None and is_nhwc(x):
                 # channels_last (networks.execution's fast layout): the bias goes into the convolution, which adds
                 # it in its accumulator, one pass fewer; the contiguous path keeps EDM's separate add, bit for bit
                 return torch.nn.functional.conv2d(x, w, self.bias.to(x.dtype), padding=w_pad)

@@ -23,7 +23,7 @@ from torch import Tensor
 from .dispatch import _C, resolve
 from .registration import is_plain_eager
 
-__all__ = ["group_norm", "group_norm_path"]
+__all__ = ["group_norm", "group_norm_path", "is_nhwc"]
 
 
 @torch.library.custom_op("aniso_fast::group_norm_nhwc", mutates_args=(),
@@ -39,11 +39,14 @@ def _(x, weight, bias, groups, eps, silu):
     return torch.empty_like(x, memory_format=torch.channels_last), stats, stats.clone()
 
 
+def is_nhwc(x: Tensor) -> bool:
+    """A 4-D tensor laid out NHWC: channels_last and not also contiguous (as one channel or one pixel would be)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _kernel_fits(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """The kernel's case: a 4-D channels_last CPU tensor (not also contiguous, i.e. a real NHWC layout), a float
-    dtype, no autograd, and an extension that has the kernel."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point()
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """The kernel's case: an NHWC CPU tensor of a float dtype, no autograd, and an extension that has the kernel."""
+    return (x.device.type == "cpu" and x.is_floating_point() and is_nhwc(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
             and hasattr(_C, "group_norm_nhwc_cpu"))
 

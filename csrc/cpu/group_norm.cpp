@@ -105,12 +105,42 @@ struct GroupNormCall {
 
 constexpr int64_t kPixels = 64;  // pixels per block of the normalising pass (a block of acc_t stays in L1/L2)
 
+// Sample n's group statistics from its per-channel shifted sums and sums of squares (double; `shift` [C] holds
+// each group's shift in every channel of the group): the mean and 1/std per group into call.mean / call.rstd, and
+// per channel the mean as hi + lo (so that (x - hi) - lo keeps its double precision) and the scale 1/std * weight.
+template <typename scalar_t, typename acc_t, typename shift_t>
+ANISO_FAST_INLINE void finish_groups(const GroupNormCall<scalar_t, acc_t>& call, int64_t n, const double* sums,
+                                     const double* squares, const shift_t* shift, acc_t* group_mean,
+                                     acc_t* mean_lo, acc_t* scale) {
+  const int64_t G = call.G, Cg = call.C / call.G;
+  const double count = static_cast<double>(call.HW * Cg);
+  for (int64_t g = 0; g < G; ++g) {
+    double S = 0, Q = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      S += sums[c];
+      Q += squares[c];
+    }
+    const double shifted_mean = S / count;
+    const double var = std::max(Q / count - shifted_mean * shifted_mean, 0.0);
+    const double m = static_cast<double>(shift[g * Cg]) + shifted_mean;
+    const double r = 1.0 / std::sqrt(var + call.eps);
+    const acc_t hi = static_cast<acc_t>(m);
+    const acc_t lo = static_cast<acc_t>(m - static_cast<double>(hi));
+    call.mean[n * G + g] = hi;
+    call.rstd[n * G + g] = static_cast<acc_t>(r);
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      group_mean[c] = hi;
+      mean_lo[c] = lo;
+      scale[c] = static_cast<acc_t>(r * static_cast<double>(call.weight[c]));
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 ANISO_FAST_INLINE void group_norm_samples(const GroupNormCall<scalar_t, acc_t>& call, int64_t begin, int64_t end) {
   const int64_t HW = call.HW, C = call.C, G = call.G, Cg = C / G;
   std::vector<double> sums(C), squares(C), shifts(C);
   std::vector<acc_t> group_mean(C), mean_lo(C), scale(C), block_buffer(kPixels * C);
-  const double count = static_cast<double>(HW * Cg);
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* x = call.x + n * HW * C;
     scalar_t* y = call.y + n * HW * C;
@@ -131,26 +161,7 @@ ANISO_FAST_INLINE void group_norm_samples(const GroupNormCall<scalar_t, acc_t>& 
         q[c] += d * d;
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      double S = 0, Q = 0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        S += s[c];
-        Q += q[c];
-      }
-      const double shifted_mean = S / count;
-      const double var = std::max(Q / count - shifted_mean * shifted_mean, 0.0);
-      const double m = k[g * Cg] + shifted_mean;
-      const double r = 1.0 / std::sqrt(var + call.eps);
-      const acc_t hi = static_cast<acc_t>(m);  // the mean as hi + lo: (x - hi) - lo keeps its double precision
-      const acc_t lo = static_cast<acc_t>(m - static_cast<double>(hi));
-      call.mean[n * G + g] = static_cast<acc_t>(m);
-      call.rstd[n * G + g] = static_cast<acc_t>(r);
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        group_mean[c] = hi;
-        mean_lo[c] = lo;
-        scale[c] = static_cast<acc_t>(r * static_cast<double>(call.weight[c]));
-      }
-    }
+    finish_groups(call, n, s, q, k, group_mean.data(), mean_lo.data(), scale.data());
     const acc_t* gm = group_mean.data();
     const acc_t* ml = mean_lo.data();
     // 3: normalise, affine, SiLU: (x - mean) * (rstd * weight) + bias (centred first: no cancellation when the
@@ -282,7 +293,6 @@ __attribute__((target("avx512f,avx2,fma"))) void group_norm_avx512_vec(const Gro
   const int64_t HW = call.HW, C = call.C, G = call.G, Cg = C / G;
   std::vector<double> sums(C), squares(C);
   std::vector<float> shifts(C), group_mean(C), mean_lo(C), scale(C);
-  const double count = static_cast<double>(HW * Cg);
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* x = call.x + n * HW * C;
     scalar_t* y = call.y + n * HW * C;
@@ -317,26 +327,8 @@ __attribute__((target("avx512f,avx2,fma"))) void group_norm_avx512_vec(const Gro
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {  // as in group_norm_samples
-      double S = 0, Q = 0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        S += sums[c];
-        Q += squares[c];
-      }
-      const double shifted_mean = S / count;
-      const double var = std::max(Q / count - shifted_mean * shifted_mean, 0.0);
-      const double m = static_cast<double>(shifts[g * Cg]) + shifted_mean;
-      const double r = 1.0 / std::sqrt(var + call.eps);
-      const float hi = static_cast<float>(m);
-      const float lo = static_cast<float>(m - static_cast<double>(hi));
-      call.mean[n * G + g] = hi;
-      call.rstd[n * G + g] = static_cast<float>(r);
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        group_mean[c] = hi;
-        mean_lo[c] = lo;
-        scale[c] = static_cast<float>(r * static_cast<double>(call.weight[c]));
-      }
-    }
+    finish_groups(call, n, sums.data(), squares.data(), shifts.data(), group_mean.data(), mean_lo.data(),
+                  scale.data());
     for (int64_t p = 0; p < HW; ++p) {
       const scalar_t* row = x + p * C;
       scalar_t* out = y + p * C;
