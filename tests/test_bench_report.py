@@ -99,3 +99,21 @@ def test_cli_section():
     assert "2.5x the images per second of the revision before it, on the same CPU): 2.50x, PASS." in text
     assert "| `64 samples, NFE 9 (heun, uniform_t grid)` |" in text
     assert report.section_cli(None) == []
+
+
+def test_compare_cli_bad_input(tmp_path, capsys):
+    """bench/compare_cli.py: a --baseline that is not a checkout, or no rounds: one error line, exit 2, no file."""
+    import pytest
+
+    from bench import compare_cli
+
+    out = tmp_path / "cli.json"
+    for argv, option in ((["--baseline", str(tmp_path)], "--baseline"),
+                         (["--baseline", str(ROOT), "--rounds", "0"], "--rounds")):
+        with pytest.raises(SystemExit) as e:
+            compare_cli.main([*argv, "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: " in err
+        assert option in err
+    assert not out.exists()
