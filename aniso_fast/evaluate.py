@@ -64,7 +64,7 @@ from .utils.data import fashion_mnist_files
 from .utils.devices import resolve_device
 from .evaluation.classifier import CLASSIFIER_ASSET, train_fmnist_classifier
 from .evaluation.compare import FEATURES, check_pair, feature_map, frechet_between, load_images
-from .evaluation.features import FrechetScorer, InceptionFeatures
+from .evaluation.features import FrechetScorer, InceptionFeatures, feature_distance
 from .evaluation.precision_gate import gate_markdown, precision_gate, precision_section
 from .evaluation.recipes import load_recipe, sampler_for, sampler_key, select_rows, train_recipe
 from .sampling import grid_learn
@@ -80,6 +80,9 @@ from .evaluation.table import (
     serve_samples,
     write_table,
 )
+
+LEARN_LOSSES = {"pixels": "MSE to the teacher's endpoint",
+                "classifier": "mean square difference of the shipped classifier's features to the teacher's endpoint"}
 
 __all__ = ["main"]
 
@@ -256,8 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--epochs", type=_positive, default=10)
     lg.add_argument("--batch", type=_positive, default=16)
     lg.add_argument("--lr", type=_number(0, above=True), default=0.05, help="Adam's learning rate on the logits")
-    lg.add_argument("--start", default="auto", choices=("auto", "optimized", "logsnr"),
-                    help="the starting grid: the model's fitted grid ('auto': where it has one), or the log-SNR grid")
+    lg.add_argument("--start", default="auto", choices=grid_learn.STARTS,
+                    help="the starting grid: the model's fitted grid ('auto': where it has one, else the log-SNR "
+                         "grid), the log-SNR grid, or the paper's uniform t grid")
+    lg.add_argument("--loss", default="pixels", choices=tuple(LEARN_LOSSES),
+                    help="the distance to the teacher's endpoint: the pixels' mean square, or the mean square of the "
+                         "shipped classifier's features (perceptual, as LD3's LPIPS)")
+    lg.add_argument("--per-class", action="store_true",
+                    help="one grid per class (a model with class-conditional schedules): each class's levels learn "
+                         "from its own seeds")
     lg.add_argument("--cache", default=None, metavar="FILE",
                     help="a .pt file keeping the teacher's endpoints (read when it holds the same seeds and steps)")
     lg.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
@@ -517,6 +527,9 @@ def _check_learn_grid(args):
     if args.teacher_steps <= max(args.nfe):
         raise ValueError(f"--teacher-steps: expected more steps than every --nfe ({max(args.nfe)}), "
                          f"got {args.teacher_steps}")
+    if args.per_class and not store.shipped_models()[args.model].get("class_schedules"):
+        raise ValueError(f"--per-class: {args.model} has one schedule for every class; a grid per class needs "
+                         f"class-conditional schedules")
     if stored.num_classes and args.samples < stored.num_classes:
         raise ValueError(f"--samples: expected at least one per class ({stored.num_classes}), got {args.samples}")
     return plans
@@ -706,15 +719,19 @@ def _run_learn_grid(args, plans) -> int:
     model, schedule = stored.load()
     order = next(iter(plans.values())).order
     key = learned_key(args.solver, order)
+    distance = None if args.loss == "pixels" else feature_distance()
     levels, how = grid_learn.learn_grids(
         model, schedule, args.solver, args.nfe, order=order, samples=args.samples, val=args.val,
         teacher_steps=args.teacher_steps, epochs=args.epochs, batch=args.batch, lr=args.lr, start=args.start,
-        fitted=stored.fitted_grids, cache=args.cache, progress=not args.no_progress)
+        fitted=stored.fitted_grids, cache=args.cache, distance=distance, loss=LEARN_LOSSES[args.loss],
+        per_class=args.per_class, progress=not args.no_progress)
     store.set_learned_grids(args.model, key, levels, how)
     for steps, fit in how.items():
-        print(f"{key} NFE {fit['nfe']:3d} ({steps} steps): sigma {', '.join(f'{v:.3g}' for v in levels[steps])}, 0  "
-              f"held-out endpoint RMS {fit['best_val']:.4f} (start, {fit['start_grid']} grid: {fit['start_val']:.4f}; "
-              f"best epoch {fit['best_epoch']})")
+        rows = levels[steps] if fit["per_class"] else [levels[steps]]
+        sigma = "; ".join(", ".join(f"{v:.3g}" for v in row) for row in rows)
+        print(f"{key} NFE {fit['nfe']:3d} ({steps} steps): sigma {sigma}{' (per class)' if fit['per_class'] else ''}, 0  "
+              f"held-out endpoint RMS {fit['best_rms']:.4f} (start, {fit['start_grid']} grid: {fit['start_rms']:.4f}); "
+              f"held-out loss {fit['best_val']:.4g} (start {fit['start_val']:.4g}; best epoch {fit['best_epoch']})")
     print(f"stored with {args.model} under grids.learned[{key!r}] in {store.assets_dir() / 'manifest.json'}")
     return 0
 

@@ -415,7 +415,10 @@ def _bad_recipes(tmp_path) -> dict[str, str]:
                 "bad-sampler": json.dumps({**good, "rows": [{**good["rows"][0], "eval": [{"solver": "rk4"}]}]}),
                 "bad-train-args": json.dumps({**good, "rows": [{**good["rows"][0], "train": "--stage edm --batch 0"}]}),
                 "row-not-object": json.dumps({**good, "rows": ["edm"]}),
-                "unknown-peers": json.dumps({**good, "peers": "nope"})}
+                "unknown-peers": json.dumps({**good, "peers": "nope"}),
+                "unknown-peer-in-list": json.dumps({**good, "peers": ["edm", "nope"]}),
+                "bad-targets": json.dumps({**good, "targets": {"ratio": [0]}}),
+                "unknown-target": json.dumps({**good, "targets": {"fastest": [3]}})}
     paths = {}
     for name, text in variants.items():
         paths[name] = tmp_path / f"{name}.json"
@@ -426,7 +429,8 @@ def _bad_recipes(tmp_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("cmd", ["table", "train-recipe"])
 @pytest.mark.parametrize("variant", ["missing", "not-json", "not-a-recipe", "no-rows", "row-lacks-eval", "bad-sampler",
-                                     "bad-train-args", "row-not-object", "unknown-peers"])
+                                     "bad-train-args", "row-not-object", "unknown-peers", "unknown-peer-in-list",
+                                     "bad-targets", "unknown-target"])
 def test_missing_or_malformed_recipe_is_refused(cmd, variant, no_work, capsys):  # issue 10
     path = _bad_recipes(no_work)[variant]
     line = _refused([cmd, "--recipe", str(path), *(["--out", f"{no_work}/out/R.md", "--json", f"{no_work}/out/r.json"]
@@ -708,7 +712,7 @@ def test_against_peers_and_the_targets_section():  # issue 11's targets, compute
     assert got[9]["ratio"] == pytest.approx(0.95) and not got[9]["apart"]  # 2.1 > 1.9
     md = "\n".join(table._targets_markdown(result, recipe, [5, 9]))
     assert "| 5 | EDM: DPM-Solver++(2M), log-SNR grid on the geometric mean | 4.00 ± 0.20 | DCT:" in md
-    assert "| 0.487 | yes | ≤ 0.8, apart | yes |" in md and "| 0.950 | no | < 1 | yes |" in md
+    assert "| 0.487 | yes | — | ≤ 0.8, apart | yes |" in md and "| 0.950 | no | — | < 1 | yes |" in md
     assert "NFE to converge of the best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its " \
            "samplers: **5**" in md and ": met." in md
     # a row that converges sooner to a worse FD is not the best anisotropic row
@@ -722,6 +726,38 @@ def test_against_peers_and_the_targets_section():  # issue 11's targets, compute
     assert "best anisotropic row (DCT: the lowest FD at NFE 9), the lowest over its samplers: **9**" in md  # not 50
     assert ": not met." in md
     assert table.against_peers(result, {**recipe, "peers": None}, [5]) == []
+
+
+def test_peers_of_several_rows_and_a_recipes_own_targets():
+    """issue 25: the peers may be several rows (the EDM network and the control), a recipe may name its own targets,
+    and the table's paired differences are shown beside them."""
+    def cell(solver, grid, nfe, mean, se, order=None, secondary=None):
+        return {"solver": solver, "grid": grid, "secondary": secondary, "order": order, "nfe": nfe, "n": 10,
+                "mean": mean, "se": se, "fd": [mean]}
+
+    recipe = {"peers": ["edm", "control"], "targets": {"ratio": [3, 4]}, "rows": [
+        {"name": "edm", "eval": [{"solver": "dpmpp-2m", "grid": "logsnr"}]},
+        {"name": "control", "eval": [{"solver": "ipndm", "grid": "optimized", "order": 4}]},
+        {"name": "dct", "eval": [{"solver": "heun", "grid": "uniform_t", "secondary": "mid"}]}]}
+    rows = [
+        {"name": "edm", "label": "EDM", "status": "ok", "subspaces": 1, "cells": [
+            cell("dpmpp-2m", "logsnr", 3, 6.0, 0.3, order=2), cell("dpmpp-2m", "logsnr", 4, 3.0, 0.1, order=2)]},
+        {"name": "control", "label": "CTRL", "status": "ok", "subspaces": 1, "cells": [
+            cell("ipndm", "optimized", 3, 7.0, 0.3, order=4), cell("ipndm", "optimized", 4, 2.2, 0.1, order=4)]},
+        {"name": "dct", "label": "DCT", "status": "ok", "subspaces": 2, "cells": [
+            cell("heun", "uniform_t", 3, 4.5, 0.2, secondary="mid"),
+            cell("heun", "uniform_t", 4, 2.1, 0.1, secondary="mid")]}]
+    result = {"rows": rows, "paired": [{"nfe": 3, "aniso": ["dct", "heun", "uniform_t", "mid", None],
+                                        "peer": ["edm", "dpmpp-2m", "logsnr", None, 2], "difference": -1.5,
+                                        "se": 0.25, "seed_set": 0}]}
+    got = {r["nfe"]: r for r in table.against_peers(result, recipe, [3, 4])}
+    assert got[3]["peer"][3] == "edm" and got[4]["peer"][3] == "control"  # the lower of the two peer rows
+    assert got[4]["ratio"] == pytest.approx(2.1 / 2.2) and not got[4]["apart"]
+    md = "\n".join(table._targets_markdown(result, recipe, [3, 4]))
+    assert "## Against the best peer (the recipe's targets)" in md and "`edm`, `control` rows" in md
+    assert "| 0.750 | yes | -1.500 ± 0.250 | ≤ 0.8, apart | yes |" in md
+    assert "| 0.955 | no | — | ≤ 0.8, apart | no |" in md
+    assert "NFE to converge" not in md  # not a target of this recipe
 
 
 def test_recipe_resolves_by_name_from_any_folder(tmp_path, monkeypatch):

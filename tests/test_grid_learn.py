@@ -291,3 +291,106 @@ def test_choose_for_nfe_needs_the_learned_grid():
     assert spec.choose_for_nfe({4: choice}, 4, fitted_steps=lambda m: with_grid) is choice
     assert spec.choose_for_nfe({4: choice}, 4, fitted_steps=lambda m: G.FittedGrids({4: lv})) is None
     assert spec.choose_for_nfe({4: choice}, 5, fitted_steps=lambda m: with_grid) is None  # none for 5 steps
+
+
+def test_invert_geometric_mean_takes_one_grid_per_sample(class_schedule):
+    """[B, N] targets with labels [B] (a per-class learned grid): each row is that row's own [N] inversion."""
+    labels = torch.tensor([0, 1, 1, 0])
+    y = torch.stack([_levels(class_schedule, 5, torch.arange(2)) ** 2 * s for s in (1.0, 0.9, 0.7, 0.95)])
+    t = class_schedule.invert_geometric_mean(y, labels, iterations=40)
+    for i in range(4):
+        one = class_schedule.invert_geometric_mean(y[i], labels[i:i + 1], iterations=40)[0]
+        assert torch.equal(t[i], one)
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        class_schedule.invert_geometric_mean(y[:3], labels)
+
+
+def test_per_class_levels_place_each_class_on_its_own_grid(class_schedule):
+    """A per-class learned grid [C, N]: the sampler's grid for a sample is the one-grid result of its class's
+    levels, the differentiable grid agrees with it, and a class's levels get gradient from its own samples only."""
+    base = _levels(class_schedule, 4, torch.arange(2))
+    per = torch.stack([base, base * torch.tensor([1.0, 1.4, 0.8, 0.5], dtype=F64)])
+    labels = torch.tensor([1, 0, 1])
+    fitted = G.FittedGrids({}, {"ipndm-4": {4: per.tolist()}})
+    grid = G.build_grid("learned", class_schedule, 4, labels, fitted=fitted, learned_key="ipndm-4")
+    for i, c in enumerate(labels.tolist()):
+        one = G.build_grid("learned", class_schedule, 4, labels[i:i + 1],
+                           fitted=G.FittedGrids({}, {"ipndm-4": {4: per[c].tolist()}}), learned_key="ipndm-4")
+        assert torch.equal(grid.g[i], one.g[0])
+    lv = per.clone().requires_grad_(True)
+    mine = grid_learn.level_grid(class_schedule, lv, labels)
+    assert torch.equal(mine.g.detach(), grid.g)
+    mine.g[labels == 1].log().sum().backward()
+    assert lv.grad[0].abs().sum() == 0 and lv.grad[1, 1:].abs().sum() > 0
+    with pytest.raises(ValueError, match="class-conditional"):
+        G.per_class_levels(MatrixSchedule(3), per, labels)
+    with pytest.raises(ValueError, match="3 classes"):
+        G.per_class_levels(class_schedule, torch.cat([per, per[:1]]), labels)
+    params = grid_learn.LevelParameters(per, 1e-4, 80.0)
+    assert params().shape == (2, 4) and torch.allclose(params()[:, 1:], per[:, 1:], rtol=1e-9)
+
+
+def test_manifest_takes_per_class_learned_grids_on_class_schedules_only():
+    entry = {"file": "m.safetensors", "sha256": "0" * 64}
+    per = [[80.0, 2.0, 0.1], [80.0, 3.0, 0.2]]
+    grids = {"optimized": {}, "learned": {"ipndm-4": {"3": per}}}
+    assert entry_problem({**entry, "class_schedules": True, "grids": grids}) is None
+    assert "not class-conditional" in entry_problem({**entry, "class_schedules": False, "grids": grids})
+    bad = {"optimized": {}, "learned": {"ipndm-4": {"3": [per[0], per[1][::-1]]}}}
+    assert "one such list per class" in entry_problem({**entry, "class_schedules": True, "grids": bad})
+
+
+def test_learn_grid_per_class_cli_stores_a_grid_per_class_that_sample_uses(tiny_checkpoint, assets, tmp_path,
+                                                                           capsys):
+    assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0
+    assert evaluate_main(["learn-grid", "--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--samples", "4",
+                          "--val", "2", "--teacher-steps", "8", "--epochs", "1", "--batch", "2", "--start", "uniform_t",
+                          "--per-class", "--no-progress"]) == 0
+    assert "(per class)" in capsys.readouterr().out
+    levels = store.fitted_grids("tiny").learned["ipndm-4"][4]
+    assert len(levels) == 2 and all(len(row) == 4 for row in levels)
+    fit = store.shipped_models()["tiny"]["grids"]["learned_fit"]["ipndm-4"]["4"]
+    assert fit["per_class"] and fit["start_grid"] == "uniform_t"
+    out = tmp_path / "out"
+    assert sample_main(["--model", "tiny", "--grid", "learned", "--solver", "ipndm", "--nfe", "4", "--count", "2",
+                        "--outdir", str(out), "--no-progress"]) == 0
+    assert any(out.iterdir())
+
+
+def test_learning_per_class_refuses_a_global_schedule(gmm, aniso_schedule):
+    ref = grid_learn.teacher(gmm, aniso_schedule, range(100, 104), steps=8)
+    with pytest.raises(ValueError, match="per_class"):
+        grid_learn.learn_levels(gmm, aniso_schedule, "ipndm", 4, ref, ref, _levels(aniso_schedule, 4), order=4,
+                                epochs=1, per_class=True)
+
+
+def test_feature_distance_learns_and_picks_by_its_own_distance(gmm, aniso_schedule):
+    """A caller's distance drives the learning and the held-out pick (`val` is that distance); the pixel RMS of the
+    start and the kept grid is reported beside it."""
+    calls = []
+
+    def distance(x, x0):
+        calls.append(x.requires_grad)
+        return (x - x0).flatten(1).abs().mean(1)
+
+    ref = grid_learn.teacher(gmm, aniso_schedule, range(200, 232), steps=32)
+    out = grid_learn.learn_levels(gmm, aniso_schedule, "ipndm", 4, ref.part(slice(0, 24)), ref.part(slice(24, 32)),
+                                  _levels(aniso_schedule, 4), order=4, epochs=2, batch=8, lr=0.05, distance=distance)
+    assert True in calls and False in calls  # training (with gradient) and validation
+    plan = spec.resolve_sampler("ipndm", "learned", None, 4, 4)
+    val = ref.part(slice(24, 32))
+    best = torch.tensor(out["levels"], dtype=F64)
+    assert out["best_val"] == pytest.approx(grid_learn.endpoint_error(gmm, aniso_schedule, plan, best, val,
+                                                                      distance=distance))
+    assert out["best_rms"] == pytest.approx(grid_learn.endpoint_error(gmm, aniso_schedule, plan, best, val))
+    assert out["best_val"] <= out["start_val"]
+
+
+def test_uniform_t_start_is_the_papers_grid_on_the_geometric_mean(aniso_schedule, class_schedule):
+    name, lv = grid_learn.start_levels(aniso_schedule, 5, "uniform_t", None)
+    t = G.uniform_t(5, aniso_schedule.T)[1:-1]
+    assert name == "uniform_t" and torch.allclose(lv[1:] ** 2, aniso_schedule.geometric_mean(t), rtol=1e-9)
+    name, lv = grid_learn.start_levels(class_schedule, 5, "uniform_t", 2)
+    assert lv.shape == (5,) and bool((lv[1:] < lv[:-1]).all())
+    with pytest.raises(ValueError, match="start"):
+        grid_learn.start_levels(aniso_schedule, 5, "karras", None)

@@ -15,7 +15,7 @@ import torch
 
 from .classifier import CLASSIFIER_ASSET
 
-__all__ = ["FeatureMap", "FrechetScorer", "InceptionFeatures", "classifier_features"]
+__all__ = ["FeatureMap", "FrechetScorer", "InceptionFeatures", "classifier_features", "feature_distance"]
 
 
 class FeatureMap:
@@ -84,6 +84,27 @@ def classifier_features(path: str | os.PathLike = CLASSIFIER_ASSET) -> FeatureMa
     space = FeatureMap(lambda u8: clf.features(to_model_range(u8)).numpy(), id=f"fmnist-classifier:{sha[:16]}")
     space.accuracy = clf.metadata.get("test_accuracy")
     return space
+
+
+def feature_distance(path: str | os.PathLike = CLASSIFIER_ASSET) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A perceptual distance for learning grids (`grid_learn`, `learn-grid --loss classifier`): per sample, the mean
+    square difference of the shipped classifier's features of two model-range images [B, 1, 28, 28], each clamped to
+    [-1, 1] (differentiable; no uint8 rounding). The classifier runs in eval mode with its weights frozen."""
+    from .classifier import load_classifier
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier: {path} is missing; train and ship it with "
+                                f"`python -m aniso_fast.evaluate classifier`")
+    clf = load_classifier(path).eval().requires_grad_(False)
+
+    def distance(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        f = clf.features(x.to(torch.float32).clamp(-1, 1))
+        with torch.no_grad():
+            f0 = clf.features(x0.to(torch.float32).clamp(-1, 1))
+        return (f - f0).square().mean(1).to(x.dtype)
+
+    return distance
 
 
 class InceptionFeatures:

@@ -25,7 +25,7 @@ from ..training.config import config_from_argv
 from ..sampling.spec import MAX_NFE, Sampler
 
 __all__ = ["RECIPE_FORMAT", "RECIPE_DIR", "shipped_recipes", "resolve_recipe", "load_recipe", "sampler_key",
-           "sampler_for", "select_rows", "resolve_row", "shipped_id", "train_recipe"]
+           "sampler_for", "select_rows", "resolve_row", "shipped_id", "train_recipe", "peer_rows"]
 
 RECIPE_FORMAT = "aniso_fast.recipe/1"
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped with the package, found from anywhere
@@ -156,9 +156,43 @@ def load_recipe(spec: str | os.PathLike) -> dict:
     for row in recipe["rows"]:
         _check_row(row, path, seen)
         seen.add(row["name"])
-    if recipe.get("peers") is not None and recipe["peers"] not in seen:
-        raise ValueError(f"{path}: 'peers' names the row of the isotropic peer solvers; no row {recipe['peers']!r}")
+    peers = recipe.get("peers")
+    if peers is not None:
+        names = [peers] if isinstance(peers, str) else peers
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}: 'peers' names the rows of the isotropic peers: a row name or a list of them, "
+                             f"got {peers!r}")
+        missing = [n for n in names if n not in seen]
+        if missing:
+            raise ValueError(f"{path}: 'peers' names the rows of the isotropic peers; no row "
+                             f"{', '.join(map(repr, missing))}")
+    targets = recipe.get("targets")
+    if targets is not None:
+        _check_targets(targets, path)
     return recipe
+
+
+def peer_rows(recipe: dict) -> list[str]:
+    """The rows of the isotropic peers (the recipe's `peers`: one row name or a list), [] for none."""
+    peers = recipe.get("peers")
+    return [] if peers is None else [peers] if isinstance(peers, str) else list(peers)
+
+
+def _check_targets(targets, path) -> None:
+    """`targets`: {"ratio": [NFE, ...], "below": [NFE, ...], "max_ratio": r, "converge": NFE} (all optional)."""
+    known = {"ratio", "below", "max_ratio", "converge"}
+    if not isinstance(targets, dict) or set(targets) - known:
+        raise ValueError(f"{path}: 'targets' must be an object with keys among {', '.join(sorted(known))}")
+    for key in ("ratio", "below"):
+        v = targets.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v):
+            raise ValueError(f"{path}: targets.{key} must be a list of NFEs (positive integers), got {v!r}")
+    r = targets.get("max_ratio", 0.8)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r:
+        raise ValueError(f"{path}: targets.max_ratio must be a positive number, got {r!r}")
+    c = targets.get("converge", 5)
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(f"{path}: targets.converge must be an NFE (a positive integer), got {c!r}")
 
 
 def select_rows(recipe: dict, names: Sequence[str] | None) -> list[dict]:

@@ -303,17 +303,21 @@ class MatrixSchedule(nn.Module):
         """t with geometric_mean(t) = y, by bisection on [0, T] exactly as §2.5 (result detached).
 
         y is a grid [N]. Returns [N] for a global schedule (labels ignored), and [B, N] (one grid per sample,
-        each on its own class's schedule) for a class-conditional one with labels [B].
+        each on its own class's schedule) for a class-conditional one with labels [B]; there y may also be [B, N],
+        one grid of values per sample (a per-class learned grid).
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError(f"y must be a floating-point tensor [N], got {getattr(y, 'dtype', type(y).__name__)}")
-        if y.dim() > 1:
-            raise ValueError(f"y must have shape [N], got {tuple(y.shape)}")
         labels = self.check_labels(labels)
+        per_sample = y.dim() == 2 and self.num_classes is not None and labels is not None \
+            and y.shape[0] == labels.shape[0]
+        if y.dim() > 1 and not per_sample:
+            raise ValueError(f"y must have shape [N] (or [B, N] with labels [B] on a class-conditional schedule), "
+                             f"got {tuple(y.shape)}")
         check_in_range("y", y, 0.0, math.inf, "finite, non-negative variances")
-        target = y.to(_F64).reshape(-1).clamp(self.g0, self.T)
+        target = (y if per_sample else y.reshape(-1)).to(_F64).clamp(self.g0, self.T)
         if self.num_classes is None:
             labels = None
         else:

@@ -8,7 +8,10 @@ the student's endpoint and the teacher's from the same start noise, backpropagat
 or the exact mixture, and the subspace ops have autograd; the network's own weights are frozen). Adam over epochs
 of the training seeds; the grid with the lowest held-out error (validation seeds disjoint from the training ones)
 is kept, the starting grid included, so the result is never worse than its start on the validation seeds. LD3's
-relaxed objective (a ball around x_T) and its LPIPS loss are not used: plain MSE.
+relaxed objective (a ball around x_T) is not used. The distance is the pixels' mean square by default; a caller may
+pass another one (`distance`: per-sample losses of student and teacher endpoints), e.g. a perceptual one in a
+classifier's feature space (`evaluation.features.feature_distance`, `learn-grid --loss classifier`), as LD3 matches
+in LPIPS; the held-out seeds then pick the grid by that distance too.
 
 **Parametrisation.** The first level is fixed at the top `hi` of the schedule's geometric-mean sigma span (the start
 noise x_T = M(T)^{1/2} z is then the teacher's), the end point sigma = 0 is implied (as for every stored grid), and
@@ -24,7 +27,7 @@ schedule, g = sigma^2). A grid is stored as its N levels, like a fitted one, und
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +35,28 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .grids import Grid, check_grid, fitted_levels, geometric_sigma_span, logsnr_levels
+from .grids import Grid, check_grid, fitted_levels, geometric_sigma_span, logsnr_levels, per_class_levels, uniform_t
 from .noise import seeded_noise
 from .sampler import sample
 from .spec import resolve_sampler
 
-__all__ = ["LEARN_SEED", "TEACHER_STEPS", "SIGMA_FLOOR", "BISECTIONS", "Teacher", "LevelParameters", "level_grid",
-           "teacher", "start_levels", "endpoint_error", "learn_levels", "learn_grids"]
+__all__ = ["LEARN_SEED", "TEACHER_STEPS", "SIGMA_FLOOR", "BISECTIONS", "STARTS", "Distance", "Teacher",
+           "LevelParameters", "level_grid", "teacher", "start_levels", "pixel_mse", "endpoint_error", "learn_levels",
+           "learn_grids"]
 
 LEARN_SEED = 10_000_000  # training seeds from here, validation seeds after them: far from the table's 0..N-1
 TEACHER_STEPS = 64
 SIGMA_FLOOR = 1e-4  # the interior levels may go below the log-SNR grid's 0.002, down to this (or the schedule's end)
 MIN_SHARE = 1e-6  # the least share of the log-sigma span a gap gets, whatever the logits (levels stay distinct)
 BISECTIONS = 48  # as grids.build_grid places fitted and learned levels at sampling time
+STARTS = ("auto", "optimized", "logsnr", "uniform_t")
+
+Distance = Callable[[Tensor, Tensor], Tensor]  # (student endpoints, teacher endpoints) [B, ...] -> losses [B]
+
+
+def pixel_mse(x: Tensor, x0: Tensor) -> Tensor:
+    """The default distance: the mean square over pixels, per sample."""
+    return (x - x0).flatten(1).square().mean(1)
 
 
 @dataclass
@@ -67,36 +79,43 @@ def _span(schedule, num_classes: int | None) -> tuple[float, float]:
 
 
 class LevelParameters(torch.nn.Module):
-    """N descending geometric-mean sigma levels: hi fixed, then N - 1 learned inside (lo, hi) (module docstring)."""
+    """N descending geometric-mean sigma levels: hi fixed, then N - 1 learned inside (lo, hi) (module docstring);
+    a start [C, N] learns one such grid per class."""
 
     def __init__(self, start: Tensor, lo: float, hi: float):
         super().__init__()
         start = torch.as_tensor(start, dtype=torch.float64)
-        if start.dim() != 1 or start.numel() < 2:
-            raise ValueError(f"start: expected at least 2 levels (1 step has nothing to learn), got {tuple(start.shape)}")
+        if start.dim() not in (1, 2) or start.shape[-1] < 2 or 0 in start.shape:
+            raise ValueError(f"start: expected at least 2 levels (1 step has nothing to learn), or [classes, levels], "
+                             f"got {tuple(start.shape)}")
         if not 0 < lo < hi:
             raise ValueError(f"lo, hi: expected 0 < lo < hi, got {lo}, {hi}")
         self.lo, self.hi = float(lo), float(hi)
         log = start.log().clamp(math.log(lo), math.log(hi))
-        log[0] = math.log(hi)
-        gaps = torch.cat([log[:-1] - log[1:], (log[-1] - math.log(lo))[None]])
+        log[..., 0] = math.log(hi)
+        gaps = torch.cat([log[..., :-1] - log[..., 1:], (log[..., -1:] - math.log(lo))], -1)
         total = math.log(hi) - math.log(lo)
         gaps = gaps.clamp_min(1e-4 * total)  # a start level on the floor, or repeated, gets a small gap
-        share = (gaps / gaps.sum() - MIN_SHARE) / (1 - len(gaps) * MIN_SHARE)
+        n = gaps.shape[-1]
+        share = (gaps / gaps.sum(-1, keepdim=True) - MIN_SHARE) / (1 - n * MIN_SHARE)
         self.theta = torch.nn.Parameter(share.clamp_min(1e-12).log())
 
     def forward(self) -> Tensor:
         total = math.log(self.hi) - math.log(self.lo)
-        n = self.theta.numel()
-        share = MIN_SHARE + (1 - n * MIN_SHARE) * torch.softmax(self.theta, 0)  # no gap underflows to 0
-        drops = torch.cumsum(share[:-1], 0) * total
-        return torch.cat([self.theta.new_full((1,), math.log(self.hi)), math.log(self.hi) - drops]).exp()
+        n = self.theta.shape[-1]
+        share = MIN_SHARE + (1 - n * MIN_SHARE) * torch.softmax(self.theta, -1)  # no gap underflows to 0
+        drops = torch.cumsum(share[..., :-1], -1) * total
+        top = self.theta.new_full((*self.theta.shape[:-1], 1), math.log(self.hi))
+        return torch.cat([top, math.log(self.hi) - drops], -1).exp()
 
 
 def level_grid(schedule, levels: Tensor, labels: Tensor | None = None) -> Grid:
-    """The grid [G, N+1, K] at geometric-mean sigma `levels` [N] then t = 0, differentiable in the levels (the
-    implicit function theorem; the values are those `grids.build_grid` gives for the same levels)."""
+    """The grid [G, N+1, K] at geometric-mean sigma `levels` [N] (or [C, N], one grid per class: each sample takes
+    its class's) then t = 0, differentiable in the levels (the implicit function theorem; the values are those
+    `grids.build_grid` gives for the same levels)."""
     check_grid("learned", schedule)
+    if levels.dim() == 2:
+        levels = per_class_levels(schedule, levels, labels)
     fixed = levels.detach().to(torch.float64)
     t = schedule.invert_geometric_mean(fixed ** 2, labels, iterations=BISECTIONS)
     tt = t if t.dim() == 2 else t[None]
@@ -108,7 +127,8 @@ def level_grid(schedule, levels: Tensor, labels: Tensor | None = None) -> Grid:
         mean = slope.mean(-1, keepdim=True)
         ratio = torch.where(mean.abs() > 0, slope / mean.where(mean.abs() > 0, torch.ones_like(mean)), 1.0)
         g_end = schedule(torch.zeros(G, dtype=torch.float64), labels if per_class else None)[0][:, None]
-    moved = (levels.to(torch.float64).log() - fixed.log())[None, :, None]  # zero, carrying the gradient
+    moved = (levels.to(torch.float64).log() - fixed.log())  # zero, carrying the gradient
+    moved = (moved if moved.dim() == 2 else moved[None])[:, :, None]
     g = g * torch.exp(2 * ratio * moved)
     return Grid(g=torch.cat([g, g_end], 1), t=torch.cat([tt, torch.zeros(G, 1, dtype=tt.dtype)], 1))
 
@@ -142,13 +162,28 @@ def teacher(model, schedule, seeds: Sequence[int], *, steps: int = TEACHER_STEPS
 
 def start_levels(schedule, steps: int, start: str, num_classes: int | None,
                  fitted: dict | None = None) -> tuple[str, Tensor]:
-    """(the name of the starting grid, its levels [steps]): 'optimized' (the model's fitted grid), 'logsnr', or
-    'auto' (the fitted grid where the model has one for `steps`, else the log-SNR grid)."""
-    if start not in ("auto", "optimized", "logsnr"):
-        raise ValueError(f"start: expected 'auto', 'optimized' or 'logsnr', got {start!r}")
+    """(the name of the starting grid, its levels [steps]): 'optimized' (the model's fitted grid), 'logsnr',
+    'uniform_t' (the geometric-mean sigma at the paper's uniform times; for class-conditional schedules the geometric
+    mean over the classes, clipped into the span), or 'auto' (the fitted grid where the model has one for `steps`,
+    else the log-SNR grid)."""
+    if start not in STARTS:
+        raise ValueError(f"start: expected one of {', '.join(map(repr, STARTS))}, got {start!r}")
     if start == "optimized" or (start == "auto" and fitted and steps in fitted):
         return "optimized", fitted_levels(fitted, steps)
     labels = None if not num_classes else torch.arange(num_classes)
+    if start == "uniform_t":
+        lo, hi = _span(schedule, num_classes)
+        t = uniform_t(steps, schedule.T)[:-1]
+        with torch.no_grad():
+            if schedule.num_classes is None:
+                gm = schedule.geometric_mean(t, None)
+            else:
+                n = labels.shape[0]
+                gm = schedule.geometric_mean(t.repeat(n), labels.repeat_interleave(steps)).reshape(n, steps)
+                gm = gm.log().mean(0).exp()
+        levels = gm.sqrt().clamp(lo, hi)
+        levels[0] = hi
+        return "uniform_t", levels
     return "logsnr", logsnr_levels(schedule, steps, labels)
 
 
@@ -164,29 +199,40 @@ def _run(model, schedule, plan, levels: Tensor, part: Teacher) -> Tensor:
     return plan.spec.run(model, x, grid, part.labels, **kwargs)
 
 
-def endpoint_error(model, schedule, plan, levels: Tensor, part: Teacher, batch: int = 64) -> float:
-    """Mean over samples of the RMS over pixels of (student endpoint - teacher endpoint), as `grid_fit` reports."""
+def endpoint_error(model, schedule, plan, levels: Tensor, part: Teacher, batch: int = 64,
+                   distance: Distance | None = None) -> float:
+    """Mean over samples of the RMS over pixels of (student endpoint - teacher endpoint), as `grid_fit` reports;
+    with `distance`, the mean of that distance instead."""
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(part.seeds), batch):
             chunk = part.part(slice(i, i + batch))
-            err = _run(model, schedule, plan, levels.detach(), chunk) - chunk.x0
-            total += float(err.flatten(1).square().mean(1).sqrt().sum())
+            x = _run(model, schedule, plan, levels.detach(), chunk)
+            per = pixel_mse(x, chunk.x0).sqrt() if distance is None else distance(x, chunk.x0)
+            total += float(per.sum())
     return total / len(part.seeds)
 
 
 def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Teacher, start: Tensor, *,
                  order: int | None = None, epochs: int = 10, batch: int = 16, lr: float = 0.05, seed: int = 0,
-                 progress: bool = False) -> dict:
+                 distance: Distance | None = None, per_class: bool = False, progress: bool = False) -> dict:
     """Learn the grid of `solver` (at `order`) for `nfe` network calls: returns {levels (list, descending), start,
-    start_val, best_val, best_epoch, history: [{epoch, train_loss, val}]}. `val` picks the kept grid."""
+    start_val, best_val, best_epoch, history: [{epoch, train_loss, val}], start_rms, best_rms}. `val` (the mean
+    `distance` on the held-out seeds; without one, the pixel RMS) picks the kept grid; `*_rms` are the pixel RMS of
+    the start and of the kept grid on them. `per_class`: one grid per class of a class-conditional schedule (each
+    starting from `start`; a class's levels learn from its own seeds only), returned as a list per class."""
+    loss_of = pixel_mse if distance is None else distance
     plan = resolve_sampler(solver, "learned", None, nfe, order)
     if plan.spec.stochastic:
         raise ValueError(f"solver: {solver} is stochastic; a grid is learned for a deterministic solver")
     if start.shape != (plan.steps,):
         raise ValueError(f"start: expected {plan.steps} levels for {plan.steps} steps, got {tuple(start.shape)}")
     lo, hi = _span(schedule, getattr(model, "num_classes", None))
-    params = LevelParameters(start, lo, hi)
+    if per_class:
+        if schedule.num_classes is None:
+            raise ValueError("per_class: the model's schedule is global; a grid per class needs class-conditional "
+                             "schedules")
+    params = LevelParameters(start.expand(schedule.num_classes, -1) if per_class else start, lo, hi)
     optimiser = torch.optim.Adam(params.parameters(), lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -195,7 +241,7 @@ def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Te
     try:
         with torch.no_grad():
             begin = params().detach().clone()
-        best_val = start_val = endpoint_error(model, schedule, plan, begin, val)
+        best_val = start_val = endpoint_error(model, schedule, plan, begin, val, distance=distance)
         best, best_epoch, history = begin, 0, [{"epoch": 0, "val": start_val}]
         per_epoch = math.ceil(len(train.seeds) / batch)
         with tqdm(total=epochs * per_epoch, disable=not progress, desc=f"learn {solver} NFE {nfe}",
@@ -205,7 +251,7 @@ def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Te
                 losses = []
                 for i in range(0, len(order_), batch):
                     part = train.part(order_[i:i + batch])
-                    loss = (_run(model, schedule, plan, params(), part) - part.x0).square().mean()
+                    loss = loss_of(_run(model, schedule, plan, params(), part), part.x0).mean()
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
@@ -213,24 +259,29 @@ def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Te
                     bar.update(1)
                 with torch.no_grad():
                     levels = params().detach().clone()
-                err = endpoint_error(model, schedule, plan, levels, val)
+                err = endpoint_error(model, schedule, plan, levels, val, distance=distance)
                 history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val": err})
                 if err < best_val:
                     best, best_val, best_epoch = levels, err, epoch
                 bar.set_postfix(val=f"{err:.4f}", best=f"{best_val:.4f}", start=f"{start_val:.4f}")
+        rms = {"start_rms": start_val, "best_rms": best_val} if distance is None else {
+            "start_rms": endpoint_error(model, schedule, plan, begin, val),
+            "best_rms": endpoint_error(model, schedule, plan, best, val)}
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {"levels": [float(v) for v in best], "start": [float(v) for v in start], "start_val": start_val,
-            "best_val": best_val, "best_epoch": best_epoch, "history": history}
+    return {"levels": best.tolist(), "start": start.tolist(), "start_val": start_val,
+            "best_val": best_val, "best_epoch": best_epoch, "history": history, **rms}
 
 
 def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int | None = None, samples: int = 128,
                 val: int = 32, teacher_steps: int = TEACHER_STEPS, epochs: int = 10, batch: int = 16,
                 lr: float = 0.05, start: str = "auto", fitted: dict | None = None, cache: str | Path | None = None,
-                progress: bool = False) -> tuple[dict[int, list[float]], dict[int, dict]]:
+                distance: Distance | None = None, loss: str = "MSE to the teacher's endpoint",
+                per_class: bool = False, progress: bool = False) -> tuple[dict[int, list[float]], dict[int, dict]]:
     """({steps: learned levels}, {steps: how: start grid, errors, history}) for each NFE in `nfes`, from one teacher
-    run on `samples` training and `val` validation seeds (from `LEARN_SEED`)."""
+    run on `samples` training and `val` validation seeds (from `LEARN_SEED`); `loss` names `distance` in the
+    record."""
     seeds = range(LEARN_SEED, LEARN_SEED + samples + val)
     ref = teacher(model, schedule, seeds, steps=teacher_steps, cache=cache, progress=progress)
     train, held = ref.part(slice(0, samples)), ref.part(slice(samples, samples + val))
@@ -239,10 +290,10 @@ def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int
         plan = resolve_sampler(solver, "learned", None, nfe, order)
         name, begin = start_levels(schedule, plan.steps, start, getattr(model, "num_classes", None), fitted)
         out = learn_levels(model, schedule, solver, nfe, train, held, begin, order=plan.order, epochs=epochs,
-                           batch=batch, lr=lr, progress=progress)
+                           batch=batch, lr=lr, distance=distance, per_class=per_class, progress=progress)
         levels[plan.steps] = out.pop("levels")
         how[plan.steps] = {"nfe": nfe, "start_grid": name, "teacher": "dpmpp-2m", "teacher_grid": "logsnr",
                            "teacher_steps": teacher_steps, "samples": samples, "val": val, "first_seed": LEARN_SEED,
-                           "epochs": epochs, "batch": batch, "lr": lr, "loss": "MSE to the teacher's endpoint",
+                           "epochs": epochs, "batch": batch, "lr": lr, "loss": loss, "per_class": per_class,
                            **out}
     return levels, how

@@ -18,6 +18,7 @@ from ..geometry.schedules import MatrixSchedule, karras_sigmas
 
 __all__ = ["GridSpec", "GRIDS", "SECONDARIES", "Grid", "FittedGrids", "check_grid", "uniform_t",
            "geometric_sigma_span", "edm_sigma_t", "logsnr_grid", "logsnr_levels", "fitted_levels", "learned_levels",
+           "per_class_levels",
            "optimized_t", "schedule_grid", "karras_grid", "build_grid", "step_indices"]
 
 SECONDARIES = ("end", "mid")  # Heun's secondary point: the step's end point, or the midpoint in t
@@ -105,6 +106,10 @@ def geometric_sigma_span(schedule, labels: Tensor | None = None, sigma_min: floa
 
 
 def _on_geometric_mean(schedule, sig: Tensor, labels: Tensor | None, iterations: int) -> Tensor:
+    """Times [N+1] (or [B, N+1]) at the geometric-mean sigma levels `sig` [N], then t = 0; `sig` [C, N] holds one
+    grid per class of a class-conditional schedule (a per-class learned grid), each sample taking its class's."""
+    if sig.dim() == 2:
+        sig = per_class_levels(schedule, sig, labels)
     t = schedule.invert_geometric_mean(sig ** 2, labels, iterations=iterations)
     return torch.cat([t, torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
 
@@ -139,11 +144,28 @@ def logsnr_levels(schedule: MatrixSchedule, num_steps: int, labels: Tensor | Non
 
 
 def _checked_levels(values: Sequence[float], num_steps: int, what: str) -> Tensor:
+    """[num_steps] positive descending levels, or [C, num_steps] of them (one grid per class), as float64."""
     levels = torch.as_tensor(values, dtype=torch.float64)
-    if levels.shape != (num_steps,) or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
-            or not bool((levels[1:] < levels[:-1]).all()):
-        raise ValueError(f"grid: the {what} {num_steps}-step grid is not {num_steps} positive, descending levels")
+    if levels.dim() not in (1, 2) or levels.shape[-1] != num_steps or 0 in levels.shape \
+            or not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()) \
+            or not bool((levels[..., 1:] < levels[..., :-1]).all()):
+        raise ValueError(f"grid: the {what} {num_steps}-step grid is not {num_steps} positive, descending levels "
+                         f"(or one such grid per class)")
     return levels
+
+
+def per_class_levels(schedule, levels: Tensor, labels: Tensor | None) -> Tensor:
+    """Each sample's row [B, N] of per-class levels [C, N] (one grid per class of a class-conditional schedule);
+    ValueError naming `grid` when the schedule is global or the classes do not match."""
+    if schedule.num_classes is None:
+        raise ValueError("grid: a grid learned per class needs a class-conditional schedule; this one is global")
+    if levels.shape[0] != schedule.num_classes:
+        raise ValueError(f"grid: the per-class grid has {levels.shape[0]} classes, the schedule "
+                         f"{schedule.num_classes}")
+    labels = schedule.check_labels(labels)
+    if labels is None:
+        raise ValueError("labels: the schedule is class-conditional; pass labels")
+    return levels[labels]
 
 
 def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) -> Tensor:
@@ -159,7 +181,8 @@ def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) 
 
 
 def learned_levels(fitted: Mapping[int, Sequence[float]] | None, key: str | None, num_steps: int) -> Tensor:
-    """The geometric-mean sigma levels [num_steps] of the `num_steps`-step grid learned for the solver `key`
+    """The geometric-mean sigma levels [num_steps] (or [C, num_steps], one grid per class: `learn-grid --per-class`)
+    of the `num_steps`-step grid learned for the solver `key`
     (`spec.learned_key`; `grid_learn`, stored with a shipped model in `FittedGrids.learned`); ValueError naming
     `grid` when the model has none for that solver and step count."""
     learned = getattr(fitted, "learned", None) or {}

@@ -161,9 +161,13 @@ def entry_problem(entry: Any) -> str | None:
         if not isinstance(by_steps, dict):
             return f"grids.learned[{key!r}] is not an object (steps -> levels)"
         for steps, levels in by_steps.items():
-            if not _levels_ok(steps, levels):
+            per_class = isinstance(levels, list) and bool(levels) and all(isinstance(v, list) for v in levels)
+            if per_class and not entry.get("class_schedules"):
+                return (f"grids.learned[{key!r}][{steps[:24]!r}] has one grid per class, and the model's schedule is "
+                        f"not class-conditional")
+            if not all(_levels_ok(steps, one) for one in (levels if per_class else [levels])):
                 return (f"grids.learned[{key!r}][{steps[:24]!r}] is not that many positive, descending levels below "
-                        f"1e150 (their squares are variances)")
+                        f"1e150 (their squares are variances), or one such list per class")
     return None
 
 

@@ -129,10 +129,16 @@ def set_fitted_grids(name: str, levels: dict[int, list[float]], fit: dict,
     update(Path(assets if assets is not None else assets_dir()), change)
 
 
+def _floats(levels) -> list:
+    """Levels as JSON floats: a list, or one list per class."""
+    return [_floats(v) if isinstance(v, (list, tuple)) else float(v) for v in levels]
+
+
 def set_learned_grids(name: str, key: str, levels: Mapping[int, list[float]], fit: Mapping[int, dict],
                       assets: str | os.PathLike | None = None) -> None:
     """Store grids learned for one solver (`key`: `sampling.spec.learned_key`, e.g. 'ipndm-4') with a shipped
-    model, as grids.learned[key][steps] (the descending geometric-mean sigma levels), with `fit[steps]`, how each
+    model, as grids.learned[key][steps] (the descending geometric-mean sigma levels, or one list of them per class),
+    with `fit[steps]`, how each
     was learned, under grids.learned_fit[key][steps]. A step count learned before is replaced; the model's other
     grids are kept. Re-exporting the model drops them (they belong to its network). ValueError otherwise."""
     def change(doc: dict) -> None:
@@ -142,7 +148,7 @@ def set_learned_grids(name: str, key: str, levels: Mapping[int, list[float]], fi
         grids = dict(doc["models"][name].get("grids", {}))
         grids.setdefault("optimized", {})
         learned, how = dict(grids.get("learned", {})), dict(grids.get("learned_fit", {}))
-        learned[key] = dict(learned.get(key, {})) | {str(k): [float(v) for v in levels[k]] for k in sorted(levels)}
+        learned[key] = dict(learned.get(key, {})) | {str(k): _floats(levels[k]) for k in sorted(levels)}
         how[key] = dict(how.get(key, {})) | {str(k): dict(fit.get(k, {})) for k in sorted(levels)}
         entry = dict(doc["models"][name], grids=dict(grids, learned=learned, learned_fit=how))
         problem = entry_problem(entry)
