@@ -771,7 +771,7 @@ def test_recipe_resolves_by_name_from_any_folder(tmp_path, monkeypatch):
     assert recipes.resolve_recipe("fmnist").resolve() == own
     with pytest.raises(ValueError, match="not a recipe"):
         recipes.load_recipe("fmnist")
-    with pytest.raises(ValueError, match=r"nope: no such recipe file, and not a shipped recipe \(fmnist\)"):
+    with pytest.raises(ValueError, match=r"nope: no such recipe file, and not a shipped recipe \(fmnist, fmnist-headline\)"):
         recipes.load_recipe("nope")
     assert "fmnist" in recipes.shipped_recipes()
 
@@ -780,3 +780,29 @@ def test_table_unknown_recipe_exits_2(capsys):
     assert main(["table", "--recipe", "no-such-recipe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --recipe: no-such-recipe: no such recipe file")
+
+
+def test_table_paired_difference_of_the_best_cells(gmm_recipe, tmp_path):  # issue 25
+    """The table's paired difference (best anisotropic minus best peer, same seeds) is the difference of the two
+    cells' FDs, with a bootstrap SE from the cached features; a rerun that reuses the cells reuses the features."""
+    recipe, scorer, _ = gmm_recipe
+    recipe = {**recipe, "peers": "a"}
+    kw = dict(n=8, batch=8, per_class=1, progress=False, bootstrap=20, cache=tmp_path / "cache", sample_nfe=5)
+    result = table.results_table(recipe, scorer, nfes=[5], **kw)[0]
+    assert result["rows"][1]["subspaces"] > 1  # the mixture is anisotropic: row b is a candidate
+    (p,) = result["paired"]
+    best = min((c for c in result["rows"][1]["cells"] if c["nfe"] == 5), key=lambda c: c["mean"])
+    peer = next(c for c in result["rows"][0]["cells"] if c["nfe"] == 5)
+    assert p["nfe"] == 5 and p["peer"][0] == "a" and p["aniso"][:3] == ["b", best["solver"], best["grid"]]
+    assert p["difference"] == pytest.approx(best["mean"] - peer["mean"], rel=1e-6) and p["se"] > 0
+    generated = []
+    table_generate = table._generate
+    try:
+        table._generate = lambda *a: generated.append(a) or table_generate(*a)
+        again = table.results_table(recipe, scorer, nfes=[5], previous=result, **kw)[0]
+    finally:
+        table._generate = table_generate
+    assert again["paired"] == result["paired"]
+    assert generated and not any(list(a[4]) == list(range(8)) for a in generated)  # the figures' samples, no cell's
+    md = table.results_markdown(result, recipe, "cmd", {})
+    assert f"{p['difference']:+.3f} ± {p['se']:.3f}" in md
