@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--solver", required=True, choices=[s.name for s in SOLVERS.values() if not s.stochastic],
                     help="the solver the grid is learned for (it is stored under its name and order)")
     lg.add_argument("--order", type=_positive, default=None, help="a multistep solver's order (default: its default)")
+    lg.add_argument("--secondary", default=None, choices=("end", "mid"),
+                    help="Heun's secondary point (default: end); a grid learned for midpoint Heun is its own "
+                         "('heun-mid')")
     lg.add_argument("--nfe", type=_nfe_list, default="3,4,5", help="comma-separated network-call counts")
     lg.add_argument("--samples", type=_positive, default=128, help="training seeds (teacher endpoints)")
     lg.add_argument("--val", type=_positive, default=32,
@@ -508,6 +511,8 @@ def _check_learn_grid(args):
     spec = SOLVERS[args.solver]
     if args.order is not None and not spec.orders:
         raise ValueError(f"--order: {args.solver} takes no order")
+    if args.secondary is not None and not spec.secondaries:
+        raise ValueError(f"--secondary: {args.solver} has no secondary point (Heun's)")
     try:
         spec.check_order(args.order)
     except ValueError as e:
@@ -515,7 +520,7 @@ def _check_learn_grid(args):
     plans = {}
     for nfe in args.nfe:
         try:
-            plans[nfe] = family.resolve_sampler(args.solver, "learned", None, nfe, args.order)
+            plans[nfe] = family.resolve_sampler(args.solver, "learned", args.secondary, nfe, args.order)
         except ValueError as e:
             raise ValueError(f"--nfe: {e}") from None
         if plans[nfe].steps < 2:
@@ -717,14 +722,15 @@ def _run_fit_grid(args) -> int:
 def _run_learn_grid(args, plans) -> int:
     stored = store.StoredModel.open(args.model)
     model, schedule = stored.load()
-    order = next(iter(plans.values())).order
-    key = learned_key(args.solver, order)
+    first = next(iter(plans.values()))
+    order = first.order
+    key = learned_key(args.solver, order, first.secondary)
     distance = None if args.loss == "pixels" else feature_distance()
     levels, how = grid_learn.learn_grids(
         model, schedule, args.solver, args.nfe, order=order, samples=args.samples, val=args.val,
         teacher_steps=args.teacher_steps, epochs=args.epochs, batch=args.batch, lr=args.lr, start=args.start,
         fitted=stored.fitted_grids, cache=args.cache, distance=distance, loss=LEARN_LOSSES[args.loss],
-        per_class=args.per_class, progress=not args.no_progress)
+        per_class=args.per_class, secondary=args.secondary, progress=not args.no_progress)
     store.set_learned_grids(args.model, key, levels, how)
     for steps, fit in how.items():
         rows = levels[steps] if fit["per_class"] else [levels[steps]]

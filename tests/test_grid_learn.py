@@ -48,16 +48,33 @@ def test_level_grid_is_the_samplers_grid(which, aniso_schedule, class_schedule):
 
 
 @pytest.mark.parametrize("which", ["aniso", "class"])
-def test_level_grid_gradient_matches_finite_differences(which, aniso_schedule, class_schedule):
-    """d g / d level by the implicit function theorem against central differences of the bisection's grid."""
+def test_level_grid_mid_is_the_samplers_grid(which, aniso_schedule, class_schedule):
+    """Midpoint Heun on a learned grid: g at the midpoints in t, as the sampler builds them."""
+    schedule = aniso_schedule if which == "aniso" else class_schedule
+    labels = torch.tensor([0, 1, 1]) if which == "class" else None
+    levels = _levels(schedule, 4, None if labels is None else torch.arange(2))
+    mine = grid_learn.level_grid(schedule, levels, labels, "mid")
+    fitted = G.FittedGrids({}, {"heun-mid": {4: levels.tolist()}})
+    theirs = G.build_grid("learned", schedule, 4, labels, secondary="mid", fitted=fitted, learned_key="heun-mid")
+    assert torch.equal(mine.g, theirs.g) and torch.equal(mine.g_sec, theirs.g_sec)
+    assert spec.learned_key("heun", None, "mid") == "heun-mid" and spec.learned_key("heun", None, "end") == "heun"
+    assert spec.learned_key("ipndm", 4, "mid") == "ipndm-4" and "heun-mid" in spec.LEARNED_KEYS
+
+
+@pytest.mark.parametrize("which,secondary", [("aniso", "end"), ("class", "end"), ("aniso", "mid"), ("class", "mid")])
+def test_level_grid_gradient_matches_finite_differences(which, secondary, aniso_schedule, class_schedule):
+    """d g / d level by the implicit function theorem against central differences of the bisection's grid (and of
+    the midpoints' g for midpoint Heun)."""
     schedule = aniso_schedule if which == "aniso" else class_schedule
     labels = torch.tensor([1, 0]) if which == "class" else None
     base = _levels(schedule, 4, None if labels is None else torch.arange(2))
-    weights = torch.randn(2 if labels is not None else 1, 5, schedule.num_subspaces,
-                          generator=torch.Generator().manual_seed(2), dtype=F64)
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.randn(2 if labels is not None else 1, 5, schedule.num_subspaces, generator=gen, dtype=F64)
+    w_sec = torch.randn(2 if labels is not None else 1, 4, schedule.num_subspaces, generator=gen, dtype=F64)
 
     def f(lv):
-        return (grid_learn.level_grid(schedule, lv, labels).g.log() * weights).sum()
+        grid = grid_learn.level_grid(schedule, lv, labels, secondary)
+        return (grid.g.log() * weights).sum() + (0 if grid.g_sec is None else (grid.g_sec.log() * w_sec).sum())
 
     lv = base.clone().requires_grad_(True)
     f(lv).backward()
@@ -84,12 +101,13 @@ def test_level_parameters_stay_descending_inside_the_span():
         grid_learn.LevelParameters(start[:1], 1e-4, 80.0)
 
 
-@pytest.mark.parametrize("solver,order", [("ipndm", 4), ("dpmpp-2m", None), ("heun", None)])
-def test_gradients_flow_through_the_solver(solver, order, gmm, aniso_schedule):
+@pytest.mark.parametrize("solver,order,secondary", [("ipndm", 4, None), ("dpmpp-2m", None, None),
+                                                    ("heun", None, "end"), ("heun", None, "mid")])
+def test_gradients_flow_through_the_solver(solver, order, secondary, gmm, aniso_schedule):
     """The endpoint's derivative in the logits, by autograd through the solver and the subspace ops, against
     central differences."""
     nfe = 5
-    plan = spec.resolve_sampler(solver, "learned", None, nfe, order)
+    plan = spec.resolve_sampler(solver, "learned", secondary, nfe, order)
     ref = grid_learn.teacher(gmm, aniso_schedule, range(100, 104), steps=16)
     ref = grid_learn.Teacher(ref.seeds, ref.z.double(), ref.labels, ref.x0.double())  # float64: central differences
     p = grid_learn.LevelParameters(_levels(aniso_schedule, plan.steps), 1e-4, 80.0)
@@ -146,8 +164,10 @@ def test_sampling_refuses_a_missing_learned_grid(gmm, aniso_schedule):
         with pytest.raises(ValueError, match=f"^grid: .*{words}"):
             sampling.sample(gmm, aniso_schedule, nfe=4, solver="ipndm", order=4, grid="learned", seeds=[0],
                             fitted=fitted)
-    with pytest.raises(ValueError, match="^secondary"):
-        spec.resolve_sampler("heun", "learned", "mid", 5)
+    assert spec.resolve_sampler("heun", "learned", "mid", 5).secondary == "mid"  # midpoint Heun learns its own
+    with pytest.raises(ValueError, match="^grid: .*heun-mid.*heun"):  # the end-point grid is not the midpoint's
+        sampling.sample(gmm, aniso_schedule, nfe=5, solver="heun", secondary="mid", grid="learned", seeds=[0],
+                        fitted=G.FittedGrids({}, {"heun": {3: _levels(aniso_schedule, 3).tolist()}}))
 
 
 def test_other_families_refuse_the_learned_grid():
@@ -252,6 +272,8 @@ def test_learn_grid_cli_stores_a_grid_that_sample_uses(tiny_checkpoint, assets, 
     (["--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--start", "optimized"], ("--start", "fit-grid")),
     (["--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--cache", "t.npz"], ("--cache", ".pt")),
     (["--model", "tiny", "--solver", "ipndm", "--lr", "0"], ("--lr",)),
+    (["--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--secondary", "mid"], ("--secondary", "Heun")),
+    (["--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--loss", "lpips"], ("--loss",)),
 ])
 def test_learn_grid_bad_input(tiny_checkpoint, assets, capsys, argv, words):
     assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0

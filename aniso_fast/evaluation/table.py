@@ -67,7 +67,7 @@ def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
     a new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
     plan = sampler_for(cfg, nfe, family)
     if plan.grid == "learned":
-        return {"levels": learned_levels(fitted, spec.learned_key(plan.solver, plan.order), plan.steps).tolist()}
+        return {"levels": learned_levels(fitted, spec.learned_key(plan.solver, plan.order, plan.secondary), plan.steps).tolist()}
     return {"levels": fitted_levels(fitted, plan.steps).tolist()} if plan.grid == "optimized" else {}
 
 

@@ -109,10 +109,11 @@ class LevelParameters(torch.nn.Module):
         return torch.cat([top, math.log(self.hi) - drops], -1).exp()
 
 
-def level_grid(schedule, levels: Tensor, labels: Tensor | None = None) -> Grid:
+def level_grid(schedule, levels: Tensor, labels: Tensor | None = None, secondary: str = "end") -> Grid:
     """The grid [G, N+1, K] at geometric-mean sigma `levels` [N] (or [C, N], one grid per class: each sample takes
     its class's) then t = 0, differentiable in the levels (the implicit function theorem; the values are those
-    `grids.build_grid` gives for the same levels)."""
+    `grids.build_grid` gives for the same levels). `secondary` 'mid' adds g at the midpoints in t (midpoint Heun),
+    differentiable too: a level's time moves by dt_i = 2 d ln sigma_i / mean_j s_j(t_i), the midpoint by half of it."""
     check_grid("learned", schedule)
     if levels.dim() == 2:
         levels = per_class_levels(schedule, levels, labels)
@@ -121,16 +122,32 @@ def level_grid(schedule, levels: Tensor, labels: Tensor | None = None) -> Grid:
     tt = t if t.dim() == 2 else t[None]
     G, n = tt.shape
     per_class = schedule.num_classes is not None
+
+    def at(times: Tensor) -> tuple[Tensor, Tensor]:  # [G, m] -> (g, s = d ln g / dt) [G, m, K]
+        m = times.shape[1]
+        g, gdot = schedule(times.reshape(-1), labels.repeat_interleave(m) if per_class else None)
+        return g.reshape(G, m, -1), (gdot / g).reshape(G, m, -1)
+
     with torch.no_grad():
-        g, gdot = schedule(tt.reshape(-1), labels.repeat_interleave(n) if per_class else None)
-        g, slope = g.reshape(G, n, -1), (gdot / g).reshape(G, n, -1)
+        g, slope = at(tt)
         mean = slope.mean(-1, keepdim=True)
-        ratio = torch.where(mean.abs() > 0, slope / mean.where(mean.abs() > 0, torch.ones_like(mean)), 1.0)
+        ok = mean.abs() > 0
+        dt = torch.where(ok, 2 / mean.where(ok, torch.ones_like(mean)), 0.0)  # d t_i / d ln sigma_i [G, N, 1]
         g_end = schedule(torch.zeros(G, dtype=torch.float64), labels if per_class else None)[0][:, None]
+        if secondary == "mid":
+            ends = torch.cat([tt, torch.zeros(G, 1, dtype=tt.dtype)], 1)
+            g_mid, slope_mid = at((ends[:, :-1] + ends[:, 1:]) / 2)
     moved = (levels.to(torch.float64).log() - fixed.log())  # zero, carrying the gradient
     moved = (moved if moved.dim() == 2 else moved[None])[:, :, None]
-    g = g * torch.exp(2 * ratio * moved)
-    return Grid(g=torch.cat([g, g_end], 1), t=torch.cat([tt, torch.zeros(G, 1, dtype=tt.dtype)], 1))
+    shift = dt * moved  # each level's time moved [G, N, 1]
+    g = g * torch.exp(slope * shift)  # = exp(2 s_k / mean_j s_j d ln sigma): d ln g_k / d ln sigma
+    g_sec = None
+    if secondary == "mid":
+        half = (shift + torch.cat([shift[:, 1:], torch.zeros_like(shift[:, :1])], 1)) / 2  # t = 0 stays
+        g_sec = g_mid * torch.exp(slope_mid * half)
+    elif secondary != "end":
+        raise ValueError(f"secondary: expected 'end' or 'mid', got {secondary!r}")
+    return Grid(g=torch.cat([g, g_end], 1), g_sec=g_sec, t=torch.cat([tt, torch.zeros(G, 1, dtype=tt.dtype)], 1))
 
 
 def teacher(model, schedule, seeds: Sequence[int], *, steps: int = TEACHER_STEPS, batch: int = 64,
@@ -188,7 +205,7 @@ def start_levels(schedule, steps: int, start: str, num_classes: int | None,
 
 
 def _run(model, schedule, plan, levels: Tensor, part: Teacher) -> Tensor:
-    grid = level_grid(schedule, levels, part.labels)
+    grid = level_grid(schedule, levels, part.labels, plan.secondary or "end")
     B = part.z.shape[0]
     x = model.basis.scale(part.z, grid.g[:, 0].expand(B, -1).sqrt(), ids=model.basis.group_ids(part.labels))
     kwargs = {}
@@ -215,14 +232,15 @@ def endpoint_error(model, schedule, plan, levels: Tensor, part: Teacher, batch: 
 
 def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Teacher, start: Tensor, *,
                  order: int | None = None, epochs: int = 10, batch: int = 16, lr: float = 0.05, seed: int = 0,
-                 distance: Distance | None = None, per_class: bool = False, progress: bool = False) -> dict:
+                 distance: Distance | None = None, per_class: bool = False, secondary: str | None = None,
+                 progress: bool = False) -> dict:
     """Learn the grid of `solver` (at `order`) for `nfe` network calls: returns {levels (list, descending), start,
     start_val, best_val, best_epoch, history: [{epoch, train_loss, val}], start_rms, best_rms}. `val` (the mean
     `distance` on the held-out seeds; without one, the pixel RMS) picks the kept grid; `*_rms` are the pixel RMS of
     the start and of the kept grid on them. `per_class`: one grid per class of a class-conditional schedule (each
     starting from `start`; a class's levels learn from its own seeds only), returned as a list per class."""
     loss_of = pixel_mse if distance is None else distance
-    plan = resolve_sampler(solver, "learned", None, nfe, order)
+    plan = resolve_sampler(solver, "learned", secondary, nfe, order)
     if plan.spec.stochastic:
         raise ValueError(f"solver: {solver} is stochastic; a grid is learned for a deterministic solver")
     if start.shape != (plan.steps,):
@@ -278,7 +296,8 @@ def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int
                 val: int = 32, teacher_steps: int = TEACHER_STEPS, epochs: int = 10, batch: int = 16,
                 lr: float = 0.05, start: str = "auto", fitted: dict | None = None, cache: str | Path | None = None,
                 distance: Distance | None = None, loss: str = "MSE to the teacher's endpoint",
-                per_class: bool = False, progress: bool = False) -> tuple[dict[int, list[float]], dict[int, dict]]:
+                per_class: bool = False, secondary: str | None = None,
+                progress: bool = False) -> tuple[dict[int, list[float]], dict[int, dict]]:
     """({steps: learned levels}, {steps: how: start grid, errors, history}) for each NFE in `nfes`, from one teacher
     run on `samples` training and `val` validation seeds (from `LEARN_SEED`); `loss` names `distance` in the
     record."""
@@ -287,13 +306,15 @@ def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int
     train, held = ref.part(slice(0, samples)), ref.part(slice(samples, samples + val))
     levels, how = {}, {}
     for nfe in nfes:
-        plan = resolve_sampler(solver, "learned", None, nfe, order)
+        plan = resolve_sampler(solver, "learned", secondary, nfe, order)
         name, begin = start_levels(schedule, plan.steps, start, getattr(model, "num_classes", None), fitted)
         out = learn_levels(model, schedule, solver, nfe, train, held, begin, order=plan.order, epochs=epochs,
-                           batch=batch, lr=lr, distance=distance, per_class=per_class, progress=progress)
+                           batch=batch, lr=lr, distance=distance, per_class=per_class, secondary=plan.secondary,
+                           progress=progress)
         levels[plan.steps] = out.pop("levels")
         how[plan.steps] = {"nfe": nfe, "start_grid": name, "teacher": "dpmpp-2m", "teacher_grid": "logsnr",
                            "teacher_steps": teacher_steps, "samples": samples, "val": val, "first_seed": LEARN_SEED,
                            "epochs": epochs, "batch": batch, "lr": lr, "loss": loss, "per_class": per_class,
+                           "secondary": plan.secondary,
                            **out}
     return levels, how

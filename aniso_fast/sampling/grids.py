@@ -42,7 +42,7 @@ GRIDS: dict[str, GridSpec] = {g.name: g for g in (
     GridSpec("karras", "Karras grid", "K", secondaries=("end",), uses_schedule=False),
     GridSpec("logsnr", "log-SNR grid on the geometric mean", "λ", on_geometric_mean=True),
     GridSpec("optimized", "fitted grid on the geometric mean", "o", on_geometric_mean=True),
-    GridSpec("learned", "learned grid (LD3) on the geometric mean", "L", on_geometric_mean=True, secondaries=("end",)),
+    GridSpec("learned", "learned grid (LD3) on the geometric mean", "L", on_geometric_mean=True),
 )}
 
 

@@ -39,7 +39,7 @@ def sample(model, schedule: MatrixSchedule | None = None, *, nfe: int = 9, solve
     labels = check_labels(labels, seeds, getattr(model, "num_classes", None), device)
     g = build_grid(grid, schedule, plan.steps, labels, secondary=plan.secondary or "end", fitted=fitted,
                    num_subspaces=model.basis.num_subspaces,
-                   learned_key=learned_key(solver, plan.order) if grid == "learned" else None)
+                   learned_key=learned_key(solver, plan.order, plan.secondary) if grid == "learned" else None)
     g = Grid(g.g.to(device), None if g.g_sec is None else g.g_sec.to(device), g.t)
     shape = tuple(image_shape) if image_shape is not None else tuple(model.image_shape)
     streams = SeedStreams(seeds)

@@ -98,16 +98,19 @@ SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
                order_in_name=True),
 )}
 
-def learned_key(solver: str, order: int | None = None) -> str:
+def learned_key(solver: str, order: int | None = None, secondary: str | None = None) -> str:
     """The key a grid learned for a solver is stored under (`grids.FittedGrids.learned`, the manifest's
-    grids.learned): the solver's name, with its order where the order is part of the sampler's name ('ipndm-4')."""
+    grids.learned): the solver's name, with its order where the order is part of the sampler's name ('ipndm-4'),
+    and '-mid' for midpoint Heun ('heun-mid'; end-point Heun is 'heun')."""
     spec = SOLVERS[solver]
-    return f"{solver}-{spec.check_order(order)}" if spec.order_in_name else solver
+    key = f"{solver}-{spec.check_order(order)}" if spec.order_in_name else solver
+    return f"{key}-mid" if secondary == "mid" and "mid" in spec.secondaries else key
 
 
-# every key a learned grid may be stored under: the deterministic solvers at each of their orders
-LEARNED_KEYS = tuple(dict.fromkeys(learned_key(s.name, o) for s in SOLVERS.values() if not s.stochastic
-                                   for o in (s.orders or (None,))))
+# every key a learned grid may be stored under: the deterministic solvers at each of their orders (and Heun at
+# each secondary point)
+LEARNED_KEYS = tuple(dict.fromkeys(learned_key(s.name, o, sec) for s in SOLVERS.values() if not s.stochastic
+                                   for o in (s.orders or (None,)) for sec in (s.secondaries or (None,))))
 
 # samplers with a name of their own (the paper's, EDM's): (solver, grid, secondary) -> (name, one-letter code)
 NAMED_SAMPLERS = {("heun", "karras", "end"): ("Heun, Karras grid (EDM)", "K"),
@@ -242,7 +245,7 @@ def choose_for_nfe(recorded: Mapping[int, Mapping], nfe: int, *,
             return False
         if plan.grid == "learned":  # fitted_steps returns the model's grids.FittedGrids
             learned = getattr(fitted_steps(choice["model"]), "learned", {})
-            if plan.steps not in learned.get(learned_key(plan.solver, plan.order), ()):
+            if plan.steps not in learned.get(learned_key(plan.solver, plan.order, plan.secondary), ()):
                 return False
         return (plan.grid != "optimized" or plan.steps in fitted_steps(choice["model"])) and admits(choice, plan)
 

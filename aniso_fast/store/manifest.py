@@ -225,7 +225,7 @@ def choice_problem(nfe: Any, choice: Any, models: Mapping[str, Any]) -> str | No
     grids = (models.get(model) or {}).get("grids", {})
     if plan.grid == "optimized" and str(plan.steps) not in grids.get("optimized", {}):
         return f"grid: {model!r} has no optimized grid fitted for {plan.steps} steps"
-    key = learned_key(plan.solver, plan.order)
+    key = learned_key(plan.solver, plan.order, plan.secondary)
     if plan.grid == "learned" and str(plan.steps) not in grids.get("learned", {}).get(key, {}):
         return f"grid: {model!r} has no grid learned for {key} at {plan.steps} steps"
     return None
