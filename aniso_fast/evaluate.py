@@ -672,8 +672,9 @@ def record_scores(result: dict, recipe: dict, nfe: int = 9) -> dict[str, dict]:
 
 
 def _set_defaults(result: dict, recipe: dict) -> None:
-    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name, and
-    mark the best of them at NFE 9 as the default model."""
+    """Record the best measured sampler per NFE among the rows that evaluated the shipped model of their name (the
+    records at NFEs this table did not measure are kept), and mark the best of them at NFE 9 as the default
+    model."""
     current, exports = _current_rows(result, recipe)
     # a line measured at its own NFEs only (an eval entry's `nfes`) is recorded with them: never extended elsewhere
     own = {(row["name"], sampler_key(cfg)): cfg["nfes"] for row in recipe["rows"] for cfg in row.get("eval", ())
@@ -684,7 +685,8 @@ def _set_defaults(result: dict, recipe: dict) -> None:
     if not choices:
         print("--set-default: no shipped model was evaluated; nothing recorded", file=sys.stderr)
         return
-    store.set_sampler_defaults(choices)
+    kept = {nfe: choice for nfe, choice in store.sampler_defaults().items() if nfe not in choices}
+    store.set_sampler_defaults({**kept, **choices})
     for nfe, choice in choices.items():
         order = f" order {choice['order']}" if choice["order"] is not None else ""
         print(f"default at NFE {nfe}: {choice['model']}, {choice['solver']}{order} on {choice['grid']} "

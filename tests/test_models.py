@@ -346,3 +346,22 @@ def test_list_table_and_json(tiny_checkpoint, assets, capsys):
     (assets / "manifest.json").write_text(json.dumps(doc))
     assert cli.main(["list"]) == 2
     assert "models['tiny']: score: fd and se must be finite" in one_line_error(capsys)
+
+
+def test_table_set_default_keeps_the_records_of_nfes_it_did_not_measure(tiny_checkpoint, assets):  # issue 25
+    """A table of a few NFEs (the headline's 3, 4, 5) records its NFEs' best samplers and keeps the others."""
+    from aniso_fast import evaluate
+
+    store.export_model(tiny_checkpoint, "tiny", "tiny model")
+    sha = store.shipped_models()["tiny"]["sha256"]
+    old = {"model": "tiny", "solver": "heun", "grid": "uniform_t", "secondary": "mid", "order": None, "fd": 3.0}
+    store.set_sampler_defaults({5: old, 9: old})
+    cell = {"solver": "ipndm", "grid": "uniform_t", "secondary": None, "order": 4, "nfe": 5, "n": 10, "mean": 2.5,
+            "se": 0.1, "fd": [2.5]}
+    result = {"rows": [{"name": "r", "label": "R", "status": "ok", "model_id": f"shipped:{sha}", "cells": [cell]}]}
+    recipe = {"rows": [{"name": "r", "export": "tiny", "eval": [{"solver": "ipndm", "grid": "uniform_t",
+                                                                   "order": 4}]}]}
+    evaluate._set_defaults(result, recipe)
+    recorded = store.sampler_defaults()
+    assert recorded[5]["solver"] == "ipndm" and recorded[5]["fd"] == 2.5  # measured here: replaced
+    assert recorded[9] == old  # not measured here: kept
