@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--loss", default="pixels", choices=tuple(LEARN_LOSSES),
                     help="the distance to the teacher's endpoint: the pixels' mean square, or the mean square of the "
                          "shipped classifier's features (perceptual, as LD3's LPIPS)")
+    lg.add_argument("--per-subspace", action="store_true",
+                    help="also learn each subspace's log-variance offset at every level (its own clock; each level's "
+                         "geometric mean kept)")
     lg.add_argument("--per-class", action="store_true",
                     help="one grid per class (a model with class-conditional schedules): each class's levels learn "
                          "from its own seeds")
@@ -732,12 +735,16 @@ def _run_learn_grid(args, plans) -> int:
         model, schedule, args.solver, args.nfe, order=order, samples=args.samples, val=args.val,
         teacher_steps=args.teacher_steps, epochs=args.epochs, batch=args.batch, lr=args.lr, start=args.start,
         fitted=stored.fitted_grids, cache=args.cache, distance=distance, loss=LEARN_LOSSES[args.loss],
-        per_class=args.per_class, secondary=args.secondary, progress=not args.no_progress)
+        per_class=args.per_class, secondary=args.secondary, per_subspace=args.per_subspace,
+        progress=not args.no_progress)
     store.set_learned_grids(args.model, key, levels, how)
     for steps, fit in how.items():
-        rows = levels[steps] if fit["per_class"] else [levels[steps]]
+        lv = levels[steps]["levels"] if fit["per_subspace"] else levels[steps]
+        rows = lv if fit["per_class"] else [lv]
         sigma = "; ".join(", ".join(f"{v:.3g}" for v in row) for row in rows)
-        print(f"{key} NFE {fit['nfe']:3d} ({steps} steps): sigma {sigma}{' (per class)' if fit['per_class'] else ''}, 0  "
+        how_ = "".join(f" ({w})" for w, on in (("per class", fit["per_class"]), ("per-subspace offsets",
+                                                                                 fit["per_subspace"])) if on)
+        print(f"{key} NFE {fit['nfe']:3d} ({steps} steps): sigma {sigma}{how_}, 0  "
               f"held-out endpoint RMS {fit['best_rms']:.4f} (start, {fit['start_grid']} grid: {fit['start_rms']:.4f}); "
               f"held-out loss {fit['best_val']:.4g} (start {fit['start_val']:.4g}; best epoch {fit['best_epoch']})")
     print(f"stored with {args.model} under grids.learned[{key!r}] in {store.assets_dir() / 'manifest.json'}")

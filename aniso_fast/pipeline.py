@@ -187,7 +187,8 @@ def plan_sampling(model: str | None = None, *, nfe: int = 9, solver: str | None 
         if sampler.grid == "optimized":
             fitted_levels(stored.fitted_grids, sampler.steps)
         if sampler.grid == "learned":
-            learned_levels(stored.fitted_grids, spec.learned_key(sampler.solver, sampler.order, sampler.secondary), sampler.steps)
+            key = spec.learned_key(sampler.solver, sampler.order, sampler.secondary)
+            learned_levels(stored.fitted_grids, key, sampler.steps)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     return Plan(model, stored, schedule, sampler)

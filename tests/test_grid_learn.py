@@ -416,3 +416,84 @@ def test_uniform_t_start_is_the_papers_grid_on_the_geometric_mean(aniso_schedule
     assert lv.shape == (5,) and bool((lv[1:] < lv[:-1]).all())
     with pytest.raises(ValueError, match="start"):
         grid_learn.start_levels(aniso_schedule, 5, "karras", None)
+
+
+def test_offset_grid_moves_each_subspace_and_keeps_the_end(aniso_schedule):
+    """Per-subspace offsets of a learned grid: each level's log-variance moved per subspace, the end point kept,
+    the midpoints by the mean of their ends' offsets; the learnable offsets are zero-mean per level, 0 at the
+    start, and the sampler's grid is the learning's."""
+    levels = _levels(aniso_schedule, 3)
+    offsets = torch.tensor([[0.0, 0.0], [0.2, -0.2], [-0.1, 0.1]], dtype=F64)
+    base = G.build_grid("learned", aniso_schedule, 3, secondary="mid",
+                        fitted=G.FittedGrids({}, {"heun-mid": {3: levels.tolist()}}), learned_key="heun-mid")
+    moved = G.build_grid("learned", aniso_schedule, 3, secondary="mid", learned_key="heun-mid", fitted=G.FittedGrids(
+        {}, {"heun-mid": {3: {"levels": levels.tolist(), "offsets": offsets.tolist()}}}))
+    assert torch.allclose(moved.g[0, :3], base.g[0, :3] * offsets.exp(), rtol=1e-12)
+    assert torch.equal(moved.g[0, 3], base.g[0, 3])
+    assert torch.allclose(moved.g_sec[0, 2], base.g_sec[0, 2] * (offsets[2] / 2).exp(), rtol=1e-12)
+    with pytest.raises(ValueError, match="offsets"):
+        G.offset_grid(base, offsets[:, :1])
+    p = grid_learn.LevelParameters(levels, 1e-4, 80.0, subspaces=2)
+    with torch.no_grad():
+        p.shift.copy_(torch.tensor([[0.5, 0.1], [-0.3, 0.4]], dtype=F64))
+    o = p.offsets()
+    assert torch.equal(o[0], torch.zeros(2, dtype=F64)) and torch.allclose(o.mean(1), torch.zeros(3, dtype=F64))
+    mine = G.offset_grid(grid_learn.level_grid(aniso_schedule, levels, None, "mid"), o)
+    theirs = G.build_grid("learned", aniso_schedule, 3, secondary="mid", learned_key="heun-mid", fitted=G.FittedGrids(
+        {}, {"heun-mid": {3: {"levels": levels.tolist(), "offsets": o.tolist()}}}))
+    assert torch.allclose(mine.g, theirs.g, rtol=1e-12) and torch.allclose(mine.g_sec, theirs.g_sec, rtol=1e-12)
+
+
+def test_per_subspace_offsets_learn_through_the_solver(gmm, aniso_schedule):
+    """The offsets get the endpoint loss's gradient (autograd against central differences), and learning them
+    returns them with the levels."""
+    plan = spec.resolve_sampler("ipndm", "learned", None, 4, 4)
+    ref = grid_learn.teacher(gmm, aniso_schedule, range(300, 304), steps=16)
+    ref = grid_learn.Teacher(ref.seeds, ref.z.double(), ref.labels, ref.x0.double())
+    p = grid_learn.LevelParameters(_levels(aniso_schedule, 4), 1e-4, 80.0, subspaces=2)
+
+    def loss():
+        return (grid_learn._run(gmm, aniso_schedule, plan, p(), ref, p.offsets()) - ref.x0).square().mean()
+
+    loss().backward()
+    grad = p.shift.grad.clone()
+    assert grad.abs().sum() > 0
+    eps = 1e-6
+    for i, k in [(0, 0), (1, 1), (2, 0)]:
+        with torch.no_grad():
+            p.shift[i, k] += eps
+            up = float(loss())
+            p.shift[i, k] -= 2 * eps
+            down = float(loss())
+            p.shift[i, k] += eps
+        assert float(grad[i, k]) == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-9)
+    levels, how = grid_learn.learn_grids(gmm, aniso_schedule, "ipndm", [4], order=4, samples=16, val=8,
+                                         teacher_steps=16, epochs=1, batch=8, start="logsnr", per_subspace=True)
+    assert set(levels[4]) == {"levels", "offsets"} and len(levels[4]["offsets"]) == 4 and how[4]["per_subspace"]
+    assert how[4]["best_val"] <= how[4]["start_val"]
+
+
+def test_manifest_validates_per_subspace_offsets():
+    entry = {"file": "m.safetensors", "sha256": "0" * 64}
+    lv = [80.0, 2.0, 0.1]
+    good = {"levels": lv, "offsets": [[0.0, 0.0], [0.1, -0.1], [0.2, -0.2]]}
+    assert entry_problem({**entry, "grids": {"optimized": {}, "learned": {"ipndm-4": {"3": good}}}}) is None
+    for bad in ({**good, "offsets": [[0.1, -0.1], [0.1, -0.1], [0.2, -0.2]]},  # the start noise's row moved
+                {**good, "offsets": good["offsets"][:2]}, {**good, "offsets": [[0.0], [0.1, -0.1], [0.2, -0.2]]},
+                {**good, "offsets": [[0.0, 0.0], [99.0, 0.0], [0.0, 0.0]]}, {"levels": lv}, {**good, "more": 1}):
+        problem = entry_problem({**entry, "grids": {"optimized": {}, "learned": {"ipndm-4": {"3": bad}}}})
+        assert problem is not None and "offsets" in problem, bad
+
+
+def test_learn_grid_per_subspace_cli_stores_offsets_that_sample_uses(tiny_checkpoint, assets, tmp_path, capsys):
+    assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0
+    assert evaluate_main(["learn-grid", "--model", "tiny", "--solver", "heun", "--secondary", "mid", "--nfe", "5",
+                          "--samples", "4", "--val", "2", "--teacher-steps", "8", "--epochs", "1", "--batch", "2",
+                          "--start", "uniform_t", "--per-subspace", "--no-progress"]) == 0
+    assert "(per-subspace offsets)" in capsys.readouterr().out
+    entry = store.fitted_grids("tiny").learned["heun-mid"][3]
+    assert set(entry) == {"levels", "offsets"} and len(entry["offsets"]) == 3
+    out = tmp_path / "out"
+    assert sample_main(["--model", "tiny", "--grid", "learned", "--solver", "heun", "--secondary", "mid", "--nfe", "5",
+                        "--count", "2", "--outdir", str(out), "--no-progress"]) == 0
+    assert any(out.iterdir())

@@ -37,7 +37,7 @@ from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
 from .metrics import feature_statistics
 from .recipes import peer_rows, resolve_row, sampler_for, sampler_key
 from ..sampling import spec
-from ..sampling.grids import fitted_levels, learned_levels
+from ..sampling.grids import fitted_levels, learned_levels, learned_offsets
 
 __all__ = ["DEFAULT_NFES", "TARGETS", "against_peers", "row_samplers", "results_table", "serve_samples",
            "results_markdown", "write_table", "best_row", "best_samplers", "bootstrap_se", "bootstrap_difference_se",
@@ -67,7 +67,10 @@ def _grid_key(cfg: dict, nfe: int, family: str, fitted: dict) -> dict:
     a new cell), else nothing. ValueError with the reason when the sampler cannot spend the NFE on this model."""
     plan = sampler_for(cfg, nfe, family)
     if plan.grid == "learned":
-        return {"levels": learned_levels(fitted, spec.learned_key(plan.solver, plan.order, plan.secondary), plan.steps).tolist()}
+        key = spec.learned_key(plan.solver, plan.order, plan.secondary)
+        offsets = learned_offsets(fitted, key, plan.steps)
+        return {"levels": learned_levels(fitted, key, plan.steps).tolist(),
+                **({} if offsets is None else {"offsets": offsets.tolist()})}
     return {"levels": fitted_levels(fitted, plan.steps).tolist()} if plan.grid == "optimized" else {}
 
 
@@ -374,7 +377,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                          **run_key}
                 sources[(row["name"], key[0], nfe)] = (first, lambda cfg=cfg, nfe=nfe, generate=generate: generate(
                     cfg, nfe, _seed_list(0, n)))
-                if key in old_cells and old_cells[key].get("levels") == grid_key.get("levels"):
+                if key in old_cells and all(old_cells[key].get(k) == grid_key.get(k) for k in ("levels", "offsets")):
                     cell = old_cells[key]
                 else:
                     t0, sets = time.perf_counter(), []
@@ -415,7 +418,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 except ValueError:
                     continue
                 cell = old_inc.get((nfe, inception_n))
-                if cell is None or cell.get("levels") != grid_key.get("levels"):
+                if cell is None or any(cell.get(k) != grid_key.get(k) for k in ("levels", "offsets")):
                     what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0,
                             **grid_key, **run_key}
                     feats = store.features(what, inception_scorer, lambda: generate(

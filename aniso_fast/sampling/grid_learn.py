@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .grids import Grid, check_grid, fitted_levels, geometric_sigma_span, logsnr_levels, per_class_levels, uniform_t
+from .grids import (Grid, check_grid, fitted_levels, geometric_sigma_span, logsnr_levels, offset_grid, per_class_levels,
+                    uniform_t)
 from .noise import seeded_noise
 from .sampler import sample
 from .spec import resolve_sampler
@@ -82,7 +83,7 @@ class LevelParameters(torch.nn.Module):
     """N descending geometric-mean sigma levels: hi fixed, then N - 1 learned inside (lo, hi) (module docstring);
     a start [C, N] learns one such grid per class."""
 
-    def __init__(self, start: Tensor, lo: float, hi: float):
+    def __init__(self, start: Tensor, lo: float, hi: float, subspaces: int | None = None):
         super().__init__()
         start = torch.as_tensor(start, dtype=torch.float64)
         if start.dim() not in (1, 2) or start.shape[-1] < 2 or 0 in start.shape:
@@ -99,6 +100,17 @@ class LevelParameters(torch.nn.Module):
         n = gaps.shape[-1]
         share = (gaps / gaps.sum(-1, keepdim=True) - MIN_SHARE) / (1 - n * MIN_SHARE)
         self.theta = torch.nn.Parameter(share.clamp_min(1e-12).log())
+        # per-subspace offsets of the interior levels' log-variances (`subspaces`: K), zero-mean over the subspaces
+        self.shift = None if not subspaces else torch.nn.Parameter(
+            torch.zeros(start.shape[-1] - 1, int(subspaces), dtype=torch.float64))
+
+    def offsets(self) -> Tensor | None:
+        """[N, K] per-subspace log-variance offsets of the N levels (the first, the start noise's, 0; each row of
+        mean 0 over the subspaces, so a level's geometric mean stays), or None without `subspaces`."""
+        if self.shift is None:
+            return None
+        moved = self.shift - self.shift.mean(-1, keepdim=True)
+        return torch.cat([moved.new_zeros(1, moved.shape[1]), moved])
 
     def forward(self) -> Tensor:
         total = math.log(self.hi) - math.log(self.lo)
@@ -204,8 +216,8 @@ def start_levels(schedule, steps: int, start: str, num_classes: int | None,
     return "logsnr", logsnr_levels(schedule, steps, labels)
 
 
-def _run(model, schedule, plan, levels: Tensor, part: Teacher) -> Tensor:
-    grid = level_grid(schedule, levels, part.labels, plan.secondary or "end")
+def _run(model, schedule, plan, levels: Tensor, part: Teacher, offsets: Tensor | None = None) -> Tensor:
+    grid = offset_grid(level_grid(schedule, levels, part.labels, plan.secondary or "end"), offsets)
     B = part.z.shape[0]
     x = model.basis.scale(part.z, grid.g[:, 0].expand(B, -1).sqrt(), ids=model.basis.group_ids(part.labels))
     kwargs = {}
@@ -217,14 +229,14 @@ def _run(model, schedule, plan, levels: Tensor, part: Teacher) -> Tensor:
 
 
 def endpoint_error(model, schedule, plan, levels: Tensor, part: Teacher, batch: int = 64,
-                   distance: Distance | None = None) -> float:
+                   distance: Distance | None = None, offsets: Tensor | None = None) -> float:
     """Mean over samples of the RMS over pixels of (student endpoint - teacher endpoint), as `grid_fit` reports;
-    with `distance`, the mean of that distance instead."""
+    with `distance`, the mean of that distance instead. `offsets`: per-subspace offsets of the levels."""
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(part.seeds), batch):
             chunk = part.part(slice(i, i + batch))
-            x = _run(model, schedule, plan, levels.detach(), chunk)
+            x = _run(model, schedule, plan, levels.detach(), chunk, None if offsets is None else offsets.detach())
             per = pixel_mse(x, chunk.x0).sqrt() if distance is None else distance(x, chunk.x0)
             total += float(per.sum())
     return total / len(part.seeds)
@@ -233,12 +245,14 @@ def endpoint_error(model, schedule, plan, levels: Tensor, part: Teacher, batch: 
 def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Teacher, start: Tensor, *,
                  order: int | None = None, epochs: int = 10, batch: int = 16, lr: float = 0.05, seed: int = 0,
                  distance: Distance | None = None, per_class: bool = False, secondary: str | None = None,
-                 progress: bool = False) -> dict:
+                 per_subspace: bool = False, progress: bool = False) -> dict:
     """Learn the grid of `solver` (at `order`) for `nfe` network calls: returns {levels (list, descending), start,
     start_val, best_val, best_epoch, history: [{epoch, train_loss, val}], start_rms, best_rms}. `val` (the mean
     `distance` on the held-out seeds; without one, the pixel RMS) picks the kept grid; `*_rms` are the pixel RMS of
     the start and of the kept grid on them. `per_class`: one grid per class of a class-conditional schedule (each
-    starting from `start`; a class's levels learn from its own seeds only), returned as a list per class."""
+    starting from `start`; a class's levels learn from its own seeds only), returned as a list per class.
+    `per_subspace`: also each subspace's log-variance offset at every interior level (`LevelParameters.offsets`),
+    returned as `offsets` [N][K]."""
     loss_of = pixel_mse if distance is None else distance
     plan = resolve_sampler(solver, "learned", secondary, nfe, order)
     if plan.spec.stochastic:
@@ -250,16 +264,25 @@ def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Te
         if schedule.num_classes is None:
             raise ValueError("per_class: the model's schedule is global; a grid per class needs class-conditional "
                              "schedules")
-    params = LevelParameters(start.expand(schedule.num_classes, -1) if per_class else start, lo, hi)
+    params = LevelParameters(start.expand(schedule.num_classes, -1) if per_class else start, lo, hi,
+                             subspaces=model.basis.num_subspaces if per_subspace else None)
     optimiser = torch.optim.Adam(params.parameters(), lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    try:
+
+    def current() -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
-            begin = params().detach().clone()
-        best_val = start_val = endpoint_error(model, schedule, plan, begin, val, distance=distance)
+            offsets = params.offsets()
+            return params().detach().clone(), None if offsets is None else offsets.detach().clone()
+
+    def held_out(grid: tuple[Tensor, Tensor | None], by: Distance | None = distance) -> float:
+        return endpoint_error(model, schedule, plan, grid[0], val, distance=by, offsets=grid[1])
+
+    try:
+        begin = current()
+        best_val = start_val = held_out(begin)
         best, best_epoch, history = begin, 0, [{"epoch": 0, "val": start_val}]
         per_epoch = math.ceil(len(train.seeds) / batch)
         with tqdm(total=epochs * per_epoch, disable=not progress, desc=f"learn {solver} NFE {nfe}",
@@ -269,26 +292,25 @@ def learn_levels(model, schedule, solver: str, nfe: int, train: Teacher, val: Te
                 losses = []
                 for i in range(0, len(order_), batch):
                     part = train.part(order_[i:i + batch])
-                    loss = loss_of(_run(model, schedule, plan, params(), part), part.x0).mean()
+                    loss = loss_of(_run(model, schedule, plan, params(), part, params.offsets()), part.x0).mean()
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
                     losses.append(float(loss.detach()))
                     bar.update(1)
-                with torch.no_grad():
-                    levels = params().detach().clone()
-                err = endpoint_error(model, schedule, plan, levels, val, distance=distance)
+                grid = current()
+                err = held_out(grid)
                 history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val": err})
                 if err < best_val:
-                    best, best_val, best_epoch = levels, err, epoch
+                    best, best_val, best_epoch = grid, err, epoch
                 bar.set_postfix(val=f"{err:.4f}", best=f"{best_val:.4f}", start=f"{start_val:.4f}")
         rms = {"start_rms": start_val, "best_rms": best_val} if distance is None else {
-            "start_rms": endpoint_error(model, schedule, plan, begin, val),
-            "best_rms": endpoint_error(model, schedule, plan, best, val)}
+            "start_rms": held_out(begin, None), "best_rms": held_out(best, None)}
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {"levels": best.tolist(), "start": start.tolist(), "start_val": start_val,
+    offsets = {} if best[1] is None else {"offsets": best[1].tolist()}
+    return {"levels": best[0].tolist(), **offsets, "start": start.tolist(), "start_val": start_val,
             "best_val": best_val, "best_epoch": best_epoch, "history": history, **rms}
 
 
@@ -296,11 +318,11 @@ def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int
                 val: int = 32, teacher_steps: int = TEACHER_STEPS, epochs: int = 10, batch: int = 16,
                 lr: float = 0.05, start: str = "auto", fitted: dict | None = None, cache: str | Path | None = None,
                 distance: Distance | None = None, loss: str = "MSE to the teacher's endpoint",
-                per_class: bool = False, secondary: str | None = None,
-                progress: bool = False) -> tuple[dict[int, list[float]], dict[int, dict]]:
-    """({steps: learned levels}, {steps: how: start grid, errors, history}) for each NFE in `nfes`, from one teacher
-    run on `samples` training and `val` validation seeds (from `LEARN_SEED`); `loss` names `distance` in the
-    record."""
+                per_class: bool = False, secondary: str | None = None, per_subspace: bool = False,
+                progress: bool = False) -> tuple[dict[int, list | dict], dict[int, dict]]:
+    """({steps: learned levels, or {levels, offsets} with `per_subspace`}, {steps: how: start grid, errors,
+    history}) for each NFE in `nfes`, from one teacher run on `samples` training and `val` validation seeds (from
+    `LEARN_SEED`); `loss` names `distance` in the record."""
     seeds = range(LEARN_SEED, LEARN_SEED + samples + val)
     ref = teacher(model, schedule, seeds, steps=teacher_steps, cache=cache, progress=progress)
     train, held = ref.part(slice(0, samples)), ref.part(slice(samples, samples + val))
@@ -310,11 +332,12 @@ def learn_grids(model, schedule, solver: str, nfes: Sequence[int], *, order: int
         name, begin = start_levels(schedule, plan.steps, start, getattr(model, "num_classes", None), fitted)
         out = learn_levels(model, schedule, solver, nfe, train, held, begin, order=plan.order, epochs=epochs,
                            batch=batch, lr=lr, distance=distance, per_class=per_class, secondary=plan.secondary,
-                           progress=progress)
-        levels[plan.steps] = out.pop("levels")
+                           per_subspace=per_subspace, progress=progress)
+        levels[plan.steps] = out.pop("levels") if not per_subspace else {"levels": out.pop("levels"),
+                                                                          "offsets": out.pop("offsets")}
         how[plan.steps] = {"nfe": nfe, "start_grid": name, "teacher": "dpmpp-2m", "teacher_grid": "logsnr",
                            "teacher_steps": teacher_steps, "samples": samples, "val": val, "first_seed": LEARN_SEED,
                            "epochs": epochs, "batch": batch, "lr": lr, "loss": loss, "per_class": per_class,
-                           "secondary": plan.secondary,
+                           "per_subspace": per_subspace, "secondary": plan.secondary,
                            **out}
     return levels, how

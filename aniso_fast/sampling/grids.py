@@ -18,7 +18,7 @@ from ..geometry.schedules import MatrixSchedule, karras_sigmas
 
 __all__ = ["GridSpec", "GRIDS", "SECONDARIES", "Grid", "FittedGrids", "check_grid", "uniform_t",
            "geometric_sigma_span", "edm_sigma_t", "logsnr_grid", "logsnr_levels", "fitted_levels", "learned_levels",
-           "per_class_levels",
+           "per_class_levels", "learned_offsets", "offset_grid",
            "optimized_t", "schedule_grid", "karras_grid", "build_grid", "step_indices"]
 
 SECONDARIES = ("end", "mid")  # Heun's secondary point: the step's end point, or the midpoint in t
@@ -180,11 +180,7 @@ def fitted_levels(fitted: Mapping[int, Sequence[float]] | None, num_steps: int) 
     return _checked_levels(fitted[num_steps], num_steps, "fitted")
 
 
-def learned_levels(fitted: Mapping[int, Sequence[float]] | None, key: str | None, num_steps: int) -> Tensor:
-    """The geometric-mean sigma levels [num_steps] (or [C, num_steps], one grid per class: `learn-grid --per-class`)
-    of the `num_steps`-step grid learned for the solver `key`
-    (`spec.learned_key`; `grid_learn`, stored with a shipped model in `FittedGrids.learned`); ValueError naming
-    `grid` when the model has none for that solver and step count."""
+def _learned_entry(fitted, key: str | None, num_steps: int):
     learned = getattr(fitted, "learned", None) or {}
     if key not in learned or not learned[key]:
         have = f"it has learned grids for {', '.join(sorted(learned))}" if learned else "it has none"
@@ -193,7 +189,44 @@ def learned_levels(fitted: Mapping[int, Sequence[float]] | None, key: str | None
     if num_steps not in learned[key]:
         raise ValueError(f"grid: no grid learned for {key} at {num_steps} steps; the model has {key} grids for "
                          f"{', '.join(map(str, sorted(learned[key])))} steps")
-    return _checked_levels(learned[key][num_steps], num_steps, f"learned {key}")
+    return learned[key][num_steps]
+
+
+def learned_levels(fitted: Mapping[int, Sequence[float]] | None, key: str | None, num_steps: int) -> Tensor:
+    """The geometric-mean sigma levels [num_steps] (or [C, num_steps], one grid per class: `learn-grid --per-class`)
+    of the `num_steps`-step grid learned for the solver `key` (`spec.learned_key`; `grid_learn`, stored with a
+    shipped model in `FittedGrids.learned`); ValueError naming `grid` when the model has none for that solver and
+    step count."""
+    entry = _learned_entry(fitted, key, num_steps)
+    return _checked_levels(entry["levels"] if isinstance(entry, dict) else entry, num_steps, f"learned {key}")
+
+
+def learned_offsets(fitted, key: str | None, num_steps: int) -> Tensor | None:
+    """The per-subspace log-variance offsets [num_steps, K] of a learned grid (`learn-grid --per-subspace`), or
+    None for a grid without them."""
+    entry = _learned_entry(fitted, key, num_steps)
+    if not isinstance(entry, dict):
+        return None
+    offsets = torch.as_tensor(entry["offsets"], dtype=torch.float64)
+    if offsets.dim() != 2 or offsets.shape[0] != num_steps or not bool(torch.isfinite(offsets).all()):
+        raise ValueError(f"grid: the learned {key} {num_steps}-step grid's offsets are not {num_steps} rows of "
+                         f"finite per-subspace values")
+    return offsets
+
+
+def offset_grid(grid: "Grid", offsets: Tensor | None) -> "Grid":
+    """A grid with each subspace's log-variance moved by `offsets` [N, K] at the N levels (its own clock; the end
+    point stays), the midpoints by the mean of their ends' offsets; `grid` itself for None."""
+    if offsets is None:
+        return grid
+    K = grid.g.shape[-1]
+    if offsets.shape != (grid.num_steps, K):
+        raise ValueError(f"grid: the learned grid's offsets are {tuple(offsets.shape)}, expected "
+                         f"({grid.num_steps}, {K}) for this model's {K} subspaces")
+    ends = torch.cat([offsets, torch.zeros_like(offsets[:1])])  # t = 0 stays
+    g = grid.g * ends.exp()
+    g_sec = None if grid.g_sec is None else grid.g_sec * ((ends[:-1] + ends[1:]) / 2).exp()
+    return Grid(g=g, g_sec=g_sec, t=grid.t)
 
 
 def optimized_t(schedule: MatrixSchedule, fitted: Mapping[int, Sequence[float]] | None, num_steps: int,
@@ -250,7 +283,8 @@ def build_grid(grid: str, schedule: MatrixSchedule | None, num_steps: int, label
              "optimized": lambda: optimized_t(schedule, fitted, num_steps, labels),
              "learned": lambda: _on_geometric_mean(schedule, learned_levels(fitted, learned_key, num_steps), labels,
                                                    48)}
-    return schedule_grid(schedule, times[grid](), labels, secondary)
+    built = schedule_grid(schedule, times[grid](), labels, secondary)
+    return offset_grid(built, learned_offsets(fitted, learned_key, num_steps)) if grid == "learned" else built
 
 
 def step_indices(num_steps: int, progress: bool = False, calls_per_step: int = 1, last_step_calls: int | None = None):

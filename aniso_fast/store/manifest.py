@@ -80,7 +80,7 @@ class Manifest:
         grids learned per solver in `.learned` (solver key -> {steps: levels})."""
         grids = (self.models.get(name) or {}).get("grids", {})
         return FittedGrids({int(k): list(v) for k, v in grids.get("optimized", {}).items()},
-                           {key: {int(k): list(v) for k, v in by_steps.items()}
+                           {key: {int(k): dict(v) if isinstance(v, dict) else list(v) for k, v in by_steps.items()}
                             for key, by_steps in grids.get("learned", {}).items()})
 
 
@@ -161,6 +161,12 @@ def entry_problem(entry: Any) -> str | None:
         if not isinstance(by_steps, dict):
             return f"grids.learned[{key!r}] is not an object (steps -> levels)"
         for steps, levels in by_steps.items():
+            if isinstance(levels, dict):  # {"levels": ..., "offsets": [steps][K]}: per-subspace offsets too
+                offsets = levels.get("offsets")
+                if set(levels) != {"levels", "offsets"} or not _offsets_ok(steps, offsets):
+                    return (f"grids.learned[{key!r}][{steps[:24]!r}] is not {{'levels', 'offsets'}} with that many "
+                            f"rows of per-subspace offsets (finite, |offset| < 50, the first row 0)")
+                levels = levels["levels"]
             per_class = isinstance(levels, list) and bool(levels) and all(isinstance(v, list) for v in levels)
             if per_class and not entry.get("class_schedules"):
                 return (f"grids.learned[{key!r}][{steps[:24]!r}] has one grid per class, and the model's schedule is "
@@ -169,6 +175,18 @@ def entry_problem(entry: Any) -> str | None:
                 return (f"grids.learned[{key!r}][{steps[:24]!r}] is not that many positive, descending levels below "
                         f"1e150 (their squares are variances), or one such list per class")
     return None
+
+
+def _offsets_ok(steps: Any, offsets: Any) -> bool:
+    """`steps` rows of K per-subspace log-variance offsets: finite, below 50 in size, the first row (the start
+    noise) all 0."""
+    if not (isinstance(steps, str) and _COUNT.match(steps) and isinstance(offsets, list)
+            and len(offsets) == int(steps) and all(isinstance(r, list) and r for r in offsets)
+            and len({len(r) for r in offsets}) == 1):
+        return False
+    values = [v for r in offsets for v in r]
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 50
+                for v in values) and all(v == 0 for v in offsets[0]))
 
 
 def _levels_ok(steps: Any, levels: Any) -> bool:

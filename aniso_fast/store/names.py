@@ -129,8 +129,10 @@ def set_fitted_grids(name: str, levels: dict[int, list[float]], fit: dict,
     update(Path(assets if assets is not None else assets_dir()), change)
 
 
-def _floats(levels) -> list:
-    """Levels as JSON floats: a list, or one list per class."""
+def _floats(levels) -> list | dict:
+    """Levels as JSON floats: a list, one list per class, or {levels, offsets} (per-subspace offsets too)."""
+    if isinstance(levels, Mapping):
+        return {k: _floats(v) for k, v in levels.items()}
     return [_floats(v) if isinstance(v, (list, tuple)) else float(v) for v in levels]
 
 
