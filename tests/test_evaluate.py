@@ -772,7 +772,7 @@ def test_recipe_resolves_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a recipe"):
         recipes.load_recipe("fmnist")
     with pytest.raises(ValueError, match=r"nope: no such recipe file, and not a shipped recipe "
-                                         r"\(fmnist, fmnist-headline\)"):
+                                         r"\(fmnist, fmnist-headline, fmnist-vsdm-basis\)"):
         recipes.load_recipe("nope")
     assert "fmnist" in recipes.shipped_recipes()
 

@@ -532,8 +532,8 @@ def _targets_markdown(result: dict, recipe: dict, nfes: Sequence[int]) -> list[s
     said += [f"at NFE {', '.join(below_nfes)} below the best peer"] if below_nfes else []
     lines = [f"## Against the best peer ({whose})", "",
              f"Best peer: the lowest FD over the samplers of the {', '.join(f'`{p}`' for p in peers)} "
-             f"row{'s' if len(peers) > 1 else ''} (isotropic networks and peer solvers; ablations excluded). Best "
-             f"anisotropic: the lowest FD over the rows whose model has more than one subspace. Paired difference: "
+             f"row{'s' if len(peers) > 1 else ''} (the recipe's `peers`; ablations excluded). Best anisotropic: the "
+             f"lowest FD over the other rows whose model has more than one subspace. Paired difference: "
              f"best anisotropic minus best peer on the same seeds (seed set 0), with the bootstrap SE of the "
              f"difference (the seeds resampled jointly). Targets: {'; '.join(said) or 'none'}.", "",
              "| NFE | best peer | FD | best anisotropic | FD | ratio | error bars apart | paired difference | target "
