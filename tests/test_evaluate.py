@@ -807,3 +807,19 @@ def test_table_paired_difference_of_the_best_cells(gmm_recipe, tmp_path):  # iss
     assert generated and not any(list(a[4]) == list(range(8)) for a in generated)  # the figures' samples, no cell's
     md = table.results_markdown(result, recipe, "cmd", {})
     assert f"{p['difference']:+.3f} ± {p['se']:.3f}" in md
+
+
+@pytest.mark.parametrize("name", ["fmnist-headline", "fmnist-vsdm-basis"])
+def test_study_recipes_load_and_name_their_rows(name):  # issue 25: the headline cells and the VSDM basis
+    """The study recipes load (their rows are the fmnist recipe's, the same training), their peers and targets are
+    valid, and their table command selects rows they have."""
+    import shlex
+
+    recipe = recipes.load_recipe(name)
+    main_rows = {r["name"]: r for r in recipes.load_recipe("fmnist")["rows"]}
+    for row in recipe["rows"]:
+        assert row["train"] == main_rows[row["name"]]["train"] and row["out"] == main_rows[row["name"]]["out"]
+    argv = shlex.split(recipe["table_command"])
+    only = argv[argv.index("--only") + 1].split(",")
+    assert recipes.select_rows(recipe, only) and set(recipes.peer_rows(recipe)) <= set(only)
+    assert recipe["targets"]
