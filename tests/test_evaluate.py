@@ -316,6 +316,12 @@ def test_table_floor_winners_skips_cache_and_figure(gmm_recipe, tmp_path, monkey
     assert f"Data floor: FD {floor['mean']:.2f} ± {floor['se']:.2f}" in md
     assert (tmp_path / "docs" / "figures" / "fd-vs-nfe.png").stat().st_size > 5000 and "figures/fd-vs-nfe.png" in md
     assert "Karras grid (EDM), NFE 4: nfe: end-point Heun" in md  # the reason for a '—'
+    before = (tmp_path / "docs" / "figures" / "fd-vs-nfe.png").read_bytes()
+    other = table.write_table(again, extras, recipe, tmp_path / "docs" / "HEADLINE.md", tmp_path / "docs" / "h.json",
+                              "cmd").read_text()  # a study's table names its figures after itself
+    assert "figures/headline-fd-vs-nfe.png" in other
+    assert (tmp_path / "docs" / "figures" / "headline-fd-vs-nfe.png").is_file()
+    assert (tmp_path / "docs" / "figures" / "fd-vs-nfe.png").read_bytes() == before
     lines = md.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| model | sampler | NFE 3")))
     head, body = lines[start], lines[start + 2:lines.index("", start)]

@@ -703,10 +703,12 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
 def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str,
                 sections: Sequence[str] = ()) -> Path:
     """docs/RESULTS.md, docs/results.json and docs/figures/*.png from a results_table() run; `sections`: Markdown
-    lines appended (the precision gate's section)."""
+    lines appended (the precision gate's section). Another document than a RESULTS.md (a study recipe's table) names
+    its figures after itself (figures/headline-fd-vs-nfe.png), so that it leaves the main table's in place."""
     from ..utils.data import FASHION_MNIST_CLASSES
 
     figdir = out.parent / "figures"
+    prefix = "" if out.stem == "RESULTS" else f"{out.stem.lower()}-"
     figures = {}
     labels = {r["name"]: r["label"] for r in recipe["rows"]}
     nfe = result["protocol"].get("sample_nfe", 9)
@@ -715,19 +717,20 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
                for row, _, cells in _lines(result) if cells]
     if plotted:
         floor = result.get("floor")
-        plot_fd_vs_nfe(plotted, figdir / "fd-vs-nfe.png", f"FD against NFE ({recipe.get('title', '')})",
+        plot_fd_vs_nfe(plotted, figdir / f"{prefix}fd-vs-nfe.png", f"FD against NFE ({recipe.get('title', '')})",
                        (floor["mean"], floor["se"]) if floor else None,
                        groups=[row["name"] for row, _, cells in _lines(result) if cells])
-        figures["fd"] = "figures/fd-vs-nfe.png"
+        figures["fd"] = f"figures/{prefix}fd-vs-nfe.png"
     if extras:
         blocks = [(labels[name], images, model.num_classes or 1) for name, (model, _, images, _) in extras.items()]
-        plot_samples(blocks, figdir / f"samples-nfe{nfe}.png", f"Samples at NFE {nfe}, each row's own sampler")
-        figures["samples"] = f"figures/samples-nfe{nfe}.png"
+        plot_samples(blocks, figdir / f"{prefix}samples-nfe{nfe}.png", f"Samples at NFE {nfe}, each row's own sampler")
+        figures["samples"] = f"figures/{prefix}samples-nfe{nfe}.png"
     for name, (model, schedule, _, _) in extras.items():
         if next(r for r in recipe["rows"] if r["name"] == name).get("schedule_figure", True):
             class_names = FASHION_MNIST_CLASSES if schedule.num_classes == 10 else None
-            plot_schedule(schedule, figdir / f"schedule-{name}.png", f"Learned schedule: {labels[name]}", class_names)
-            figures[name] = f"figures/schedule-{name}.png"
+            plot_schedule(schedule, figdir / f"{prefix}schedule-{name}.png", f"Learned schedule: {labels[name]}",
+                          class_names)
+            figures[name] = f"figures/{prefix}schedule-{name}.png"
     atomic_write_text(json_path, json.dumps(result, indent=1))
     atomic_write_text(out, results_markdown(result, recipe, command, figures, sections))
     return out
