@@ -829,3 +829,31 @@ def test_study_recipes_load_and_name_their_rows(name):  # issue 25: the headline
     only = argv[argv.index("--only") + 1].split(",")
     assert recipes.select_rows(recipe, only) and set(recipes.peer_rows(recipe)) <= set(only)
     assert recipe["targets"]
+
+
+def test_cell_features_of_a_learned_cell_with_offsets(monkeypatch, tmp_path):  # issue 25
+    """A cell on a learned grid with per-subspace offsets is keyed by its levels and offsets; `cell_features` (the
+    paired comparisons' reader) finds the table's cached features for it, and other offsets make another cell."""
+    from aniso_fast.sampling import grids as G
+
+    model, schedule = store.StoredModel.open("gmm-fmnist").load()
+    K = model.basis.num_subspaces
+    levels = G.logsnr_levels(schedule, 4).tolist()
+    offsets = [[0.0] * K] + [[0.1 * (-1) ** k for k in range(K)] for _ in range(3)]
+    fitted = G.FittedGrids({}, {"ipndm-4": {4: {"levels": levels, "offsets": offsets}}})
+    monkeypatch.setattr(table, "resolve_row", lambda row, source: {
+        "status": "ok", "where": "mixture", "id": "test:offsets", "load": lambda device="cpu": (model, schedule),
+        "fitted": fitted})
+    recipe = {"title": "tiny", "rows": [{"name": "a", "label": "row A", "out": "-", "schedule_figure": False,
+                                         "eval": [{"solver": "ipndm", "grid": "learned", "order": 4}]}]}
+    images = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    scorer = features.FrechetScorer(lambda u8: u8.flatten(1)[:, ::98].float().numpy() / 255, images, id="px8")
+    kw = dict(n=8, batch=8, per_class=1, progress=False, bootstrap=5, cache=tmp_path / "cache", sample_nfe=4)
+    result = table.results_table(recipe, scorer, nfes=[4], **kw)[0]
+    cell = result["rows"][0]["cells"][0]
+    assert cell["offsets"] == offsets and cell["levels"] == levels
+    feats = table.cell_features(tmp_path / "cache", "test:offsets", cell, scorer)
+    assert feats.shape[0] == 8
+    fitted.learned["ipndm-4"][4] = {"levels": levels, "offsets": [[0.0] * K] * 4}
+    again = table.results_table(recipe, scorer, nfes=[4], previous=result, **kw)[0]["rows"][0]["cells"][0]
+    assert again["offsets"] != cell["offsets"] and again["fd"] != cell["fd"]

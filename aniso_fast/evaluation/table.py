@@ -199,14 +199,24 @@ def paired_difference(features_a: np.ndarray, features_b: np.ndarray, mu_ref: np
     return fd(features_a) - fd(features_b), se
 
 
+# what a cell's grid and run add to its cache key (`_grid_key`, `_precision_key`), as its record carries them
+_KEYED = ("levels", "offsets", "precision", "memory_format")
+
+
+def _cell_what(model_id: str, cfg: dict, nfe: int, n: int, seed_set: int, keyed: dict) -> dict:
+    """The cache key of one seed set of a cell: the model, the sampler (`_cell_key`), NFE, N, the seed set, and the
+    grid's and the run's keys found in `keyed`."""
+    return {"model": model_id, **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": seed_set,
+            **{k: keyed[k] for k in _KEYED if k in keyed}}
+
+
 def cell_features(cache: str | Path, model_id: str, cell: dict, scorer, seed_set: int = 0,
                   row_model=None) -> np.ndarray:
     """The features of a results-table cell (a cell of results.json, its row's `model_id`) in `scorer`'s space, from
     the table's cache folder, as the table caches them. A cell not cached there is generated again when `row_model`
     (model, schedule, fitted grids) is given (and cached), else FileNotFoundError."""
     cfg = {k: cell[k] for k in ("solver", "grid", "secondary", "order")}
-    what = {"model": model_id, **cfg, "nfe": cell["nfe"], "n": cell["n"], "seed_set": seed_set,
-            **({"levels": cell["levels"]} if "levels" in cell else {})}
+    what = _cell_what(model_id, cfg, cell["nfe"], cell["n"], seed_set, cell)
     store = _Cache(cache)
     if row_model is None and not store.path(what).is_file():
         raise FileNotFoundError(f"{store.path(what)}: the cell's samples were not cached there")
@@ -373,8 +383,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 except ValueError as e:
                     entry["cells"].append({**_cell_key(cfg), "nfe": nfe, "n": n, "skipped": str(e)})
                     continue
-                first = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": 0, **grid_key,
-                         **run_key}
+                first = _cell_what(found["id"], cfg, nfe, n, 0, {**grid_key, **run_key})
                 sources[(row["name"], key[0], nfe)] = (first, lambda cfg=cfg, nfe=nfe, generate=generate: generate(
                     cfg, nfe, _seed_list(0, n)))
                 if key in old_cells and all(old_cells[key].get(k) == grid_key.get(k) for k in ("levels", "offsets")):
@@ -382,8 +391,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 else:
                     t0, sets = time.perf_counter(), []
                     for s in range(seeds):
-                        what = {"model": found["id"], **_cell_key(cfg), "nfe": nfe, "n": n, "seed_set": s, **grid_key,
-                                **run_key}
+                        what = _cell_what(found["id"], cfg, nfe, n, s, {**grid_key, **run_key})
                         sets.append(store.features(what, scorer, lambda s=s: generate(cfg, nfe, _seed_list(s, n))))
                     cell = {**_cell_key(cfg), "nfe": nfe, "n": n, **grid_key, **run_key,
                             **_score(sets, scorer, bootstrap), "seconds": round(time.perf_counter() - t0, 1)}
@@ -419,8 +427,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     continue
                 cell = old_inc.get((nfe, inception_n))
                 if cell is None or any(cell.get(k) != grid_key.get(k) for k in ("levels", "offsets")):
-                    what = {"model": found["id"], **_cell_key(primary), "nfe": nfe, "n": inception_n, "seed_set": 0,
-                            **grid_key, **run_key}
+                    what = _cell_what(found["id"], primary, nfe, inception_n, 0, {**grid_key, **run_key})
                     feats = store.features(what, inception_scorer, lambda: generate(
                         primary, nfe, _seed_list(0, inception_n)))
                     from .metrics import frechet_distance_from_statistics
