@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # options with no bad value: flags (given or not) and free text
 NO_BAD_VALUE = {"--no-progress", "--progress", "--force", "--cond", "--no-cond", "--xflip",
          "--no-estimator", "--no-optional", "--fresh", "--set-default", "--dry-run", "--no-export", "--default",
-         "--description", "--inception", "--record-scores"}
+         "--description", "--inception", "--record-scores", "--per-class", "--per-subspace"}
 
 BAD: dict[str, dict[str, list[list[str]]]] = {
     "sample": {
@@ -221,6 +221,8 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--batch": [["--batch", "0"]],
         "--lr": [["--lr", "0"], ["--lr", "nan"]],
         "--start": [["--start", "bogus"]],
+        "--loss": [["--loss", "lpips"]],
+        "--secondary": [["--secondary", "bogus"]],
         "--cache": [["--cache", "teacher.npz"], ["--cache", UNDER_A_FILE + ".pt"]],
         "--threads": [["--threads", "0"]],
     },
