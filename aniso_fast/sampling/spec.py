@@ -132,7 +132,8 @@ def sampler_name(solver: str, grid: str, secondary: str | None = None, order: in
         return named[0]
     spec = SOLVERS[solver]
     shown = f" order {order}" if order is not None and spec.order_in_name else ""
-    return f"{spec.label}{shown}, {GRIDS[grid].label}"
+    point = "midpoint " if secondary == "mid" and spec.secondaries else ""
+    return f"{point}{spec.label}{shown}, {GRIDS[grid].label}"
 
 
 def sampler_code(solver: str, grid: str, secondary: str | None = None, order: int | None = None) -> str:
@@ -140,7 +141,8 @@ def sampler_code(solver: str, grid: str, secondary: str | None = None, order: in
     named = NAMED_SAMPLERS.get((solver, grid, secondary or "end"))
     if named is not None and order is None:
         return named[1]
-    return f"{SOLVERS[solver].code}{order or ''}-{GRIDS[grid].code}"
+    mid = "m" if secondary == "mid" and SOLVERS[solver].secondaries else ""
+    return f"{SOLVERS[solver].code}{mid}{order or ''}-{GRIDS[grid].code}"
 
 
 @dataclass(frozen=True)
