@@ -520,12 +520,19 @@ def _check_learn_grid(args):
         spec.check_order(args.order)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
+    if args.loss == "classifier" and not CLASSIFIER_ASSET.is_file():
+        raise ValueError(f"--loss: classifier needs the shipped classifier ({CLASSIFIER_ASSET} is missing; "
+                         f"python -m aniso_fast.evaluate classifier)")
     plans = {}
     for nfe in args.nfe:
         try:
             plans[nfe] = family.resolve_sampler(args.solver, "learned", args.secondary, nfe, args.order)
         except ValueError as e:
             raise ValueError(f"--nfe: {e}") from None
+        same = next((k for k in plans if k != nfe and plans[k].steps == plans[nfe].steps), None)
+        if same is not None:  # grids are stored per step count: midpoint Heun spends 2N - 1 and 2N calls in N steps
+            raise ValueError(f"--nfe: {same} and {nfe} network calls are both {plans[nfe].steps} steps of "
+                             f"{args.solver}, and a learned grid is stored per step count; learn one of them")
         if plans[nfe].steps < 2:
             raise ValueError(f"--nfe: {nfe} network calls are 1 step of {args.solver}: nothing to learn (the first "
                              f"level is fixed)")

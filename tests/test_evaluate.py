@@ -854,6 +854,11 @@ def test_cell_features_of_a_learned_cell_with_offsets(monkeypatch, tmp_path):  #
     assert cell["offsets"] == offsets and cell["levels"] == levels
     feats = table.cell_features(tmp_path / "cache", "test:offsets", cell, scorer)
     assert feats.shape[0] == 8
+    # a cell without offsets keeps the cache key it had before the rule moved into `_cell_what` (old caches hit)
+    cfg = {"solver": "ipndm", "grid": "learned", "order": 4}
+    old_key = {"model": "m", "solver": "ipndm", "grid": "learned", "secondary": None, "order": 4, "nfe": 4, "n": 8,
+               "seed_set": 0, "levels": levels}
+    assert table._cell_what("m", cfg, 4, 8, 0, {"levels": levels, "fd": [1.0]}) == old_key
     fitted.learned["ipndm-4"][4] = {"levels": levels, "offsets": [[0.0] * K] * 4}
     again = table.results_table(recipe, scorer, nfes=[4], previous=result, **kw)[0]["rows"][0]["cells"][0]
     assert again["offsets"] != cell["offsets"] and again["fd"] != cell["fd"]

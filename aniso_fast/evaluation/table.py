@@ -441,7 +441,8 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     print(f"{row['name']:10s} Inception FID NFE {nfe:3d}: {cell['fid']:.2f}", flush=True)
                 if on_update is not None:
                     on_update(result)
-    result["paired"] = _paired(result, recipe, nfes, sources, store, scorer, bootstrap)
+    measured = sorted({*nfes, *(c["nfe"] for row in result["rows"] for c in row["cells"])})  # and samplers' own
+    result["paired"] = _paired(result, recipe, measured, sources, store, scorer, bootstrap)
     dist.broadcast_object(None)  # releases `serve_samples`
     return result, extras
 
