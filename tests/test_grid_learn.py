@@ -516,3 +516,24 @@ def test_learn_grid_per_subspace_cli_stores_offsets_that_sample_uses(tiny_checkp
     assert sample_main(["--model", "tiny", "--grid", "learned", "--solver", "heun", "--secondary", "mid", "--nfe", "5",
                         "--count", "2", "--outdir", str(out), "--no-progress"]) == 0
     assert any(out.iterdir())
+
+
+def test_learn_grid_refuses_per_class_on_a_global_schedule_and_a_missing_classifier(tiny_checkpoint, assets, capsys,
+                                                                                      monkeypatch, tmp_path):
+    """`--per-class` on a model whose schedule is global, and `--loss classifier` without the shipped classifier:
+    one line naming the option, exit 2, the manifest unchanged."""
+    from aniso_fast import evaluate
+
+    assert models.main(["export", str(tiny_checkpoint), "--name", "tiny"]) == 0
+    capsys.readouterr()
+    doc = json.loads((assets / "manifest.json").read_text())
+    doc["models"]["tiny"]["class_schedules"] = False  # as a global-schedule model's entry reads
+    (assets / "manifest.json").write_text(json.dumps(doc))
+    before = (assets / "manifest.json").read_text()
+    argv = ["learn-grid", "--model", "tiny", "--solver", "ipndm", "--nfe", "4", "--no-progress"]
+    assert evaluate_main([*argv, "--per-class"]) == 2
+    one_line_error(capsys, "--per-class", "class-conditional")
+    monkeypatch.setattr(evaluate, "CLASSIFIER_ASSET", tmp_path / "missing.safetensors")
+    assert evaluate_main([*argv, "--loss", "classifier"]) == 2
+    one_line_error(capsys, "--loss", "classifier")
+    assert (assets / "manifest.json").read_text() == before

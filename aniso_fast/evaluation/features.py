@@ -70,33 +70,34 @@ class FrechetScorer(FeatureMap):
         return scorer
 
 
-def classifier_features(path: str | os.PathLike = CLASSIFIER_ASSET) -> FeatureMap:
-    """The shipped Fashion-MNIST classifier's feature space (uint8 1x28x28 images), named by its weights' hash."""
-    from ..utils.data import to_model_range
+def _shipped_classifier(path: Path):
+    """The shipped classifier's network; FileNotFoundError naming how to ship it when it is missing."""
     from .classifier import load_classifier
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier: {path} is missing; train and ship it with "
                                 f"`python -m aniso_fast.evaluate classifier`")
-    clf = load_classifier(path)
+    return load_classifier(path)
+
+
+def classifier_features(path: str | os.PathLike = CLASSIFIER_ASSET) -> FeatureMap:
+    """The shipped Fashion-MNIST classifier's feature space (uint8 1x28x28 images), named by its weights' hash."""
+    from ..utils.data import to_model_range
+
+    path = Path(path)
+    clf = _shipped_classifier(path)
     sha = json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
     space = FeatureMap(lambda u8: clf.features(to_model_range(u8)).numpy(), id=f"fmnist-classifier:{sha[:16]}")
     space.accuracy = clf.metadata.get("test_accuracy")
     return space
 
 
-def feature_distance(path: str | os.PathLike = CLASSIFIER_ASSET) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def feature_distance(path: str | os.PathLike = CLASSIFIER_ASSET
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A perceptual distance for learning grids (`grid_learn`, `learn-grid --loss classifier`): per sample, the mean
     square difference of the shipped classifier's features of two model-range images [B, 1, 28, 28], each clamped to
     [-1, 1] (differentiable; no uint8 rounding). The classifier runs in eval mode with its weights frozen."""
-    from .classifier import load_classifier
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier: {path} is missing; train and ship it with "
-                                f"`python -m aniso_fast.evaluate classifier`")
-    clf = load_classifier(path).eval().requires_grad_(False)
+    clf = _shipped_classifier(Path(path)).eval().requires_grad_(False)
 
     def distance(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         f = clf.features(x.to(torch.float32).clamp(-1, 1))

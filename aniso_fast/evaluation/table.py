@@ -441,10 +441,14 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                     print(f"{row['name']:10s} Inception FID NFE {nfe:3d}: {cell['fid']:.2f}", flush=True)
                 if on_update is not None:
                     on_update(result)
-    measured = sorted({*nfes, *(c["nfe"] for row in result["rows"] for c in row["cells"])})  # and samplers' own
-    result["paired"] = _paired(result, recipe, measured, sources, store, scorer, bootstrap)
+    result["paired"] = _paired(result, recipe, _measured_nfes(result, nfes), sources, store, scorer, bootstrap)
     dist.broadcast_object(None)  # releases `serve_samples`
     return result, extras
+
+
+def _measured_nfes(result: dict, nfes: Sequence[int]) -> list[int]:
+    """The table's NFEs and the samplers' own (an eval entry's `nfes`), ascending."""
+    return sorted({*nfes, *(c["nfe"] for row in result["rows"] for c in row["cells"])})
 
 
 def _paired(result: dict, recipe: dict, nfes: Sequence[int], sources: dict, store, scorer, bootstrap: int) -> list:
@@ -598,7 +602,7 @@ def _sampler_name(key: tuple) -> str:
 def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str],
                      sections: Sequence[str] = ()) -> str:
     p = result["protocol"]
-    nfes = sorted({*p["nfes"], *(c["nfe"] for row in result["rows"] for c in row["cells"])})  # and samplers' own
+    nfes = _measured_nfes(result, p["nfes"])
     head = "| model | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " | NFE to converge |"
     rule = "|---|---|" + "---|" * len(nfes) + "---|"
     recipe_rows = {r["name"]: r for r in recipe["rows"]}
