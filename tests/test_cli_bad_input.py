@@ -160,6 +160,7 @@ BAD: dict[str, dict[str, list[list[str]]]] = {
         "--inception-n": [["--inception-n", "0"]],
         "--inception-nfe": [["--inception-nfe", "abc"]],
         "--inception-ref-n": [["--inception-ref-n", "0"]],
+        "--inception-sampler": [["--inception-sampler", "bogus"]],
         "--batch": [["--batch", "0"]],
         "--out": [["--out", UNDER_A_FILE + ".md"]],
         "--json": [["--json", UNDER_A_FILE + ".json"]],

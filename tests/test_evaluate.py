@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from aniso_fast import evaluate  # noqa: E402
-from aniso_fast.evaluation import classifier, features  # noqa: E402
+from aniso_fast.evaluation import classifier, features, metrics  # noqa: E402
 from aniso_fast import store  # noqa: E402
 from aniso_fast.evaluation import recipes  # noqa: E402
 from aniso_fast.evaluation import table  # noqa: E402
@@ -322,6 +322,14 @@ def test_table_floor_winners_skips_cache_and_figure(gmm_recipe, tmp_path, monkey
     assert "figures/headline-fd-vs-nfe.png" in other
     assert (tmp_path / "docs" / "figures" / "headline-fd-vs-nfe.png").is_file()
     assert (tmp_path / "docs" / "figures" / "fd-vs-nfe.png").read_bytes() == before
+    # a section written by hand below the BY_HAND line survives a regeneration; without the line nothing is kept
+    path = tmp_path / "docs" / "RESULTS.md"
+    path.write_text(md + "stale generated text\n" + table.BY_HAND + "\n## Notes\n\nkept\n")
+    again_md = table.write_table(again, extras, recipe, path, tmp_path / "docs" / "r.json", "cmd").read_text()
+    assert again_md.startswith(md.rstrip("\n")) and again_md.endswith(table.BY_HAND + "\n## Notes\n\nkept\n")
+    assert "stale generated text" not in again_md
+    path.write_text("## Notes\n\nlost\n")
+    assert "lost" not in table.write_table(again, extras, recipe, path, tmp_path / "docs" / "r.json", "cmd").read_text()
     lines = md.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| model | sampler | NFE 3")))
     head, body = lines[start], lines[start + 2:lines.index("", start)]
@@ -454,6 +462,8 @@ def test_missing_or_malformed_recipe_is_refused(cmd, variant, no_work, capsys): 
     (["--out", "{tmp}/file/RESULTS.md"], "--out"), (["--json", "{tmp}/file/results.json"], "--json"),
     (["--json", "{tmp}/file"], "--json"),  # a previous results.json that is not one
     (["--source", "nowhere"], "--source"),
+    # issue 25: the best cell at an NFE the table does not measure
+    (["--inception", "--inception-sampler", "best", "--nfe", "3,5", "--inception-nfe", "4"], "--inception-nfe"),
 ])
 def test_table_refuses_bad_arguments_before_work(args, option, no_work, capsys):  # issue 10
     argv = ["table", "--out", f"{no_work}/out/RESULTS.md", "--json", f"{no_work}/out/results.json",
@@ -688,6 +698,56 @@ def test_table_caches_the_inception_reference(gmm_recipe, tmp_path):  # issue 11
     seen.clear()
     again = table.results_table(recipe, scorer, nfes=[3], **kw)[0]
     assert seen == [] and again["rows"][0]["inception"][0]["fid"] == first["rows"][0]["inception"][0]["fid"]
+
+
+def test_inception_of_each_rows_best_cell(gmm_recipe, tmp_path, monkeypatch):  # issue 25: Inception FID of the headline cells
+    """--inception-sampler best: at each Inception NFE, the row's lowest-FD sampler there (not its first), on the
+    FD cell's own samples when N agrees (no sampling again), and the markdown names the sampler; a resumed run
+    reuses the cell only for the same sampler."""
+    recipe, scorer, images = gmm_recipe
+
+    class Fake:
+        id = "fake-inception"
+
+        def __call__(self, u8):
+            return u8.flatten(1)[:, ::50].float().numpy() / 255
+
+    recipe = dict(recipe, rows=recipe["rows"][1:])  # row b: midpoint Heun first, then iPNDM-4
+    kw = dict(n=8, batch=8, per_class=1, progress=False, bootstrap=5, cache=tmp_path / "cache", inception=Fake(),
+              inception_n=8, inception_nfes=[4, 5], inception_ref=images[:30], inception_sampler="best",
+              floor_images=images, floor_labels=torch.arange(64) % 4)
+    calls = []
+    monkeypatch.setattr(table, "_generate", lambda *a, _g=table._generate: calls.append(a[3]) or _g(*a))
+    result = table.results_table(recipe, scorer, nfes=[4, 5], **kw)[0]
+    row = result["rows"][0]
+    assert [c["nfe"] for c in row["inception"]] == [4, 5] and len(calls) == 4 + 1  # the FD cells, then the figure
+    for inc in row["inception"]:
+        scored = [c for c in row["cells"] if c["nfe"] == inc["nfe"] and "mean" in c]
+        assert len(scored) == 2 and table.sampler_key(inc) == table.sampler_key(min(scored, key=lambda c: c["mean"]))
+    # on these seeds the first sampler wins at one NFE and not at the other, so 'best' is not 'own'
+    assert len({table.sampler_key(c) for c in row["inception"]}) == 2
+    md = table.results_markdown(result, recipe, "cmd", {})
+    line = next(x for x in md.splitlines() if x.startswith("| row B |") and "±" not in x)
+    assert line.count("(") == 2 and table.sampler_code(row["inception"][0]) in line
+    # the Inception data floor: the FD floor's images (seed set 0, N = 8) in Inception's features
+    pick = table._floor_pick(8, 64, torch.arange(64) % 4, table._floor_rng(0))
+    fake = Fake()
+    want = metrics.frechet_distance(fake(images[torch.from_numpy(pick)]), fake(images[:30]))
+    assert result["inception_floor"] == {"n": 8, "fid": pytest.approx(want)}
+    assert f"Data floor: FID {want:.2f}" in md
+
+    # the same cells come back from the record (no cache: only the reference's features are computed again); a
+    # cell recorded for another sampler is not reused
+    seen = []
+    monkeypatch.setattr(Fake, "__call__", lambda self, u8: seen.append(len(u8)) or u8.flatten(1)[:, ::50].float().numpy())
+    kw["cache"] = None
+    again = table.results_table(recipe, scorer, nfes=[4, 5], previous=result, **kw)[0]
+    assert again["rows"][0]["inception"] == row["inception"] and seen == [30, 8]  # the reference, the floor
+    seen.clear()
+    inc = row["inception"]
+    other = [{**c, **table._cell_key(d)} for c, d in zip(inc, inc[::-1])]  # each NFE recorded for the other sampler
+    table.results_table(recipe, scorer, nfes=[4, 5], previous={**result, "rows": [{**row, "inception": other}]}, **kw)
+    assert seen == [30, 8, 8, 8]
 
 
 def test_against_peers_and_the_targets_section():  # issue 11's targets, computed from the table

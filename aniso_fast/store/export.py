@@ -47,8 +47,8 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
 
     Kept: the EMA network (stored in `net_dtype`, loaded back as float32), the basis tensors (PCA bases in
     float32) and the schedule parameters; configurations and provenance go in the safetensors metadata.
-    An existing shipped model of that name is replaced only with `force` (its fitted grids are dropped: they
-    belong to its network).
+    An existing shipped model of that name is replaced only with `force` (its fitted grids, and the per-NFE
+    defaults that name it, are dropped: their grids and FDs belong to its network).
     """
     _check_name(name)
     if net_dtype not in ("float16", "float32"):
@@ -88,6 +88,8 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
         if not force:
             _refuse_existing(name, doc["models"], assets)
         previous = doc["models"].get(name, {})
+        if previous:  # the defaults measured on the network it replaces
+            doc["defaults"] = {nfe: c for nfe, c in doc.get("defaults", {}).items() if c.get("model") != name}
         if default:
             for entry in doc["models"].values():
                 entry["default"] = False
