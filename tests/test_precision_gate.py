@@ -82,6 +82,10 @@ def test_gate_on_a_shipped_model(tmp_path, capsys):
     assert kept == f"# R\n\n## Precision\n\nnew\n\n{hand}"
     added = evaluate._replace_section(f"# R\n\n{hand}", "## Precision", ["## Precision", "", "new", ""])
     assert added == f"# R\n\n## Precision\n\nnew\n\n{hand}"
+    # a heading of that name in the hand-written part is not the generated section
+    mine = f"{table.BY_HAND}\n\n## Precision\n\nmy own words\n"
+    assert evaluate._replace_section(f"# R\n\n{mine}", "## Precision", ["## Precision", "", "new", ""]) == \
+        f"# R\n\n## Precision\n\nnew\n\n{mine}"
     with pytest.raises(ValueError, match="candidate"):
         precision_gate.precision_gate(choices, scorer, FP32, **kw)
 

