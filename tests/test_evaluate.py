@@ -908,7 +908,7 @@ def test_study_recipes_load_and_name_their_rows(name):  # issue 25: the headline
     argv = shlex.split(recipe["table_command"])
     only = argv[argv.index("--only") + 1].split(",")
     assert recipes.select_rows(recipe, only) and set(recipes.peer_rows(recipe)) <= set(only)
-    assert recipe["targets"]
+    assert isinstance(recipe["targets"], dict)  # its own targets (the basis study: none), never issue 11's
 
 
 def test_cell_features_of_a_learned_cell_with_offsets(monkeypatch, tmp_path):  # issue 25

@@ -98,8 +98,9 @@ def test_shipped_fashion_mnist_models_match_the_recipe_and_sample():
     assert store.default_model(store.ASSET_DIR) in shipped
     total = sum((store.ASSET_DIR / entry["file"]).stat().st_size for entry in shipped.values())
     # issue 5 asked for about 20 MB for the core table's models; the control (issue 11) and the two process
-    # families (issues 12, 13) add 2.5 MB each
-    assert total < 31e6
+    # families (issues 12, 13) add 2.5 MB each, and VSDM's pixel basis (issue 25) 2.5 MB more: it is stored as a
+    # PCA basis, the identity's 783 x 784 rows in fp32
+    assert total < 34e6
     for name in shipped:
         StoredModel.open(name, store.ASSET_DIR).state()  # raises on a missing file or a SHA mismatch
     default = StoredModel.open(store.default_model(store.ASSET_DIR), store.ASSET_DIR)
